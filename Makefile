@@ -1,0 +1,53 @@
+# sifpy: `make demo` builds and runs the example; `make test` runs the whole suite.
+# Both set up what they need on a fresh Debian 12 machine (apt packages when root, a venv).
+SHELL := /bin/bash
+PYTHON ?= /usr/bin/python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Debian packages the tests and the runtime use (installed only when missing, and only as root).
+APT_PACKAGES := siftool golang-github-sylabs-sif-dev squashfs-tools squashfuse fuse3 \
+	busybox-static python3-venv util-linux
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: all setup apt venv test lint demo golden clean
+
+all: test
+
+setup: apt venv
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages (install them as root): $$missing" >&2; exit 1; fi; \
+	fi
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+venv: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $(BIN)/python
+
+lint: venv
+	$(BIN)/ruff check sifpy tests integration bench
+	$(BIN)/ruff format --check sifpy
+	$(BIN)/mypy
+
+test: setup
+	$(BIN)/ruff check sifpy tests integration bench
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Regenerate the committed golden SIF files (only on purpose: tests compare against them).
+golden: venv
+	$(BIN)/python -m tests.sif.golden --write
+
+demo: setup
+	bash recipes/demo.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,16 @@
+"""sifpy: build and run SIF container images for HPC, unprivileged.
+
+The data flow, and the module for each stage::
+
+    app.def --deffile.parse--> Recipe                      (sifpy.deffile)
+    Recipe.header --bootstrap agent--> layers / rootfs     (sifpy.rootfs, sifpy.oci)
+    layers --rootfs.unpack--> rootfs dir --%post (runtime)--> finished rootfs
+    rootfs --squashfs.pack--> .sqfs --sif.create--> app.sif (sifpy.squashfs, sifpy.sif)
+    app.sif --runtime.launch--> the command's exit status   (sifpy.runtime)
+
+Errors come from one tree (:mod:`sifpy.errors`); only :mod:`sifpy.cli` prints and exits.
+The SIF format itself is declared in :mod:`sifpy.sif.format` and used through
+:class:`sifpy.sif.SifImage`.
+"""
+
+__version__ = "0.1.0"

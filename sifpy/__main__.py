@@ -1,0 +1,5 @@
+"""``python -m sifpy``: the same as the ``sifpy`` command."""
+
+from sifpy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""The command line: the only code that parses argv, prints results, or exits.
+
+The command table maps each command to the module that implements it; a module is imported
+only when its command runs, so ``sifpy exec`` pays for nothing but itself. Each command
+module provides ``configure(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+from sifpy import __version__
+from sifpy.errors import ExitStatus, SifpyError
+
+# name -> (module, one-line summary). Keep this table cheap: strings only.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sif": ("sifpy.cli.sif", "inspect and edit SIF files (siftool-compatible)"),
+}
+
+_USAGE = """\
+usage: sifpy [-h] [--version] [--debug] [-q | -v] COMMAND [ARGS...]
+
+sifpy builds and runs SIF container images for HPC, as an unprivileged user.
+
+options:
+  -h, --help     show this help and exit
+  --version      print the version and exit
+  --debug        show debug messages and tracebacks
+  -q, --quiet    only print errors and warnings
+  -v, --verbose  print more about what is happening
+
+commands:
+"""
+
+
+def _print_usage(stream: object = sys.stdout) -> None:
+    lines = [_USAGE]
+    lines += [f"  {name:<10} {summary}\n" for name, (_, summary) in COMMANDS.items()]
+    lines.append("\nRun 'sifpy COMMAND --help' for a command's options.\n")
+    print("".join(lines), end="", file=stream)  # type: ignore[call-overload]
+
+
+def _usage_error(msg: str) -> NoReturn:
+    print(f"error: {msg}\nhint: run 'sifpy --help' for the list of commands", file=sys.stderr)
+    raise SystemExit(ExitStatus.USAGE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one sifpy command and return its exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = False
+    from sifpy.util import log
+
+    while args and args[0].startswith("-"):
+        opt = args.pop(0)
+        if opt in ("-h", "--help"):
+            _print_usage()
+            return ExitStatus.OK
+        if opt == "--version":
+            print(f"sifpy version {__version__}")
+            return ExitStatus.OK
+        if opt == "--debug":
+            debug = True
+            log.set_level(log.DEBUG)
+        elif opt in ("-q", "--quiet"):
+            log.set_level(log.QUIET)
+        elif opt in ("-v", "--verbose"):
+            log.set_level(max(log.level, log.VERBOSE))
+        else:
+            _usage_error(f"unknown option: {opt}")
+    if not args:
+        _print_usage(sys.stderr)
+        return ExitStatus.USAGE
+    name = args.pop(0)
+    if name not in COMMANDS:
+        _usage_error(f"unknown command: {name}")
+    try:
+        import importlib
+
+        module = importlib.import_module(COMMANDS[name][0])
+        status: int = module.main(args, prog=f"sifpy {name}")
+        return status
+    except SifpyError as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return ExitStatus.INTERRUPTED
+    except BrokenPipeError:
+        # A reader such as `head` went away: not an error of ours. Silence the flush at exit.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return ExitStatus.ERROR
