@@ -39,6 +39,7 @@ class Layout(Generic[T]):
 HDR_LAUNCH_LEN = 32
 HDR_MAGIC = b"SIF_MAGIC\x00"
 HDR_VERSION = b"01\x00"  # CurrentVersion
+# What Apptainer builds write; the SIF library itself (and `siftool new`) writes none.
 DEFAULT_LAUNCH_SCRIPT = "#!/usr/bin/env run-singularity\n"
 DEFAULT_DESCRIPTORS_OFFSET = 4096
 DEFAULT_DESCRIPTOR_CAPACITY = 48
@@ -109,7 +110,7 @@ class DataType(enum.IntEnum):
 
 
 # How the reference prints each type (DataType.String()).
-DATA_TYPE_NAMES = {
+DATA_TYPE_NAMES: dict[int, str] = {
     DataType.DEFFILE: "Def.FILE",
     DataType.ENVVAR: "Env.Vars",
     DataType.LABELS: "JSON.Labels",
@@ -133,7 +134,7 @@ class FSType(enum.IntEnum):
     GOCRYPTFS_SQUASHFS = 6
 
 
-FS_TYPE_NAMES = {
+FS_TYPE_NAMES: dict[int, str] = {
     FSType.SQUASH: "Squashfs",
     FSType.EXT3: "Ext3",
     FSType.IMMUOBJ: "Archive",
@@ -150,7 +151,7 @@ class PartType(enum.IntEnum):
     OVERLAY = 4
 
 
-PART_TYPE_NAMES = {
+PART_TYPE_NAMES: dict[int, str] = {
     PartType.SYSTEM: "System",
     PartType.PRIMSYS: "*System",
     PartType.DATA: "Data",
@@ -166,7 +167,7 @@ class HashType(enum.IntEnum):
     BLAKE2B_256 = 5
 
 
-HASH_TYPE_NAMES = {
+HASH_TYPE_NAMES: dict[int, str] = {
     HashType.SHA256: "SHA-256",
     HashType.SHA384: "SHA-384",
     HashType.SHA512: "SHA-512",
@@ -180,7 +181,7 @@ class FormatType(enum.IntEnum):
     PEM = 2
 
 
-FORMAT_TYPE_NAMES = {FormatType.OPENPGP: "OpenPGP", FormatType.PEM: "PEM"}
+FORMAT_TYPE_NAMES: dict[int, str] = {FormatType.OPENPGP: "OpenPGP", FormatType.PEM: "PEM"}
 
 
 class MessageType(enum.IntEnum):
@@ -188,7 +189,7 @@ class MessageType(enum.IntEnum):
     RSA_OAEP = 0x200
 
 
-MESSAGE_TYPE_NAMES = {
+MESSAGE_TYPE_NAMES: dict[int, str] = {
     MessageType.CLEAR_SIGNATURE: "Clear Signature",
     MessageType.RSA_OAEP: "RSA-OAEP",
 }
@@ -205,7 +206,7 @@ class SBOMFormat(enum.IntEnum):
     SYFT_JSON = 8
 
 
-SBOM_FORMAT_NAMES = {
+SBOM_FORMAT_NAMES: dict[int, str] = {
     SBOMFormat.CYCLONEDX_JSON: "cyclonedx-json",
     SBOMFormat.CYCLONEDX_XML: "cyclonedx-xml",
     SBOMFormat.GITHUB_JSON: "github-json",
