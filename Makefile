@@ -5,7 +5,7 @@ PYTHON ?= /usr/bin/python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Debian packages the tests and the runtime use (installed only when missing, and only as root).
-APT_PACKAGES := siftool golang-github-sylabs-sif-dev squashfs-tools squashfuse fuse3 \
+APT_PACKAGES := siftool golang-github-sylabs-sif-dev squashfs-tools squashfuse fuse3 umoci skopeo zstd \
 	busybox-static python3-venv util-linux
 export PATH := $(abspath $(BIN)):$(PATH)
 

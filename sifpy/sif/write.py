@@ -434,11 +434,14 @@ def create(
         data_size=0,
     )
     with AtomicFile(path, mode) as out:
-        w = _Writer(out.fd, header, [F.EMPTY_DESCRIPTOR] * capacity)
-        for obj in objects:
-            w.add(obj, when)
-        w.flush()
-        out.commit()
+        try:
+            w = _Writer(out.fd, header, [F.EMPTY_DESCRIPTOR] * capacity)
+            for obj in objects:
+                w.add(obj, when)
+            w.flush()
+            out.commit()
+        except OSError as exc:
+            raise _dest_error(os.fspath(path), exc) from exc
 
 
 def _random_uuid() -> bytes:
@@ -459,12 +462,9 @@ def _modify(path: str | os.PathLike[str], change: Callable[[_Writer], bool]) -> 
         with AtomicFile(p, st.st_mode & 0o7777) as out:
             try:
                 _clone(img.fd, out.fd)
-            except OSError as exc:
-                raise _dest_error(p, exc) from exc
-            w = _Writer.load(out.fd, p)
-            if not change(w):
-                return
-            try:
+                w = _Writer.load(out.fd, p)
+                if not change(w):
+                    return
                 w.flush()
                 out.commit(like=st)
             except OSError as exc:
@@ -484,10 +484,7 @@ def add_object(
 
     def change(w: _Writer) -> bool:
         nonlocal new_id
-        try:
-            new_id = w.add(obj, when)
-        except OSError as exc:
-            raise _dest_error(os.fspath(path), exc) from exc
+        new_id = w.add(obj, when)
         w.h = w.h._replace(modified_at=when)
         return True
 
