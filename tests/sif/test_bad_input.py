@@ -13,7 +13,15 @@ from sifpy.errors import ImageError, SifFormatError
 from sifpy.sif import ObjectInput, SifImage, create
 from sifpy.sif import format as F
 from tests.sif.mutate import (
-    D_ID, D_OFFSET, D_SIZE, H_DSIZE, H_FREE, H_TOTAL, descr_off, set_q, set_u32,
+    D_ID,
+    D_OFFSET,
+    D_SIZE,
+    H_DSIZE,
+    H_FREE,
+    H_TOTAL,
+    descr_off,
+    set_q,
+    set_u32,
 )  # fmt: skip
 
 
