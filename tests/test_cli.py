@@ -1,0 +1,75 @@
+"""The CLI frame: global options, help everywhere, errors, and a lean import path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sifpy import __version__
+from sifpy.cli import COMMANDS, main
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sifpy", *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_version() -> None:
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout == f"sifpy version {__version__}\n"
+
+
+def test_help_lists_every_command() -> None:
+    r = run("--help")
+    assert r.returncode == 0
+    for name in COMMANDS:
+        assert f"  {name} " in r.stdout
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_help(name: str) -> None:
+    r = run(name, "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: sifpy " + name)
+
+
+def test_unknown_command_and_option() -> None:
+    for args in (["frobnicate"], ["--frob"]):
+        r = run(*args)
+        assert r.returncode == 2
+        assert r.stderr.startswith("error: unknown ")
+        assert "hint: " in r.stderr
+
+
+def test_usage_error_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sif", "list"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sifpy sif list: ") and "Traceback" not in err
+
+
+def test_debug_shows_traceback() -> None:
+    r = run("--debug", "sif", "list", "/nonexistent.sif")
+    assert r.returncode == 1
+    assert "Traceback" in r.stderr and "error: can't open SIF" in r.stderr
+    r = run("sif", "list", "/nonexistent.sif")
+    assert "Traceback" not in r.stderr
+
+
+def test_quiet_and_verbose_accepted() -> None:
+    assert run("-q", "sif", "--help").returncode == 0
+    assert run("-v", "sif", "--help").returncode == 0
+
+
+def test_cli_import_is_lean() -> None:
+    """Importing the command table must not pull in heavy modules (exec's start-up cost)."""
+    code = (
+        "import sys, sifpy.cli; "
+        "heavy = {'argparse', 'json', 'requests', 'rich', 'cryptography', 'construct', "
+        "'PySquashfsImage', 'sifpy.sif', 'sifpy.deffile', 'sifpy.oci'} & set(sys.modules); "
+        "print(sorted(heavy))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
