@@ -1,0 +1,167 @@
+"""The container's environment, by Apptainer's rules (apptainer.md 2.3 and 2.4).
+
+Python decides *which* values travel; the action script (:mod:`.action`), run by the
+image's ``/bin/sh``, sources the image's ``/.singularity.d/env/*.sh`` and applies them in
+Apptainer's order. Highest wins:
+
+1. ``--env K=V``; 2. ``--env-file`` (evaluated by the shell); 3. ``SIFPYENV_K`` /
+``APPTAINERENV_K`` / ``SINGULARITYENV_K`` from the host; 4. the image's env scripts;
+5. host variables, only where still unset after all of the above.
+
+Host values never pass through a shell evaluation: they travel as ``__SIFPY_H_<K>`` and
+are copied with ``export K="${__SIFPY_H_K}"``. Injected values (1 and 3) are evaluated
+once, as Apptainer does, unless ``no_eval``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+
+from sifpy.errors import UsageError
+from sifpy.util import log
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# Forwarded even with --cleanenv (Apptainer: TERM and the proxy variables).
+ALWAYS_FORWARDED = frozenset(
+    ["TERM"]
+    + [
+        v
+        for p in ("http_proxy", "https_proxy", "no_proxy", "all_proxy", "ftp_proxy")
+        for v in (p, p.upper())
+    ]
+)
+NEVER_FORWARDED = frozenset({"HOME", "PATH", "LD_LIBRARY_PATH", "PWD", "OLDPWD", "SHLVL", "_"})
+RUNTIME_PREFIXES = ("APPTAINER_", "SINGULARITY_", "SIFPY_")
+# Host prefixes that inject into the container, lowest priority first.
+INJECT_PREFIXES = ("SINGULARITYENV_", "APPTAINERENV_", "SIFPYENV_")
+# Names the injected forms may not set (Apptainer: HOME, PATH via *_PATH forms only, ...).
+NOT_INJECTABLE = frozenset({"HOME", "UID", "GID"})
+PATH_FORMS = {
+    "PATH": "SING_USER_DEFINED_PATH",
+    "PREPEND_PATH": "SING_USER_DEFINED_PREPEND_PATH",
+    "APPEND_PATH": "SING_USER_DEFINED_APPEND_PATH",
+}
+
+
+def host_env(environ: Mapping[str, str], cleanenv: bool) -> dict[str, str]:
+    """Host variables the container may inherit (where the image leaves them unset)."""
+    if cleanenv:
+        env = {k: v for k, v in environ.items() if k in ALWAYS_FORWARDED}
+        env["LANG"] = "C"
+        return env
+    return {
+        k: v
+        for k, v in environ.items()
+        if NAME.match(k)
+        and k not in NEVER_FORWARDED
+        and not k.startswith(RUNTIME_PREFIXES + INJECT_PREFIXES)
+        and not k.startswith("__SIFPY_")
+    }
+
+
+def parse_env_option(values: Iterable[str]) -> dict[str, str]:
+    """``--env K=V[,K2=V2]`` (repeatable). A comma starts a new pair only before ``NAME=``."""
+    out: dict[str, str] = {}
+    for value in values:
+        for item in re.split(r",(?=[A-Za-z_][A-Za-z0-9_]*=)", value):
+            key, sep, val = item.partition("=")
+            if not sep or not NAME.match(key):
+                raise UsageError(
+                    f"invalid --env value: {item!r}", hint="use --env NAME=VALUE[,NAME2=VALUE2]"
+                )
+            out[key] = val
+    return out
+
+
+def injected_env(environ: Mapping[str, str], env_opts: Mapping[str, str]) -> dict[str, str]:
+    """Injected variables (prefix forms, then ``--env``), before the PATH forms are split."""
+    env: dict[str, str] = {}
+    for prefix in INJECT_PREFIXES:
+        for k, v in environ.items():
+            if k.startswith(prefix) and NAME.match(name := k[len(prefix) :]):
+                if name in env and env[name] != v:
+                    log.verbose(f"{k} overrides a lower-priority injected {name}")
+                env[name] = v
+    env.update(env_opts)
+    for name in [n for n in env if n in NOT_INJECTABLE or n.endswith(("SHELL", "APPNAME"))]:
+        if name not in ("UID", "GID"):
+            log.warn(f"environment variable {name} can't be set this way; ignored")
+        del env[name]
+    return env
+
+
+def _escape_for_eval(value: str) -> str:
+    """Quote for ``eval "export K=\\"...\\""``: ``$`` and backquotes still expand once."""
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def process_env(
+    *,
+    host: Mapping[str, str],
+    injected: Mapping[str, str],
+    env_file: str | None,
+    late: Iterable[str] = (),
+    no_eval: bool,
+    home: str,
+    runtime: Mapping[str, str],
+) -> dict[str, str]:
+    """The environment the action script starts with (see :mod:`.action`).
+
+    ``injected`` is the merged result of :func:`injected_env`; names in ``late`` (the
+    ``--env`` options) are applied after the env file, the rest before it.
+    """
+    # PATH starts at the default: "unset" can't be told apart in every shell (bash
+    # invents one), and Apptainer sets this default before the image's scripts anyway.
+    env: dict[str, str] = {"HOME": home, "PATH": DEFAULT_PATH}
+    env.update(runtime)
+    for k, v in host.items():
+        env[f"__SIFPY_H_{k}"] = v
+    env["__SIFPY_HOST_NAMES"] = " ".join(host)
+    user = dict(injected)
+    for form, target in PATH_FORMS.items():
+        if form in user:
+            env[target] = user.pop(form)
+    for k, v in user.items():
+        env[f"__SIFPY_U_{k}"] = v if no_eval else _escape_for_eval(v)
+    late_names = [k for k in late if k in user]
+    env["__SIFPY_USER_NAMES"] = " ".join(k for k in user if k not in late_names)
+    env["__SIFPY_LATE_NAMES"] = " ".join(late_names)
+    if no_eval:
+        env["__SIFPY_NO_EVAL"] = "1"
+    if env_file is not None:
+        env["__SIFPY_ENV_FILE"] = env_file
+    return env
+
+
+def read_env_files(paths: Iterable[str]) -> str | None:
+    """The concatenated text of ``--env-file`` files (later files win when sourced)."""
+    texts = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                texts.append(f.read())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"can't read env file: {path}: {exc}") from exc
+    return "\n".join(texts) if texts else None
+
+
+def runtime_vars(image: str, action: str, app: str | None, binds: str) -> dict[str, str]:
+    """``APPTAINER_*`` / ``SINGULARITY_*`` variables the runtime sets for the container."""
+    values = {
+        "CONTAINER": image,
+        "NAME": os.path.basename(image.rstrip("/")),
+        "COMMAND": action,
+        "ENVIRONMENT": "/.singularity.d/env/91-environment.sh",
+        "BIND": binds,
+    }
+    if app:
+        values["APPNAME"] = app
+    env = {}
+    for prefix in ("APPTAINER_", "SINGULARITY_"):
+        for k, v in values.items():
+            env[prefix + k] = v
+    return env
