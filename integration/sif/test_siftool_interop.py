@@ -41,7 +41,9 @@ def assert_agree(path: Path) -> None:
     for cmd in ("header", "list"):
         assert sifpy(cmd, str(path)).decode() == siftool(cmd, str(path)).decode(), cmd
     for i in object_ids(path):
-        assert sifpy("info", str(i), str(path)).decode() == siftool("info", str(i), str(path)).decode()
+        assert (
+            sifpy("info", str(i), str(path)).decode() == siftool("info", str(i), str(path)).decode()
+        )
         assert sifpy("dump", str(i), str(path)) == siftool("dump", str(i), str(path))
 
 
@@ -69,8 +71,14 @@ def test_sifpy_written_images_read_by_siftool(tmp_path: Path) -> None:
         ObjectInput.partition(BIG, F.FSType.SQUASH, F.PartType.PRIMSYS, "amd64"),
         ObjectInput.partition(b"x" * 100, F.FSType.EXT3, F.PartType.SYSTEM, "arm64", group_id=2),
         ObjectInput.partition(b"y", F.FSType.RAW, F.PartType.OVERLAY, "riscv64", group_id=2),
-        ObjectInput.signature(b"sig", F.HashType.SHA384, bytes(range(1, 21)), group_id=0,
-                              linked_id=2, link_to_group=True),
+        ObjectInput.signature(
+            b"sig",
+            F.HashType.SHA384,
+            bytes(range(1, 21)),
+            group_id=0,
+            linked_id=2,
+            link_to_group=True,
+        ),
         ObjectInput(F.DataType.GENERIC_JSON, b"{}", name="inspect-metadata.json"),
         ObjectInput(F.DataType.GENERIC, b"raw", linked_id=4, alignment=512),
         ObjectInput.crypto_message(b"m", F.FormatType.OPENPGP, F.MessageType.CLEAR_SIGNATURE),
