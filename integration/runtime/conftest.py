@@ -1,0 +1,219 @@
+"""Fixtures for the runtime tests: busybox images (SIF and sandbox) and a launcher driver."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from integration.conftest import UserRunner
+
+# Runs as the test user: launch() one container from a JSON spec; exit with its status.
+DRIVER = r"""
+import json, os, sys
+from sifpy.errors import SifpyError
+from sifpy.runtime import LaunchOptions, LaunchSpec, Sandbox, SifPartition, launch
+cfg = json.loads(sys.argv[1])
+if "sandbox" in cfg:
+    image = Sandbox(cfg["sandbox"])
+else:
+    image = SifPartition(cfg["sif"], cfg["offset"], cfg["size"])
+env = {"PATH": "/bin", "HOME": os.environ["HOME"], **cfg.get("env", {})}
+spec = LaunchSpec(image, cfg["argv"], env, cfg.get("cwd") or os.getcwd(),
+                  [tuple(b) for b in cfg.get("binds", [])], LaunchOptions(**cfg.get("options", {})))
+try:
+    rc = launch(spec)
+except SifpyError as exc:
+    print(f"SETUP-ERROR: {exc.message}", file=sys.stderr)
+    rc = exc.exit_status
+sys.exit(rc)
+"""
+
+
+def busybox_rootfs(path: Path, extra: Callable[[Path], None] | None = None) -> Path:
+    """A root file system with /bin/busybox and a symlink for each applet."""
+    (path / "bin").mkdir(parents=True)
+    shutil.copy2(shutil.which("busybox") or "/bin/busybox", path / "bin" / "busybox")
+    applets = subprocess.run(
+        [str(path / "bin" / "busybox"), "--list"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in applets:
+        if name != "busybox":
+            (path / "bin" / name).symlink_to("busybox")
+    (path / "etc").mkdir()
+    (path / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (path / "etc" / "group").write_text("root:x:0:\n")
+    (path / "etc" / "image-marker").write_text("from the image\n")
+    (path / "noexec").write_text("not executable\n")
+    if extra:
+        extra(path)
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, 0o755 if os.path.isdir(p) or name == "busybox" else 0o644)
+    return path
+
+
+def make_sif(rootfs: Path, sif: Path) -> dict[str, Any]:
+    """Pack ``rootfs`` into a squashfs inside a new SIF; return the driver's image fields."""
+    sqfs = sif.with_suffix(".sqfs")
+    subprocess.run(
+        ["mksquashfs", str(rootfs), str(sqfs), "-comp", "gzip", "-noappend", "-quiet"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(["siftool", "new", str(sif)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *("siftool", "add", "--datatype", "4", "--partfs", "1", "--parttype", "2"),
+            *("--partarch", "2", str(sif), str(sqfs)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    info = subprocess.run(
+        ["siftool", "info", "1", str(sif)], check=True, capture_output=True, text=True
+    ).stdout
+    offset = re.search(r"Offset:\s+(\d+)", info)
+    size = re.search(r"Size:\s+(\d+)", info)
+    assert offset and size, info
+    sqfs.unlink()
+    os.chmod(sif, 0o644)
+    return {"sif": str(sif), "offset": int(offset[1]), "size": int(size[1])}
+
+
+@pytest.fixture(scope="session")
+def images(workdir: Path) -> dict[str, dict[str, Any]]:
+    """The test images: ``plain`` (SIF), ``sandbox`` (directory), ``hostile`` (SIF whose
+    /tmp points to /etc and whose /data is an absolute symlink to a host path)."""
+    plain = busybox_rootfs(workdir / "rootfs")
+    # Host directories the image's symlinks aim at: one the container does not see, one
+    # under /tmp, which the container shares with the host.
+    victim = workdir / "victim"
+    victim.mkdir()
+    hidden_path = f"/var/cache/sifpy-it-{os.getpid()}/victim"
+
+    def hostile_links(root: Path) -> None:
+        (root / "tmp").symlink_to("/etc")
+        (root / "data").symlink_to(hidden_path + "/sub/dir")
+        (root / "data2").symlink_to(str(victim / "sub" / "dir"))
+        (root / "vt").symlink_to("/var/tmp/../../..")
+
+    hostile = busybox_rootfs(workdir / "hostile-rootfs", hostile_links)
+    return {
+        "plain": make_sif(plain, workdir / "plain.sif"),
+        "sandbox": {"sandbox": str(plain)},
+        "hostile": {**make_sif(hostile, workdir / "hostile.sif"), "victim": str(victim)},
+        "hidden": {"path": hidden_path},
+    }
+
+
+class Launcher:
+    """Runs the driver as the test user."""
+
+    def __init__(self, runner: UserRunner, driver: str, image: dict[str, Any]) -> None:
+        self.runner = runner
+        self.driver = driver
+        self.image = image
+
+    def cfg(self, argv: list[str], **kw: Any) -> str:
+        """The driver's JSON argument."""
+        return json.dumps({**self.image, "argv": argv, **kw})
+
+    def __call__(self, argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` in the container; ``kw``: binds, options, env, cwd, run_kw."""
+        run_kw = kw.pop("run_kw", {})
+        return self.runner(["/usr/bin/python3", self.driver, self.cfg(argv, **kw)], **run_kw)
+
+    def popen(self, argv: list[str], **kw: Any) -> Any:
+        """Start the driver in the background (stdout piped)."""
+        return self.runner.popen(
+            ["/usr/bin/python3", self.driver, self.cfg(argv, **kw)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
+
+@pytest.fixture(scope="session")
+def driver(workdir: Path) -> str:
+    """The driver script, world-readable."""
+    path = workdir / "driver.py"
+    path.write_text(DRIVER)
+    path.chmod(0o644)
+    return str(path)
+
+
+def user_processes(uid: int, name: str) -> list[int]:
+    """Pids of processes of ``uid`` whose command name is ``name``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if fields.get("Name", "").strip() == name and fields["Uid"].split()[0] == str(uid):
+            out.append(int(entry))
+    return out
+
+
+def _mounts() -> list[str]:
+    return sorted(Path("/proc/self/mountinfo").read_text().splitlines())
+
+
+@pytest.fixture()
+def no_leftovers(runtime_ready: UserRunner) -> Iterator[None]:
+    """After the test: no new host mount, no squashfuse of the test user, no new /tmp entry."""
+    uid = runtime_ready.user.uid
+    before_mounts = _mounts()
+    before_tmp = {p for p in os.listdir("/tmp") if os.stat(f"/tmp/{p}").st_uid == uid}
+    yield
+    assert _mounts() == before_mounts
+    assert user_processes(uid, "squashfuse_ll") == []
+    after_tmp = {p for p in os.listdir("/tmp") if os.stat(f"/tmp/{p}").st_uid == uid}
+    assert after_tmp <= before_tmp
+
+
+@pytest.fixture()
+def sif(
+    runtime_ready: UserRunner, driver: str, images: dict[str, Any], no_leftovers: None
+) -> Launcher:
+    """Launch in the plain busybox SIF."""
+    return Launcher(runtime_ready, driver, images["plain"])
+
+
+@pytest.fixture()
+def sandbox(
+    runtime_ready: UserRunner, driver: str, images: dict[str, Any], no_leftovers: None
+) -> Launcher:
+    """Launch in the busybox sandbox directory."""
+    return Launcher(runtime_ready, driver, images["sandbox"])
+
+
+@pytest.fixture()
+def root_victim(test_user: Any, images: dict[str, Any]) -> Iterator[Path]:
+    """Create the host directory the hostile /data points to, writable by the test user."""
+    path = Path(images["hidden"]["path"])
+    path.mkdir(parents=True)
+    os.chown(path, test_user.uid, test_user.gid)
+    yield path
+    shutil.rmtree(path.parent, ignore_errors=True)
+
+
+@pytest.fixture()
+def hostile(
+    runtime_ready: UserRunner, driver: str, images: dict[str, Any], no_leftovers: None
+) -> Launcher:
+    """Launch in the hostile SIF."""
+    image = {k: v for k, v in images["hostile"].items() if k != "victim"}
+    return Launcher(runtime_ready, driver, image)

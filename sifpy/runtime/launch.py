@@ -1,0 +1,606 @@
+"""Run a command in a container: the one entry point both ``sifpy exec`` and the build's
+``%post`` use.
+
+Process structure (Charliecloud's order; one box per process)::
+
+    caller (launch)          host namespaces; blocks the relayed signals, forwards those
+    │                        sent by other processes, returns the container's status
+    └─ monitor               unshare(user+mount), maps uid->uid (0 with fakeroot), sets
+       │                     no_new_privs, pins every host path by fd, mounts the session
+       │                     tmpfs and the image, then waits and relays like the caller
+       ├─ squashfuse_ll -f   the FUSE server; PDEATHSIG=SIGKILL, own process group
+       └─ container          builds the root (underlay + binds), pivot_root, exec(argv)
+
+Why a monitor instead of unsharing the caller: ``unshare(CLONE_NEWUSER)`` fails in a threaded
+process, and a build must keep its own namespaces between ``%post`` runs. Why the monitor
+stays instead of exec'ing: the FUSE server must live exactly as long as the container, and
+the container's exit status (or why it could not start) must reach the caller.
+
+Lifetimes: every mount lives only in the monitor's private mount namespace, which dies with
+its last process; no directory is created on the host (the session is a tmpfs mounted over
+``/tmp`` inside that namespace, after every host path the container needs has been opened).
+If the caller is SIGKILLed, PDEATHSIG takes the monitor, which takes the server and the
+container's first process.
+
+Status: the command's exit status, 128+N if a signal N killed it, 127 (not found) or 126 (not
+executable) when ``execve`` failed; those and set-up failures travel over a close-on-exec
+pipe, which the successful ``execve`` closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import grp
+import os
+import pwd
+import signal
+import stat
+import sys
+from typing import NoReturn
+
+from sifpy.errors import ExitStatus, RuntimeSetupError, SifpyError
+from sifpy.runtime import mount, ns
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Signals relayed to the container. Those a terminal generates (si_code SI_KERNEL) already
+# reach the whole foreground process group, container included, and are not relayed twice.
+FORWARDED = frozenset(
+    {
+        signal.SIGINT,
+        signal.SIGTERM,
+        signal.SIGHUP,
+        signal.SIGQUIT,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+        signal.SIGWINCH,
+    }
+)
+_SI_KERNEL = 0x80
+_WAITED = FORWARDED | {signal.SIGCHLD}
+
+# Inside the monitor's mount namespace: a tmpfs over /tmp holds the image mount, the
+# container root and generated files. /tmp always exists, and host /tmp is pinned first.
+_SESSION = "/tmp"
+_IMAGE = f"{_SESSION}/image"
+_ROOT = f"{_SESSION}/root"
+_FILES = f"{_SESSION}/files"
+
+_MINIMAL_DEV = ("null", "zero", "random", "urandom", "tty", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class SifPartition:
+    """A squashfs partition inside a SIF file: ``size`` bytes at byte ``offset``."""
+
+    path: str
+    offset: int
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Sandbox:
+    """A directory used as the root file system."""
+
+    path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """The caller's host account, looked up once before entering the container."""
+
+    uid: int
+    gid: int
+    name: str
+    group: str
+    gecos: str
+    home: str
+    shell: str
+
+
+@dataclasses.dataclass
+class LaunchOptions:
+    """How much of the host the container sees, and as whom it runs."""
+
+    fakeroot: bool = False  # uid/gid 0 inside (mapped to the caller's)
+    contain: bool = False  # minimal /dev, private tmpfs /tmp, /var/tmp and $HOME
+    pid_ns: bool = False  # new PID namespace (fresh /proc); the command is PID 1
+    writable: bool = False  # sandbox only: the root is the sandbox itself, read-write
+    home: str | None = None  # host home to bind (default: the caller's from passwd)
+    home_dest: str | None = None  # where it appears (default: same path)
+    no_home: bool = False
+    squashfuse: str = "squashfuse_ll"
+    fuse_single_thread: bool = False
+    identity: Identity | None = None  # default: looked up with host_identity()
+
+
+@dataclasses.dataclass
+class LaunchSpec:
+    """Everything :func:`launch` needs; ``env`` is the command's final environment."""
+
+    image: SifPartition | Sandbox
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    binds: list[tuple[str, str, bool]] = dataclasses.field(default_factory=list)
+    options: LaunchOptions = dataclasses.field(default_factory=LaunchOptions)
+
+
+def host_identity() -> Identity:
+    """Look the caller up in the host's user and group databases (NSS), once."""
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        pw = pwd.getpwuid(uid)
+        name, gecos, home, shell = pw.pw_name, pw.pw_gecos, pw.pw_dir, pw.pw_shell
+    except KeyError:
+        name, gecos, home, shell = f"uid{uid}", "", os.environ.get("HOME", "/"), "/bin/sh"
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = f"gid{gid}"
+    return Identity(uid, gid, name, group, gecos, home, shell)
+
+
+# --- the caller ---------------------------------------------------------------------------
+
+
+def launch(spec: LaunchSpec) -> int:
+    """Run ``spec.argv`` in the container and return its exit status.
+
+    Raises :class:`RuntimeSetupError` (exit status 125) when the container could not be set
+    up, :class:`ToolError` when squashfuse is missing. For 126/127 a one-line ``error:``
+    message is written to stderr (the command's own stderr), as a shell would.
+    """
+    if not spec.argv:
+        raise RuntimeSetupError("can't execute: empty command")
+    opts = spec.options
+    ident = opts.identity or host_identity()
+    squashfuse = ""
+    if isinstance(spec.image, SifPartition):
+        squashfuse = mount.find_program(opts.squashfuse)
+    elif not os.path.isdir(spec.image.path):
+        raise RuntimeSetupError(f"can't use sandbox: {spec.image.path}: not a directory")
+    read_end, write_end = os.pipe()  # both close-on-exec (PEP 446)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
+    try:
+        caller = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            _monitor(spec, ident, squashfuse, write_end, caller)
+        os.close(write_end)
+        status = _supervise(pid, pid, reap_all=False)
+        report = b""
+        while chunk := os.read(read_end, 65536):
+            report += chunk
+    finally:
+        os.close(read_end)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    if report:
+        code_s, message, hint = report.decode(errors="replace").split("\0", 2)
+        if int(code_s) == ExitStatus.LAUNCH_FAILED:
+            raise RuntimeSetupError(message, hint or None)
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
+        return int(code_s)
+    return _exit_code(status)
+
+
+def _exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def _supervise(main: int, forward_to: int, reap_all: bool) -> int:
+    """Wait until ``main`` ends, relaying signals to ``forward_to``; return its wait status.
+
+    The waited signals are blocked (inherited across fork, so none is lost in the window
+    before this loop) and taken synchronously with sigwaitinfo: no handler ever runs, and the
+    si_code tells a terminal's signal from a kill(2).
+    """
+    while True:
+        info = signal.sigwaitinfo(_WAITED)
+        if info.si_signo != signal.SIGCHLD:
+            if info.si_code != _SI_KERNEL:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(forward_to, info.si_signo)
+            continue
+        while True:
+            try:
+                pid, status = os.waitpid(-1 if reap_all else main, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = 0, 0
+            if pid == 0:
+                break
+            if pid == main:
+                return status
+
+
+def _report(fd: int, code: int, message: str, hint: str | None = None) -> None:
+    # One write below PIPE_BUF is atomic, so a report is never interleaved.
+    data = f"{code}\0{message[:3000]}\0{(hint or '')[:800]}".encode(errors="replace")
+    with contextlib.suppress(OSError):
+        os.write(fd, data)
+
+
+# --- the monitor --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Mount:
+    """One mount of the container root, with its host source pinned by an O_PATH fd."""
+
+    dest: str
+    kind: str  # bind | tmpfs | proc | devpts | symlink | file (generated, in _FILES)
+    fd: int = -1
+    data: str = ""  # tmpfs options, symlink target, generated file name
+    readonly: bool = False
+    harden: bool = True  # remount nosuid,nodev (not for /dev, /proc, /sys)
+    is_dir: bool = True
+
+
+def _pin(path: str, what: str) -> int:
+    # O_PATH follows the host's own symlinks (the user's paths), and keeps the object
+    # reachable after /tmp is covered and after the old root is gone.
+    try:
+        return os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RuntimeSetupError(f"can't bind: {what}: {path}: {exc.strerror}") from exc
+
+
+def _plan(spec: LaunchSpec, ident: Identity) -> list[_Mount]:
+    """The container's mounts, in Apptainer's order (dev, kernel, home, tmp, files, binds)."""
+    opts = spec.options
+    plan: list[_Mount] = []
+    if opts.contain:
+        plan.append(_Mount("/dev", "tmpfs", data="mode=0755,size=1m"))
+        for name in _MINIMAL_DEV:
+            if os.path.exists(f"/dev/{name}"):
+                plan.append(
+                    _Mount(f"/dev/{name}", "bind", _pin(f"/dev/{name}", "/dev"), is_dir=False)
+                )
+                plan[-1].harden = False
+        plan.append(_Mount("/dev/shm", "tmpfs", data="mode=1777"))
+        plan.append(_Mount("/dev/pts", "devpts", _pin("/dev/pts", "/dev/pts")))
+        for name, target in (
+            ("ptmx", "pts/ptmx"),
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+        ):
+            plan.append(_Mount(f"/dev/{name}", "symlink", data=target))
+    else:
+        plan.append(_Mount("/dev", "bind", _pin("/dev", "/dev"), harden=False))
+    if opts.pid_ns:
+        plan.append(_Mount("/proc", "proc"))
+    else:
+        plan.append(_Mount("/proc", "bind", _pin("/proc", "/proc"), harden=False))
+    plan.append(_Mount("/sys", "bind", _pin("/sys", "/sys"), harden=False))
+    for path in ("/etc/hosts", "/etc/localtime"):
+        if os.path.isfile(path):
+            plan.append(_Mount(path, "bind", _pin(path, path), readonly=True, is_dir=False))
+    if not opts.no_home:
+        home_src = opts.home or ident.home
+        home_dest = opts.home_dest or home_src
+        if opts.contain:
+            plan.append(_Mount(home_dest, "tmpfs", data="mode=0700"))
+        elif home_src and home_src != "/":
+            plan.append(_Mount(home_dest, "bind", _pin(home_src, "home")))
+    for path in ("/tmp", "/var/tmp"):
+        if opts.contain:
+            plan.append(_Mount(path, "tmpfs", data="mode=1777"))
+        else:
+            plan.append(_Mount(path, "bind", _pin(path, path)))
+    if os.path.isfile("/etc/resolv.conf"):
+        plan.append(
+            _Mount("/etc/resolv.conf", "bind", _pin("/etc/resolv.conf", "/etc/resolv.conf"))
+        )
+        plan[-1].readonly, plan[-1].is_dir = True, False
+    plan.append(_Mount("/etc/passwd", "file", data="passwd", readonly=True, is_dir=False))
+    plan.append(_Mount("/etc/group", "file", data="group", readonly=True, is_dir=False))
+    for src, dest, readonly in spec.binds:
+        if not dest.startswith("/"):
+            raise RuntimeSetupError(f"can't bind: {src}: destination {dest} is not absolute")
+        fd = _pin(src, src)
+        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        plan.append(_Mount(dest, "bind", fd, readonly=readonly, is_dir=is_dir))
+    return plan
+
+
+def _monitor(
+    spec: LaunchSpec, ident: Identity, squashfuse: str, report: int, caller: int
+) -> NoReturn:
+    """The monitor process (see the module docstring); never returns."""
+    try:
+        # If the caller is SIGKILLed, the kernel kills us, which kills the FUSE server
+        # and the container (both set PDEATHSIG on us in turn).
+        ns.set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != caller:
+            os._exit(ExitStatus.LAUNCH_FAILED)
+        opts = spec.options
+        outer_uid, outer_gid = os.getuid(), os.getgid()
+        inner_uid, inner_gid = (0, 0) if opts.fakeroot else (outer_uid, outer_gid)
+        ns.unshare(ns.CLONE_NEWUSER | ns.CLONE_NEWNS)
+        ns.map_ids(outer_uid, outer_gid, inner_uid, inner_gid)
+        ns.set_no_new_privs()  # inherited by the FUSE server and the container
+        # Private propagation: nothing we mount or unmount can reach another namespace.
+        ns.mount(None, "/", None, ns.MS_REC | ns.MS_PRIVATE, what="/ (make private)")
+        # Pin every host path now: bind sources must be opened in *this* mount namespace
+        # (the kernel refuses to bind from a mount of another one), and before /tmp is
+        # covered by the session tmpfs.
+        image = spec.image
+        if isinstance(image, SifPartition):
+            try:
+                image_fd = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise RuntimeSetupError(f"can't open: {image.path}: {exc.strerror}") from exc
+            if image.offset < 0 or image.offset + image.size > os.fstat(image_fd).st_size:
+                raise RuntimeSetupError(
+                    f"can't mount: {image.path}: partition {image.offset}+{image.size} "
+                    "lies outside the file"
+                )
+        else:
+            image_fd = _pin(image.path, "sandbox")
+        cwd_fd = _pin(spec.cwd, "cwd") if os.path.isdir(spec.cwd) else -1
+        plan = _plan(spec, ident)
+        ns.mount("tmpfs", _SESSION, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=0700", "session")
+        # Unbindable: a recursive bind of a host directory above it (host /tmp, or a user's
+        # bind of /) prunes the session instead of copying it into the container.
+        ns.mount(None, _SESSION, None, ns.MS_UNBINDABLE, what="session (make unbindable)")
+        os.mkdir(_IMAGE)
+        os.mkdir(_FILES)
+        # The generated files are bind sources, so they need a mount that is not unbindable.
+        ns.mount("tmpfs", _FILES, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=0755", "files")
+        fuse_pid = 0
+        if isinstance(image, SifPartition):
+            fuse_pid = mount.mount_squashfs(
+                image_fd, image.offset, _IMAGE, squashfuse, opts.fuse_single_thread
+            )
+        else:
+            mount.bind(mount.fd_path(image_fd), _IMAGE, readonly=not opts.writable, what="sandbox")
+        os.close(image_fd)
+        if opts.pid_ns:
+            ns.unshare(ns.CLONE_NEWPID)  # our next child is PID 1 of a new namespace
+        me = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            _container(spec, ident, plan, cwd_fd, report, me)
+    except SifpyError as exc:
+        _report(report, ExitStatus.LAUNCH_FAILED, exc.message, exc.hint)
+        os._exit(ExitStatus.LAUNCH_FAILED)
+    except BaseException as exc:
+        _report(report, ExitStatus.LAUNCH_FAILED, f"can't start container: {exc!r}")
+        os._exit(ExitStatus.LAUNCH_FAILED)
+    # Close what only the container needed; keep the report pipe until it is done.
+    for fd in [m.fd for m in plan] + [cwd_fd]:
+        if fd >= 0:
+            os.close(fd)
+    status = _supervise(pid, pid, reap_all=True)
+    if fuse_pid:
+        mount.stop_server(fuse_pid)
+    os._exit(_exit_code(status))
+
+
+# --- the container ------------------------------------------------------------------------
+
+
+def _container(
+    spec: LaunchSpec, ident: Identity, plan: list[_Mount], cwd_fd: int, report: int, parent: int
+) -> NoReturn:
+    """The container's first process: build the root, pivot_root, exec. Never returns."""
+    try:
+        ns.set_parent_death_signal(signal.SIGKILL)
+        # In a new PID namespace our parent is outside it and getppid() says 0.
+        if os.getppid() not in (parent, 0):
+            os._exit(ExitStatus.LAUNCH_FAILED)
+        root = _assemble(spec, ident, plan, cwd_fd)
+        # pivot_root(".", "."): the old root ends up mounted on top of the new one; the
+        # lazy unmount then drops it (and with it every host mount) from this namespace.
+        # The image mount and session go with it; the binds made from them stay.
+        os.chdir(root)
+        ns.pivot_root(".", ".")
+        ns.umount2(".", ns.MNT_DETACH)
+        os.chdir("/")
+        cwd = _enter_cwd(spec, ident)
+        ns.set_no_new_privs()
+    except SifpyError as exc:
+        _report(report, ExitStatus.LAUNCH_FAILED, exc.message, exc.hint)
+        os._exit(ExitStatus.LAUNCH_FAILED)
+    except BaseException as exc:
+        _report(report, ExitStatus.LAUNCH_FAILED, f"can't set up container: {exc!r}")
+        os._exit(ExitStatus.LAUNCH_FAILED)
+    del cwd
+    _exec(spec.argv, spec.env, report)
+
+
+def _enter_cwd(spec: LaunchSpec, ident: Identity) -> str:
+    # Inside the new root every lookup is confined by the kernel; fall back like Apptainer
+    # (cwd not shared with --contain): home, then /.
+    home = spec.options.home_dest or spec.options.home or ident.home
+    for cand in (spec.cwd, home, "/"):
+        try:
+            os.chdir(cand)
+        except OSError:
+            continue
+        # runc verifyCwd (CVE-2024-21626): the cwd must be reachable from the new root.
+        if os.getcwd().startswith("/"):
+            return cand
+    raise RuntimeSetupError(f"can't chdir: {spec.cwd}: not reachable in the container")
+
+
+def _under(path: str, dest: str) -> bool:
+    p, d = [c for c in path.split("/") if c], [c for c in dest.split("/") if c]
+    return p[: len(d)] == d
+
+
+def _assemble(spec: LaunchSpec, ident: Identity, plan: list[_Mount], cwd_fd: int) -> str:
+    """Build the container root under the session; return its path."""
+    opts = spec.options
+    image_fd = os.open(_IMAGE, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    # The cwd is shared unless --contain, or it is already visible (under another mount),
+    # or the image has it (image content wins: a host cwd of /usr must not cover /usr).
+    shown = any(_under(spec.cwd, m.dest) for m in plan if m.kind in ("bind", "tmpfs"))
+    if cwd_fd >= 0 and not opts.contain and spec.cwd != "/" and not shown:
+        res = mount.resolve(image_fd, spec.cwd, reserved_stop=True)
+        res.close()
+        if res.missing:
+            plan.append(_Mount(spec.cwd, "bind", cwd_fd))
+    if opts.writable:
+        root = _IMAGE
+    else:
+        root = _ROOT
+        os.mkdir(root)
+        ns.mount("tmpfs", root, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=0755", "root")
+        expand = mount.expansions(image_fd, [m.dest for m in plan])
+        mount.build_underlay(_IMAGE, root, expand)
+    _write_files(image_fd, ident, opts)
+    os.close(image_fd)
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    writable = {mount.mount_id(root_fd)}
+    for m in plan:
+        _apply(root_fd, m, writable)
+    os.close(root_fd)
+    if not opts.writable:
+        mount.remount(root, readonly=True, what="container root")
+    return root
+
+
+def _apply(root_fd: int, m: _Mount, writable: set[int]) -> None:
+    """Make one mount of the plan, its destination resolved inside the root."""
+    if m.kind == "symlink":
+        parent, name = m.dest.rsplit("/", 1)
+        res = mount.resolve(root_fd, parent or "/", "dir", frozenset(writable))
+        try:
+            where = (
+                res.parent_fd
+                if not res.name
+                else os.open(
+                    res.name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=res.parent_fd
+                )
+            )
+            os.symlink(m.data, name, dir_fd=where)
+        finally:
+            res.close()
+        return
+    res = mount.resolve(root_fd, m.dest, "dir" if m.is_dir else "file", frozenset(writable))
+    try:
+        if not res.name:
+            raise RuntimeSetupError(f"can't mount: {m.dest}: that is the container root")
+        tfd = os.open(res.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=res.parent_fd)
+        try:
+            if stat.S_ISDIR(os.fstat(tfd).st_mode) != m.is_dir:
+                kind = "a directory" if m.is_dir else "a file"
+                raise RuntimeSetupError(
+                    f"can't mount: {m.dest}: the source is {kind} but the destination is not"
+                )
+            target = mount.fd_path(tfd)
+            over = mount.fd_path(res.parent_fd, res.name)  # crosses into the new mount
+            if m.kind == "bind":
+                mount.bind(mount.fd_path(m.fd), target, m.readonly, m.harden, m.dest, over)
+            elif m.kind == "file":
+                mount.bind(f"{_FILES}/{m.data}", target, m.readonly, True, m.dest, over)
+            elif m.kind == "tmpfs":
+                ns.mount("tmpfs", target, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, m.data, m.dest)
+            elif m.kind == "proc":
+                flags = ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC
+                ns.mount("proc", target, "proc", flags, what=m.dest)
+            elif m.kind == "devpts":
+                try:
+                    flags = ns.MS_NOSUID | ns.MS_NOEXEC
+                    ns.mount("devpts", target, "devpts", flags, "newinstance,ptmxmode=0666")
+                except RuntimeSetupError:
+                    mount.bind(mount.fd_path(m.fd), target, harden=False, what=m.dest)
+            if m.kind in ("tmpfs", "devpts"):
+                new = os.open(res.name, os.O_PATH | os.O_NOFOLLOW, dir_fd=res.parent_fd)
+                writable.add(mount.mount_id(new))
+                os.close(new)
+        finally:
+            os.close(tfd)
+    finally:
+        res.close()
+
+
+def _read_image_file(image_fd: int, path: str) -> str | None:
+    fd = mount.open_in_root(image_fd, path)
+    if fd is None:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(1 << 20).decode(errors="replace")
+
+
+def _write_files(image_fd: int, ident: Identity, opts: LaunchOptions) -> None:
+    """Generate /etc/passwd and /etc/group: the image's, plus the caller's entries."""
+    passwd = _read_image_file(image_fd, "/etc/passwd")
+    group = _read_image_file(image_fd, "/etc/group")
+    home = opts.home_dest or opts.home or ident.home
+    pw_lines = (passwd or "").splitlines()
+    gr_lines = (group or "").splitlines()
+    if opts.fakeroot:
+        uid, gid, entry = 0, 0, "root:x:0:0:root:/root:/bin/sh"
+        gentry = "root:x:0:"
+    else:
+        uid, gid = ident.uid, ident.gid
+        entry = f"{ident.name}:x:{uid}:{gid}:{ident.gecos}:{home}:{ident.shell}"
+        gentry = f"{ident.group}:x:{gid}:{ident.name}"
+    # Apptainer's rule: the caller's entry replaces a line with the same uid (uid 0 is kept).
+    pw_lines = [ln for ln in pw_lines if _field(ln, 2) != str(uid) or uid == 0]
+    if not any(_field(ln, 2) == str(uid) for ln in pw_lines):
+        pw_lines.append(entry)
+    if not any(_field(ln, 2) == str(gid) for ln in gr_lines):
+        gr_lines.append(gentry)
+    for name, lines in (("passwd", pw_lines), ("group", gr_lines)):
+        with open(f"{_FILES}/{name}", "w") as f:
+            f.write("".join(f"{ln}\n" for ln in lines))
+        os.chmod(f"{_FILES}/{name}", 0o644)
+
+
+def _field(line: str, i: int) -> str:
+    parts = line.split(":")
+    return parts[i] if len(parts) > i else ""
+
+
+def _exec(argv: list[str], env: dict[str, str], report: int) -> NoReturn:
+    """Exec the command with a clean process state, or report why not (126/127)."""
+    try:
+        for fd in (0, 1, 2):  # the command gets exactly 0, 1, 2: open them if the caller didn't
+            try:
+                os.fstat(fd)
+            except OSError:
+                os.dup2(os.open("/dev/null", os.O_RDWR), fd)
+        # Close everything else but the report pipe (close-on-exec): PEP 446 does not cover
+        # fds that C code or set_inheritable() made inheritable. closerange uses close_range(2).
+        os.closerange(3, report)
+        os.closerange(report + 1, mount.max_fd())
+        # Python ignores SIGPIPE (and SIG_IGN survives execve): `yes | head` would spin.
+        for sig in range(1, signal.NSIG):
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                with contextlib.suppress(OSError, ValueError):
+                    signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    except BaseException as exc:
+        _report(report, ExitStatus.LAUNCH_FAILED, f"can't prepare exec: {exc!r}")
+        os._exit(ExitStatus.LAUNCH_FAILED)
+    cmd = argv[0]
+    error: OSError | None = None
+    cands = (
+        [cmd]
+        if "/" in cmd
+        else [f"{d or '.'}/{cmd}" for d in env.get("PATH", DEFAULT_PATH).split(":")]
+    )
+    for cand in cands:
+        try:
+            os.execve(cand, argv, env)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            error = error if isinstance(error, PermissionError) else exc
+        except OSError as exc:  # EACCES, ENOEXEC, ...: keep looking like execvp, remember it
+            error = exc
+    code = ExitStatus.NOT_FOUND
+    reason = "command not found" if "/" not in cmd else "No such file or directory"
+    if error is not None and not isinstance(error, (FileNotFoundError, NotADirectoryError)):
+        code, reason = ExitStatus.NOT_EXECUTABLE, error.strerror or str(error)
+    elif error is not None and "/" in cmd:
+        reason = error.strerror or reason
+    _report(report, code, f"can't execute: {cmd}: {reason}")
+    os._exit(code)

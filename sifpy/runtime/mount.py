@@ -1,0 +1,390 @@
+"""Mount an image (a squashfs partition inside a SIF, or a sandbox directory) and assemble a
+container root from it.
+
+Everything here runs inside the container's private user+mount namespace (see
+:mod:`sifpy.runtime.launch` for the process structure), so every mount disappears when the
+namespace's last process exits: nothing is ever unmounted by hand and nothing can leak to the
+host's mount table.
+
+**The container root is an "underlay"** (Apptainer's name; Charliecloud's ``ch-run`` does the
+same for read-only images): a small tmpfs into which each top-level entry of the read-only
+image is bind-mounted (directories and files) or copied (symlinks). Bind destinations that do
+not exist in the image, such as ``/home/alice`` or ``/etc/localtime``, are created in that
+tmpfs; when the missing path lies deeper (``/home`` exists in the image), that image directory
+is *expanded*: replaced in the tmpfs by a directory whose entries are again binds of the
+image's entries. We chose this over an overlay because it needs no second FUSE process
+(fuse-overlayfs) nor a kernel that allows unprivileged overlayfs, keeps the image read-only,
+and costs one bind per top-level entry (about 20 mounts for a typical image).
+
+**Bind destinations are resolved inside the root**, component by component with ``openat``
+and ``O_NOFOLLOW``: a symlink's target is re-rooted (an absolute target restarts at the
+container root, ``..`` stops at it), so an image whose ``/data`` points to ``/etc`` or whose
+``/tmp`` points to ``/home/user`` cannot make a mount or a ``mkdir`` land on the host. Missing
+components are created only on mounts the runtime made itself (checked by mount id), never
+on the image or a host directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import stat
+
+from sifpy.errors import RuntimeSetupError, ToolError
+from sifpy.runtime import ns
+
+# Linux follows at most 40 symlinks in one lookup (fs/namei.c MAXSYMLINKS); so do we.
+_MAX_SYMLINKS = 40
+
+# Top-level names the runtime always provides itself: the image's own entries (which may be
+# symlinks in a hostile image) are never used for them (runc refuses symlinked /proc too).
+RESERVED = frozenset({"proc", "sys", "dev", "tmp"})
+
+_O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def fd_path(fd: int, name: str | None = None) -> str:
+    """The ``/proc/self/fd/N[/name]`` path that reaches an open file for path-based calls."""
+    return f"/proc/self/fd/{fd}" if name is None else f"/proc/self/fd/{fd}/{name}"
+
+
+# --- the image ----------------------------------------------------------------------------
+
+
+def find_program(name: str, path: str | None = None) -> str:
+    """Find ``name`` on ``$PATH`` (and in /usr/sbin, /sbin) or raise :class:`ToolError`.
+
+    Written out instead of ``shutil.which`` to keep ``shutil`` off the ``sifpy exec`` path.
+    """
+    if "/" in name:
+        if os.access(name, os.X_OK):
+            return name
+        raise ToolError(f"can't find: {name}: not an executable file")
+    dirs = (path if path is not None else os.environ.get("PATH", "")).split(":")
+    for d in [*dirs, "/usr/sbin", "/sbin", "/usr/bin"]:
+        cand = os.path.join(d or ".", name)
+        if os.access(cand, os.X_OK) and not os.path.isdir(cand):
+            return cand
+    raise ToolError(
+        f"can't find: {name}: not on PATH",
+        "install squashfuse (Debian: apt-get install squashfuse), or unpack the image "
+        "into a sandbox directory",
+    )
+
+
+def max_fd() -> int:
+    """An upper bound for ``os.closerange``: it uses close_range(2), so a high bound is free;
+    without it (Linux < 5.9) CPython loops, so stay near the fd limit."""
+    return max(os.sysconf("SC_OPEN_MAX"), 65536)
+
+
+def _move_fds(fds: list[int]) -> None:
+    """Make ``fds[i]`` available as fd ``3 + i``, inheritable, whatever their current numbers."""
+    # First park every fd above the target range, so that no dup2 overwrites a source.
+    high = [os.dup(fd) for fd in fds]
+    high = [fd if fd >= 3 + len(fds) else os.dup(fd) for fd in high]
+    for i, fd in enumerate(high):
+        os.dup2(fd, 3 + i, inheritable=True)
+
+
+def mount_squashfs(
+    image_fd: int,
+    offset: int,
+    mountpoint: str,
+    squashfuse: str,
+    single_thread: bool = False,
+) -> int:
+    """Mount the squashfs at byte ``offset`` of ``image_fd`` on ``mountpoint``; return the
+    FUSE server's pid.
+
+    The caller must hold ``CAP_SYS_ADMIN`` in a user namespace that owns its mount namespace.
+    We do the ``mount(2)`` ourselves and hand the server the connection as ``/dev/fd/4``
+    (libfuse >= 3.3 then skips its own mount; Apptainer does the same): this needs no
+    ``fusermount3`` and no ambient capabilities for the server, lets us pick the flags
+    (read-only, nosuid, nodev), and makes readiness trivial: a ``stat`` of the mountpoint
+    blocks until the server answers, or fails with ENOTCONN once it died.
+
+    The server runs in the foreground (``-f``) as our child, in its own process group (so a
+    terminal's Ctrl-C does not kill it under the container), with ``PR_SET_PDEATHSIG``
+    SIGKILL so it never outlives us. squashfuse_ll is multithreaded unless ``-s`` is given
+    (squashfuse >= 0.1.104; its help lists ``-s`` and ``max_threads``).
+    """
+    try:
+        fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RuntimeSetupError(
+            f"can't open: /dev/fuse: {exc.strerror}",
+            "the FUSE device must exist and be readable and writable by you (mode 0666)",
+        ) from exc
+    try:
+        opts = f"fd={fuse_fd},rootmode=40000,user_id={os.getuid()},group_id={os.getgid()}"
+        ns.mount(
+            "squashfuse",
+            mountpoint,
+            "fuse.squashfuse",
+            ns.MS_RDONLY | ns.MS_NOSUID | ns.MS_NODEV,
+            opts,
+            what=f"squashfuse on {mountpoint}",
+        )
+        argv = [squashfuse, "-f", "-o", f"offset={offset}"]
+        if single_thread:
+            argv.append("-s")
+        argv += [fd_path(3), "/dev/fd/4"]
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the FUSE server
+            try:
+                ns.set_parent_death_signal(signal.SIGKILL)
+                if os.getppid() != parent:
+                    os._exit(1)
+                os.setpgid(0, 0)
+                os.chdir("/")
+                _move_fds([image_fd, fuse_fd])
+                os.closerange(5, max_fd())
+                devnull = os.open("/dev/null", os.O_RDWR)
+                os.dup2(devnull, 0)
+                os.dup2(devnull, 1)
+                signal.pthread_sigmask(signal.SIG_SETMASK, [])
+                os.execv(squashfuse, argv)
+            except BaseException as exc:
+                os.write(2, f"error: can't execute: {squashfuse}: {exc}\n".encode())
+            os._exit(127)
+    finally:
+        # Only the server may hold the connection: if it dies, the kernel aborts the
+        # connection and our stat below fails instead of hanging.
+        os.close(fuse_fd)
+    try:
+        st = os.stat(mountpoint)
+    except OSError as exc:
+        stop_server(pid)
+        raise RuntimeSetupError(
+            f"can't mount: squashfs at offset {offset}: {exc.strerror}",
+            "squashfuse_ll could not read the partition; is it a valid squashfs "
+            "(try: unsquashfs -o OFFSET -s FILE)?",
+        ) from exc
+    if not stat.S_ISDIR(st.st_mode):
+        stop_server(pid)
+        raise RuntimeSetupError(f"can't mount: squashfs at offset {offset}: root is no directory")
+    return pid
+
+
+def stop_server(pid: int) -> None:
+    """Kill the FUSE server and reap it (the image is read-only: nothing to flush)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def bind(
+    source: str,
+    target: str,
+    readonly: bool = False,
+    harden: bool = True,
+    what: str = "",
+    mounted: str | None = None,
+) -> None:
+    """Recursively bind ``source`` on ``target``; then, if ``harden``, remount it nosuid,
+    nodev (and read-only if asked).
+
+    Both may be ``/proc/self/fd/N`` paths. Recursive because, in a user namespace, the kernel
+    refuses a non-recursive bind of a tree with locked submounts. The remount must repeat every
+    flag the kernel locked on the source mount (noexec, atime flags...) or it fails with EPERM,
+    so those are read back with ``statvfs`` first. Submounts of the source stay writable
+    (recursive read-only needs ``mount_setattr``).
+
+    When ``target`` is a ``/proc/self/fd/N`` path, it names the *covered* directory, so the
+    remount needs ``mounted``: a path whose lookup crosses into the new mount
+    (``/proc/self/fd/PARENT/name``).
+    """
+    ns.mount(source, target, None, ns.MS_BIND | ns.MS_REC, what=what or target)
+    if harden:
+        remount(mounted or target, readonly, what or target)
+
+
+def remount(path: str, readonly: bool, what: str = "") -> None:
+    """Remount the mount at ``path`` nosuid, nodev (and read-only if asked), keeping every
+    flag the kernel may have locked on it."""
+    flags = ns.MS_BIND | ns.MS_REMOUNT | ns.MS_NOSUID | ns.MS_NODEV
+    have = os.statvfs(path).f_flag
+    for st_flag, ms_flag in (
+        (os.ST_RDONLY, ns.MS_RDONLY),
+        (os.ST_NOEXEC, ns.MS_NOEXEC),
+        (os.ST_NOATIME, ns.MS_NOATIME),
+        (os.ST_NODIRATIME, ns.MS_NODIRATIME),
+        (os.ST_RELATIME, ns.MS_RELATIME),
+    ):
+        if have & st_flag:
+            flags |= ms_flag
+    if readonly:
+        flags |= ns.MS_RDONLY
+    ns.mount(None, path, None, flags, what=f"{what or path} (remount)")
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount an open file lives on (``mnt_id`` in ``/proc/self/fdinfo``, 3.15+).
+
+    Unlike ``st_dev`` it tells two binds of the same file system apart, so a host directory
+    bound into the container is never mistaken for the container's own tmpfs.
+    """
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+        for line in f:
+            if line.startswith(b"mnt_id:"):
+                return int(line.split()[1])
+    raise RuntimeSetupError(f"can't read: mount id of fd {fd}: no mnt_id in fdinfo")
+
+
+# --- resolving paths inside the root ------------------------------------------------------
+
+
+class Resolved:
+    """The outcome of :func:`resolve`: where a path lands inside a root."""
+
+    def __init__(self, parent_fd: int, name: str, parts: list[str], missing: list[str]) -> None:
+        self.parent_fd = parent_fd  # O_PATH fd of the directory holding the final entry
+        self.name = name  # the final entry ("" for the root itself)
+        self.parts = parts  # canonical components of what exists
+        self.missing = missing  # components that do not exist (probe mode only)
+
+    def close(self) -> None:
+        """Close the parent directory's fd."""
+        os.close(self.parent_fd)
+
+
+def resolve(
+    root_fd: int,
+    path: str,
+    create: str | None = None,
+    writable_mounts: frozenset[int] = frozenset(),
+    reserved_stop: bool = False,
+) -> Resolved:
+    """Resolve ``path`` inside the directory ``root_fd`` as if it were ``/``.
+
+    ``create`` is None (probe: stop at the first missing component and report the rest in
+    ``missing``), ``"dir"`` or ``"file"`` (create missing components; the last one as that
+    type; only in directories on a mount whose id is in ``writable_mounts``). With
+    ``reserved_stop``, a top-level name in :data:`RESERVED` ends the walk (it is not taken from
+    the image).
+    """
+    todo = [p for p in path.split("/") if p not in ("", ".")]
+    stack = [os.dup(root_fd)]
+    parts: list[str] = []
+    hops = 0
+    try:
+        while todo:
+            comp = todo.pop(0)
+            if comp == "..":  # never above the root
+                if len(stack) > 1:
+                    os.close(stack.pop())
+                    parts.pop()
+                continue
+            cur = stack[-1]
+            if reserved_stop and not parts and comp in RESERVED:
+                return Resolved(os.dup(cur), comp, [comp], todo)
+            try:
+                st = os.stat(comp, dir_fd=cur, follow_symlinks=False)
+            except FileNotFoundError:
+                if create is None:
+                    return Resolved(os.dup(cur), comp, parts, [comp, *todo])
+                if mount_id(cur) not in writable_mounts:
+                    where = "/" + "/".join(parts)
+                    raise RuntimeSetupError(
+                        f"can't create mount point: {path}: {comp} is missing in {where}, "
+                        "which is read-only or not the container's own"
+                    ) from None
+                if not todo and create == "file":
+                    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                    os.close(os.open(comp, flags, 0o644, dir_fd=cur))
+                else:
+                    os.mkdir(comp, 0o755, dir_fd=cur)
+                st = os.stat(comp, dir_fd=cur, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                hops += 1
+                if hops > _MAX_SYMLINKS:
+                    raise RuntimeSetupError(f"can't resolve: {path}: {os.strerror(errno.ELOOP)}")
+                target = os.readlink(comp, dir_fd=cur)
+                if target.startswith("/"):  # re-root an absolute target
+                    while len(stack) > 1:
+                        os.close(stack.pop())
+                    parts.clear()
+                todo[:0] = [p for p in target.split("/") if p not in ("", ".")]
+                continue
+            if not todo:
+                return Resolved(os.dup(cur), comp, [*parts, comp], [])
+            if not stat.S_ISDIR(st.st_mode):
+                raise RuntimeSetupError(
+                    f"can't resolve: {path}: {comp}: {os.strerror(errno.ENOTDIR)}"
+                )
+            stack.append(os.open(comp, _O_PATH_DIR, dir_fd=cur))
+            parts.append(comp)
+        return Resolved(os.dup(stack[-1]), "", parts, [])
+    finally:
+        for fd in stack:
+            os.close(fd)
+
+
+def open_in_root(root_fd: int, path: str) -> int | None:
+    """Open a regular file of the image for reading, resolved inside the root; None if absent."""
+    res = resolve(root_fd, path)
+    try:
+        if res.missing or not res.name:
+            return None
+        fd = os.open(res.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=res.parent_fd)
+    except OSError:
+        return None
+    finally:
+        res.close()
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def expansions(image_fd: int, dests: list[str]) -> set[tuple[str, ...]]:
+    """The image directories the underlay must expand so that every destination can be
+    created: the existing ancestors of each destination that is missing in the image."""
+    out: set[tuple[str, ...]] = set()
+    for dest in dests:
+        res = resolve(image_fd, dest, reserved_stop=True)
+        res.close()
+        if res.missing and not (res.parts and res.parts[0] in RESERVED):
+            for i in range(1, len(res.parts) + 1):
+                out.add(tuple(res.parts[:i]))
+    return out
+
+
+def build_underlay(image: str, root: str, expand: set[tuple[str, ...]]) -> None:
+    """Fill the (empty, writable) directory ``root`` with the entries of ``image``.
+
+    Directories in ``expand`` become real directories here, filled recursively; other
+    directories and files are bind-mounted (inheriting the image mount's read-only, nosuid,
+    nodev), symlinks are copied as they are (they are only ever followed by the kernel after
+    ``pivot_root``, or by :func:`resolve`, both inside the root). Only real directories are
+    descended into, so plain string paths are safe here.
+    """
+
+    def fill(rel: tuple[str, ...]) -> None:
+        src_dir = os.path.join(image, *rel)
+        for name in sorted(os.listdir(src_dir)):
+            if not rel and name in RESERVED:
+                continue
+            src, dst = os.path.join(src_dir, name), os.path.join(root, *rel, name)
+            st = os.lstat(src)
+            if stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(src), dst)
+            elif stat.S_ISDIR(st.st_mode):
+                os.mkdir(dst)
+                os.chmod(dst, stat.S_IMODE(st.st_mode))
+                if (*rel, name) in expand:
+                    fill((*rel, name))
+                else:
+                    ns.mount(src, dst, None, ns.MS_BIND | ns.MS_REC, what=f"/{'/'.join(rel)}")
+            else:
+                os.close(os.open(dst, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+                ns.mount(src, dst, None, ns.MS_BIND, what=f"/{os.path.join(*rel, name)}")
+
+    fill(())
+    for name in sorted(RESERVED):
+        os.mkdir(os.path.join(root, name), 0o755)

@@ -1,0 +1,236 @@
+"""Thin, typed wrappers over the kernel calls the runtime needs, and capability probes.
+
+Python 3.11 has no ``os.unshare``, ``os.mount`` or ``pivot_root``; they are reached through
+ctypes on the C library that is already loaded into the interpreter (``CDLL(None)``), so no
+``find_library`` runs (it forks ``ldconfig``/``gcc`` and would read the image's files after a
+``pivot_root``). Every wrapper turns ``errno`` into a :class:`RuntimeSetupError` whose message
+follows the ``can't VERB: OBJECT: reason`` grammar.
+
+Everything here is callable after ``pivot_root``: no lazy imports, no NSS, no file reads
+outside ``/proc/self``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+from sifpy.errors import RuntimeSetupError
+
+# Clone flags (include/uapi/linux/sched.h).
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+
+# mount(2) flags (include/uapi/linux/mount.h).
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_UNBINDABLE = 0x20000
+MS_PRIVATE = 0x40000
+MS_SLAVE = 0x80000
+MS_RELATIME = 0x200000
+MNT_DETACH = 0x2
+
+# prctl(2) options (include/uapi/linux/prctl.h).
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
+
+# pivot_root has no glibc wrapper; the syscall number depends on the architecture
+# (arch/x86/entry/syscalls/syscall_64.tbl, include/uapi/asm-generic/unistd.h).
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "riscv64": 41, "s390x": 217}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.prctl.argtypes = [
+    ctypes.c_int,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
+_libc.syscall.restype = ctypes.c_long
+
+
+def _fail(verb: str, obj: str, err: int, hint: str | None = None) -> RuntimeSetupError:
+    return RuntimeSetupError(f"can't {verb}: {obj}: {os.strerror(err)}", hint)
+
+
+_USERNS_HINT = (
+    "unprivileged user namespaces may be disabled: check the sysctls "
+    "user.max_user_namespaces (> 0), kernel.unprivileged_userns_clone (Debian, = 1) "
+    "and kernel.apparmor_restrict_unprivileged_userns (Ubuntu, = 0)"
+)
+
+
+def unshare(flags: int) -> None:
+    """Move the calling process into new namespaces (``unshare(2)``).
+
+    The one ctypes fallback for Python < 3.12, which lacks ``os.unshare``. The kernel refuses
+    ``CLONE_NEWUSER`` in a multi-threaded process (EINVAL), so call this only in a freshly
+    forked child.
+    """
+    if _libc.unshare(flags) != 0:
+        err = ctypes.get_errno()
+        hint = (
+            _USERNS_HINT if flags & CLONE_NEWUSER and err in (errno.EPERM, errno.ENOSPC) else None
+        )
+        raise _fail("unshare", f"flags {flags:#x}", err, hint)
+
+
+def _write_proc(path: str, data: str) -> None:
+    # One write(2) per file: the kernel accepts a map only in a single write.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, data.encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _fail("write", path, exc.errno or errno.EIO) from exc
+
+
+def map_ids(outer_uid: int, outer_gid: int, inner_uid: int, inner_gid: int) -> None:
+    """Map one uid and one gid of the parent namespace into the caller's new user namespace.
+
+    Must run in the process that just called ``unshare(CLONE_NEWUSER)``. An unprivileged process
+    may map only its own ids, one each, and must first deny ``setgroups(2)`` (since Linux 3.19,
+    CVE-2014-8989: otherwise it could drop a supplementary group that a negative ACL keys on).
+    """
+    _write_proc("/proc/self/setgroups", "deny")
+    _write_proc("/proc/self/uid_map", f"{inner_uid} {outer_uid} 1\n")
+    _write_proc("/proc/self/gid_map", f"{inner_gid} {outer_gid} 1\n")
+
+
+def set_no_new_privs() -> None:
+    """Set ``PR_SET_NO_NEW_PRIVS``, then read it back: fail closed if it did not stick.
+
+    With it, exec never grants privileges (setuid bits, file capabilities) to anything the
+    container runs.
+    """
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise _fail("set", "no_new_privs", ctypes.get_errno())
+    if _libc.prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) != 1:
+        raise RuntimeSetupError("can't set: no_new_privs: the kernel did not keep it")
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """Ask the kernel to send ``sig`` to the caller when its parent (thread) dies.
+
+    Survives ``execve`` of a non-setuid program. The caller must check ``os.getppid()``
+    afterwards: the parent may have died before this call.
+    """
+    if _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        raise _fail("set", "parent death signal", ctypes.get_errno())
+
+
+def _b(s: str | None) -> bytes | None:
+    return None if s is None else os.fsencode(s)
+
+
+def mount(
+    source: str | None,
+    target: str,
+    fstype: str | None = None,
+    flags: int = 0,
+    data: str | None = None,
+    what: str | None = None,
+) -> None:
+    """Call ``mount(2)``; ``what`` names the mount in the error message (default ``target``)."""
+    if _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
+        raise _fail("mount", what or target, ctypes.get_errno())
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    """Call ``umount2(2)``."""
+    if _libc.umount2(_b(target), flags) != 0:
+        raise _fail("unmount", target, ctypes.get_errno())
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    """Call ``pivot_root(2)`` through ``syscall(2)`` (glibc has no wrapper)."""
+    nr = _SYS_PIVOT_ROOT.get(os.uname().machine)
+    if nr is None:
+        raise RuntimeSetupError(
+            f"can't pivot_root: architecture {os.uname().machine} is not supported"
+        )
+    if _libc.syscall(ctypes.c_long(nr), _b(new_root), _b(put_old)) != 0:
+        raise _fail("pivot_root", new_root, ctypes.get_errno())
+
+
+# --- probes -------------------------------------------------------------------------------
+# They fork, so that the caller's own namespaces are never touched, and they are cheap enough
+# for tests to call once per session.
+
+
+def _probe_in_child(flags: int, then: str) -> str | None:
+    """Fork; the child unshares ``flags`` and runs step ``then``; return None or a reason."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report a reason on the pipe, never return into the caller's code
+        os.close(r)
+        code = 0
+        try:
+            uid, gid = os.getuid(), os.getgid()
+            unshare(flags)
+            if flags & CLONE_NEWUSER:
+                map_ids(uid, gid, uid, gid)
+            if then == "fuse":
+                _probe_fuse_mount()
+        except BaseException as exc:
+            os.write(w, str(exc).encode()[:4000])
+            code = 1
+        os._exit(code)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 4096):
+        chunks.append(chunk)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) == 0:
+        return None
+    return b"".join(chunks).decode(errors="replace") or f"probe failed: status {status}"
+
+
+def _probe_fuse_mount() -> None:
+    # A FUSE mount needs only a /dev/fuse fd and a directory; no server has to answer for
+    # mount(2) to succeed, and the mount namespace dies with this child.
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _fail("open", "/dev/fuse", exc.errno or errno.EIO) from exc
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700")
+    os.mkdir("/tmp/m")
+    opts = f"fd={fd},rootmode=40000,user_id={os.getuid()},group_id={os.getgid()}"
+    mount("probe", "/tmp/m", "fuse.probe", MS_NOSUID | MS_NODEV | MS_RDONLY, opts)
+
+
+def userns_available() -> str | None:
+    """Return None if an unprivileged user+mount namespace can be created, else the reason."""
+    return _probe_in_child(CLONE_NEWUSER | CLONE_NEWNS, "")
+
+
+def fuse_available() -> str | None:
+    """Return None if a FUSE file system can be mounted in a user namespace, else the reason."""
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse does not exist (load the fuse module, or bind it into this container)"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return "/dev/fuse is not readable and writable by this user"
+    return _probe_in_child(CLONE_NEWUSER | CLONE_NEWNS, "fuse")
