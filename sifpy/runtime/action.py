@@ -87,7 +87,11 @@ done
 unset __SIFPY_HOST_NAMES __SIFPY_USER_NAMES __SIFPY_LATE_NAMES __SIFPY_NO_EVAL
 unset __SIFPY_ENV_FILE __SIFPY_ROOT __r __f __k __v __d __set __sifpy_injected
 case "$0" in
-  exec) exec "$@" ;;
+  exec)
+    if ! command -v "$1" >/dev/null 2>&1; then
+      echo "sifpy: can't execute: $1: not found" >&2; exit 127
+    fi
+    exec "$@" ;;
   run)
     if [ -n "${APPTAINER_APPNAME:-}" ]; then
       __s="/scif/apps/$APPTAINER_APPNAME/scif/runscript"

@@ -1,0 +1,204 @@
+"""``sifpy exec/run/shell/test`` end to end, as the unprivileged test user."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from integration.conftest import UserRunner
+from integration.runtime.conftest import _mounts, user_processes
+
+
+class Sifpy:
+    """``python3 -m sifpy ...`` as the test user, in a world-readable working directory."""
+
+    def __init__(self, runner: UserRunner, image: str, cwd: str) -> None:
+        self.runner, self.image, self.cwd = runner, image, cwd
+
+    def __call__(
+        self, *args: str, env: dict[str, str] | None = None, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
+        kw.setdefault("cwd", self.cwd)
+        return self.runner(["/usr/bin/python3", "-m", "sifpy", *args], env=env, **kw)
+
+    def exec(
+        self, *cmd: str, opts: tuple[str, ...] = (), **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
+        return self("exec", *opts, self.image, *cmd, **kw)
+
+
+@pytest.fixture()
+def sifpy(
+    runtime_ready: UserRunner, images: dict[str, Any], no_leftovers: None, workdir: Path
+) -> Sifpy:
+    cwd = workdir / "cwd"
+    cwd.mkdir(exist_ok=True)
+    (cwd / "here.txt").write_text("in the cwd\n")
+    os.chmod(cwd, 0o777)
+    return Sifpy(runtime_ready, images["plain"]["sif"], str(cwd))
+
+
+def test_same_user_inside(sifpy: Sifpy) -> None:
+    r = sifpy.exec("id", "-u")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(sifpy.runner.user.uid)
+    assert sifpy.exec("id", "-u", opts=("--fakeroot",)).stdout.strip() == "0"
+
+
+def test_home_and_cwd_visible(sifpy: Sifpy) -> None:
+    r = sifpy.exec("sh", "-c", 'echo "$HOME"; pwd; cat here.txt; ls -d "$HOME"')
+    assert r.returncode == 0, r.stderr
+    home = sifpy.runner.user.home
+    assert r.stdout.splitlines() == [home, sifpy.cwd, "in the cwd", home]
+
+
+def test_binds_ro_rw(sifpy: Sifpy, workdir: Path) -> None:
+    data = workdir / "binddata"
+    data.mkdir(exist_ok=True)
+    os.chmod(data, 0o777)
+    r = sifpy.exec(
+        "sh",
+        "-c",
+        "echo rw > /rw/f && cat /rw/f && (echo x > /ro/g) 2>/dev/null; echo $?",
+        opts=("-B", f"{data}:/rw", "--bind", f"{data}:/ro:ro"),
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["rw", "1"]
+    assert (data / "f").read_text() == "rw\n" and not (data / "g").exists()
+    # Also from the environment, comma lists.
+    r = sifpy.exec("cat", "/e1/f", "/e2/f", env={"APPTAINER_BIND": f"{data}:/e1,{data}:/e2:ro"})
+    assert r.stdout == "rw\nrw\n", r.stderr
+
+
+def test_contain_hides_host_tmp(sifpy: Sifpy) -> None:
+    marker = Path("/tmp") / f"sifpy-marker-{os.getpid()}"
+    marker.write_text("host")
+    try:
+        assert sifpy.exec("ls", "/tmp").stdout.count(marker.name) == 1
+        r = sifpy.exec("ls", "-A", "/tmp", opts=("--contain",))
+        assert r.returncode == 0 and r.stdout == "", r.stderr
+    finally:
+        marker.unlink()
+
+
+def test_env_end_to_end(sifpy: Sifpy, workdir: Path) -> None:
+    envfile = workdir / "env.txt"
+    envfile.write_text("FROMFILE='a b'\nBOTH=file\n")
+    envfile.chmod(0o644)
+    r = sifpy.exec(
+        "env",
+        opts=("--env", "BOTH=opt", "--env-file", str(envfile)),
+        env={"HOSTVAR": "h", "APPTAINERENV_INJ": "i", "SIFPYENV_BOTH": "prefix"},
+    )
+    env = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    assert env["HOSTVAR"] == "h" and env["INJ"] == "i" and env["FROMFILE"] == "a b"
+    assert env["BOTH"] == "opt"
+    assert not any(k.startswith("__SIFPY") for k in env)
+    r = sifpy.exec("env", opts=("--cleanenv",), env={"HOSTVAR": "h"})
+    assert "HOSTVAR=" not in r.stdout and "LANG=C" in r.stdout
+
+
+def test_every_exit_status_passes_through(sifpy: Sifpy) -> None:
+    def status(code: int) -> tuple[int, int]:
+        return code, sifpy.exec("sh", "-c", f"exit {code}").returncode
+
+    with ThreadPoolExecutor(8) as pool:
+        results = dict(pool.map(status, range(256)))
+    assert results == {c: c for c in range(256)}
+
+
+@pytest.mark.parametrize(
+    ("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGKILL, 137), (signal.SIGSEGV, 139)]
+)
+def test_signal_death_is_128_plus_n(sifpy: Sifpy, sig: int, code: int) -> None:
+    assert sifpy.exec("sh", "-c", f"kill -{int(sig)} $$").returncode == code
+
+
+def test_not_found_and_not_executable(sifpy: Sifpy) -> None:
+    r = sifpy.exec("nosuchcommand")
+    assert r.returncode == 127 and "not found" in r.stderr
+    r = sifpy.exec("/noexec")
+    assert r.returncode == 126, r.stderr
+
+
+def test_process_state(sifpy: Sifpy) -> None:
+    r = sifpy.exec("sh", "-c", "ls /proc/$$/fd; grep NoNewPrivs /proc/self/status; yes | head -1")
+    lines = r.stdout.split()
+    assert lines[:3] == ["0", "1", "2"] and "10" not in lines[:4]
+    assert "NoNewPrivs:" in lines and lines[lines.index("NoNewPrivs:") + 1] == "1"
+    assert lines[-1] == "y"
+
+
+def test_trap_sees_forwarded_sigterm(sifpy: Sifpy) -> None:
+    p = sifpy.runner.popen(
+        [
+            "/usr/bin/python3",
+            "-m",
+            "sifpy",
+            "exec",
+            sifpy.image,
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 3' TERM; echo ready; while :; do sleep 0.1; done",
+        ],
+        stdout=subprocess.PIPE,
+        cwd=sifpy.cwd,
+    )
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == "ready"
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=20)
+    assert out.strip() == "got-term" and p.returncode == 3
+
+
+def test_run_and_test_actions(sifpy: Sifpy) -> None:
+    r = sifpy("run", sifpy.image, "a", "b")
+    assert "No runscript found" in r.stderr  # the plain busybox image has none
+    assert sifpy("test", sifpy.image).returncode == 0  # no test script: success
+
+
+def test_twenty_concurrent_execs_leave_nothing(sifpy: Sifpy) -> None:
+    before = _mounts()
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda i: sifpy.exec("cat", "/etc/image-marker"), range(20)))
+    assert all(r.returncode == 0 and r.stdout == "from the image\n" for r in results)
+    assert _mounts() == before
+    assert user_processes(sifpy.runner.user.uid, "squashfuse_ll") == []
+
+
+def test_sigkill_of_sifpy_leaves_nothing_mounted(sifpy: Sifpy) -> None:
+    p = sifpy.runner.popen(
+        ["/usr/bin/python3", "-m", "sifpy", "exec", sifpy.image, "sh", "-c", "echo up; sleep 30"],
+        stdout=subprocess.PIPE,
+        cwd=sifpy.cwd,
+    )
+    assert p.stdout is not None and p.stdout.readline().strip() == "up"
+    p.kill()
+    p.wait()
+    deadline = time.time() + 10
+    uid = sifpy.runner.user.uid
+    while time.time() < deadline and (
+        user_processes(uid, "squashfuse_ll") or user_processes(uid, "sleep")
+    ):
+        time.sleep(0.1)
+    assert user_processes(uid, "squashfuse_ll") == [] and user_processes(uid, "sleep") == []
+
+
+def test_bad_image_is_125_with_one_line(sifpy: Sifpy, workdir: Path) -> None:
+    bad = workdir / "bad.sif"
+    bad.write_bytes(b"not a sif")
+    bad.chmod(0o644)
+    r = sifpy("exec", str(bad), "true")
+    assert (
+        r.returncode == 125
+        and r.stderr.startswith("error: invalid SIF")
+        and "Traceback" not in r.stderr
+    )
+    assert sifpy("exec", "--bogus", str(bad), "true").returncode == 125

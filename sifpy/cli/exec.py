@@ -1,0 +1,171 @@
+"""``sifpy exec | run | shell | test``: run a command in a container, as Apptainer does.
+
+This is the hot path (once per MPI rank): it imports only the runtime, the SIF reader and
+argparse. The image is opened once; the partition mounted is the one in that open file.
+Exit status: the command's own (128+N when killed by signal N); 125 when sifpy fails
+before the command starts, 126 not executable, 127 not found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+
+from sifpy.cli._args import ArgumentParser
+from sifpy.errors import ExitStatus, ImageError, SifpyError, UsageError
+from sifpy.runtime import LaunchOptions, LaunchSpec, Sandbox, SifPartition, host_identity, launch
+from sifpy.runtime import env as renv
+from sifpy.runtime.action import action_argv
+
+HELP = {
+    "exec": "run a command in a container",
+    "run": "run the container's runscript",
+    "shell": "start an interactive shell in a container",
+    "test": "run the container's test script",
+}
+
+
+def build_parser(action: str, prog: str) -> ArgumentParser:
+    p = ArgumentParser(prog=prog, description=HELP[action].capitalize() + ".")
+    a = p.add_argument
+    a("-B", "--bind", action="append", default=[], metavar="SRC[:DEST[:ro|rw]]",
+      help="bind a host path (repeatable, comma lists; also $SIFPY_BIND, $APPTAINER_BIND)")
+    a("-H", "--home", metavar="SRC[:DEST]", help="use this home directory")
+    a("--no-home", action="store_true", help="don't bind the home directory")
+    a("-c", "--contain", action="store_true",
+      help="minimal /dev, private /tmp, /var/tmp and home")
+    a("-C", "--containall", action="store_true",
+      help="--contain, --cleanenv and a PID namespace")
+    a("-e", "--cleanenv", action="store_true", help="don't pass the host environment")
+    a("--env", action="append", default=[], metavar="K=V[,K=V]", help="set a variable")
+    a("--env-file", action="append", default=[], metavar="FILE",
+      help="variables from a file (shell syntax)")
+    a("--no-eval", action="store_true", help="don't shell-evaluate injected variables")
+    a("--pwd", metavar="DIR", help="initial working directory in the container")
+    a("-p", "--pid", action="store_true", help="run in a new PID namespace")
+    a("-f", "--fakeroot", action="store_true", help="run as uid 0 in the container")
+    a("-w", "--writable", action="store_true", help="writable sandbox directory")
+    a("--app", metavar="NAME", help="run a SCIF app")
+    a("-s", "--shell", metavar="PATH", help="the shell for 'shell'")
+    a("image", help="a SIF file or a sandbox directory")
+    if action == "exec":
+        a("command", help="the command to run")
+    a("args", nargs=argparse.REMAINDER, help="its arguments")
+    return p  # fmt: skip
+
+
+def parse_binds(specs: list[str]) -> list[tuple[str, str, bool]]:
+    """``src[:dest[:ro|rw]]`` items, comma separated; dest defaults to src."""
+    binds = []
+    for spec in specs:
+        for item in filter(None, spec.split(",")):
+            parts = item.split(":")
+            if len(parts) > 3 or not parts[0]:
+                raise UsageError(f"invalid bind: {item!r}", hint="use SRC[:DEST[:ro|rw]]")
+            src = parts[0]
+            dest = parts[1] if len(parts) > 1 and parts[1] else src
+            mode = parts[2] if len(parts) > 2 else "rw"
+            if mode not in ("ro", "rw"):
+                raise UsageError(f"invalid bind option {mode!r} in {item!r}", hint="use ro or rw")
+            if not dest.startswith("/"):
+                raise UsageError(f"bind destination must be absolute: {item!r}")
+            binds.append((os.path.abspath(src), os.path.normpath(dest), mode == "ro"))
+    return binds
+
+
+def open_image(path: str) -> tuple[SifPartition | Sandbox, int]:
+    """Open the image once; returns what to mount and the fd that must stay open."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ImageError(f"can't open image: {path}: {exc.strerror}") from exc
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        os.close(fd)
+        return Sandbox(os.path.abspath(path)), -1
+    from sifpy.sif import SifImage
+    from sifpy.sif import format as F
+
+    try:
+        img = SifImage.from_fd(fd, path)
+        part = img.primary_partition()
+        if part.partition().fstype != F.FSType.SQUASH:
+            raise ImageError(
+                f"can't run {path}: the primary partition is not squashfs",
+                hint="sifpy runs squashfs images; rebuild the image",
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    # The monitor opens /proc/self/fd/N: the same open file, so what was checked here is
+    # what squashfuse serves even if the path is replaced meanwhile.
+    return SifPartition(f"/proc/self/fd/{fd}", part.offset, part.size), fd
+
+
+def main(argv: list[str], prog: str = "sifpy exec") -> int:
+    try:
+        return _main(argv, prog)
+    except SifpyError as exc:
+        # Docker's convention: any failure of sifpy itself, before or while starting the
+        # command, is 125, so that it can't be mistaken for the command's own status.
+        exc.exit_status = ExitStatus.LAUNCH_FAILED
+        raise
+
+
+def _main(argv: list[str], prog: str) -> int:
+    action = prog.rsplit(" ", 1)[-1]
+    a = build_parser(action, prog).parse_args(argv)
+    args = ([a.command] if action == "exec" else []) + a.args
+    if a.containall:
+        a.contain = a.cleanenv = a.pid = True
+    environ = os.environ
+    bind_specs = [environ[v] for v in ("APPTAINER_BIND", "SIFPY_BIND") if environ.get(v)]
+    binds = parse_binds(bind_specs + a.bind)
+    home_src = home_dest = None
+    if a.home:
+        home_src, _, home_dest = a.home.partition(":")
+        home_src = os.path.abspath(home_src)
+        home_dest = home_dest or home_src
+    ident = host_identity()
+    home_in = home_dest or ident.home
+    image, fd = open_image(a.image)
+    if a.writable and not isinstance(image, Sandbox):
+        raise UsageError("--writable needs a sandbox directory", hint="build with --sandbox")
+    env_opts = renv.parse_env_option(a.env)
+    runtime = renv.runtime_vars(
+        os.path.abspath(a.image), action, a.app, ",".join(f"{s}:{d}" for s, d, _ in binds)
+    )
+    if a.shell:
+        runtime["SINGULARITY_SHELL"] = runtime["APPTAINER_SHELL"] = a.shell
+    env = renv.process_env(
+        host=renv.host_env(environ, a.cleanenv),
+        injected=renv.injected_env(environ, env_opts),
+        env_file=renv.read_env_files(a.env_file),
+        late=env_opts,
+        no_eval=a.no_eval,
+        home=home_in,
+        runtime=runtime,
+    )
+    spec = LaunchSpec(
+        image=image,
+        argv=action_argv(action, args),
+        env=env,
+        cwd=a.pwd or os.getcwd(),
+        binds=binds,
+        options=LaunchOptions(
+            fakeroot=a.fakeroot,
+            contain=a.contain,
+            pid_ns=a.pid,
+            writable=a.writable,
+            home=home_src,
+            home_dest=home_dest,
+            no_home=a.no_home,
+            identity=ident,
+        ),
+    )
+    try:
+        return launch(spec)
+    finally:
+        if fd >= 0:
+            os.close(fd)
