@@ -20,12 +20,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shell": ("sifpy.cli.exec", "start an interactive shell in a container"),
     "test": ("sifpy.cli.exec", "run the container's test script"),
     "sif": ("sifpy.cli.sif", "inspect and edit SIF files (siftool-compatible)"),
-    "sign": ("sifpy.cli.sign", "sign the object groups of a SIF image"),
-    "verify": ("sifpy.cli.verify", "verify the signatures of a SIF image"),
-    "key": ("sifpy.cli.key", "manage OpenPGP signing keys"),
-    "pull": ("sifpy.cli.pull", "pull a docker:// image into a SIF file"),
-    "cache": ("sifpy.cli.cache", "list, verify and clean the image cache"),
-    "registry": ("sifpy.cli.registry", "log in to and out of OCI registries"),
 }
 
 _USAGE = """\
