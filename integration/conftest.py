@@ -71,13 +71,49 @@ def test_user() -> User:
     return User(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
 
 
+def _runtime_closure() -> list[Path]:
+    """Installed files of sifpy's runtime dependencies, recursively (not the test tools)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    seen: set[str] = set()
+    todo = [r for r in metadata.requires("sifpy") or [] if "extra ==" not in r]
+    files: list[Path] = []
+    while todo:
+        req = Requirement(todo.pop())
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        name = req.name.lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        dist = metadata.distribution(req.name)
+        files += [Path(str(dist.locate_file(f))) for f in dist.files or []]
+        todo += [r for r in dist.requires or [] if "extra ==" not in r]
+    return files
+
+
 @pytest.fixture(scope="session")
 def sifpy_copy() -> Iterator[str]:
-    """A world-readable copy of the ``sifpy`` package; its directory goes on PYTHONPATH."""
+    """A world-readable copy of ``sifpy`` and its runtime dependencies (as installed in the
+    test venv); the directory goes on PYTHONPATH for Debian's ``/usr/bin/python3``."""
+    import sysconfig
+
     path = _world_readable_dir("sifpy-lib-")
     shutil.copytree(
         REPO / "sifpy", Path(path) / "sifpy", ignore=shutil.ignore_patterns("__pycache__")
     )
+    site = Path(sysconfig.get_paths()["purelib"])
+    for f in _runtime_closure():
+        try:
+            rel = f.resolve().relative_to(site.resolve())
+        except ValueError:
+            continue  # scripts in bin/ and the like
+        if f.suffix == ".pyc" or not f.is_file():
+            continue
+        (Path(path) / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, Path(path) / rel)
     for dirpath, dirnames, filenames in os.walk(path):
         for d in dirnames:
             os.chmod(os.path.join(dirpath, d), 0o755)

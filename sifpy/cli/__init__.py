@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("sifpy.cli.exec", "run the container's runscript"),
     "shell": ("sifpy.cli.exec", "start an interactive shell in a container"),
     "test": ("sifpy.cli.exec", "run the container's test script"),
+    "inspect": ("sifpy.cli.inspect", "show an image's labels, runscript, environment, ..."),
     "sif": ("sifpy.cli.sif", "inspect and edit SIF files (siftool-compatible)"),
 }
 
