@@ -578,6 +578,7 @@ def _exec(argv: list[str], env: dict[str, str], report: int) -> NoReturn:
             if sig not in (signal.SIGKILL, signal.SIGSTOP):
                 with contextlib.suppress(OSError, ValueError):
                     signal.signal(sig, signal.SIG_DFL)
+        ns.reset_reserved_signals()
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
     except BaseException as exc:
         _report(report, ExitStatus.LAUNCH_FAILED, f"can't prepare exec: {exc!r}")

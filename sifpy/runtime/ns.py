@@ -47,6 +47,7 @@ PR_GET_NO_NEW_PRIVS = 39
 # pivot_root has no glibc wrapper; the syscall number depends on the architecture
 # (arch/x86/entry/syscalls/syscall_64.tbl, include/uapi/asm-generic/unistd.h).
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "riscv64": 41, "s390x": 217}
+_SYS_RT_SIGACTION = {"x86_64": 13, "aarch64": 134, "ppc64le": 173, "riscv64": 134, "s390x": 174}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [
@@ -234,3 +235,19 @@ def fuse_available() -> str | None:
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         return "/dev/fuse is not readable and writable by this user"
     return _probe_in_child(CLONE_NEWUSER | CLONE_NEWNS, "fuse")
+
+
+def reset_reserved_signals() -> None:
+    """Set signals 32 and 33 to their default disposition, with the raw syscall.
+
+    glibc reserves them (SIGCANCEL, SIGSETXID) and its sigaction() refuses to touch them,
+    so Python can't either; but an ignored disposition inherited from our own caller
+    survives execve and would leak into the container (seen under some job launchers).
+    An all-zero ``struct kernel_sigaction`` is SIG_DFL, no flags, empty mask on every arch.
+    """
+    nr = _SYS_RT_SIGACTION.get(os.uname().machine)
+    if nr is None:
+        return
+    zero = ctypes.create_string_buffer(32)
+    for sig in (32, 33):
+        _libc.syscall(ctypes.c_long(nr), ctypes.c_int(sig), zero, None, ctypes.c_size_t(8))
