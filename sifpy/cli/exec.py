@@ -29,18 +29,27 @@ HELP = {
 def build_parser(action: str, prog: str) -> ArgumentParser:
     p = ArgumentParser(prog=prog, description=HELP[action].capitalize() + ".")
     a = p.add_argument
-    a("-B", "--bind", action="append", default=[], metavar="SRC[:DEST[:ro|rw]]",
-      help="bind a host path (repeatable, comma lists; also $SIFPY_BIND, $APPTAINER_BIND)")
+    a(
+        "-B",
+        "--bind",
+        action="append",
+        default=[],
+        metavar="SRC[:DEST[:ro|rw]]",
+        help="bind a host path (repeatable, comma lists; also $SIFPY_BIND, $APPTAINER_BIND)",
+    )
     a("-H", "--home", metavar="SRC[:DEST]", help="use this home directory")
     a("--no-home", action="store_true", help="don't bind the home directory")
-    a("-c", "--contain", action="store_true",
-      help="minimal /dev, private /tmp, /var/tmp and home")
-    a("-C", "--containall", action="store_true",
-      help="--contain, --cleanenv and a PID namespace")
+    a("-c", "--contain", action="store_true", help="minimal /dev, private /tmp, /var/tmp and home")
+    a("-C", "--containall", action="store_true", help="--contain, --cleanenv and a PID namespace")
     a("-e", "--cleanenv", action="store_true", help="don't pass the host environment")
     a("--env", action="append", default=[], metavar="K=V[,K=V]", help="set a variable")
-    a("--env-file", action="append", default=[], metavar="FILE",
-      help="variables from a file (shell syntax)")
+    a(
+        "--env-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="variables from a file (shell syntax)",
+    )
     a("--no-eval", action="store_true", help="don't shell-evaluate injected variables")
     a("--pwd", metavar="DIR", help="initial working directory in the container")
     a("-p", "--pid", action="store_true", help="run in a new PID namespace")
@@ -48,6 +57,14 @@ def build_parser(action: str, prog: str) -> ArgumentParser:
     a("-w", "--writable", action="store_true", help="writable sandbox directory")
     a("--app", metavar="NAME", help="run a SCIF app")
     a("-s", "--shell", metavar="PATH", help="the shell for 'shell'")
+    a("--verify", action="store_true", help="refuse to run unless the image's signatures verify")
+    a(
+        "--verify-key",
+        action="append",
+        default=[],
+        metavar="PEM",
+        help="a DSSE public key to verify with (implies --verify)",
+    )
     a("image", help="a SIF file or a sandbox directory")
     if action == "exec":
         a("command", help="the command to run")
@@ -74,20 +91,32 @@ def parse_binds(specs: list[str]) -> list[tuple[str, str, bool]]:
     return binds
 
 
-def open_image(path: str) -> tuple[SifPartition | Sandbox, int]:
-    """Open the image once; returns what to mount and the fd that must stay open."""
+def open_image(
+    path: str, verify: bool = False, verify_keys: list[str] | None = None
+) -> tuple[SifPartition | Sandbox, int]:
+    """Open the image once (verifying it if asked or required); returns what to mount
+    and the fd that must stay open."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise ImageError(f"can't open image: {path}: {exc.strerror}") from exc
     st = os.fstat(fd)
+    from sifpy import policy
+
+    rules = policy.load()
     if stat.S_ISDIR(st.st_mode):
         os.close(fd)
+        if rules.verify_required or verify:
+            raise ImageError(
+                f"can't verify {path}: a sandbox directory carries no signatures",
+                hint="run a signed SIF image",
+            )
         return Sandbox(os.path.abspath(path)), -1
     from sifpy.sif import SifImage
     from sifpy.sif import format as F
 
     try:
+        policy.enforce(fd, path, rules, verify, verify_keys or [])
         img = SifImage.from_fd(fd, path)
         part = img.primary_partition()
         if part.partition().fstype != F.FSType.SQUASH:
@@ -129,7 +158,7 @@ def _main(argv: list[str], prog: str) -> int:
         home_dest = home_dest or home_src
     ident = host_identity()
     home_in = home_dest or ident.home
-    image, fd = open_image(a.image)
+    image, fd = open_image(a.image, a.verify or bool(a.verify_key), a.verify_key)
     if a.writable and not isinstance(image, Sandbox):
         raise UsageError("--writable needs a sandbox directory", hint="build with --sandbox")
     env_opts = renv.parse_env_option(a.env)
