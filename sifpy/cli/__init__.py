@@ -24,6 +24,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sign": ("sifpy.cli.sign", "sign the object groups of a SIF image"),
     "verify": ("sifpy.cli.verify", "verify the signatures of a SIF image"),
     "key": ("sifpy.cli.key", "manage OpenPGP signing keys"),
+    "pull": ("sifpy.cli.pull", "pull a docker:// image into a SIF file"),
+    "cache": ("sifpy.cli.cache", "list, verify and clean the image cache"),
+    "registry": ("sifpy.cli.registry", "log in to and out of OCI registries"),
 }
 
 _USAGE = """\

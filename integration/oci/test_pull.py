@@ -1,0 +1,156 @@
+"""``sifpy pull`` from a real registry: the rootfs in the SIF equals umoci's unpack."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from integration.oci.conftest import Registry, SifpyEnv
+from integration.oci.helpers import assert_same_tree, sif_config, sif_rootfs, umoci_rootfs
+from sifpy.oci.cache import Cache
+from sifpy.sif import SifImage
+from sifpy.sif import format as F
+
+CASES = [
+    ("test/plain:1", "test/plain:1", []),
+    ("test/plain-v2s2:1", "test/plain-v2s2:1", []),
+    ("test/multi:1", "test/multi:1", []),
+    ("test/index:1", "test/index:1@amd64", ["--arch", "amd64"]),
+    ("test/index:1", "test/index:1@arm64", ["--arch", "arm64"]),
+    ("test/index:1", "test/index:1@arm64", ["--platform", "linux/arm64"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "layout_key", "flags"), CASES, ids=[" ".join([c[0], *c[2]]) for c in CASES]
+)
+def test_pull_matches_umoci(
+    registry: Registry,
+    sifpy: SifpyEnv,
+    tmp_path: Path,
+    name: str,
+    layout_key: str,
+    flags: list[str],
+) -> None:
+    out = tmp_path / "app.sif"
+    proc = sifpy.run("pull", "--insecure", *flags, out, f"docker://{registry.host}/{name}")
+    assert "wrote" in proc.stderr
+    with SifImage.open(out) as img:
+        assert img.launch_script == F.DEFAULT_LAUNCH_SCRIPT
+        part = img.primary_partition()
+        assert part.partition().fstype == F.FSType.SQUASH
+    layout, tag = registry.layouts[layout_key]
+    ours = sif_rootfs(out, tmp_path / "ours")
+    reference = umoci_rootfs(layout, tag, tmp_path / "bundle")
+    assert_same_tree(ours, reference)
+
+
+def test_index_platforms_differ(registry: Registry, sifpy: SifpyEnv, tmp_path: Path) -> None:
+    for arch in ("amd64", "arm64"):
+        out = tmp_path / f"{arch}.sif"
+        sifpy.run(
+            "pull", "--insecure", "--arch", arch, out, f"docker://{registry.host}/test/index:1"
+        )
+        root = sif_rootfs(out, tmp_path / arch)
+        assert (root / "etc/marker").read_text() == f"I am {arch}\n"
+        with SifImage.open(out) as img:
+            assert img.primary_arch == arch
+
+
+def test_missing_platform_is_clear(registry: Registry, sifpy: SifpyEnv, tmp_path: Path) -> None:
+    proc = sifpy.run(
+        "pull", "--insecure", "--arch", "s390x", tmp_path / "x.sif",
+        f"docker://{registry.host}/test/index:1", check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "no image for linux/s390x" in proc.stderr
+    assert "linux/amd64" in proc.stderr and "linux/arm64" in proc.stderr
+    assert not (tmp_path / "x.sif").exists()
+
+
+def test_metadata(registry: Registry, sifpy: SifpyEnv, tmp_path: Path) -> None:
+    out = tmp_path / "app.sif"
+    sifpy.run("pull", "--insecure", out, f"docker://{registry.host}/test/plain:1")
+    root = sif_rootfs(out, tmp_path / "root")
+    meta = root / ".singularity.d"
+    labels = json.loads((meta / "labels.json").read_text())
+    assert labels["org.example.test"] == "yes"
+    env_sh = (meta / "env/10-docker2singularity.sh").read_text()
+    assert 'export PATH="/bin:/usr/bin"' in env_sh
+    assert stat.S_IMODE((meta / "runscript").stat().st_mode) == 0o755
+    cfg = sif_config(out)
+    assert cfg["Entrypoint"] == ["/bin/echo"]
+    # The scripts work: source the env, run the runscript with the image's own busybox sh,
+    # inside the extracted tree (no container runtime needed: paths are rewritten by chroot).
+    script = (
+        ". /.singularity.d/env/10-docker2singularity.sh; "
+        'printf "%s\\n" "$GREETING"; /.singularity.d/runscript; /.singularity.d/runscript a b'
+    )
+    res = subprocess.run(
+        [shutil.which("chroot", path="/usr/sbin:/usr/bin:/sbin:/bin") or "chroot", str(root), "/bin/sh", "-c", script],
+        capture_output=True, text=True, env={"HOME": "/root"},
+    )  # fmt: skip
+    if res.returncode != 0 and "Operation not permitted" in res.stderr:
+        pytest.skip("chroot not permitted here")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ['hello "world" $HOME', "from-cmd", "a b"]
+
+
+def test_second_pull_uses_cached_sif(registry: Registry, sifpy: SifpyEnv, tmp_path: Path) -> None:
+    ref = f"docker://{registry.host}/test/plain:1"
+    sifpy.run("pull", "--insecure", tmp_path / "a.sif", ref)
+    again = sifpy.run("pull", "--insecure", tmp_path / "b.sif", ref)
+    assert "from the cache" in again.stderr
+    assert (tmp_path / "a.sif").read_bytes() == (tmp_path / "b.sif").read_bytes()
+    # An existing output is refused without --force, kept intact, and replaced with it.
+    refused = sifpy.run("pull", "--insecure", tmp_path / "a.sif", ref, check=False)
+    assert refused.returncode != 0 and "--force" in refused.stderr
+    sifpy.run("pull", "--insecure", "--force", tmp_path / "a.sif", ref)
+    listing = sifpy.run("cache", "list", "--json")
+    entries = json.loads(listing.stdout)
+    assert [e["repository"] for e in entries] == [f"{registry.host}/test/plain"]
+    assert entries[0]["tag"] == "1" and entries[0]["digest"].startswith("sha256:")
+    table = sifpy.run("cache", "list").stdout
+    assert "REPOSITORY" in table and "test/plain" in table
+    assert Cache(sifpy.cache).verify() == []
+    sifpy.run("cache", "clean")
+    assert json.loads(sifpy.run("cache", "list", "--json").stdout) == []
+
+
+def test_quiet_prints_nothing(registry: Registry, sifpy: SifpyEnv, tmp_path: Path) -> None:
+    proc = sifpy.run(
+        "-q", "pull", "--insecure", tmp_path / "a.sif", f"docker://{registry.host}/test/multi:1"
+    )
+    assert proc.stderr == "" and proc.stdout == ""
+
+
+def test_unknown_image_and_tag(registry: Registry, sifpy: SifpyEnv, tmp_path: Path) -> None:
+    for name in ("test/nope:1", "test/plain:nope"):
+        proc = sifpy.run(
+            "pull",
+            "--insecure",
+            tmp_path / "x.sif",
+            f"docker://{registry.host}/{name}",
+            check=False,
+        )
+        assert proc.returncode == 1
+        assert "error: can't fetch manifest" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_pull_by_digest(registry: Registry, sifpy: SifpyEnv, tmp_path: Path) -> None:
+    layout, tag = registry.layouts["test/plain:1"]
+    index = json.loads((layout / "index.json").read_text())
+    (m,) = [
+        m
+        for m in index["manifests"]
+        if m["annotations"]["org.opencontainers.image.ref.name"] == tag
+    ]
+    out = tmp_path / "d.sif"
+    sifpy.run("pull", "--insecure", out, f"docker://{registry.host}/test/plain@{m['digest']}")
+    assert (sif_rootfs(out, tmp_path / "r") / "etc/marker").read_text() == "plain image\n"

@@ -1,0 +1,331 @@
+"""The content-addressed cache: layer and config blobs, pulled SIFs, and an index.
+
+Layout under :func:`default_root` (``$SIFPY_CACHEDIR``, else ``$XDG_CACHE_HOME/sifpy``,
+else ``~/.cache/sifpy``), every directory 0700 (CVE-2019-19724)::
+
+    blobs/sha256/<hex>          verified blobs, named by their digest
+    blobs/sha256/.tmp-<hex>-*   downloads in progress (never read by anyone)
+    sif/sha256/<hex>.sif        SIFs built from the image manifest <hex>
+    index/<key>.json            one entry per pulled reference (for `cache list`)
+    locks/<hex>.lock            advisory per-digest locks
+
+Rules (security.md section 4 "Cache"):
+
+* A final name only ever appears by ``rename`` of a temporary file in the same directory,
+  after the bytes were hashed while written, checked against the digest and size, and
+  fsynced; a killed download leaves a ``.tmp-`` file, never a half blob under a final name
+  (apptainer/singularity#331). The directory is fsynced after the rename.
+* Several processes may fill the cache at once (apptainer/singularity#3634). A per-digest
+  ``flock`` keeps them from downloading the same blob twice, but correctness does not rely
+  on it (flock may be a no-op on NFS): losing a rename race is harmless because both
+  contents are identical and verified.
+* Reuse is verified: a cached blob is used only if its size matches and its sha256 is
+  re-computed and matches (the cost is one read, which also warms the page cache for the
+  unpack that follows). A corrupt blob is removed and fetched again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from sifpy.errors import RegistryError
+from sifpy.oci.reference import digest_hex
+
+HASH_CHUNK = 1 << 20
+
+
+def default_root() -> Path:
+    """Where the cache lives, from the environment."""
+    if d := os.environ.get("SIFPY_CACHEDIR"):
+        return Path(d)
+    if x := os.environ.get("XDG_CACHE_HOME"):
+        return Path(x) / "sifpy"
+    return Path(os.environ.get("HOME") or Path.home()) / ".cache" / "sifpy"
+
+
+def file_digest(path: Path) -> str:
+    """``sha256:<hex>`` of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One pulled reference, as ``sifpy cache list`` shows it."""
+
+    repository: str
+    tag: str
+    digest: str
+    created: float
+    size: int
+    platform: str = ""
+
+
+class _HashingWriter:
+    """A file wrapper that hashes what is written; ``truncate()`` to 0 restarts the hash."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.hasher.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def truncate(self, size: int | None = None) -> int:
+        if size not in (None, 0) or self._f.tell() != 0:
+            raise ValueError("only a full restart (seek(0), truncate()) is supported")
+        self.hasher = hashlib.sha256()
+        self.size = 0
+        return self._f.truncate(0)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
+class Cache:
+    """A cache rooted at ``root`` (default :func:`default_root`)."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self.root = Path(root) if root is not None else default_root()
+        self.blobs = self.root / "blobs" / "sha256"
+        self.sifs = self.root / "sif" / "sha256"
+        self.index = self.root / "index"
+        self.locks = self.root / "locks"
+
+    def _mkdirs(self) -> None:
+        for d in (self.root, self.blobs.parent, self.blobs, self.sifs.parent, self.sifs):
+            d.mkdir(mode=0o700, exist_ok=True)
+        for d in (self.index, self.locks):
+            d.mkdir(mode=0o700, exist_ok=True)
+
+    # --- locks and atomic writes ------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, digest: str) -> Iterator[None]:
+        """An exclusive advisory lock for one digest (best effort; see module docs)."""
+        self._mkdirs()
+        fd = os.open(self.locks / f"{digest_hex(digest)}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    @staticmethod
+    def _commit(tmp: Path, final: Path) -> None:
+        os.replace(tmp, final)
+        dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    # --- blobs ----------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        """Where the blob ``digest`` lives (the digest is validated first)."""
+        return self.blobs / digest_hex(digest)
+
+    def has_blob(self, digest: str, size: int, verify: bool = True) -> bool:
+        """Whether a good copy of the blob is cached; a bad copy is removed."""
+        path = self.blob_path(digest)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        if st.st_size == size and (not verify or file_digest(path) == digest):
+            return True
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return False
+
+    def ensure_blob(
+        self, digest: str, size: int, fetch: Callable[[BinaryIO], None]
+    ) -> tuple[Path, bool]:
+        """Return the path of a verified copy of the blob, calling ``fetch(file)`` to
+        download it if needed; the second value says whether it was already cached.
+
+        ``fetch`` writes the blob into the file it is given (it may ``seek(0)`` and
+        ``truncate()`` to restart). What it wrote is hashed here again before it gets its
+        final name, so the cache holds only verified bytes whatever ``fetch`` does.
+        """
+        final = self.blob_path(digest)
+        if self.has_blob(digest, size):
+            return final, True
+        with self.lock(digest):
+            # Another process may have finished it while we waited.
+            if self.has_blob(digest, size):
+                return final, True
+            fd, name = tempfile.mkstemp(prefix=f".tmp-{digest_hex(digest)}-", dir=self.blobs)
+            tmp = Path(name)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    w = _HashingWriter(f)
+                    fetch(w)  # type: ignore[arg-type]
+                    f.flush()
+                    actual = "sha256:" + w.hasher.hexdigest()
+                    if w.size != size or actual != digest:
+                        raise RegistryError(
+                            f"can't cache blob {digest}: digest mismatch (got {actual}, "
+                            f"{w.size} bytes)"
+                        )
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o600)
+                self._commit(tmp, final)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                raise
+        return final, False
+
+    # --- SIFs ------------------------------------------------------------------------
+
+    def sif_path(self, manifest_digest: str) -> Path:
+        return self.sifs / f"{digest_hex(manifest_digest)}.sif"
+
+    def get_sif(self, manifest_digest: str) -> Path | None:
+        """The cached SIF for an image manifest, if there is one."""
+        path = self.sif_path(manifest_digest)
+        return path if path.is_file() else None
+
+    def put_sif(self, manifest_digest: str, src: Path) -> Path:
+        """Copy a SIF into the cache atomically."""
+        self._mkdirs()
+        final = self.sif_path(manifest_digest)
+        fd, name = tempfile.mkstemp(prefix=".tmp-", dir=self.sifs)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            copy_file(src, tmp)
+            self._commit(tmp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        return final
+
+    # --- index ----------------------------------------------------------------------
+
+    def record(self, entry: IndexEntry) -> None:
+        """Add or replace the index entry for ``entry.repository:entry.tag``."""
+        self._mkdirs()
+        key = hashlib.sha256(
+            f"{entry.repository}\0{entry.tag}\0{entry.platform}".encode()
+        ).hexdigest()
+        fd, name = tempfile.mkstemp(prefix=".tmp-", dir=self.index)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(asdict(entry), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(name, self.index / f"{key}.json")
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+            raise
+
+    def entries(self) -> list[IndexEntry]:
+        """The index, newest first; unreadable entries are skipped."""
+        out: list[IndexEntry] = []
+        if not self.index.is_dir():
+            return out
+        for p in self.index.glob("*.json"):
+            try:
+                data = json.loads(p.read_bytes()[: 1 << 16])
+                out.append(IndexEntry(**data))
+            except (OSError, ValueError, TypeError):
+                continue
+        return sorted(out, key=lambda e: e.created, reverse=True)
+
+    # --- maintenance ------------------------------------------------------------------
+
+    def verify(self) -> list[str]:
+        """Re-hash every blob; remove and return the digests of bad ones."""
+        bad: list[str] = []
+        if not self.blobs.is_dir():
+            return bad
+        for p in sorted(self.blobs.iterdir()):
+            if p.name.startswith("."):
+                continue
+            digest = f"sha256:{p.name}"
+            if file_digest(p) != digest:
+                bad.append(digest)
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+        return bad
+
+    def usage(self) -> int:
+        """Bytes used by the cache."""
+        total = 0
+        for dirpath, _, files in os.walk(self.root):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(dirpath, name)).st_size
+        return total
+
+    def clean(self, older_than: float | None = None) -> int:
+        """Remove everything (or only files not modified for ``older_than`` seconds);
+        return the bytes freed. Leftover ``.tmp-`` files older than a day also go."""
+        if not self.root.is_dir():
+            return 0
+        freed = 0
+        now = time.time()
+        for sub in ("blobs", "sif", "index", "locks"):
+            top = self.root / sub
+            if older_than is None:
+                freed += _tree_size(top)
+                shutil.rmtree(top, ignore_errors=True)
+                continue
+            for dirpath, _, files in os.walk(top):
+                for name in files:
+                    p = os.path.join(dirpath, name)
+                    with contextlib.suppress(OSError):
+                        st = os.lstat(p)
+                        if now - st.st_mtime > older_than:
+                            os.unlink(p)
+                            freed += st.st_size
+        return freed
+
+
+def _tree_size(top: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(top):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy ``src`` over ``dst`` (a reflink where the filesystem can), fsynced."""
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        try:
+            fcntl.ioctl(fo.fileno(), 0x40049409, fi.fileno())  # FICLONE
+        except OSError:
+            shutil.copyfileobj(fi, fo, 4 << 20)
+        fo.flush()
+        os.fsync(fo.fileno())

@@ -1,0 +1,225 @@
+"""``docker://`` to SIF: resolve, download into the cache, unpack, add metadata, pack.
+
+The order is the data flow of the design notes: resolve the reference to one image
+manifest (pinned by digest for the rest of the pull), fetch the layers in parallel into
+the verified cache, apply them with :func:`sifpy.rootfs.apply_layers` into a private
+temporary rootfs, write Apptainer's metadata, pack it with ``mksquashfs`` and write the SIF
+atomically (the final name appears only when the image is complete). A SIF built from a
+manifest digest is cached, so pulling the same image again copies it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from sifpy.errors import ToolError, UsageError
+from sifpy.oci import media as M
+from sifpy.oci.auth import lookup_credentials
+from sifpy.oci.cache import Cache, IndexEntry, copy_file
+from sifpy.oci.config import config_to_metadata
+from sifpy.oci.reference import Platform, Reference
+from sifpy.oci.registry import ClientOptions, Image, RegistryClient
+from sifpy.rootfs import apply_layers
+from sifpy.sif import ObjectInput, create
+from sifpy.sif import format as F
+from sifpy.util import log
+
+DOWNLOAD_THREADS = 4
+
+
+class Progress(Protocol):
+    """What the pull reports while downloading; the CLI draws it."""
+
+    def start(self, desc: M.Descriptor) -> None: ...
+    def update(self, desc: M.Descriptor, done: int) -> None: ...
+    def finish(self, desc: M.Descriptor, cached: bool) -> None: ...
+
+
+class NoProgress:
+    """A :class:`Progress` that reports nothing."""
+
+    def start(self, desc: M.Descriptor) -> None:
+        pass
+
+    def update(self, desc: M.Descriptor, done: int) -> None:
+        pass
+
+    def finish(self, desc: M.Descriptor, cached: bool) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """What a pull produced."""
+
+    path: Path
+    digest: str  # the image manifest's digest
+    cached: bool  # the SIF came from the cache
+
+
+def _rmtree(path: Path) -> None:
+    def fix(func: Callable[..., object], p: str, _exc: object) -> None:
+        # A directory the image made read-only: make it writable and retry once.
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(p), 0o700)
+            func(p)
+
+    shutil.rmtree(path, onerror=fix)
+
+
+def download(
+    client: RegistryClient,
+    image: Image,
+    cache: Cache,
+    progress: Progress,
+    threads: int = DOWNLOAD_THREADS,
+) -> list[Path]:
+    """Fetch every layer of ``image`` into ``cache`` in parallel; return their paths."""
+
+    def one(desc: M.Descriptor) -> Path:
+        progress.start(desc)
+
+        def fetch(out: BinaryIO) -> None:
+            client.fetch_blob(
+                image.reference.repository, desc, out, lambda n: progress.update(desc, n)
+            )
+
+        path, cached = cache.ensure_blob(desc.digest, desc.size, fetch)
+        progress.finish(desc, cached)
+        return path
+
+    unique = list({d.digest: d for d in image.layers}.values())
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(unique)))) as pool:
+        paths = dict(zip((d.digest for d in unique), pool.map(one, unique), strict=True))
+    return [paths[d.digest] for d in image.layers]
+
+
+def mksquashfs(rootfs: Path, dest: Path) -> None:
+    """Pack ``rootfs`` into ``dest`` with zstd, every file owned by root (unprivileged-safe)."""
+    exe = shutil.which("mksquashfs")
+    if exe is None:
+        raise ToolError("can't pack the image: mksquashfs not found", "install squashfs-tools")
+    argv = [exe, str(rootfs), str(dest), "-noappend", "-comp", "zstd", "-all-root"]
+    argv += ["-no-progress", "-quiet"]
+    proc = subprocess.run(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    # A signal is a failure too (Apptainer 1.5.1: a killed mksquashfs corrupted SIFs).
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace").strip()[-800:]
+        how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else "failed"
+        raise ToolError(f"can't pack the image: mksquashfs {how}: {tail}")
+    with open(dest, "rb") as f:
+        if f.read(4) != b"hsqs":
+            raise ToolError("can't pack the image: mksquashfs wrote no squashfs superblock")
+
+
+def sif_arch(image: Image, platform: Platform) -> str:
+    arch = image.config_json.get("architecture") or platform.architecture
+    return arch if arch in F.ARCH_CODES else platform.architecture
+
+
+def build_sif(image: Image, layers: list[Path], out: Path, platform: Platform) -> None:
+    """Unpack ``layers`` into a temporary rootfs, add metadata, pack, write ``out``."""
+    tmp_root = os.environ.get("SIFPY_TMPDIR") or None
+    work = Path(tempfile.mkdtemp(prefix="sifpy-pull-", dir=tmp_root))  # 0700
+    try:
+        rootfs = work / "rootfs"
+        rootfs.mkdir(mode=0o755)
+        log.verbose(f"unpacking {len(layers)} layers")
+        apply_layers(rootfs, layers)
+        config_to_metadata(rootfs, image.config_json)
+        sqfs = work / "rootfs.sqfs"
+        log.verbose("creating squashfs")
+        mksquashfs(rootfs, sqfs)
+        _rmtree(rootfs)  # free the space before the SIF copy
+        # Apptainer stores the config's `Config` section as JSON.Generic oci-config.json.
+        cfg = image.config_json.get("config")
+        config_doc = json.dumps(cfg if isinstance(cfg, dict) else {}).encode()
+        create(
+            out,
+            [
+                ObjectInput(F.DataType.GENERIC_JSON, config_doc, name="oci-config.json"),
+                ObjectInput.partition(
+                    str(sqfs), F.FSType.SQUASH, F.PartType.PRIMSYS, sif_arch(image, platform)
+                ),
+            ],
+            launch_script=F.DEFAULT_LAUNCH_SCRIPT,
+        )
+    finally:
+        _rmtree(work)
+
+
+def _install_copy(src: Path, out: Path) -> None:
+    """Copy ``src`` to ``out`` atomically (temp in the same directory, fsync, rename)."""
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or Path("."))
+    os.close(fd)
+    try:
+        copy_file(src, Path(name))
+        os.chmod(name, 0o755)
+        os.replace(name, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+        raise
+
+
+def pull(
+    ref: Reference,
+    out: str | os.PathLike[str],
+    *,
+    platform: Platform,
+    options: ClientOptions | None = None,
+    cache: Cache | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    use_sif_cache: bool = True,
+) -> PullResult:
+    """Pull ``ref`` for ``platform`` into the SIF ``out``."""
+    out_path = Path(out)
+    if out_path.exists() and not force:
+        raise UsageError(f"can't pull: {out_path}: file exists", "use --force to overwrite it")
+    if not out_path.parent.is_dir() and str(out_path.parent) != "":
+        raise UsageError(f"can't pull: {out_path.parent}: no such directory")
+    cache = cache or Cache()
+    progress = progress or NoProgress()
+    creds = lookup_credentials(ref.registry)
+    if creds is not None:
+        log.debug(f"using credentials of {creds.username} from {creds.source}")
+    with RegistryClient(ref.registry, options, creds) as client:
+        image = client.resolve(ref, platform)
+        log.verbose(f"{ref} -> {image.digest}")
+        entry = IndexEntry(
+            repository=f"{ref.registry}/{ref.repository}",
+            tag=ref.tag or "",
+            digest=image.digest,
+            created=time.time(),
+            size=image.config.size + sum(d.size for d in image.layers),
+            platform=str(platform),
+        )
+        cached_sif = cache.get_sif(image.digest) if use_sif_cache and not force else None
+        if cached_sif is not None:
+            log.verbose(f"using cached SIF {cached_sif}")
+            _install_copy(cached_sif, out_path)
+            cache.record(entry)
+            return PullResult(out_path, image.digest, True)
+        layers = download(client, image, cache, progress)
+    build_sif(image, layers, out_path, platform)
+    if use_sif_cache:
+        try:
+            cache.put_sif(image.digest, out_path)
+        except OSError as exc:  # the SIF is made; a full cache disk is not fatal
+            log.warn(f"can't cache the SIF: {exc}")
+    cache.record(entry)
+    return PullResult(out_path, image.digest, False)

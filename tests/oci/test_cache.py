@@ -1,0 +1,114 @@
+"""The blob cache: atomic, verified, never holding wrong bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+
+from sifpy.errors import RegistryError, UsageError
+from sifpy.oci.cache import Cache, IndexEntry, default_root
+
+DATA = b"layer bytes " * 1000
+DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
+
+
+def writer(data: bytes) -> object:
+    def fetch(out: BinaryIO) -> None:
+        out.write(data[:10])
+        out.seek(0)
+        out.truncate()  # a restart, as after an unusable Range answer
+        out.write(data)
+
+    return fetch
+
+
+def test_default_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("SIFPY_CACHEDIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_root() == tmp_path / "xdg/sifpy"
+    monkeypatch.setenv("SIFPY_CACHEDIR", str(tmp_path / "c"))
+    assert default_root() == tmp_path / "c"
+
+
+def test_ensure_blob_and_reuse(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    path, cached = cache.ensure_blob(DIGEST, len(DATA), writer(DATA))  # type: ignore[arg-type]
+    assert not cached and path.read_bytes() == DATA
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "blobs").stat().st_mode & 0o777 == 0o700
+
+    def boom(out: BinaryIO) -> None:
+        raise AssertionError("must not download again")
+
+    assert cache.ensure_blob(DIGEST, len(DATA), boom) == (path, True)
+    # A corrupted cached blob is detected on reuse and replaced.
+    path.write_bytes(b"X" + DATA[1:])
+    assert cache.ensure_blob(DIGEST, len(DATA), writer(DATA))[1] is False  # type: ignore[arg-type]
+    assert path.read_bytes() == DATA
+    assert cache.verify() == []
+    path.write_bytes(b"X" + DATA[1:])
+    assert cache.verify() == [DIGEST] and not path.exists()
+
+
+@pytest.mark.parametrize("bad", [b"wrong" + DATA[5:], DATA[:-1], DATA + b"!"])
+def test_wrong_bytes_never_get_the_name(tmp_path: Path, bad: bytes) -> None:
+    cache = Cache(tmp_path)
+    with pytest.raises(RegistryError, match="digest mismatch"):
+        cache.ensure_blob(DIGEST, len(DATA), writer(bad))  # type: ignore[arg-type]
+    assert list(cache.blobs.iterdir()) == []
+
+
+def test_failed_fetch_leaves_nothing(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+
+    def fail(out: BinaryIO) -> None:
+        out.write(DATA[:100])
+        raise RegistryError("connection lost")
+
+    with pytest.raises(RegistryError):
+        cache.ensure_blob(DIGEST, len(DATA), fail)
+    assert list(cache.blobs.iterdir()) == []
+
+
+def test_bad_digest_never_becomes_a_path(tmp_path: Path) -> None:
+    with pytest.raises(UsageError):
+        Cache(tmp_path).blob_path("sha256:../../etc/passwd")
+
+
+def test_threads_download_once(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    calls: list[int] = []
+
+    def fetch(out: BinaryIO) -> None:
+        calls.append(1)
+        out.write(DATA)
+
+    threads = [
+        threading.Thread(target=cache.ensure_blob, args=(DIGEST, len(DATA), fetch))
+        for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+
+
+def test_index_and_clean(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    cache.record(IndexEntry("r/a", "1", DIGEST, 1.0, 10))
+    cache.record(IndexEntry("r/a", "1", DIGEST, 2.0, 10))  # replaces
+    cache.record(IndexEntry("r/b", "2", DIGEST, 3.0, 20))
+    assert [(e.repository, e.created) for e in cache.entries()] == [("r/b", 3.0), ("r/a", 2.0)]
+    cache.ensure_blob(DIGEST, len(DATA), writer(DATA))  # type: ignore[arg-type]
+    sif = tmp_path / "x.sif"
+    sif.write_bytes(b"sif")
+    cache.put_sif(DIGEST, sif)
+    assert cache.get_sif(DIGEST) is not None
+    assert cache.clean(older_than=3600) == 0
+    assert cache.clean() > len(DATA)
+    assert cache.entries() == [] and cache.get_sif(DIGEST) is None
