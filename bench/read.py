@@ -1,0 +1,110 @@
+"""bench/read: read every file of a Debian root file system inside ``sifpy exec`` (FUSE:
+squashfuse_ll) against the kernel's squashfs driver on the same squashfs, in one run.
+
+Needs root (for the kernel mount and to drop caches between runs). The tree defaults to
+a copy of this Debian host's /usr/bin, /usr/lib/python3.11 and /usr/share/perl (any
+directory can be given with --rootfs, e.g. an mmdebstrap tree). Each side is read cold
+(page cache dropped) and warm; prints the ratios and writes bench/results/read.txt.
+
+    sudo .venv/bin/python bench/read.py [--rootfs DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SKIP = {"dev", "proc", "sys", "tmp", "run", "home", "root", "var", "mnt", "media"}
+DEFAULT_TREES = ["/usr/bin", "/usr/lib/python3.11", "/usr/share/perl"]
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def timed(argv: list[str], cold: bool) -> float:
+    if cold:
+        drop_caches()
+    t = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rootfs", help="directory to pack (default: parts of this host's /usr)")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/read needs root (kernel squashfs mount, drop_caches)")
+    sys.path.insert(0, str(REPO))
+    from sifpy.sif import ObjectInput, SifImage, create
+    from sifpy.sif import format as F
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        root = t / "root"
+        if a.rootfs:
+            src = Path(a.rootfs)
+        else:
+            src = root
+            for tree in DEFAULT_TREES:
+                shutil.copytree(tree, root / tree.lstrip("/"), symlinks=True)
+            busybox = root / "bin"
+            busybox.mkdir()
+            shutil.copy2("/bin/busybox", busybox / "busybox")
+            for applet in ("sh", "tar", "cat"):
+                (busybox / applet).symlink_to("busybox")
+        sqfs, sif = t / "img.sqfs", t / "img.sif"
+        subprocess.run(["mksquashfs", str(src), str(sqfs), "-comp", "zstd", "-noappend", "-quiet",
+                        "-all-root"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        create(sif, [ObjectInput.partition(sqfs, F.FSType.SQUASH, F.PartType.PRIMSYS, "amd64")])
+        with SifImage.open(sif) as img:
+            offset = img.primary_partition().offset
+        mnt = t / "mnt"
+        mnt.mkdir()
+        nfiles = sum(len(f) for _, _, f in os.walk(src))
+        size = sum((Path(d) / n).stat().st_size for d, _, fs in os.walk(src) for n in fs
+                   if not (Path(d) / n).is_symlink())  # fmt: skip
+        # The image's own top-level trees (in the container, the root is a tmpfs with the
+        # image's directories bound in, so `find / -xdev` would not descend into them).
+        tops = sorted("/" + e.name for e in src.iterdir() if e.is_dir() and not e.is_symlink()
+                      and e.name not in SKIP)  # fmt: skip
+        # tar read()s every byte into memory (cat would sendfile(), which the kernel can
+        # satisfy from the page cache without copying: not what a program reading does).
+        read_all = f"tar cf - {' '.join(tops)} | cat"
+        sifpy = [str(REPO / ".venv" / "bin" / "sifpy"), "exec", "--no-home", str(sif),
+                 "/bin/sh", "-c", read_all]  # fmt: skip
+        subprocess.run(["mount", "-t", "squashfs", "-o", f"ro,loop,offset={offset}", str(sif),
+                        str(mnt)], check=True)  # fmt: skip
+        try:
+            kernel = ["chroot", str(mnt), "/bin/sh", "-c", read_all]
+            res = {
+                "kernel cold": timed(kernel, True),
+                "sifpy cold": timed(sifpy, True),
+                "kernel warm": min(timed(kernel, False) for _ in range(2)),
+                "sifpy warm": min(timed(sifpy, False) for _ in range(2)),
+            }
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    lines = [f"bench/read: {nfiles} files, {size / 2**20:.0f} MiB, read with tar"]
+    lines += [f"  {k:<12} {v:7.2f} s" for k, v in res.items()]
+    lines.append(f"ratio sifpy / kernel, cold cache: {res['sifpy cold'] / res['kernel cold']:.2f}x")
+    lines.append(f"ratio sifpy / kernel, warm cache: {res['sifpy warm'] / res['kernel warm']:.2f}x")
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "read.txt").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
