@@ -112,8 +112,8 @@ def open_image(
                 hint="run a signed SIF image",
             )
         return Sandbox(os.path.abspath(path)), -1
-    from sifpy.sif import SifImage
     from sifpy.sif import format as F
+    from sifpy.sif.image import SifImage
 
     try:
         policy.enforce(fd, path, rules, verify, verify_keys or [])
