@@ -31,6 +31,24 @@ def failures(path: Path, keys: TrustedKeys, **kw: object) -> list[str]:
 def assert_fails(path: Path, keys: TrustedKeys, expected: str) -> None:
     msgs = failures(path, keys)
     assert any(expected in m for m in msgs), msgs
+    assert_exec_refuses(path, keys)
+
+
+def assert_exec_refuses(path: Path, keys: TrustedKeys) -> None:
+    """``sifpy exec --verify-key`` opens the image through the same code: it must refuse
+    before anything is mounted (exit status 125)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from sifpy.cli.exec import open_image
+
+    pem = path.with_suffix(".pub.pem")
+    pem.write_bytes(
+        keys.dsse[0].public_bytes(  # type: ignore[union-attr]
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    with pytest.raises(SignatureError, match="refusing to run"):
+        open_image(str(path), verify=True, verify_keys=[str(pem)])
 
 
 def test_untouched_image_verifies(signed: Path, trusted: TrustedKeys) -> None:
