@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Debian packages the tests and the runtime use (installed only when missing, and only as root).
 APT_PACKAGES := siftool golang-github-sylabs-sif-dev squashfs-tools squashfuse fuse3 umoci skopeo zstd \
-	busybox-static python3-venv util-linux gpg gpgv docker-registry apache2-utils
+	busybox-static python3-venv util-linux gpg gpgv docker-registry apache2-utils mmdebstrap
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: all setup apt venv test lint demo golden clean

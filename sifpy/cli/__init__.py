@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "test": ("sifpy.cli.exec", "run the container's test script"),
     "inspect": ("sifpy.cli.inspect", "show an image's labels, runscript, environment, ..."),
     "sif": ("sifpy.cli.sif", "inspect and edit SIF files (siftool-compatible)"),
+    "build": ("sifpy.cli.build", "build a SIF or sandbox from a definition file or image"),
     "sign": ("sifpy.cli.sign", "sign the object groups of a SIF image"),
     "verify": ("sifpy.cli.verify", "verify the signatures of a SIF image"),
     "key": ("sifpy.cli.key", "manage OpenPGP signing keys"),

@@ -1,0 +1,80 @@
+"""bench/build: sifpy's squashfs step (:func:`sifpy.squashfs.pack`) against plain
+``mksquashfs -comp zstd`` on the same root file system, in one run.
+
+The tree defaults to a copy of parts of this Debian host's /usr (any directory can be given
+with --rootfs, e.g. an mmdebstrap tree or a sandbox). Both sides run ``--repeat`` times,
+alternating, and the best time of each counts; the image sizes are compared too. Prints the
+ratios and writes bench/results/build.txt.
+
+    .venv/bin/python bench/build.py [--rootfs DIR] [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_TREES = ["/usr/bin", "/usr/lib/python3.11", "/usr/share/perl"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rootfs", help="directory to pack (default: parts of this host's /usr)")
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    from sifpy.squashfs import pack
+    from sifpy.util import log
+
+    log.set_level(log.QUIET)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        if a.rootfs:
+            src = Path(a.rootfs)
+        else:
+            src = t / "root"
+            for tree in DEFAULT_TREES:
+                shutil.copytree(tree, src / tree.lstrip("/"), symlinks=True)
+        nfiles = sum(len(f) for _, _, f in os.walk(src))
+        size = sum((Path(d) / n).lstat().st_size for d, _, fs in os.walk(src) for n in fs)
+        plain_out, ours_out = t / "plain.sqfs", t / "sifpy.sqfs"
+        plain_argv = ["mksquashfs", str(src), str(plain_out), "-comp", "zstd", "-noappend"]
+        plain_argv += ["-quiet", "-no-progress"]
+        if os.geteuid() != 0:
+            plain_argv.append("-all-root")
+        plain, ours = [], []
+        for _ in range(a.repeat):
+            start = time.perf_counter()
+            subprocess.run(plain_argv, check=True, stdout=subprocess.DEVNULL)
+            plain.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            pack(src, ours_out)
+            ours.append(time.perf_counter() - start)
+        p, o = min(plain), min(ours)
+        ps, os_ = plain_out.stat().st_size, ours_out.stat().st_size
+    mib = 1 << 20
+    text = (
+        f"bench/build: squashfs of {nfiles} files, {size / mib:.0f} MiB "
+        f"(best of {a.repeat}, {os.cpu_count()} CPUs)\n"
+        f"  mksquashfs -comp zstd   {p:.2f} s   {ps / mib:.1f} MiB\n"
+        f"  sifpy squashfs.pack     {o:.2f} s   {os_ / mib:.1f} MiB\n"
+        f"ratio sifpy / mksquashfs, time: {o / p:.2f}x\n"
+        f"ratio sifpy / mksquashfs, size: {os_ / ps:.2f}x\n"
+    )
+    print(text, end="")
+    out = HERE / "results" / "build.txt"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""``sifpy build``: build a SIF (or a sandbox) from a definition file or another image.
+
+Apptainer's flags (apptainer.md 4.3)::
+
+    sifpy build [--sandbox] [--force] [--update] [--notest] [--section S[,S]] [--tmpdir D]
+                [--build-arg K=V]... [--build-arg-file F] [--warn-unused-build-args]
+                [--fakeroot] [--compression C] [--mksquashfs-args A] OUT DEF|SANDBOX|SIF
+
+Progress goes to stderr; ``%post`` and ``%test`` output is streamed as it comes.
+"""
+
+from __future__ import annotations
+
+import os
+
+from sifpy.cli._args import ArgumentParser
+from sifpy.errors import UsageError
+
+
+def build_parser(prog: str) -> ArgumentParser:
+    p = ArgumentParser(prog=prog, description="Build a SIF image or a sandbox directory.")
+    p.add_argument("output", metavar="OUT", help="the SIF file (or sandbox directory) to write")
+    p.add_argument("source", metavar="SOURCE", help="a definition file, a SIF or a sandbox")
+    p.add_argument("-s", "--sandbox", action="store_true", help="write a sandbox directory")
+    p.add_argument("-F", "--force", action="store_true", help="overwrite OUT; %%labels win")
+    p.add_argument("-u", "--update", action="store_true", help="build into an existing sandbox")
+    p.add_argument("-T", "--notest", action="store_true", help="skip %%test")
+    p.add_argument(
+        "--section",
+        action="append",
+        default=[],
+        metavar="S",
+        help="run only these sections (all, none, setup, post, files, environment, test, labels)",
+    )
+    p.add_argument("--tmpdir", metavar="DIR", help="where to build (SIF output)")
+    p.add_argument("--build-arg", action="append", default=[], metavar="K=V")
+    p.add_argument("--build-arg-file", metavar="FILE")
+    p.add_argument("--warn-unused-build-args", action="store_true")
+    p.add_argument(
+        "-f", "--fakeroot", action="store_true", help="root inside (always the case for builds)"
+    )
+    p.add_argument("--compression", default=os.environ.get("SIFPY_COMPRESSION", "zstd"))
+    p.add_argument(
+        "--mksquashfs-args",
+        default=os.environ.get("APPTAINER_MKSQUASHFS_ARGS", ""),
+        metavar="ARGS",
+        help="extra mksquashfs arguments, e.g. '-b 1M'",
+    )
+    return p
+
+
+def _build_args(pairs: list[str], path: str | None) -> dict[str, str]:
+    from sifpy.deffile import read_build_arg_file
+
+    args = read_build_arg_file(path) if path else {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise UsageError(f"invalid --build-arg: {pair!r}", hint="use --build-arg KEY=VALUE")
+        args[key] = value  # the last occurrence wins, over the file
+    return args
+
+
+def main(argv: list[str], prog: str = "sifpy build") -> int:
+    """Parse the flags and run the build; errors propagate to :func:`sifpy.cli.main`."""
+    a = build_parser(prog).parse_args(argv)
+    from sifpy.build import BuildOptions, build
+
+    sections = frozenset(s.strip() for v in a.section for s in v.split(",") if s.strip())
+    opts = BuildOptions(
+        sandbox=a.sandbox or a.update,
+        force=a.force,
+        update=a.update,
+        notest=a.notest,
+        sections=sections or frozenset({"all"}),
+        tmpdir=a.tmpdir,
+        fakeroot=a.fakeroot,
+        compression=a.compression,
+        mksquashfs_args=a.mksquashfs_args,
+        build_args=_build_args(a.build_arg, a.build_arg_file),
+        warn_unused_build_args=a.warn_unused_build_args,
+    )
+    build(a.output, a.source, opts)
+    return 0

@@ -1,0 +1,116 @@
+"""Pack a root filesystem into a squashfs with ``mksquashfs``; extract one with ``unsquashfs``.
+
+Apptainer packs with ``mksquashfs <rootfs> <out> -noappend`` plus ``-comp`` and the user's
+``--mksquashfs-args`` (internal/pkg/build/assemblers/sif.go); sifpy does the same with zstd
+as the default, which is far faster than gzip at the same size. An unprivileged build owns
+every file as the builder (ownership changes are faked during ``%post``), so ``-all-root``
+records them as root, as Apptainer does without proot.
+
+Both tools get ``PR_SET_PDEATHSIG``: if sifpy is killed, they die too and stop writing into
+the build's temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+from collections.abc import Sequence
+
+from sifpy.errors import ToolError, UsageError
+from sifpy.util import log
+
+# What the kernel's squashfs and squashfuse can read; mksquashfs accepts each with -comp.
+COMPRESSORS = ("gzip", "lzo", "lz4", "xz", "zstd", "lzma")
+DEFAULT_COMPRESSION = "zstd"
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise ToolError(f"can't run {name}: not found", hint="install squashfs-tools")
+    return path
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec; sifpy's build process is single-threaded.
+    from sifpy.runtime import ns
+
+    ns.set_parent_death_signal(signal.SIGKILL)
+
+
+def _run(argv: list[str], what: str, ok: Sequence[int] = (0,)) -> int:
+    log.debug("running: " + shlex.join(argv))
+    quiet = log.level < log.VERBOSE
+    proc = subprocess.run(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL if quiet else None,
+        stderr=subprocess.PIPE,
+        preexec_fn=_die_with_parent,
+    )
+    if proc.returncode not in ok:
+        tail = proc.stderr.decode(errors="replace").strip()[-1500:]
+        how = (
+            f"killed by signal {-proc.returncode}"
+            if proc.returncode < 0
+            else f"exit status {proc.returncode}"
+        )
+        raise ToolError(f"can't {what}: {os.path.basename(argv[0])} failed ({how}): {tail}")
+    return proc.returncode
+
+
+def pack(
+    rootfs: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    compression: str = DEFAULT_COMPRESSION,
+    extra_args: str = "",
+    all_root: bool | None = None,
+) -> None:
+    """Write the squashfs of directory ``rootfs`` to ``dest`` (replaced if present).
+
+    ``extra_args`` is split like a shell would (``--mksquashfs-args "-b 1M"``).
+    ``all_root`` defaults to True unless running as real root, whose rootfs carries the
+    image's real owners.
+    """
+    if compression not in COMPRESSORS:
+        raise UsageError(
+            f"unknown compression: {compression}", hint=f"use one of {', '.join(COMPRESSORS)}"
+        )
+    if all_root is None:
+        all_root = os.geteuid() != 0
+    argv = [_tool("mksquashfs"), os.fspath(rootfs), os.fspath(dest), "-noappend"]
+    argv += ["-comp", compression]
+    if all_root:
+        argv.append("-all-root")
+    if log.level < log.VERBOSE:
+        argv.append("-no-progress")
+    try:
+        argv += shlex.split(extra_args)
+    except ValueError as exc:
+        raise UsageError(f"invalid --mksquashfs-args: {exc}") from exc
+    _run(argv, "create squashfs")
+    with open(dest, "rb") as f:
+        if f.read(4) != b"hsqs":
+            raise ToolError("can't create squashfs: mksquashfs wrote no squashfs superblock")
+
+
+def extract(
+    image: str | os.PathLike[str], dest: str | os.PathLike[str], *, offset: int = 0
+) -> None:
+    """Extract the squashfs at byte ``offset`` of ``image`` into the new directory ``dest``.
+
+    As non-root, device nodes and ownership can't be recreated; unsquashfs reports those
+    as non-fatal errors (exit status 2), which become a warning here.
+    """
+    argv = [_tool("unsquashfs"), "-f", "-d", os.fspath(dest), "-no-progress", "-quiet"]
+    if os.geteuid() != 0:
+        argv += ["-ignore-errors", "-no-xattrs"]
+    if offset:
+        argv += ["-o", str(offset)]
+    argv.append(os.fspath(image))
+    if _run(argv, f"extract {os.fspath(image)}", ok=(0, 2)) == 2:
+        log.warn(f"some entries of {os.fspath(image)} could not be extracted (device nodes?)")
