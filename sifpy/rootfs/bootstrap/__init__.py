@@ -16,10 +16,11 @@ oci-archive    a tar of an OCI layout (``From:``)                     :mod:`.oci
 docker-archive a ``docker save`` tar (``From:``)                      :mod:`.oci`
 debootstrap    Debian via mmdebstrap (``OSVersion:``, ``MirrorURL:``,  :mod:`.debootstrap`
                ``Include:``)
+docker         an OCI registry (``From:``, ``Registry:``,              :mod:`.docker`
+               ``Namespace:``), via :mod:`sifpy.oci`
 ============== ====================================================== =====================
 
-``docker``/``oras``/``library`` need the registry client (:mod:`sifpy.oci`) and are added
-to :data:`AGENTS` by that code.
+``oras`` and ``library`` are not supported yet.
 """
 
 from __future__ import annotations
@@ -86,6 +87,12 @@ def _oci(ctx: Context) -> Result:
     return oci.bootstrap(ctx)
 
 
+def _docker(ctx: Context) -> Result:
+    from sifpy.rootfs.bootstrap import docker
+
+    return docker.bootstrap(ctx)
+
+
 def _debootstrap(ctx: Context) -> Result:
     from sifpy.rootfs.bootstrap import debootstrap
 
@@ -100,6 +107,7 @@ AGENTS: dict[str, Agent] = {
     "oci-archive": _oci,
     "docker-archive": _oci,
     "debootstrap": _debootstrap,
+    "docker": _docker,
 }
 
 

@@ -1,0 +1,52 @@
+"""``Bootstrap: docker``: an image from an OCI registry (``From:``, ``Registry:``,
+``Namespace:``), through sifpy's registry client and its shared blob cache.
+
+The layers are fetched (in parallel, digests verified, cached), then applied to the
+stage's root with the same safe layer code as every other OCI source; the image config
+becomes the metadata (environment, runscript, labels) in the build. Transport settings
+come from the environment, as Apptainer's: ``SIFPY_NOHTTPS`` / ``APPTAINER_NOHTTPS``
+(plain http), ``SIFPY_DOCKER_CA_CERT`` (a private CA), ``SIFPY_DOCKER_ARCH``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from sifpy.rootfs.bootstrap import Context, Result
+from sifpy.rootfs.unpack import apply_layers
+from sifpy.util import log
+
+
+def _env_flag(*names: str) -> bool:
+    return any(os.environ.get(n, "").lower() in ("1", "true", "yes") for n in names)
+
+
+def bootstrap(ctx: Context) -> Result:
+    from sifpy.oci.auth import lookup_credentials
+    from sifpy.oci.cache import Cache
+    from sifpy.oci.pull import NoProgress, download
+    from sifpy.oci.reference import parse_platform, parse_reference
+    from sifpy.oci.registry import ClientOptions, RegistryClient
+
+    ref = parse_reference(
+        ctx.require("From"),
+        registry=ctx.stage.get("Registry") or None,
+        namespace=ctx.stage.get("Namespace") or None,
+    )
+    platform = parse_platform(None, os.environ.get("SIFPY_DOCKER_ARCH") or None)
+    options = ClientOptions(
+        insecure=_env_flag("SIFPY_NOHTTPS", "APPTAINER_NOHTTPS"),
+        ca_cert=os.environ.get("SIFPY_DOCKER_CA_CERT") or None,
+    )
+    cache = Cache()
+    log.info(f"fetching {ref} ({platform})")
+    with RegistryClient(ref.registry, options, lookup_credentials(ref.registry)) as client:
+        image = client.resolve(ref, platform)
+        layers = download(client, image, cache, NoProgress())
+    log.verbose(f"applying {len(layers)} layers of {image.digest}")
+    apply_layers(ctx.rootfs, layers)
+    labels = {
+        "org.opencontainers.image.base.name": str(ref),
+        "org.opencontainers.image.base.digest": image.digest,
+    }
+    return Result(config=image.config_json, labels=labels)
