@@ -39,6 +39,9 @@ def build_parser(prog: str) -> ArgumentParser:
     p.add_argument(
         "-f", "--fakeroot", action="store_true", help="root inside (always the case for builds)"
     )
+    p.add_argument("--sign", action="store_true", help="sign the new SIF (as 'sifpy sign')")
+    p.add_argument("--keyidx", type=int, help="with --sign: the secret key to use")
+    p.add_argument("--sign-key", metavar="FILE.pem", help="with --sign: a DSSE private key")
     p.add_argument("--compression", default=os.environ.get("SIFPY_COMPRESSION", "zstd"))
     p.add_argument(
         "--mksquashfs-args",
@@ -80,5 +83,13 @@ def main(argv: list[str], prog: str = "sifpy build") -> int:
         build_args=_build_args(a.build_arg, a.build_arg_file),
         warn_unused_build_args=a.warn_unused_build_args,
     )
+    if a.sign and opts.sandbox:
+        raise UsageError("--sign needs a SIF output", hint="sandboxes carry no signatures")
     build(a.output, a.source, opts)
+    if a.sign:
+        from sifpy.cli import sign
+
+        sign_argv = ["--key", a.sign_key] if a.sign_key else []
+        sign_argv += ["--keyidx", str(a.keyidx)] if a.keyidx is not None else []
+        return sign.main([*sign_argv, a.output], prog="sifpy sign")
     return 0

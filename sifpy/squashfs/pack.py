@@ -41,7 +41,7 @@ def _die_with_parent() -> None:
     ns.set_parent_death_signal(signal.SIGKILL)
 
 
-def _run(argv: list[str], what: str, ok: Sequence[int] = (0,)) -> int:
+def _run(argv: list[str], what: str, ok: Sequence[int] = (0,), pass_fds: Sequence[int] = ()) -> int:
     log.debug("running: " + shlex.join(argv))
     quiet = log.level < log.VERBOSE
     proc = subprocess.run(
@@ -50,6 +50,7 @@ def _run(argv: list[str], what: str, ok: Sequence[int] = (0,)) -> int:
         stdout=subprocess.DEVNULL if quiet else None,
         stderr=subprocess.PIPE,
         preexec_fn=_die_with_parent,
+        pass_fds=tuple(pass_fds),
     )
     if proc.returncode not in ok:
         tail = proc.stderr.decode(errors="replace").strip()[-1500:]
@@ -99,9 +100,16 @@ def pack(
 
 
 def extract(
-    image: str | os.PathLike[str], dest: str | os.PathLike[str], *, offset: int = 0
+    image: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    offset: int = 0,
+    pass_fds: Sequence[int] = (),
 ) -> None:
     """Extract the squashfs at byte ``offset`` of ``image`` into the new directory ``dest``.
+
+    ``image`` may be ``/proc/self/fd/N`` with ``N`` in ``pass_fds``: the file that was
+    verified through that descriptor is the one extracted.
 
     As non-root, device nodes and ownership can't be recreated; unsquashfs reports those
     as non-fatal errors (exit status 2), which become a warning here.
@@ -112,5 +120,5 @@ def extract(
     if offset:
         argv += ["-o", str(offset)]
     argv.append(os.fspath(image))
-    if _run(argv, f"extract {os.fspath(image)}", ok=(0, 2)) == 2:
+    if _run(argv, f"extract {os.fspath(image)}", ok=(0, 2), pass_fds=pass_fds) == 2:
         log.warn(f"some entries of {os.fspath(image)} could not be extracted (device nodes?)")
