@@ -433,7 +433,6 @@ def _assemble_sif(rootfs: str, dest: str, deffile: str, opts: BuildOptions, ws: 
 
     inspect = metadata.inspect_json(rootfs)
     sqfs = os.path.join(ws.path, "rootfs.sqfs")
-    log.info(f"creating squashfs ({opts.compression})")
     pack(rootfs, sqfs, compression=opts.compression, extra_args=opts.mksquashfs_args)
     arch = metadata.host_arch()
     if arch not in SF.ARCH_CODES:

@@ -13,6 +13,7 @@ the build's temporary directory.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -20,7 +21,7 @@ import subprocess
 from collections.abc import Sequence
 
 from sifpy.errors import ToolError, UsageError
-from sifpy.util import log
+from sifpy.util import log, progress
 
 # What the kernel's squashfs and squashfuse can read; mksquashfs accepts each with -comp.
 COMPRESSORS = ("gzip", "lzo", "lz4", "xz", "zstd", "lzma")
@@ -63,6 +64,32 @@ def _run(argv: list[str], what: str, ok: Sequence[int] = (0,), pass_fds: Sequenc
     return proc.returncode
 
 
+_PROGRESS = re.compile(rb"(\d+)/(\d+)\s+\d+%")
+
+
+def _run_with_bar(argv: list[str], bar: progress.Step) -> None:
+    """Run mksquashfs with its own progress output parsed into ``bar`` ("N/M  P%")."""
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=_die_with_parent,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    tail = b""
+    while chunk := os.read(proc.stdout.fileno(), 65536):
+        tail = (tail + chunk)[-256:]
+        if found := _PROGRESS.findall(tail):
+            done, total = found[-1]
+            bar.update(int(done), int(total))
+    err = proc.stderr.read()
+    if proc.wait() != 0:
+        how = f"exit status {proc.returncode}" if proc.returncode > 0 else "killed"
+        text = err.decode(errors="replace").strip()[-1500:]
+        raise ToolError(f"can't create squashfs: mksquashfs failed ({how}): {text}")
+
+
 def pack(
     rootfs: str | os.PathLike[str],
     dest: str | os.PathLike[str],
@@ -87,13 +114,17 @@ def pack(
     argv += ["-comp", compression]
     if all_root:
         argv.append("-all-root")
-    if log.level < log.VERBOSE:
-        argv.append("-no-progress")
     try:
-        argv += shlex.split(extra_args)
+        extra = shlex.split(extra_args)
     except ValueError as exc:
         raise UsageError(f"invalid --mksquashfs-args: {exc}") from exc
-    _run(argv, "create squashfs")
+    with progress.step(f"creating squashfs ({compression})") as bar:
+        if progress.interactive():
+            _run_with_bar(argv + extra, bar)
+        else:
+            if log.level < log.VERBOSE:
+                argv.append("-no-progress")
+            _run(argv + extra, "create squashfs")
     with open(dest, "rb") as f:
         if f.read(4) != b"hsqs":
             raise ToolError("can't create squashfs: mksquashfs wrote no squashfs superblock")

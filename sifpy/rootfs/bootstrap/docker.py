@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 
 from sifpy.rootfs.bootstrap import Context, Result
-from sifpy.rootfs.unpack import apply_layers
-from sifpy.util import log
+from sifpy.rootfs.unpack import apply_layer
+from sifpy.util import log, progress
 
 
 def _env_flag(*names: str) -> bool:
@@ -43,8 +43,10 @@ def bootstrap(ctx: Context) -> Result:
     with RegistryClient(ref.registry, options, lookup_credentials(ref.registry)) as client:
         image = client.resolve(ref, platform)
         layers = download(client, image, cache, NoProgress())
-    log.verbose(f"applying {len(layers)} layers of {image.digest}")
-    apply_layers(ctx.rootfs, layers)
+    with progress.step(f"applying {len(layers)} layers of {image.digest[:19]}") as bar:
+        for i, layer in enumerate(layers, 1):
+            apply_layer(ctx.rootfs, layer)
+            bar.update(i, len(layers))
     labels = {
         "org.opencontainers.image.base.name": str(ref),
         "org.opencontainers.image.base.digest": image.digest,

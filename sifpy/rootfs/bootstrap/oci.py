@@ -27,7 +27,7 @@ from typing import IO, Any, BinaryIO, cast
 from sifpy.errors import BuildError
 from sifpy.rootfs.bootstrap import Context, Result
 from sifpy.rootfs.unpack import apply_layer
-from sifpy.util import log
+from sifpy.util import log, progress
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _INDEX_TYPES = (
@@ -165,13 +165,14 @@ def _from_oci(layout: _Layout, tag: str | None, digest: str | None, rootfs: str)
     config_desc = manifest.get("config") or {}
     config = layout.json(_blob(config_desc.get("digest")), config_desc.get("digest"))
     layers = manifest.get("layers") or []
-    log.info(f"applying {len(layers)} layers from {layout.path}")
-    for i, desc in enumerate(layers, 1):
-        name = _blob(desc.get("digest"))
-        layout.verify(name, desc["digest"])
-        log.verbose(f"layer {i}/{len(layers)}: {desc['digest']}")
-        with layout.open(name) as f:
-            apply_layer(rootfs, cast(BinaryIO, f))
+    with progress.step(f"applying {len(layers)} layers from {layout.path}") as bar:
+        for i, desc in enumerate(layers, 1):
+            name = _blob(desc.get("digest"))
+            layout.verify(name, desc["digest"])
+            log.verbose(f"layer {i}/{len(layers)}: {desc['digest']}")
+            with layout.open(name) as f:
+                apply_layer(rootfs, cast(BinaryIO, f))
+            bar.update(i, len(layers))
     labels = {}
     if isinstance(config_desc.get("digest"), str):
         labels["org.opencontainers.image.base.digest"] = config_desc["digest"]
@@ -187,10 +188,11 @@ def _from_docker(layout: _Layout, rootfs: str) -> Result:
     entry = entries[0]
     config = layout.json(str(entry.get("Config", "")))
     layers = [str(x) for x in entry.get("Layers") or []]
-    log.info(f"applying {len(layers)} layers from {layout.path}")
-    for name in layers:
-        with layout.open(name) as f:
-            apply_layer(rootfs, cast(BinaryIO, f))
+    with progress.step(f"applying {len(layers)} layers from {layout.path}") as bar:
+        for i, name in enumerate(layers, 1):
+            with layout.open(name) as f:
+                apply_layer(rootfs, cast(BinaryIO, f))
+            bar.update(i, len(layers))
     labels = {}
     tags = entry.get("RepoTags") or []
     if tags and isinstance(tags[0], str):
