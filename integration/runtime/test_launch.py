@@ -159,10 +159,13 @@ def test_session_is_not_visible(sif: Launcher) -> None:
     assert _ok(sif(["sh", "-c", script])).split() == ["/tmp"]
 
 
-def test_pid_namespace_gives_pid_1_and_fresh_proc(sif: Launcher) -> None:
+def test_pid_namespace_gives_init_and_fresh_proc(sif: Launcher) -> None:
+    # sifpy's init is PID 1 and the command its child (PID 2); with no_init, PID 1 itself.
     out = _ok(sif(["sh", "-c", "echo $$; ls /proc | grep -c '^[0-9]'"], options={"pid_ns": True}))
     pid, count = out.split()
-    assert pid == "1" and int(count) <= 3  # sh, ls and grep: nothing of the host
+    assert pid == "2" and int(count) <= 4  # init, sh, ls and grep: nothing of the host
+    out = _ok(sif(["sh", "-c", "echo $$"], options={"pid_ns": True, "no_init": True}))
+    assert out.strip() == "1"
 
 
 def test_image_is_read_only_and_nosuid(sif: Launcher) -> None:

@@ -17,6 +17,7 @@ from sifpy.errors import ExitStatus, ImageError, SifpyError, UsageError
 from sifpy.runtime import LaunchOptions, LaunchSpec, Sandbox, SifPartition, host_identity, launch
 from sifpy.runtime import env as renv
 from sifpy.runtime.action import action_argv
+from sifpy.runtime.drivers import DRIVERS
 
 HELP = {
     "exec": "run a command in a container",
@@ -40,7 +41,38 @@ def build_parser(action: str, prog: str) -> ArgumentParser:
     a("-H", "--home", metavar="SRC[:DEST]", help="use this home directory")
     a("--no-home", action="store_true", help="don't bind the home directory")
     a("-c", "--contain", action="store_true", help="minimal /dev, private /tmp, /var/tmp and home")
-    a("-C", "--containall", action="store_true", help="--contain, --cleanenv and a PID namespace")
+    a("-C", "--containall", action="store_true", help="--contain, --cleanenv, --pid and --ipc")
+    a(
+        "--mount",
+        action="append",
+        default=[],
+        metavar="type=bind,src=S,dst=D[,ro]",
+        help="bind a host path, Docker-style (repeatable; also $SIFPY_MOUNT, $APPTAINER_MOUNT)",
+    )
+    a(
+        "--no-mount",
+        action="append",
+        default=[],
+        metavar="LIST",
+        help="skip default mounts: proc,sys,dev,devpts,home,tmp,hostfs,cwd,bind-paths or a path",
+    )
+    a(
+        "-W",
+        "--workdir",
+        metavar="DIR",
+        help="with --contain: /tmp, /var/tmp and home from DIR instead of tmpfs",
+    )
+    a(
+        "--writable-tmpfs",
+        action="store_true",
+        help="a writable overlay in memory (64 MiB), gone after the run",
+    )
+    a(
+        "-o",
+        "--overlay",
+        metavar="DIR",
+        help="a persistent writable overlay: changes go to DIR/upper",
+    )
     a("-e", "--cleanenv", action="store_true", help="don't pass the host environment")
     a("--env", action="append", default=[], metavar="K=V[,K=V]", help="set a variable")
     a(
@@ -53,6 +85,19 @@ def build_parser(action: str, prog: str) -> ArgumentParser:
     a("--no-eval", action="store_true", help="don't shell-evaluate injected variables")
     a("--pwd", metavar="DIR", help="initial working directory in the container")
     a("-p", "--pid", action="store_true", help="run in a new PID namespace")
+    a("--no-init", action="store_true", help="with --pid: no init process, the command is PID 1")
+    a("-i", "--ipc", action="store_true", help="run in a new IPC namespace")
+    a(
+        "--unsquash",
+        action="store_true",
+        help="extract the image to a temporary sandbox instead of mounting it",
+    )
+    a(
+        "--mount-driver",
+        default="auto",
+        choices=DRIVERS,
+        help="how to mount a SIF image (default: auto)",
+    )
     a("-f", "--fakeroot", action="store_true", help="run as uid 0 in the container")
     a("-w", "--writable", action="store_true", help="writable sandbox directory")
     a("--app", metavar="NAME", help="run a SCIF app")
@@ -88,6 +133,39 @@ def parse_binds(specs: list[str]) -> list[tuple[str, str, bool]]:
             if not dest.startswith("/"):
                 raise UsageError(f"bind destination must be absolute: {item!r}")
             binds.append((os.path.abspath(src), os.path.normpath(dest), mode == "ro"))
+    return binds
+
+
+def parse_mounts(specs: list[str]) -> list[tuple[str, str, bool]]:
+    """Docker-style ``type=bind,source=S,destination=D[,ro|readonly[=true|false]]`` specs
+    (one per item, CSV-quoted as Apptainer reads them)."""
+    if not specs:
+        return []
+    import csv  # only when --mount is used
+
+    binds = []
+    for spec in specs:
+        fields: dict[str, str] = {}
+        for row in csv.reader([spec]):
+            for field in row:
+                key, eq, value = field.strip().partition("=")
+                fields[key] = value if eq else "true"
+        kind = fields.pop("type", "")
+        src = fields.pop("source", "") or fields.pop("src", "")
+        dst = fields.pop("destination", "") or fields.pop("dst", "") or fields.pop("target", "")
+        ro = fields.pop("ro", "") or fields.pop("readonly", "") or "false"
+        for key in ("src", "dst", "target", "readonly"):
+            fields.pop(key, None)
+        if fields.pop("rw", "false") in ("true", "1"):
+            ro = "false"
+        if kind != "bind" or not src or not dst.startswith("/") or fields:
+            extra = f" (unsupported: {', '.join(fields)})" if fields else ""
+            raise UsageError(
+                f"invalid --mount: {spec!r}", hint=f"use type=bind,src=PATH,dst=/PATH[,ro]{extra}"
+            )
+        if ro not in ("true", "false", "1", "0"):
+            raise UsageError(f"invalid --mount: {spec!r}: ro={ro}", hint="use ro or ro=true")
+        binds.append((os.path.abspath(src), os.path.normpath(dst), ro in ("true", "1")))
     return binds
 
 
@@ -147,10 +225,18 @@ def _main(argv: list[str], prog: str) -> int:
     a = build_parser(action, prog).parse_args(argv)
     args = ([a.command] if action == "exec" else []) + a.args
     if a.containall:
-        a.contain = a.cleanenv = a.pid = True
+        a.contain = a.cleanenv = a.pid = a.ipc = True
     environ = os.environ
     bind_specs = [environ[v] for v in ("APPTAINER_BIND", "SIFPY_BIND") if environ.get(v)]
     binds = parse_binds(bind_specs + a.bind)
+    mount_specs = [
+        line
+        for v in ("APPTAINER_MOUNT", "SIFPY_MOUNT")
+        for line in environ.get(v, "").split("\n")
+        if line.strip()
+    ]
+    binds += parse_mounts(mount_specs + a.mount)
+    no_mount = tuple(n.strip() for item in a.no_mount for n in item.split(",") if n.strip())
     home_src = home_dest = None
     if a.home:
         home_src, _, home_dest = a.home.partition(":")
@@ -161,6 +247,8 @@ def _main(argv: list[str], prog: str) -> int:
     image, fd = open_image(a.image, a.verify or bool(a.verify_key), a.verify_key)
     if a.writable and not isinstance(image, Sandbox):
         raise UsageError("--writable needs a sandbox directory", hint="build with --sandbox")
+    if a.writable and (a.writable_tmpfs or a.overlay):
+        raise UsageError("--writable can't be combined with --writable-tmpfs or --overlay")
     env_opts = renv.parse_env_option(a.env)
     runtime = renv.runtime_vars(
         os.path.abspath(a.image), action, a.app, ",".join(f"{s}:{d}" for s, d, _ in binds)
@@ -186,7 +274,14 @@ def _main(argv: list[str], prog: str) -> int:
             fakeroot=a.fakeroot,
             contain=a.contain,
             pid_ns=a.pid,
+            no_init=a.no_init,
+            ipc_ns=a.ipc,
             writable=a.writable,
+            writable_tmpfs=a.writable_tmpfs,
+            overlay=os.path.abspath(a.overlay) if a.overlay else None,
+            no_mount=no_mount,
+            workdir=os.path.abspath(a.workdir) if a.workdir else None,
+            mount_driver="unsquash" if a.unsquash else a.mount_driver,
             home=home_src,
             home_dest=home_dest,
             no_home=a.no_home,

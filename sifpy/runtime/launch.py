@@ -40,7 +40,8 @@ import sys
 from typing import NoReturn
 
 from sifpy.errors import ExitStatus, RuntimeSetupError, SifpyError
-from sifpy.runtime import mount, ns
+from sifpy.runtime import drivers, mount, ns
+from sifpy.runtime import plan as plan_
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -66,8 +67,8 @@ _SESSION = "/tmp"
 _IMAGE = f"{_SESSION}/image"
 _ROOT = f"{_SESSION}/root"
 _FILES = f"{_SESSION}/files"
-
-_MINIMAL_DEV = ("null", "zero", "random", "urandom", "tty", "full")
+_RW = f"{_SESSION}/rw"  # --writable-tmpfs: a size-capped tmpfs; --overlay: DIR bound here
+_OVERLAY = f"{_SESSION}/overlay"  # the overlay root: lower = _IMAGE, upper = _RW/upper
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,11 +106,20 @@ class LaunchOptions:
 
     fakeroot: bool = False  # uid/gid 0 inside (mapped to the caller's)
     contain: bool = False  # minimal /dev, private tmpfs /tmp, /var/tmp and $HOME
-    pid_ns: bool = False  # new PID namespace (fresh /proc); the command is PID 1
+    pid_ns: bool = False  # new PID namespace (fresh /proc) with an init as PID 1
+    no_init: bool = False  # with pid_ns: the command itself is PID 1 (no reaping init)
+    ipc_ns: bool = False  # new IPC namespace
     writable: bool = False  # sandbox only: the root is the sandbox itself, read-write
     home: str | None = None  # host home to bind (default: the caller's from passwd)
     home_dest: str | None = None  # where it appears (default: same path)
     no_home: bool = False
+    writable_tmpfs: bool = False  # overlay with a tmpfs upper layer (gone after the run)
+    overlay: str | None = None  # overlay with DIR/upper, DIR/work on the host (persistent)
+    overlay_driver: str = "auto"  # auto | kernel | fuse (fuse-overlayfs)
+    tmpfs_size_mb: int = 64  # the --writable-tmpfs cap (Apptainer's sessiondir max size)
+    no_mount: tuple[str, ...] = ()  # default mounts to skip: plan.NO_MOUNT names, system binds
+    workdir: str | None = None  # with contain: /tmp, /var/tmp, home from DIR/{tmp,var_tmp,home}
+    mount_driver: str = "auto"  # auto | squashfuse | kernel | python | unsquash
     squashfuse: str = "squashfuse_ll"
     fuse_single_thread: bool = False
     identity: Identity | None = None  # default: looked up with host_identity()
@@ -156,11 +166,12 @@ def launch(spec: LaunchSpec) -> int:
         raise RuntimeSetupError("can't execute: empty command")
     opts = spec.options
     ident = opts.identity or host_identity()
-    squashfuse = ""
+    driver = drivers.Driver("sandbox")
     if isinstance(spec.image, SifPartition):
-        squashfuse = mount.find_program(opts.squashfuse)
+        driver = drivers.choose(opts.mount_driver, opts.squashfuse)
     elif not os.path.isdir(spec.image.path):
         raise RuntimeSetupError(f"can't use sandbox: {spec.image.path}: not a directory")
+    _prepare_dirs(opts)
     read_end, write_end = os.pipe()  # both close-on-exec (PEP 446)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
     try:
@@ -168,7 +179,7 @@ def launch(spec: LaunchSpec) -> int:
         pid = os.fork()
         if pid == 0:
             os.close(read_end)
-            _monitor(spec, ident, squashfuse, write_end, caller)
+            _monitor(spec, ident, driver, write_end, caller)
         os.close(write_end)
         status = _supervise(pid, pid, reap_all=False)
         report = b""
@@ -185,6 +196,32 @@ def launch(spec: LaunchSpec) -> int:
         sys.stderr.flush()
         return int(code_s)
     return _exit_code(status)
+
+
+def _prepare_dirs(opts: LaunchOptions) -> None:
+    """Check the options that name host directories; create what they need (as the caller,
+    before any namespace: these are the user's own directories)."""
+    bad = [n for n in opts.no_mount if n not in plan_.NO_MOUNT and not n.startswith("/")]
+    if bad:
+        raise RuntimeSetupError(
+            f"can't skip mount: {', '.join(bad)}: unknown",
+            f"use {', '.join(sorted(plan_.NO_MOUNT))} or an absolute path",
+        )
+    if opts.writable and (opts.writable_tmpfs or opts.overlay):
+        raise RuntimeSetupError("can't use --writable with --writable-tmpfs or --overlay")
+    subdirs: list[tuple[str | None, tuple[str, ...]]] = [(opts.overlay, ("upper", "work"))]
+    if opts.contain:
+        subdirs.append((opts.workdir, ("tmp", "var_tmp", "home")))
+    for base, names in subdirs:
+        if base is None:
+            continue
+        if not os.path.isdir(base):
+            raise RuntimeSetupError(f"can't use directory: {base}: not a directory")
+        for name in names:
+            try:
+                os.makedirs(os.path.join(base, name), 0o700, exist_ok=True)
+            except OSError as exc:
+                raise RuntimeSetupError(f"can't create: {base}/{name}: {exc.strerror}") from exc
 
 
 def _exit_code(status: int) -> int:
@@ -227,92 +264,11 @@ def _report(fd: int, code: int, message: str, hint: str | None = None) -> None:
 # --- the monitor --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class _Mount:
-    """One mount of the container root, with its host source pinned by an O_PATH fd."""
-
-    dest: str
-    kind: str  # bind | tmpfs | proc | devpts | symlink | file (generated, in _FILES)
-    fd: int = -1
-    data: str = ""  # tmpfs options, symlink target, generated file name
-    readonly: bool = False
-    harden: bool = True  # remount nosuid,nodev (not for /dev, /proc, /sys)
-    is_dir: bool = True
-
-
-def _pin(path: str, what: str) -> int:
-    # O_PATH follows the host's own symlinks (the user's paths), and keeps the object
-    # reachable after /tmp is covered and after the old root is gone.
-    try:
-        return os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except OSError as exc:
-        raise RuntimeSetupError(f"can't bind: {what}: {path}: {exc.strerror}") from exc
-
-
-def _plan(spec: LaunchSpec, ident: Identity) -> list[_Mount]:
-    """The container's mounts, in Apptainer's order (dev, kernel, home, tmp, files, binds)."""
-    opts = spec.options
-    plan: list[_Mount] = []
-    if opts.contain:
-        plan.append(_Mount("/dev", "tmpfs", data="mode=0755,size=1m"))
-        for name in _MINIMAL_DEV:
-            if os.path.exists(f"/dev/{name}"):
-                plan.append(
-                    _Mount(f"/dev/{name}", "bind", _pin(f"/dev/{name}", "/dev"), is_dir=False)
-                )
-                plan[-1].harden = False
-        plan.append(_Mount("/dev/shm", "tmpfs", data="mode=1777"))
-        plan.append(_Mount("/dev/pts", "devpts", _pin("/dev/pts", "/dev/pts")))
-        for name, target in (
-            ("ptmx", "pts/ptmx"),
-            ("fd", "/proc/self/fd"),
-            ("stdin", "/proc/self/fd/0"),
-            ("stdout", "/proc/self/fd/1"),
-            ("stderr", "/proc/self/fd/2"),
-        ):
-            plan.append(_Mount(f"/dev/{name}", "symlink", data=target))
-    else:
-        plan.append(_Mount("/dev", "bind", _pin("/dev", "/dev"), harden=False))
-    if opts.pid_ns:
-        plan.append(_Mount("/proc", "proc"))
-    else:
-        plan.append(_Mount("/proc", "bind", _pin("/proc", "/proc"), harden=False))
-    plan.append(_Mount("/sys", "bind", _pin("/sys", "/sys"), harden=False))
-    for path in ("/etc/hosts", "/etc/localtime"):
-        if os.path.isfile(path):
-            plan.append(_Mount(path, "bind", _pin(path, path), readonly=True, is_dir=False))
-    if not opts.no_home:
-        home_src = opts.home or ident.home
-        home_dest = opts.home_dest or home_src
-        if opts.contain:
-            plan.append(_Mount(home_dest, "tmpfs", data="mode=0700"))
-        elif home_src and home_src != "/":
-            plan.append(_Mount(home_dest, "bind", _pin(home_src, "home")))
-    for path in ("/tmp", "/var/tmp"):
-        if opts.contain:
-            plan.append(_Mount(path, "tmpfs", data="mode=1777"))
-        else:
-            plan.append(_Mount(path, "bind", _pin(path, path)))
-    if os.path.isfile("/etc/resolv.conf"):
-        plan.append(
-            _Mount("/etc/resolv.conf", "bind", _pin("/etc/resolv.conf", "/etc/resolv.conf"))
-        )
-        plan[-1].readonly, plan[-1].is_dir = True, False
-    plan.append(_Mount("/etc/passwd", "file", data="passwd", readonly=True, is_dir=False))
-    plan.append(_Mount("/etc/group", "file", data="group", readonly=True, is_dir=False))
-    for src, dest, readonly in spec.binds:
-        if not dest.startswith("/"):
-            raise RuntimeSetupError(f"can't bind: {src}: destination {dest} is not absolute")
-        fd = _pin(src, src)
-        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
-        plan.append(_Mount(dest, "bind", fd, readonly=readonly, is_dir=is_dir))
-    return plan
-
-
 def _monitor(
-    spec: LaunchSpec, ident: Identity, squashfuse: str, report: int, caller: int
+    spec: LaunchSpec, ident: Identity, driver: drivers.Driver, report: int, caller: int
 ) -> NoReturn:
     """The monitor process (see the module docstring); never returns."""
+    servers: list[int] = []  # FUSE servers (image, overlay), killed when the container ends
     try:
         # If the caller is SIGKILLed, the kernel kills us, which kills the FUSE server
         # and the container (both set PDEATHSIG on us in turn).
@@ -320,31 +276,30 @@ def _monitor(
         if os.getppid() != caller:
             os._exit(ExitStatus.LAUNCH_FAILED)
         opts = spec.options
+        image = spec.image
+        image_fd = _open_image(image) if isinstance(image, SifPartition) else -1
+        # Real root: the kernel mounts the squashfs now, detached, in the initial user
+        # namespace (no user namespace may mount a block device); attached below.
+        kernel_fd = -1
+        if isinstance(image, SifPartition) and driver.name == "kernel":
+            kernel_fd = drivers.kernel_squashfs(image_fd, image.offset, image.size)
         outer_uid, outer_gid = os.getuid(), os.getgid()
         inner_uid, inner_gid = (0, 0) if opts.fakeroot else (outer_uid, outer_gid)
-        ns.unshare(ns.CLONE_NEWUSER | ns.CLONE_NEWNS)
+        ns.unshare(ns.CLONE_NEWUSER | ns.CLONE_NEWNS | (ns.CLONE_NEWIPC if opts.ipc_ns else 0))
         ns.map_ids(outer_uid, outer_gid, inner_uid, inner_gid)
-        ns.set_no_new_privs()  # inherited by the FUSE server and the container
+        ns.set_no_new_privs()  # inherited by the FUSE servers, helpers and the container
         # Private propagation: nothing we mount or unmount can reach another namespace.
         ns.mount(None, "/", None, ns.MS_REC | ns.MS_PRIVATE, what="/ (make private)")
         # Pin every host path now: bind sources must be opened in *this* mount namespace
         # (the kernel refuses to bind from a mount of another one), and before /tmp is
-        # covered by the session tmpfs.
-        image = spec.image
-        if isinstance(image, SifPartition):
-            try:
-                image_fd = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise RuntimeSetupError(f"can't open: {image.path}: {exc.strerror}") from exc
-            if image.offset < 0 or image.offset + image.size > os.fstat(image_fd).st_size:
-                raise RuntimeSetupError(
-                    f"can't mount: {image.path}: partition {image.offset}+{image.size} "
-                    "lies outside the file"
-                )
-        else:
-            image_fd = _pin(image.path, "sandbox")
-        cwd_fd = _pin(spec.cwd, "cwd") if os.path.isdir(spec.cwd) else -1
-        plan = _plan(spec, ident)
+        # covered by the session tmpfs. Likewise the Python FUSE server imports its modules.
+        if isinstance(image, Sandbox):
+            image_fd = plan_.pin(image.path, "sandbox")
+        cwd_fd = plan_.pin(spec.cwd, "cwd") if os.path.isdir(spec.cwd) else -1
+        plan = plan_.plan(spec, ident)
+        overlay_fd = plan_.pin(opts.overlay, "--overlay") if opts.overlay else -1
+        if isinstance(image, SifPartition) and driver.name == "python":
+            serve = drivers.python_server(image_fd, image.offset)
         ns.mount("tmpfs", _SESSION, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=0700", "session")
         # Unbindable: a recursive bind of a host directory above it (host /tmp, or a user's
         # bind of /) prunes the session instead of copying it into the container.
@@ -353,14 +308,24 @@ def _monitor(
         os.mkdir(_FILES)
         # The generated files are bind sources, so they need a mount that is not unbindable.
         ns.mount("tmpfs", _FILES, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=0755", "files")
-        fuse_pid = 0
-        if isinstance(image, SifPartition):
-            fuse_pid = mount.mount_squashfs(
-                image_fd, image.offset, _IMAGE, squashfuse, opts.fuse_single_thread
-            )
-        else:
+        if not isinstance(image, SifPartition):
             mount.bind(mount.fd_path(image_fd), _IMAGE, readonly=not opts.writable, what="sandbox")
+        elif driver.name == "kernel":
+            ns.move_mount(kernel_fd, _IMAGE)
+            os.close(kernel_fd)
+        elif driver.name == "python":
+            servers.append(mount.fuse_mount(_IMAGE, "sifpy-squashfs", [image_fd], serve, True))
+        elif driver.name == "unsquash":
+            drivers.extract(image_fd, image.offset, _IMAGE, driver.program)
+        else:
+            servers.append(
+                mount.mount_squashfs(
+                    image_fd, image.offset, _IMAGE, driver.program, opts.fuse_single_thread
+                )
+            )
         os.close(image_fd)
+        if opts.writable_tmpfs or opts.overlay:
+            servers += _mount_overlay(opts, overlay_fd)
         if opts.pid_ns:
             ns.unshare(ns.CLONE_NEWPID)  # our next child is PID 1 of a new namespace
         me = os.getpid()
@@ -369,25 +334,68 @@ def _monitor(
             _container(spec, ident, plan, cwd_fd, report, me)
     except SifpyError as exc:
         _report(report, ExitStatus.LAUNCH_FAILED, exc.message, exc.hint)
+        _stop(servers)
         os._exit(ExitStatus.LAUNCH_FAILED)
     except BaseException as exc:
         _report(report, ExitStatus.LAUNCH_FAILED, f"can't start container: {exc!r}")
+        _stop(servers)
         os._exit(ExitStatus.LAUNCH_FAILED)
     # Close what only the container needed; keep the report pipe until it is done.
-    for fd in [m.fd for m in plan] + [cwd_fd]:
+    for fd in [m.fd for m in plan] + [cwd_fd, overlay_fd]:
         if fd >= 0:
             os.close(fd)
     status = _supervise(pid, pid, reap_all=True)
-    if fuse_pid:
-        mount.stop_server(fuse_pid)
+    _stop(servers)
     os._exit(_exit_code(status))
+
+
+def _stop(servers: list[int]) -> None:
+    for pid in reversed(servers):  # the overlay's server first: it reads the image
+        mount.stop_server(pid)
+
+
+def _open_image(image: SifPartition) -> int:
+    try:
+        image_fd = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RuntimeSetupError(f"can't open: {image.path}: {exc.strerror}") from exc
+    if image.offset < 0 or image.offset + image.size > os.fstat(image_fd).st_size:
+        raise RuntimeSetupError(
+            f"can't mount: {image.path}: partition {image.offset}+{image.size} "
+            "lies outside the file"
+        )
+    return image_fd
+
+
+def _mount_overlay(opts: LaunchOptions, overlay_fd: int) -> list[int]:
+    """Mount the writable overlay on _OVERLAY: upper and work in a size-capped tmpfs
+    (--writable-tmpfs) or in the user's DIR (--overlay, bound to _RW); lower = the image."""
+    os.mkdir(_RW)
+    if overlay_fd >= 0:
+        mount.bind(mount.fd_path(overlay_fd), _RW, what="--overlay directory")
+    else:
+        data = f"mode=0755,size={opts.tmpfs_size_mb}m"
+        ns.mount("tmpfs", _RW, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, data, "--writable-tmpfs")
+        os.mkdir(f"{_RW}/upper", 0o755)
+        os.mkdir(f"{_RW}/work", 0o700)
+    os.mkdir(_OVERLAY)
+    owner = None if opts.fakeroot or os.getuid() == 0 else (os.getuid(), os.getgid())
+    pid = drivers.mount_overlay(
+        _IMAGE, f"{_RW}/upper", f"{_RW}/work", _OVERLAY, opts.overlay_driver, owner
+    )
+    return [pid] if pid else []
 
 
 # --- the container ------------------------------------------------------------------------
 
 
 def _container(
-    spec: LaunchSpec, ident: Identity, plan: list[_Mount], cwd_fd: int, report: int, parent: int
+    spec: LaunchSpec,
+    ident: Identity,
+    plan: list[plan_.Mount],
+    cwd_fd: int,
+    report: int,
+    parent: int,
 ) -> NoReturn:
     """The container's first process: build the root, pivot_root, exec. Never returns."""
     try:
@@ -396,6 +404,11 @@ def _container(
         if os.getppid() not in (parent, 0):
             os._exit(ExitStatus.LAUNCH_FAILED)
         root = _assemble(spec, ident, plan, cwd_fd)
+        # A mount namespace of our own (a copy, binds included) before pivot_root, which
+        # re-roots *every* process of the namespace that shares the old root: the monitor
+        # and its FUSE servers must keep the host's root (fuse-overlayfs reaches its layers
+        # through /proc/self/fd, which the container's own /proc would not resolve).
+        ns.unshare(ns.CLONE_NEWNS)
         # pivot_root(".", "."): the old root ends up mounted on top of the new one; the
         # lazy unmount then drops it (and with it every host mount) from this namespace.
         # The image mount and session go with it; the binds made from them stay.
@@ -412,7 +425,7 @@ def _container(
         _report(report, ExitStatus.LAUNCH_FAILED, f"can't set up container: {exc!r}")
         os._exit(ExitStatus.LAUNCH_FAILED)
     del cwd
-    _exec(spec.argv, spec.env, report)
+    _exec(spec.argv, spec.env, report, spec.options.pid_ns and not spec.options.no_init)
 
 
 def _enter_cwd(spec: LaunchSpec, ident: Identity) -> str:
@@ -435,20 +448,25 @@ def _under(path: str, dest: str) -> bool:
     return p[: len(d)] == d
 
 
-def _assemble(spec: LaunchSpec, ident: Identity, plan: list[_Mount], cwd_fd: int) -> str:
+def _assemble(spec: LaunchSpec, ident: Identity, plan: list[plan_.Mount], cwd_fd: int) -> str:
     """Build the container root under the session; return its path."""
     opts = spec.options
     image_fd = os.open(_IMAGE, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     # The cwd is shared unless --contain, or it is already visible (under another mount),
     # or the image has it (image content wins: a host cwd of /usr must not cover /usr).
     shown = any(_under(spec.cwd, m.dest) for m in plan if m.kind in ("bind", "tmpfs"))
-    if cwd_fd >= 0 and not opts.contain and spec.cwd != "/" and not shown:
+    share_cwd = not opts.contain and "cwd" not in opts.no_mount
+    if cwd_fd >= 0 and share_cwd and spec.cwd != "/" and not shown:
         res = mount.resolve(image_fd, spec.cwd, reserved_stop=True)
         res.close()
         if res.missing:
-            plan.append(_Mount(spec.cwd, "bind", cwd_fd))
+            plan.append(plan_.Mount(spec.cwd, "bind", cwd_fd))
+    overlay = opts.writable_tmpfs or opts.overlay
     if opts.writable:
         root = _IMAGE
+    elif overlay:
+        root = _OVERLAY
+        _reserve_dirs(root)
     else:
         root = _ROOT
         os.mkdir(root)
@@ -462,12 +480,35 @@ def _assemble(spec: LaunchSpec, ident: Identity, plan: list[_Mount], cwd_fd: int
     for m in plan:
         _apply(root_fd, m, writable)
     os.close(root_fd)
-    if not opts.writable:
+    if not opts.writable and not overlay:
         mount.remount(root, readonly=True, what="container root")
     return root
 
 
-def _apply(root_fd: int, m: _Mount, writable: set[int]) -> None:
+def _reserve_dirs(root: str) -> None:
+    """In a writable root (the overlay), make the names the runtime always provides real
+    directories: an image's ``/proc -> /etc`` or ``/dev -> /host/path`` symlink is replaced
+    in the upper layer, never followed (runc refuses such images; this root is writable)."""
+    for name in sorted(mount.RESERVED):
+        path = f"{root}/{name}"
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            try:
+                if st is not None:
+                    os.unlink(path)
+                os.mkdir(path, 0o755)
+            except OSError as exc:
+                raise RuntimeSetupError(
+                    f"can't create mount point: /{name} in the overlay: {exc.strerror}",
+                    "the image's / is not writable by you: use --fakeroot, or install "
+                    "fuse-overlayfs",
+                ) from exc
+
+
+def _apply(root_fd: int, m: plan_.Mount, writable: set[int]) -> None:
     """Make one mount of the plan, its destination resolved inside the root."""
     if m.kind == "symlink":
         parent, name = m.dest.rsplit("/", 1)
@@ -522,6 +563,23 @@ def _apply(root_fd: int, m: _Mount, writable: set[int]) -> None:
         res.close()
 
 
+def _init(child: int) -> NoReturn:
+    """PID 1 of the container's PID namespace (tini's job): reap every zombie (orphans are
+    re-parented to us), relay the signals the monitor forwards (they arrive from outside the
+    namespace) to the command, and exit with its status (128+N if signal N killed it).
+
+    The relayed signals are still blocked here (inherited), so sigwaitinfo takes them: the
+    kernel would otherwise drop a signal that PID 1 does not handle. A terminal's signals
+    reach the command directly (same process group) and are not relayed twice. When we
+    exit, the kernel kills whatever is left in the namespace.
+    """
+    try:
+        status = _supervise(child, child, reap_all=True)
+    except BaseException:
+        os._exit(ExitStatus.LAUNCH_FAILED)
+    os._exit(_exit_code(status))
+
+
 def _read_image_file(image_fd: int, path: str) -> str | None:
     fd = mount.open_in_root(image_fd, path)
     if fd is None:
@@ -561,8 +619,12 @@ def _field(line: str, i: int) -> str:
     return parts[i] if len(parts) > i else ""
 
 
-def _exec(argv: list[str], env: dict[str, str], report: int) -> NoReturn:
-    """Exec the command with a clean process state, or report why not (126/127)."""
+def _exec(argv: list[str], env: dict[str, str], report: int, init: bool = False) -> NoReturn:
+    """Exec the command with a clean process state, or report why not (126/127).
+
+    With ``init`` (``--pid``), fork first: this process stays PID 1 of the new namespace
+    (:func:`_init`) and the command runs as its child.
+    """
     try:
         for fd in (0, 1, 2):  # the command gets exactly 0, 1, 2: open them if the caller didn't
             try:
@@ -573,6 +635,9 @@ def _exec(argv: list[str], env: dict[str, str], report: int) -> NoReturn:
         # fds that C code or set_inheritable() made inheritable. closerange uses close_range(2).
         os.closerange(3, report)
         os.closerange(report + 1, mount.max_fd())
+        child = os.fork() if init else 0
+        if child != 0:
+            _init(child)
         # Python ignores SIGPIPE (and SIG_IGN survives execve): `yes | head` would spin.
         for sig in range(1, signal.NSIG):
             if sig not in (signal.SIGKILL, signal.SIGSTOP):

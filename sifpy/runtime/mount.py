@@ -31,6 +31,8 @@ import errno
 import os
 import signal
 import stat
+from collections.abc import Callable
+from typing import NoReturn
 
 from sifpy.errors import RuntimeSetupError, ToolError
 from sifpy.runtime import ns
@@ -53,23 +55,35 @@ def fd_path(fd: int, name: str | None = None) -> str:
 # --- the image ----------------------------------------------------------------------------
 
 
-def find_program(name: str, path: str | None = None) -> str:
-    """Find ``name`` on ``$PATH`` (and in /usr/sbin, /sbin) or raise :class:`ToolError`.
+# Helpers (squashfuse_ll, unsquashfs, fuse-overlayfs) are looked up in the system
+# directories first, then in the absolute entries of $PATH; they run with this environment
+# only: nothing of the caller's (LD_PRELOAD, LD_LIBRARY_PATH, PATH) or the image's reaches
+# them (CVE-2025-23266 is the same mistake in a GPU hook).
+SYSTEM_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+HELPER_ENV = {"PATH": ":".join(SYSTEM_DIRS), "LC_ALL": "C"}
+
+
+def find_program(name: str, path: str | None = None, hint: str | None = None) -> str:
+    """Find the helper ``name`` (an absolute path, or searched as above) or raise
+    :class:`ToolError`.
 
     Written out instead of ``shutil.which`` to keep ``shutil`` off the ``sifpy exec`` path.
     """
     if "/" in name:
         if os.access(name, os.X_OK):
-            return name
+            return os.path.abspath(name)
         raise ToolError(f"can't find: {name}: not an executable file")
     dirs = (path if path is not None else os.environ.get("PATH", "")).split(":")
-    for d in [*dirs, "/usr/sbin", "/sbin", "/usr/bin"]:
-        cand = os.path.join(d or ".", name)
+    for d in [*SYSTEM_DIRS, *dirs]:
+        if not d.startswith("/"):  # "", ".": never the current directory
+            continue
+        cand = os.path.join(d, name)
         if os.access(cand, os.X_OK) and not os.path.isdir(cand):
             return cand
     raise ToolError(
-        f"can't find: {name}: not on PATH",
-        "install squashfuse (Debian: apt-get install squashfuse), or unpack the image "
+        f"can't find: {name}: not in {':'.join(SYSTEM_DIRS)} nor on PATH",
+        hint
+        or "install squashfuse (Debian: apt-get install squashfuse), or unpack the image "
         "into a sandbox directory",
     )
 
@@ -89,27 +103,57 @@ def _move_fds(fds: list[int]) -> None:
         os.dup2(fd, 3 + i, inheritable=True)
 
 
-def mount_squashfs(
-    image_fd: int,
-    offset: int,
-    mountpoint: str,
-    squashfuse: str,
-    single_thread: bool = False,
+def exec_helper(argv: list[str]) -> NoReturn:
+    """Exec a helper by absolute path with :data:`HELPER_ENV` only (in a forked child)."""
+    try:
+        os.execve(argv[0], argv, HELPER_ENV)
+    except OSError as exc:
+        os.write(2, f"error: can't execute: {argv[0]}: {exc.strerror}\n".encode())
+    os._exit(127)
+
+
+def fork_helper(fds: list[int], run: Callable[[], NoReturn], output: int = -1) -> int:
+    """Fork a helper process: PDEATHSIG SIGKILL (it never outlives us), its own process
+    group (a terminal's Ctrl-C does not reach it), ``fds`` as 3, 4, ..., stdin and stdout
+    on /dev/null (stdout and stderr on ``output`` if given), default signal mask; then
+    ``run()``."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid != 0:
+        return pid
+    try:
+        ns.set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+        os.setpgid(0, 0)
+        os.chdir("/")
+        _move_fds([*fds, output] if output >= 0 else fds)
+        devnull = os.open("/dev/null", os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        if output >= 0:
+            os.dup2(3 + len(fds), 1)
+            os.dup2(3 + len(fds), 2)
+        os.closerange(3 + len(fds), max_fd())
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        run()
+    except BaseException as exc:
+        os.write(2, f"error: can't start helper: {exc}\n".encode())
+    os._exit(127)
+
+
+def fuse_mount(
+    mountpoint: str, name: str, fds: list[int], run: Callable[[], NoReturn], readonly: bool
 ) -> int:
-    """Mount the squashfs at byte ``offset`` of ``image_fd`` on ``mountpoint``; return the
-    FUSE server's pid.
+    """Mount a FUSE file system on ``mountpoint`` and start its server; return its pid.
 
     The caller must hold ``CAP_SYS_ADMIN`` in a user namespace that owns its mount namespace.
-    We do the ``mount(2)`` ourselves and hand the server the connection as ``/dev/fd/4``
-    (libfuse >= 3.3 then skips its own mount; Apptainer does the same): this needs no
-    ``fusermount3`` and no ambient capabilities for the server, lets us pick the flags
-    (read-only, nosuid, nodev), and makes readiness trivial: a ``stat`` of the mountpoint
-    blocks until the server answers, or fails with ENOTCONN once it died.
-
-    The server runs in the foreground (``-f``) as our child, in its own process group (so a
-    terminal's Ctrl-C does not kill it under the container), with ``PR_SET_PDEATHSIG``
-    SIGKILL so it never outlives us. squashfuse_ll is multithreaded unless ``-s`` is given
-    (squashfuse >= 0.1.104; its help lists ``-s`` and ``max_threads``).
+    We do the ``mount(2)`` ourselves and hand the server the connection as the fd after
+    ``fds`` (3 + len(fds); ``/dev/fd/N`` for libfuse >= 3.3, which then skips its own mount;
+    Apptainer does the same): this needs no ``fusermount3`` and no ambient capabilities for
+    the server, lets us pick the flags (nosuid, nodev, read-only), and makes readiness
+    trivial: a ``stat`` of the mountpoint blocks until the server answers, or fails with
+    ENOTCONN once it died. The server is a :func:`fork_helper` child.
     """
     try:
         fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
@@ -120,37 +164,9 @@ def mount_squashfs(
         ) from exc
     try:
         opts = f"fd={fuse_fd},rootmode=40000,user_id={os.getuid()},group_id={os.getgid()}"
-        ns.mount(
-            "squashfuse",
-            mountpoint,
-            "fuse.squashfuse",
-            ns.MS_RDONLY | ns.MS_NOSUID | ns.MS_NODEV,
-            opts,
-            what=f"squashfuse on {mountpoint}",
-        )
-        argv = [squashfuse, "-f", "-o", f"offset={offset}"]
-        if single_thread:
-            argv.append("-s")
-        argv += [fd_path(3), "/dev/fd/4"]
-        parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # the FUSE server
-            try:
-                ns.set_parent_death_signal(signal.SIGKILL)
-                if os.getppid() != parent:
-                    os._exit(1)
-                os.setpgid(0, 0)
-                os.chdir("/")
-                _move_fds([image_fd, fuse_fd])
-                os.closerange(5, max_fd())
-                devnull = os.open("/dev/null", os.O_RDWR)
-                os.dup2(devnull, 0)
-                os.dup2(devnull, 1)
-                signal.pthread_sigmask(signal.SIG_SETMASK, [])
-                os.execv(squashfuse, argv)
-            except BaseException as exc:
-                os.write(2, f"error: can't execute: {squashfuse}: {exc}\n".encode())
-            os._exit(127)
+        flags = ns.MS_NOSUID | ns.MS_NODEV | (ns.MS_RDONLY if readonly else 0)
+        ns.mount(name, mountpoint, f"fuse.{name}", flags, opts, what=f"{name} on {mountpoint}")
+        pid = fork_helper([*fds, fuse_fd], run)
     finally:
         # Only the server may hold the connection: if it dies, the kernel aborts the
         # connection and our stat below fails instead of hanging.
@@ -159,15 +175,38 @@ def mount_squashfs(
         st = os.stat(mountpoint)
     except OSError as exc:
         stop_server(pid)
+        raise RuntimeSetupError(f"can't mount: {name}: {exc.strerror}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        stop_server(pid)
+        raise RuntimeSetupError(f"can't mount: {name}: root is no directory")
+    return pid
+
+
+def mount_squashfs(
+    image_fd: int,
+    offset: int,
+    mountpoint: str,
+    squashfuse: str,
+    single_thread: bool = False,
+) -> int:
+    """Mount the squashfs at byte ``offset`` of ``image_fd`` on ``mountpoint`` with
+    ``squashfuse`` (see :func:`fuse_mount`); return the server's pid.
+
+    squashfuse_ll is multithreaded unless ``-s`` is given (squashfuse >= 0.1.104; its help
+    lists ``-s`` and ``max_threads``).
+    """
+    argv = [squashfuse, "-f", "-o", f"offset={offset}"]
+    if single_thread:
+        argv.append("-s")
+    argv += [fd_path(3), "/dev/fd/4"]
+    try:
+        return fuse_mount(mountpoint, "squashfuse", [image_fd], lambda: exec_helper(argv), True)
+    except RuntimeSetupError as exc:
         raise RuntimeSetupError(
-            f"can't mount: squashfs at offset {offset}: {exc.strerror}",
+            f"can't mount: squashfs at offset {offset}: {exc.message.rsplit(': ', 1)[-1]}",
             "squashfuse_ll could not read the partition; is it a valid squashfs "
             "(try: unsquashfs -o OFFSET -s FILE)?",
         ) from exc
-    if not stat.S_ISDIR(st.st_mode):
-        stop_server(pid)
-        raise RuntimeSetupError(f"can't mount: squashfs at offset {offset}: root is no directory")
-    return pid
 
 
 def stop_server(pid: int) -> None:

@@ -20,6 +20,7 @@ from sifpy.errors import RuntimeSetupError
 
 # Clone flags (include/uapi/linux/sched.h).
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 
@@ -162,6 +163,64 @@ def umount2(target: str, flags: int = 0) -> None:
     """Call ``umount2(2)``."""
     if _libc.umount2(_b(target), flags) != 0:
         raise _fail("unmount", target, ctypes.get_errno())
+
+
+# The new mount API (Linux 5.2; include/uapi/linux/mount.h); the syscall numbers are the
+# same on every architecture since 5.1 (the unified table from 424 on).
+_SYS_MOVE_MOUNT, _SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 429, 430, 431, 432
+_FSCONFIG_SET_FLAG, _FSCONFIG_SET_STRING, _FSCONFIG_CMD_CREATE = 0, 1, 6
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_AT_FDCWD = -100
+
+
+def _syscall(what: str, obj: str, nr: int, *args: object) -> int:
+    res = int(_libc.syscall(ctypes.c_long(nr), *args))
+    if res < 0:
+        raise _fail(what, obj, ctypes.get_errno())
+    return res
+
+
+def detached_mount(fstype: str, source: str, readonly: bool, attrs: int) -> int:
+    """Create a mount that is attached nowhere yet (fsopen/fsconfig/fsmount); return its fd.
+
+    The privilege check happens here, in the caller's user namespace; :func:`move_mount` can
+    later attach it in a mount namespace of a child user namespace (the kernel squashfs path:
+    real root mounts, the container's namespaces receive the mount).
+    """
+    obj = f"{fstype} from {source}"
+    fs_fd = _syscall("mount", obj, _SYS_FSOPEN, fstype.encode(), 1)  # FSOPEN_CLOEXEC
+    try:
+        if readonly:
+            _syscall("mount", obj, _SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_FLAG, b"ro", None, 0)
+        _syscall("mount", obj, _SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, b"source", _b(source), 0)
+        _syscall("mount", obj, _SYS_FSCONFIG, fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0)
+        return _syscall("mount", obj, _SYS_FSMOUNT, fs_fd, 1, attrs)  # FSMOUNT_CLOEXEC
+    finally:
+        os.close(fs_fd)
+
+
+def move_mount(mount_fd: int, target: str) -> None:
+    """Attach the detached mount ``mount_fd`` on ``target`` (``move_mount(2)``)."""
+    _syscall(
+        "mount",
+        target,
+        _SYS_MOVE_MOUNT,
+        mount_fd,
+        b"",
+        _AT_FDCWD,
+        _b(target),
+        _MOVE_MOUNT_F_EMPTY_PATH,
+    )
+
+
+def in_initial_userns() -> bool:
+    """True when the caller's user namespace is the initial one (the identity map)."""
+    try:
+        with open("/proc/self/uid_map", "rb") as f:
+            return f.read().split() == [b"0", b"0", b"4294967295"]
+    except OSError:
+        return False
 
 
 def pivot_root(new_root: str, put_old: str) -> None:

@@ -1,0 +1,117 @@
+"""The container's mount plan: what Apptainer mounts by default (``/dev``, ``/proc``,
+``/sys``, home, ``/tmp``, the generated ``/etc`` files, user binds), in its order, less what
+``--no-mount`` skips, each host source pinned by an ``O_PATH`` fd.
+
+The plan is made in the monitor, in the container's mount namespace (bind sources must come
+from there) but before the session covers ``/tmp``; :func:`launch._apply` carries it out
+inside the new root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from typing import TYPE_CHECKING
+
+from sifpy.errors import RuntimeSetupError
+
+if TYPE_CHECKING:
+    from sifpy.runtime.launch import Identity, LaunchSpec
+
+# --no-mount names (Apptainer's), besides absolute paths of the system binds.
+NO_MOUNT = frozenset({"proc", "sys", "dev", "devpts", "home", "tmp", "hostfs", "cwd", "bind-paths"})
+_SYSTEM_BINDS = ("/etc/hosts", "/etc/localtime")  # Apptainer's default "bind path" entries
+_MINIMAL_DEV = ("null", "zero", "random", "urandom", "tty", "full")
+
+
+@dataclasses.dataclass
+class Mount:
+    """One mount of the container root, with its host source pinned by an O_PATH fd."""
+
+    dest: str
+    kind: str  # bind | tmpfs | proc | devpts | symlink | file (generated, in _FILES)
+    fd: int = -1
+    data: str = ""  # tmpfs options, symlink target, generated file name
+    readonly: bool = False
+    harden: bool = True  # remount nosuid,nodev (not for /dev, /proc, /sys)
+    is_dir: bool = True
+
+
+def pin(path: str, what: str) -> int:
+    # O_PATH follows the host's own symlinks (the user's paths), and keeps the object
+    # reachable after /tmp is covered and after the old root is gone.
+    try:
+        return os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RuntimeSetupError(f"can't bind: {what}: {path}: {exc.strerror}") from exc
+
+
+def plan(spec: LaunchSpec, ident: Identity) -> list[Mount]:
+    """The container's mounts, in Apptainer's order (dev, kernel, home, tmp, files, binds),
+    less those ``--no-mount`` names."""
+    opts = spec.options
+    skip = set(opts.no_mount)
+    plan: list[Mount] = []
+    if "dev" in skip:
+        pass  # an empty /dev (the image's own is never used: it may be a symlink)
+    elif opts.contain:
+        plan.append(Mount("/dev", "tmpfs", data="mode=0755,size=1m"))
+        for name in _MINIMAL_DEV:
+            if os.path.exists(f"/dev/{name}"):
+                plan.append(
+                    Mount(f"/dev/{name}", "bind", pin(f"/dev/{name}", "/dev"), is_dir=False)
+                )
+                plan[-1].harden = False
+        plan.append(Mount("/dev/shm", "tmpfs", data="mode=1777"))
+        links = [("fd", "/proc/self/fd")] + [
+            (name, f"/proc/self/fd/{i}") for i, name in enumerate(("stdin", "stdout", "stderr"))
+        ]
+        if "devpts" not in skip:
+            plan.append(Mount("/dev/pts", "devpts", pin("/dev/pts", "/dev/pts")))
+            links.insert(0, ("ptmx", "pts/ptmx"))
+        plan += [Mount(f"/dev/{name}", "symlink", data=target) for name, target in links]
+    else:
+        plan.append(Mount("/dev", "bind", pin("/dev", "/dev"), harden=False))
+    if "proc" in skip:
+        pass
+    elif opts.pid_ns:
+        plan.append(Mount("/proc", "proc"))
+    else:
+        plan.append(Mount("/proc", "bind", pin("/proc", "/proc"), harden=False))
+    if "sys" not in skip:
+        plan.append(Mount("/sys", "bind", pin("/sys", "/sys"), harden=False))
+    for path in _SYSTEM_BINDS:
+        if os.path.isfile(path) and "bind-paths" not in skip and path not in skip:
+            plan.append(Mount(path, "bind", pin(path, path), readonly=True, is_dir=False))
+    work = opts.workdir if opts.contain else None
+    if not opts.no_home and "home" not in skip:
+        home_src = opts.home or ident.home
+        home_dest = opts.home_dest or home_src
+        if work:
+            plan.append(Mount(home_dest, "bind", pin(f"{work}/home", "--workdir")))
+        elif opts.contain:
+            plan.append(Mount(home_dest, "tmpfs", data="mode=0700"))
+        elif home_src and home_src != "/":
+            plan.append(Mount(home_dest, "bind", pin(home_src, "home")))
+    for path, sub in (("/tmp", "tmp"), ("/var/tmp", "var_tmp")):
+        if "tmp" in skip:
+            continue
+        if work:
+            plan.append(Mount(path, "bind", pin(f"{work}/{sub}", "--workdir")))
+        elif opts.contain:
+            plan.append(Mount(path, "tmpfs", data="mode=1777"))
+        else:
+            plan.append(Mount(path, "bind", pin(path, path)))
+    if os.path.isfile("/etc/resolv.conf") and "/etc/resolv.conf" not in skip:
+        plan.append(Mount("/etc/resolv.conf", "bind", pin("/etc/resolv.conf", "/etc/resolv.conf")))
+        plan[-1].readonly, plan[-1].is_dir = True, False
+    plan.append(Mount("/etc/passwd", "file", data="passwd", readonly=True, is_dir=False))
+    plan.append(Mount("/etc/group", "file", data="group", readonly=True, is_dir=False))
+    for src, dest, readonly in spec.binds:
+        if not dest.startswith("/"):
+            raise RuntimeSetupError(f"can't bind: {src}: destination {dest} is not absolute")
+        fd = pin(src, src)
+        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        plan.append(Mount(dest, "bind", fd, readonly=readonly, is_dir=is_dir))
+    return plan
