@@ -190,7 +190,8 @@ def run_in_container(
         env=penv,
         cwd="/",
         options=LaunchOptions(
-            fakeroot=True, writable=writable, contain=True, pid_ns=True, no_home=True
+            fakeroot=True, writable=writable, contain=True, pid_ns=True, no_home=True,
+            passwd=False,  # %post may add users (useradd, package scripts): the image's own
         ),
     )
     sys.stdout.flush()
@@ -202,7 +203,10 @@ def run_in_container(
         try:
             os.close(read_end)
             ns.set_parent_death_signal(signal.SIGKILL)
-            seccomp.install()
+            if not (os.geteuid() == 0 and ns.in_initial_userns()):
+                # Unprivileged: emulate root. Real root gets an identity map instead
+                # (every id real), where chown and friends really work.
+                seccomp.install()
             code = launch(spec)
         except SifpyError as exc:
             os.write(write_end, f"{exc.message}\0{exc.hint or ''}".encode()[:4000])

@@ -273,9 +273,13 @@ def make_token_server(
             access = []
             kind, _, rest = scope.partition(":")
             name, _, _actions = rest.rpartition(":")
-            # Anonymous users may pull test/plain only; alice may pull anything.
+            # Anonymous users may pull test/plain only; alice may pull anything, and push
+            # to test/oras-* (sifpy push asks for "push,pull").
             if kind == "repository" and (user or name == "test/plain"):
-                access = [{"type": "repository", "name": name, "actions": ["pull"]}]
+                actions = ["pull"]
+                if user and name.startswith("test/oras-"):
+                    actions = [a for a in _actions.split(",") if a in ("pull", "push")]
+                access = [{"type": "repository", "name": name, "actions": actions}]
             header = {"typ": "JWT", "alg": "ES256", "x5c": [x5c]}
             now = int(time.time())
             claims = {

@@ -15,6 +15,7 @@ from integration.oci.helpers import assert_same_tree, sif_config, sif_rootfs, um
 from sifpy.oci.cache import Cache
 from sifpy.sif import SifImage
 from sifpy.sif import format as F
+from tests.conftest import need_tool
 
 CASES = [
     ("test/plain:1", "test/plain:1", []),
@@ -26,6 +27,7 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("mode", ["stream", "unpack"])
 @pytest.mark.parametrize(
     ("name", "layout_key", "flags"), CASES, ids=[" ".join([c[0], *c[2]]) for c in CASES]
 )
@@ -36,10 +38,17 @@ def test_pull_matches_umoci(
     name: str,
     layout_key: str,
     flags: list[str],
+    mode: str,
 ) -> None:
+    if mode == "stream":
+        need_tool("tar2sqfs")
     out = tmp_path / "app.sif"
-    proc = sifpy.run("pull", "--insecure", *flags, out, f"docker://{registry.host}/{name}")
+    proc = sifpy.run(
+        "-v", "pull", "--insecure", *flags, out, f"docker://{registry.host}/{name}",
+        SIFPY_PULL_STREAM="1" if mode == "stream" else "0",
+    )  # fmt: skip
     assert "wrote" in proc.stderr
+    assert ("streaming" in proc.stderr) == (mode == "stream")
     with SifImage.open(out) as img:
         assert img.launch_script == F.DEFAULT_LAUNCH_SCRIPT
         part = img.primary_partition()
@@ -47,7 +56,7 @@ def test_pull_matches_umoci(
     layout, tag = registry.layouts[layout_key]
     ours = sif_rootfs(out, tmp_path / "ours")
     reference = umoci_rootfs(layout, tag, tmp_path / "bundle")
-    assert_same_tree(ours, reference)
+    assert_same_tree(ours, reference, strict_links=mode == "stream")
 
 
 def test_index_platforms_differ(registry: Registry, sifpy: SifpyEnv, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("sifpy.cli.verify", "verify the signatures of a SIF image"),
     "key": ("sifpy.cli.key", "manage OpenPGP signing keys"),
     "pull": ("sifpy.cli.pull", "pull a docker:// image into a SIF file"),
+    "push": ("sifpy.cli.push", "push a SIF file to an OCI registry (oras://)"),
     "cache": ("sifpy.cli.cache", "list, verify and clean the image cache"),
     "registry": ("sifpy.cli.registry", "log in to and out of OCI registries"),
 }

@@ -1,4 +1,4 @@
-"""``sifpy pull [--force] [--arch A] [--platform P] out.sif docker://...``.
+"""``sifpy pull [--force] [--arch A] [--platform P] out.sif docker://...`` (or ``oras://...``).
 
 Layers download in parallel; progress is a rich bar per layer when stderr is a terminal,
 one plain line per layer otherwise, and nothing with ``-q``.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from argparse import Namespace
 from types import TracebackType
 
 from sifpy.cli._args import ArgumentParser
@@ -34,7 +35,7 @@ def build_parser(prog: str) -> ArgumentParser:
     p.add_argument("--ca-cert", metavar="FILE", help="trust this CA bundle (PEM) for the registry")
     p.add_argument("--no-cache", action="store_true", help="don't reuse a cached SIF")
     p.add_argument("output", help="the SIF file to write")
-    p.add_argument("image", help="docker://[registry/]name[:tag][@digest]")
+    p.add_argument("image", help="docker://[registry/]name[:tag][@digest] or oras://host/name:tag")
     return p
 
 
@@ -106,11 +107,34 @@ class RichProgress:
         self._progress.update(task, completed=desc.size, description=label)  # type: ignore[arg-type]
 
 
+def _pull_oras(a: Namespace) -> int:
+    """``sifpy pull out.sif oras://host/name:tag``: the SIF artifact, byte for byte."""
+    from sifpy.cli.push import PlainProgress as PlainTransfer
+    from sifpy.cli.push import RichProgress as RichTransfer
+    from sifpy.oci import oras
+
+    ref = oras.parse_oras(a.image)
+    options = ClientOptions(insecure=a.insecure, ca_cert=a.ca_cert)
+    log.info(f"pulling oras://{ref}")
+    if log.level >= log.NORMAL and sys.stderr.isatty():
+        with RichTransfer() as rich_progress:
+            digest = oras.pull(
+                ref, a.output, options=options, force=a.force, progress=rich_progress
+            )
+    else:
+        progress = PlainTransfer("downloaded") if log.level >= log.NORMAL else oras.NoProgress()
+        digest = oras.pull(ref, a.output, options=options, force=a.force, progress=progress)
+    log.info(f"wrote {a.output} ({digest})")
+    return 0
+
+
 def main(argv: list[str], prog: str = "sifpy pull") -> int:
     """Run ``sifpy pull``."""
     a = build_parser(prog).parse_args(argv)
-    if a.image.startswith("oras://") or a.image.startswith("library://"):
-        raise UsageError(f"can't pull {a.image}: only docker:// is supported yet")
+    if a.image.startswith("oras://"):
+        return _pull_oras(a)
+    if a.image.startswith("library://"):
+        raise UsageError(f"can't pull {a.image}: only docker:// and oras:// are supported")
     ref = parse_reference(a.image)
     platform = parse_platform(a.platform, a.arch)
     options = ClientOptions(insecure=a.insecure, ca_cert=a.ca_cert)

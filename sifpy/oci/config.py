@@ -163,15 +163,33 @@ def _write(dir_fd: int, name: str, data: str, mode: int) -> None:
         os.fchmod(f.fileno(), mode)
 
 
-def config_to_metadata(rootfs: str | os.PathLike[str], config: dict[str, Any]) -> None:
-    """Write Apptainer's metadata for the image ``config`` (the full image config JSON,
-    with its ``config`` section) into ``rootfs``."""
+META_DIRS = ("env", "actions", "libs")  # below /.singularity.d
+
+
+def metadata_files(config: dict[str, Any]) -> list[tuple[str, str, str, int]]:
+    """The metadata files for the image ``config`` (the full image config JSON, with its
+    ``config`` section): ``(subdirectory of /.singularity.d or "", name, text, mode)``."""
     section = config.get("config")
     cfg: dict[str, Any] = section if isinstance(section, dict) else {}
     env = _str_list(cfg.get("Env"))
     entrypoint = _str_list(cfg.get("Entrypoint"))
     cmd = _str_list(cfg.get("Cmd"))
     labels = cfg.get("Labels") if isinstance(cfg.get("Labels"), dict) else {}
+    return [
+        ("env", "01-base.sh", BASE_ENV, 0o755),
+        ("env", "10-docker2singularity.sh", env_script(env), 0o755),
+        ("env", "90-environment.sh", BASE_ENV + "# Custom environment shell code.\n", 0o755),
+        ("env", "99-base.sh", ENV_99, 0o755),
+        ("", "runscript", runscript(entrypoint, cmd), 0o755),
+        ("", "startscript", "#!/bin/sh\n", 0o755),
+        ("", "labels.json", labels_json(labels or {}), 0o644),
+    ]
+
+
+def config_to_metadata(rootfs: str | os.PathLike[str], config: dict[str, Any]) -> None:
+    """Write Apptainer's metadata for the image ``config`` (the full image config JSON,
+    with its ``config`` section) into ``rootfs``."""
+    files = metadata_files(config)
     root_fd = os.open(Path(rootfs), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     fds: list[int] = []
     try:
@@ -183,17 +201,12 @@ def config_to_metadata(rootfs: str | os.PathLike[str], config: dict[str, Any]) -
                 log.warn(f"can't create mount point /{mp} in the image: {exc}")
         meta = open_dir(root_fd, [".singularity.d"], create=True)[0]
         fds.append(meta)
-        for sub in ("env", "actions", "libs"):
-            fds.append(open_dir(meta, [sub], create=True)[0])
-        env_fd = open_dir(meta, ["env"], create=False)[0]
-        fds.append(env_fd)
-        _write(env_fd, "01-base.sh", BASE_ENV, 0o755)
-        _write(env_fd, "10-docker2singularity.sh", env_script(env), 0o755)
-        _write(env_fd, "90-environment.sh", BASE_ENV + "# Custom environment shell code.\n", 0o755)
-        _write(env_fd, "99-base.sh", ENV_99, 0o755)
-        _write(meta, "runscript", runscript(entrypoint, cmd), 0o755)
-        _write(meta, "startscript", "#!/bin/sh\n", 0o755)
-        _write(meta, "labels.json", labels_json(labels or {}), 0o644)
+        subs = {"": meta}
+        for sub in META_DIRS:
+            subs[sub] = open_dir(meta, [sub], create=True)[0]
+            fds.append(subs[sub])
+        for sub, name, text, mode in files:
+            _write(subs[sub], name, text, mode)
         os.fchmod(meta, 0o755)
     except (PathError, OSError) as exc:
         raise RootfsError(f"can't write image metadata: {exc}") from exc

@@ -1,9 +1,11 @@
-"""``docker://`` to SIF: resolve, download into the cache, unpack, add metadata, pack.
+"""``docker://`` to SIF: resolve, download into the cache, merge, add metadata, pack.
 
 The order is the data flow of the design notes: resolve the reference to one image
 manifest (pinned by digest for the rest of the pull), fetch the layers in parallel into
-the verified cache, apply them with :func:`sifpy.rootfs.apply_layers` into a private
-temporary rootfs, write Apptainer's metadata, pack it with ``mksquashfs`` and write the SIF
+the verified cache, merge them with Apptainer's metadata into one sanitised tar stream
+packed by ``tar2sqfs`` (:mod:`sifpy.oci.stream`, no rootfs on disk) — or, without
+tar2sqfs, apply them with :func:`sifpy.rootfs.apply_layers` into a private temporary
+rootfs, write the metadata and pack it with ``mksquashfs`` — and write the SIF
 atomically (the final name appears only when the image is complete). A SIF built from a
 manifest digest is cached, so pulling the same image again copies it.
 """
@@ -25,6 +27,7 @@ from typing import BinaryIO, Protocol
 
 from sifpy.errors import ToolError, UsageError
 from sifpy.oci import media as M
+from sifpy.oci import stream
 from sifpy.oci.auth import lookup_credentials
 from sifpy.oci.cache import Cache, IndexEntry, copy_file
 from sifpy.oci.config import config_to_metadata
@@ -130,35 +133,71 @@ def sif_arch(image: Image, platform: Platform) -> str:
     return arch if arch in F.ARCH_CODES else platform.architecture
 
 
-def build_sif(image: Image, layers: list[Path], out: Path, platform: Platform) -> None:
-    """Unpack ``layers`` into a temporary rootfs, add metadata, pack, write ``out``."""
+def use_streaming() -> bool:
+    """Pull by streaming (no rootfs on disk) unless tar2sqfs is missing.
+
+    ``SIFPY_PULL_STREAM=0`` forces the unpack path, ``1`` requires streaming."""
+    choice = os.environ.get("SIFPY_PULL_STREAM", "auto").strip().lower()
+    if choice in ("0", "no", "false", "off"):
+        return False
+    if choice in ("1", "yes", "true", "on"):
+        return True
+    if stream.tar2sqfs_path() is None:
+        log.verbose("tar2sqfs not found: unpacking to a temporary rootfs instead")
+        return False
+    return True
+
+
+def build_sif(
+    image: Image,
+    layers: list[Path],
+    out: Path,
+    platform: Platform,
+    *,
+    streaming: bool | None = None,
+) -> None:
+    """Turn ``layers`` plus the image's metadata into a squashfs, then write ``out``.
+
+    Streaming (:mod:`sifpy.oci.stream`, tar2sqfs) writes no rootfs; otherwise the
+    layers are unpacked into a temporary rootfs and packed with mksquashfs."""
+    if streaming is None:
+        streaming = use_streaming()
     tmp_root = os.environ.get("SIFPY_TMPDIR") or None
     work = Path(tempfile.mkdtemp(prefix="sifpy-pull-", dir=tmp_root))  # 0700
     try:
-        rootfs = work / "rootfs"
-        rootfs.mkdir(mode=0o755)
-        log.verbose(f"unpacking {len(layers)} layers")
-        apply_layers(rootfs, layers)
-        config_to_metadata(rootfs, image.config_json)
         sqfs = work / "rootfs.sqfs"
-        log.verbose("creating squashfs")
-        mksquashfs(rootfs, sqfs)
-        _rmtree(rootfs)  # free the space before the SIF copy
-        # Apptainer stores the config's `Config` section as JSON.Generic oci-config.json.
-        cfg = image.config_json.get("config")
-        config_doc = json.dumps(cfg if isinstance(cfg, dict) else {}).encode()
-        create(
-            out,
-            [
-                ObjectInput(F.DataType.GENERIC_JSON, config_doc, name="oci-config.json"),
-                ObjectInput.partition(
-                    str(sqfs), F.FSType.SQUASH, F.PartType.PRIMSYS, sif_arch(image, platform)
-                ),
-            ],
-            launch_script=F.DEFAULT_LAUNCH_SCRIPT,
-        )
+        if streaming:
+            log.verbose(f"streaming {len(layers)} layers into squashfs")
+            stream.layers_to_squashfs(layers, sqfs, image.config_json)
+        else:
+            rootfs = work / "rootfs"
+            rootfs.mkdir(mode=0o755)
+            log.verbose(f"unpacking {len(layers)} layers")
+            apply_layers(rootfs, layers)
+            config_to_metadata(rootfs, image.config_json)
+            log.verbose("creating squashfs")
+            mksquashfs(rootfs, sqfs)
+            _rmtree(rootfs)  # free the space before the SIF copy
+        write_sif(image, sqfs, out, platform)
     finally:
         _rmtree(work)
+
+
+def write_sif(image: Image, sqfs: Path, out: Path, platform: Platform) -> None:
+    """The SIF: the image config's ``config`` section as JSON, then the squashfs."""
+    # Apptainer stores the config's `Config` section as JSON.Generic oci-config.json.
+    cfg = image.config_json.get("config")
+    config_doc = json.dumps(cfg if isinstance(cfg, dict) else {}).encode()
+    create(
+        out,
+        [
+            ObjectInput(F.DataType.GENERIC_JSON, config_doc, name="oci-config.json"),
+            ObjectInput.partition(
+                str(sqfs), F.FSType.SQUASH, F.PartType.PRIMSYS, sif_arch(image, platform)
+            ),
+        ],
+        launch_script=F.DEFAULT_LAUNCH_SCRIPT,
+    )
 
 
 def _install_copy(src: Path, out: Path) -> None:

@@ -163,6 +163,7 @@ class RegistryClient:
         # Proxies from the environment are still honoured, per URL (see _proxies).
         self._session.trust_env = False
         self._verify: bool | str = self.options.ca_cert or True
+        self.action = "pull"  # what messages say the user was doing ("push" for uploads)
 
     def close(self) -> None:
         self._session.close()
@@ -271,6 +272,69 @@ class RegistryClient:
                 continue
             return resp
 
+    def call(
+        self,
+        method: str,
+        url: str,
+        scope: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: Callable[[], Any] | None = None,
+        idempotent: bool = False,
+    ) -> requests.Response:
+        """One ``method`` call (no redirects followed) with auth: a 401 challenge from the
+        registry is answered once. Connection errors, 429 and 5xx are retried only when
+        ``idempotent``. ``body`` makes a fresh request body for each try. The caller
+        checks the status and closes the answer."""
+        authenticated = False
+        attempt = 0
+        while True:
+            hop = {"Accept-Encoding": "identity", **(headers or {})}
+            own = _origin(url) == self._origin
+            if own:
+                hop.update(self._auth_header(scope))
+            try:
+                resp = self._session.request(
+                    method,
+                    url,
+                    headers=hop,
+                    data=body() if body is not None else None,
+                    stream=True,
+                    allow_redirects=False,
+                    timeout=self.options.timeout,
+                    verify=self._verify,
+                    proxies=self._proxies(url),
+                )
+            except requests.exceptions.SSLError as exc:
+                raise RegistryError(
+                    f"can't connect: {redact(url)}: TLS verification failed",
+                    "pass the registry's CA with --ca-cert, or --insecure for a plain-http "
+                    "registry you trust",
+                ) from exc
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                if idempotent and attempt < self.options.retries:
+                    log.verbose(f"retrying {method} {redact(url)}: connection error")
+                    self._wait(attempt)
+                    attempt += 1
+                    continue
+                raise RegistryError(
+                    f"can't {self.action}: {method} {redact(url)}: {type(exc).__name__}",
+                    "check the registry address and your network",
+                ) from None
+            if resp.status_code == 401 and own and not authenticated:
+                challenge = resp.headers.get("WWW-Authenticate", "")
+                resp.close()
+                self._authenticate(challenge, scope)
+                authenticated = True
+                continue
+            if idempotent and resp.status_code in _RETRY_STATUS and attempt < self.options.retries:
+                log.verbose(f"retrying {method} {redact(url)}: HTTP {resp.status_code}")
+                resp.close()
+                self._wait(attempt, resp)
+                attempt += 1
+                continue
+            return resp
+
     def _authenticate(self, header: str, scope: str) -> None:
         """Answer a 401 challenge from the registry (token flow or basic)."""
         challenge = parse_challenge(header) if header else None
@@ -281,7 +345,7 @@ class RegistryClient:
         if challenge.scheme == "basic":
             if self._credentials is None:
                 raise RegistryError(
-                    f"can't pull: {self.registry}: authentication required",
+                    f"can't {self.action}: {self.registry}: authentication required",
                     f"log in with 'sifpy registry login {self.registry}', or set "
                     "SIFPY_DOCKER_USERNAME and SIFPY_DOCKER_PASSWORD",
                 )
@@ -358,9 +422,15 @@ class RegistryClient:
         with self._auth.lock:
             self._auth.tokens[scope] = token
 
-    def _check(self, resp: requests.Response, what: str) -> None:
+    def check(
+        self,
+        resp: requests.Response,
+        what: str,
+        ok: tuple[int, ...] = (200, 206),
+        verb: str = "fetch",
+    ) -> None:
         """Raise a clear RegistryError for a non-2xx answer (body read at most 1 MiB)."""
-        if resp.status_code in (200, 206):
+        if resp.status_code in ok:
             return
         detail = ""
         try:
@@ -383,14 +453,14 @@ class RegistryClient:
             reason = f"access denied ({reason})"
         elif status == 404:
             hint = "check the image name and tag"
-        raise RegistryError(f"can't fetch {what}: {reason}", hint)
+        raise RegistryError(f"can't {verb} {what}: {reason}", hint)
 
     # --- manifests ----------------------------------------------------------------------
 
     def check_login(self) -> None:
         """Ping ``/v2/`` with the credentials; raise if they are refused (for ``login``)."""
         resp = self._request(self.base + "/v2/", "", {"Accept-Encoding": "identity"})
-        self._check(resp, f"{self.registry}/v2/")
+        self.check(resp, f"{self.registry}/v2/")
         resp.close()
 
     def get_manifest(self, repository: str, reference: str) -> Manifest:
@@ -405,7 +475,7 @@ class RegistryClient:
         attempt = 0
         while True:
             resp = self._request(url, scope, headers)
-            self._check(resp, what)
+            self.check(resp, what)
             try:
                 raw = _read_limited(resp, M.MANIFEST_MAX, what)
                 break
@@ -479,7 +549,7 @@ class RegistryClient:
             resp = self._request(
                 url, f"repository:{repository}:pull", {"Accept-Encoding": "identity"}
             )
-            self._check(resp, what)
+            self.check(resp, what)
             try:
                 data = _read_limited(resp, min(limit, desc.size), what)
                 break
@@ -533,7 +603,7 @@ class RegistryClient:
                     f"can't fetch {what}: a foreign layer not stored in the registry",
                     "foreign layer URLs are not followed (CVE-2020-15157)",
                 )
-            self._check(resp, what)
+            self.check(resp, what)
             if got:
                 if resp.status_code == 200:
                     # Range ignored: the body is the whole blob. Start over from byte 0.

@@ -123,6 +123,7 @@ class LaunchOptions:
     squashfuse: str = "squashfuse_ll"
     fuse_single_thread: bool = False
     identity: Identity | None = None  # default: looked up with host_identity()
+    passwd: bool = True  # bind generated /etc/passwd and /etc/group (builds: the image's own)
 
 
 @dataclasses.dataclass
@@ -172,6 +173,12 @@ def launch(spec: LaunchSpec) -> int:
     elif not os.path.isdir(spec.image.path):
         raise RuntimeSetupError(f"can't use sandbox: {spec.image.path}: not a directory")
     _prepare_dirs(opts)
+    # Real root, as uid 0 inside: map every id to itself, so the image's other owners (e.g.
+    # Debian's _apt) stay real owners. Only a process still in the parent namespace may
+    # write such a map, so the monitor unshares and waits while we write it (handshake).
+    identity_map = os.getuid() == 0 and (opts.fakeroot or ident.uid == 0)
+    identity_map = identity_map and ns.in_initial_userns()
+    sync = (*os.pipe(), *os.pipe()) if identity_map else None
     read_end, write_end = os.pipe()  # both close-on-exec (PEP 446)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
     try:
@@ -179,8 +186,10 @@ def launch(spec: LaunchSpec) -> int:
         pid = os.fork()
         if pid == 0:
             os.close(read_end)
-            _monitor(spec, ident, driver, write_end, caller)
+            _monitor(spec, ident, driver, write_end, caller, sync)
         os.close(write_end)
+        if sync is not None:
+            _write_identity_map(pid, sync)
         status = _supervise(pid, pid, reap_all=False)
         report = b""
         while chunk := os.read(read_end, 65536):
@@ -196,6 +205,26 @@ def launch(spec: LaunchSpec) -> int:
         sys.stderr.flush()
         return int(code_s)
     return _exit_code(status)
+
+
+def _write_identity_map(pid: int, sync: tuple[int, int, int, int]) -> None:
+    """The caller's half of the handshake: wait for the monitor's new user namespace,
+    map all ids to themselves, let it go on. A monitor that failed first sends nothing."""
+    unshared_r, unshared_w, mapped_r, mapped_w = sync
+    os.close(unshared_w)
+    os.close(mapped_r)
+    try:
+        if os.read(unshared_r, 1) == b"u":
+            with contextlib.suppress(OSError):  # the monitor reports a failed map itself
+                for name in ("uid_map", "gid_map"):
+                    with open(f"/proc/{pid}/{name}", "w") as f:
+                        f.write("0 0 4294967295\n")
+        os.write(mapped_w, b"m")
+    except OSError:
+        pass
+    finally:
+        os.close(unshared_r)
+        os.close(mapped_w)
 
 
 def _prepare_dirs(opts: LaunchOptions) -> None:
@@ -265,7 +294,12 @@ def _report(fd: int, code: int, message: str, hint: str | None = None) -> None:
 
 
 def _monitor(
-    spec: LaunchSpec, ident: Identity, driver: drivers.Driver, report: int, caller: int
+    spec: LaunchSpec,
+    ident: Identity,
+    driver: drivers.Driver,
+    report: int,
+    caller: int,
+    sync: tuple[int, int, int, int] | None = None,
 ) -> NoReturn:
     """The monitor process (see the module docstring); never returns."""
     servers: list[int] = []  # FUSE servers (image, overlay), killed when the container ends
@@ -286,7 +320,17 @@ def _monitor(
         outer_uid, outer_gid = os.getuid(), os.getgid()
         inner_uid, inner_gid = (0, 0) if opts.fakeroot else (outer_uid, outer_gid)
         ns.unshare(ns.CLONE_NEWUSER | ns.CLONE_NEWNS | (ns.CLONE_NEWIPC if opts.ipc_ns else 0))
-        ns.map_ids(outer_uid, outer_gid, inner_uid, inner_gid)
+        if sync is not None:  # real root: the caller writes the identity map (launch())
+            unshared_r, unshared_w, mapped_r, mapped_w = sync
+            os.close(unshared_r)
+            os.close(mapped_w)
+            os.write(unshared_w, b"u")
+            if os.read(mapped_r, 1) != b"m" or os.getuid() != 0:
+                raise RuntimeSetupError("can't map user ids: the caller did not map them")
+            os.close(unshared_w)
+            os.close(mapped_r)
+        else:
+            ns.map_ids(outer_uid, outer_gid, inner_uid, inner_gid)
         ns.set_no_new_privs()  # inherited by the FUSE servers, helpers and the container
         # Private propagation: nothing we mount or unmount can reach another namespace.
         ns.mount(None, "/", None, ns.MS_REC | ns.MS_PRIVATE, what="/ (make private)")

@@ -106,8 +106,9 @@ def plan(spec: LaunchSpec, ident: Identity) -> list[Mount]:
     if os.path.isfile("/etc/resolv.conf") and "/etc/resolv.conf" not in skip:
         plan.append(Mount("/etc/resolv.conf", "bind", pin("/etc/resolv.conf", "/etc/resolv.conf")))
         plan[-1].readonly, plan[-1].is_dir = True, False
-    plan.append(Mount("/etc/passwd", "file", data="passwd", readonly=True, is_dir=False))
-    plan.append(Mount("/etc/group", "file", data="group", readonly=True, is_dir=False))
+    if opts.passwd:
+        plan.append(Mount("/etc/passwd", "file", data="passwd", readonly=True, is_dir=False))
+        plan.append(Mount("/etc/group", "file", data="group", readonly=True, is_dir=False))
     for src, dest, readonly in spec.binds:
         if not dest.startswith("/"):
             raise RuntimeSetupError(f"can't bind: {src}: destination {dest} is not absolute")

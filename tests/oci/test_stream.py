@@ -1,0 +1,314 @@
+"""The streaming merger (:mod:`sifpy.oci.stream`) against the unpack path, entry by entry.
+
+Every hostile case of ``tests/rootfs/test_unpack_attacks.py`` and a set of whiteout,
+hardlink and replacement cases run through both :func:`sifpy.rootfs.apply_layers` and
+the merger: both must fail, or the merged tar must describe exactly the unpacked tree.
+The merged tar itself must be canonical: relative names, no ``..``, every parent a
+directory written before, hardlinks only to names already written, no device nodes,
+everything owned by root.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import stat
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from sifpy.errors import RootfsError
+from sifpy.oci import stream
+from sifpy.oci.config import MOUNT_POINTS
+from sifpy.rootfs import apply_layers
+from sifpy.rootfs.unpack import _real_root
+from tests.rootfs import test_unpack_attacks as attacks
+from tests.rootfs.tars import dir_, hard, layer, node, reg, sym, wh
+
+from ..conftest import need_tool
+
+Desc = dict[str, tuple[object, ...]]
+
+
+def describe_dir(root: Path) -> Desc:
+    """type, mode, body, hardlink group (the smallest name of the inode) of each path."""
+    out: Desc = {}
+    groups: dict[int, str] = {}
+    rows = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            rel = str(path.relative_to(root))
+            st = path.lstat()
+            if stat.S_ISREG(st.st_mode):
+                body: object = path.read_bytes()
+            elif stat.S_ISLNK(st.st_mode):
+                body = os.readlink(path)
+            else:
+                body = None
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                groups[st.st_ino] = min(groups.get(st.st_ino, rel), rel)
+            rows.append((rel, st, body))
+    for rel, st, body in rows:
+        group = groups.get(st.st_ino) if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) else None
+        out[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), body, group)
+    return out
+
+
+def describe_tar(data: bytes) -> Desc:
+    """The same description, read from a merged tar, checking it is canonical."""
+    entries: dict[str, tuple[int, int, object]] = {}
+    link_of: dict[str, str] = {}
+    dirs = {""}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+        for m in tf:
+            name = m.name.rstrip("/")
+            if name == ".":
+                assert m.isdir() and entries == {}, "root must come first"
+                continue
+            assert not name.startswith("/") and ".." not in name.split("/"), name
+            assert "" not in name.split("/") and "." not in name.split("/"), name
+            assert name.rpartition("/")[0] in dirs, f"{name}: parent not a directory before it"
+            assert name not in entries, f"{name}: twice"
+            assert m.uid == 0 and m.gid == 0 and not m.pax_headers.get("SCHILY.xattr")
+            assert not (m.ischr() or m.isblk()), f"device node {name}"
+            if m.isdir():
+                dirs.add(name)
+                entries[name] = (stat.S_IFDIR, m.mode, None)
+            elif m.islnk():
+                assert m.linkname in entries and m.linkname not in dirs, f"{name}: bad link"
+                target = link_of.get(m.linkname, m.linkname)
+                link_of[name] = target
+                entries[name] = entries[target]
+            elif m.issym():
+                entries[name] = (stat.S_IFLNK, 0o777, m.linkname)
+            elif m.isfifo():
+                entries[name] = (stat.S_IFIFO, m.mode, None)
+            else:
+                assert m.isreg(), f"{name}: type {m.type!r}"
+                f = tf.extractfile(m)
+                assert f is not None
+                entries[name] = (stat.S_IFREG, m.mode, f.read())
+    members: dict[str, list[str]] = {}
+    for name in entries:
+        if name in link_of:
+            members.setdefault(link_of[name], [link_of[name]]).append(name)
+    group = {n: min(ms) for ms in members.values() for n in ms}
+    return {n: (*v, group.get(n)) for n, v in entries.items()}
+
+
+def merged(layers: list[bytes], config: dict[str, object] | None = None) -> bytes:
+    out = io.BytesIO()
+    stream.merged_tar([io.BytesIO(b) for b in layers], out, config)
+    return out.getvalue()
+
+
+def unpacked(tmp: Path, layers: list[bytes]) -> Desc:
+    root = tmp / "rootfs"
+    root.mkdir()
+    apply_layers(root, [io.BytesIO(b) for b in layers])
+    return describe_dir(root)
+
+
+def same_outcome(tmp: Path, layers: list[bytes]) -> str:
+    """Run both paths; assert the same outcome and, on success, the same tree."""
+    try:
+        want: Desc | None = unpacked(tmp, layers)
+    except RootfsError:
+        want = None
+    try:
+        got: Desc | None = describe_tar(merged(layers))
+    except RootfsError as exc:
+        assert want is None, f"stream refused what unpack applied: {exc}"
+        return "error"
+    assert want is not None, "stream applied what unpack refused"
+    assert got == want
+    return "ok"
+
+
+VICTIM = "/tmp/sifpy-stream-victim"
+
+
+def _fixed(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    out = []
+    for orig, data in entries:
+        ti = copy.copy(orig)
+        ti.name = ti.name.replace(attacks.VICTIM_ABS, VICTIM)
+        ti.linkname = ti.linkname.replace(attacks.VICTIM_ABS, VICTIM)
+        out.append((ti, data))
+    return layer(*out)
+
+
+@pytest.mark.parametrize("case", list(attacks.CASES))
+def test_attack_cases_match_unpack(tmp_path: Path, case: str) -> None:
+    entries, expected = attacks.CASES[case]
+    blob = _fixed(entries)
+    if case in attacks.NUL_CASES:
+        ti = copy.copy(entries[0][0])
+        ti.pax_headers = attacks.NUL_CASES[case]
+        blob = layer((ti, b""))
+    outcome = same_outcome(tmp_path, [blob])
+    assert outcome == ("error" if expected == attacks.ERROR else "ok")
+
+
+@pytest.mark.parametrize("case", list(attacks.TWO_LAYER_CASES))
+def test_two_layer_attacks_match_unpack(tmp_path: Path, case: str) -> None:
+    first, second, expected = attacks.TWO_LAYER_CASES[case]
+    outcome = same_outcome(tmp_path, [_fixed(first), _fixed(second)])
+    assert outcome == ("error" if expected == attacks.ERROR else "ok")
+
+
+LAYERED = {
+    "whiteout-file": [[reg("a", b"1"), reg("b", b"2")], [wh("a")]],
+    "whiteout-dir": [[dir_("d"), reg("d/x", b"x"), reg("keep")], [wh("d")]],
+    "whiteout-then-recreate": [[reg("a", b"old")], [wh("a"), reg("a", b"new")]],
+    "recreate-then-whiteout": [[reg("a", b"old")], [reg("a", b"new"), wh("a")]],
+    "opaque": [
+        [dir_("o"), reg("o/old"), dir_("o/sub"), reg("o/sub/x")],
+        [reg("o/before"), reg("o/.wh..wh..opq"), reg("o/after"), reg("o/sub/new")],
+    ],
+    "opaque-missing-dir": [[reg("x")], [reg("nope/.wh..wh..opq")]],
+    "whiteout-missing": [[reg("x")], [wh("nope/deeper"), wh("y")]],
+    "file-over-dir": [[dir_("d"), reg("d/x")], [reg("d", b"now a file")]],
+    "dir-over-file": [[reg("d", b"f")], [dir_("d", 0o750), reg("d/x")]],
+    "dir-meta-update": [[dir_("d", 0o700), reg("d/x")], [dir_("d", 0o751)]],
+    "symlink-over-dir": [[dir_("d"), reg("d/x")], [sym("d", "elsewhere")]],
+    "duplicate-in-layer": [[reg("a", b"first"), reg("a", b"second", mode=0o600)]],
+    "hardlinks": [
+        [reg("f", b"data", mode=0o755), hard("g", "f"), sym("s", "f"), hard("t", "s")],
+        [hard("h", "g"), reg("f", b"replaced")],
+    ],
+    "hardlink-survives-whiteout": [[reg("f", b"x"), hard("g", "f")], [wh("f")]],
+    "hardlink-into-replaced-dir": [[dir_("d"), reg("d/f", b"x")], [hard("d", "d/f")]],
+    "hardlink-self": [[reg("f", b"x"), hard("f", "f")]],
+    "hardlink-to-fifo": [[node("p", tarfile.FIFOTYPE), hard("q", "p")]],
+    "write-through-symlink-dirs": [
+        [dir_("usr/lib"), sym("lib", "usr/lib"), sym("abs", "/usr")],
+        [reg("lib/x", b"x"), reg("abs/lib/y", b"y"), dir_("abs/new")],
+    ],
+    "whiteout-through-symlink": [[dir_("real"), reg("real/x"), sym("l", "real")], [wh("l/x")]],
+    "setuid-and-modes": [[reg("su", b"x", mode=0o4755), dir_("ro", 0o555), reg("ro/f")]],
+    "long-names": [[reg("d" * 120 + "/" + "é" * 100, b"x"), sym("l" * 200, "t" * 300)]],
+    "root-entry": [[dir_("./", 0o711), reg("x")]],
+    "devices-skipped": [[node("dev/null", tarfile.CHRTYPE, 1, 3), reg("dev/ok")]],
+}
+
+
+LAYERED_ERRORS = {"hardlink-into-replaced-dir"}  # the target goes with the directory
+
+
+@pytest.mark.parametrize("case", list(LAYERED))
+def test_layer_semantics_match_unpack(tmp_path: Path, case: str) -> None:
+    layers = [layer(*entries) for entries in LAYERED[case]]
+    expected = "error" if case in LAYERED_ERRORS else "ok"
+    assert same_outcome(tmp_path, layers) == expected
+
+
+def test_devices_dropped_and_names_clean() -> None:
+    data = merged(
+        [
+            layer(
+                node("dev/null", tarfile.CHRTYPE, 1, 3),
+                node("sda", tarfile.BLKTYPE, 8, 0),
+                reg("/abs/x", b"x"),
+                reg("./dot//y", b"y"),
+                sym("l", "/etc"),
+                reg("l/written", b"w"),
+            )
+        ]
+    )
+    names = {k: v[0] for k, v in describe_tar(data).items()}
+    assert names == {
+        "abs": stat.S_IFDIR,
+        "abs/x": stat.S_IFREG,
+        "dot": stat.S_IFDIR,
+        "dot/y": stat.S_IFREG,
+        "l": stat.S_IFLNK,
+        "etc": stat.S_IFDIR,
+        "etc/written": stat.S_IFREG,
+    }
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [".wh..", ".wh...", "d/.wh.", ".wh.d/x", "../.wh.x"],
+)
+def test_bad_whiteouts_refused(bad: str) -> None:
+    with pytest.raises(RootfsError):
+        merged([layer(dir_("d"), reg("d/x")), layer(reg(bad))])
+
+
+def test_metadata_entries_like_config_to_metadata(tmp_path: Path) -> None:
+    from sifpy.oci.config import config_to_metadata
+
+    config: dict[str, object] = {
+        "config": {"Env": ["A=1"], "Cmd": ["/bin/true"], "Labels": {"x": "y"}}
+    }
+    base = [layer(dir_("etc", 0o700), sym("var", "private/var"), reg(".singularity.d", b"f"))]
+    with pytest.raises(RootfsError):  # a file where the metadata directory goes: both fail
+        merged(base, config)
+    base = [layer(dir_("etc", 0o700), sym("var", "private/var"), dir_(".singularity.d", 0o700))]
+    got = describe_tar(merged(base, config))
+    root = tmp_path / "r"
+    root.mkdir()
+    apply_layers(root, [io.BytesIO(b) for b in base])
+    config_to_metadata(root, config)
+    assert got == describe_dir(root)
+    assert "private/var/tmp" in got and all(mp in got for mp in MOUNT_POINTS if mp != "var/tmp")
+    assert got[".singularity.d/runscript"][1] == 0o755
+
+
+def test_unprivileged_modes() -> None:
+    data = merged([layer(reg("su", b"x", mode=0o6755), dir_("ro", 0o555))])
+    out = io.BytesIO()
+    stream.merged_tar(
+        [io.BytesIO(layer(reg("su", b"x", mode=0o6755), dir_("ro", 0o555)))], out, privileged=False
+    )
+    got = describe_tar(out.getvalue())
+    assert got["su"][1] == 0o755 and got["ro"][1] == 0o755
+    if _real_root():
+        assert describe_tar(data)["su"][1] == 0o6755
+
+
+def test_tar2sqfs_keeps_hardlinked_symlink(tmp_path: Path) -> None:
+    need_tool("tar2sqfs")
+    unsquashfs = need_tool("unsquashfs")
+    blob = tmp_path / "l.tar"
+    blob.write_bytes(
+        layer(reg("f", b"data"), hard("g", "f"), sym("s", "f"), hard("t", "s"), dir_("d"))
+    )
+    sqfs = tmp_path / "x.sqfs"
+    stream.layers_to_squashfs([blob], sqfs)
+    import subprocess
+
+    subprocess.run(
+        [unsquashfs, "-d", str(tmp_path / "x"), str(sqfs)], check=True, capture_output=True
+    )
+    x = tmp_path / "x"
+    assert (x / "t").is_symlink() and (x / "t").lstat().st_ino == (x / "s").lstat().st_ino
+    assert (x / "g").lstat().st_ino == (x / "f").lstat().st_ino
+    assert (x / "f").stat().st_uid == 0
+
+
+def test_pull_falls_back_without_tar2sqfs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sifpy.oci import pull
+
+    monkeypatch.delenv("SIFPY_PULL_STREAM", raising=False)
+    monkeypatch.setattr(stream, "tar2sqfs_path", lambda: None)
+    assert pull.use_streaming() is False
+    monkeypatch.setattr(stream, "tar2sqfs_path", lambda: "/usr/bin/tar2sqfs")
+    assert pull.use_streaming() is True
+    monkeypatch.setenv("SIFPY_PULL_STREAM", "0")
+    assert pull.use_streaming() is False
+
+
+def test_missing_tar2sqfs_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sifpy.errors import ToolError
+
+    monkeypatch.setattr(stream, "tar2sqfs_path", lambda: None)
+    blob = tmp_path / "l.tar"
+    blob.write_bytes(layer(reg("f", b"x")))
+    with pytest.raises(ToolError, match="tar2sqfs not found"):
+        stream.layers_to_squashfs([blob], tmp_path / "x.sqfs")
