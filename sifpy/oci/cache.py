@@ -116,6 +116,8 @@ class Cache:
         self.locks = self.root / "locks"
 
     def _mkdirs(self) -> None:
+        # The parents (e.g. a missing ~/.cache) get the usual mode; our own dirs are 0700.
+        self.root.parent.mkdir(parents=True, exist_ok=True)
         for d in (self.root, self.blobs.parent, self.blobs, self.sifs.parent, self.sifs):
             d.mkdir(mode=0o700, exist_ok=True)
         for d in (self.index, self.locks):

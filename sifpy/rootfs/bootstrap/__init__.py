@@ -18,9 +18,11 @@ debootstrap    Debian via mmdebstrap (``OSVersion:``, ``MirrorURL:``,  :mod:`.de
                ``Include:``)
 docker         an OCI registry (``From:``, ``Registry:``,              :mod:`.docker`
                ``Namespace:``), via :mod:`sifpy.oci`
+oras           a SIF stored as an ORAS artifact (``From:``,            :mod:`.oras`
+               ``Fingerprints:``)
 ============== ====================================================== =====================
 
-``oras`` and ``library`` are not supported yet.
+``library`` (the Sylabs cloud library) is not supported.
 """
 
 from __future__ import annotations
@@ -93,6 +95,12 @@ def _docker(ctx: Context) -> Result:
     return docker.bootstrap(ctx)
 
 
+def _oras(ctx: Context) -> Result:
+    from sifpy.rootfs.bootstrap import oras
+
+    return oras.bootstrap(ctx)
+
+
 def _debootstrap(ctx: Context) -> Result:
     from sifpy.rootfs.bootstrap import debootstrap
 
@@ -108,6 +116,7 @@ AGENTS: dict[str, Agent] = {
     "docker-archive": _oci,
     "debootstrap": _debootstrap,
     "docker": _docker,
+    "oras": _oras,
 }
 
 
