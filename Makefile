@@ -31,6 +31,9 @@ $(BIN)/python:
 
 venv: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
+	@# Byte-compile now: `sifpy exec` starts once per MPI rank, and an environment with
+	@# PYTHONDONTWRITEBYTECODE=1 would otherwise recompile sifpy on every start.
+	$(BIN)/python -m compileall -q sifpy
 	@touch $(BIN)/python
 
 lint: venv

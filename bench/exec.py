@@ -58,6 +58,8 @@ def main() -> int:
     from sifpy.sif import format as F
 
     env = {**os.environ, "USER": os.environ.get("USER") or "root"}
+    # As an installed sifpy runs: with its bytecode compiled (pip does this on install).
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "sifpy")], check=True)
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         busybox_root(t / "root")

@@ -14,19 +14,20 @@ A user's ``--verify`` asks for the same check with the user's own keyrings added
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 from sifpy.errors import SifpyError, SignatureError
 
 SYSTEM_CONFIG = "/etc/sifpy/sifpy.conf"
 
 
-@dataclass
 class Policy:
-    verify_required: bool = False
-    keys: list[str] = field(default_factory=list)
-    keyrings: list[str] = field(default_factory=list)
-    fingerprints: set[str] = field(default_factory=set)
+    """The run policy (a plain class: this module is on the exec start-up path)."""
+
+    def __init__(self) -> None:
+        self.verify_required = False
+        self.keys: list[str] = []
+        self.keyrings: list[str] = []
+        self.fingerprints: set[str] = set()
 
 
 def load(path: str | None = None) -> Policy:

@@ -21,11 +21,10 @@ Every helper runs by absolute path with :data:`mount.HELPER_ENV` only.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import os
 from collections.abc import Callable
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 from sifpy.errors import RuntimeSetupError, ToolError
 from sifpy.runtime import mount, ns
@@ -46,8 +45,7 @@ _PYFUSE_HINT = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class Driver:
+class Driver(NamedTuple):
     """A chosen mount driver and the absolute path of its helper program (if any)."""
 
     name: str

@@ -30,14 +30,14 @@ pipe, which the successful ``execve`` closes.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import grp
 import os
 import pwd
 import signal
 import stat
 import sys
-from typing import NoReturn
+from collections.abc import Sequence
+from typing import NamedTuple, NoReturn
 
 from sifpy.errors import ExitStatus, RuntimeSetupError, SifpyError
 from sifpy.runtime import drivers, mount, ns
@@ -71,8 +71,9 @@ _RW = f"{_SESSION}/rw"  # --writable-tmpfs: a size-capped tmpfs; --overlay: DIR 
 _OVERLAY = f"{_SESSION}/overlay"  # the overlay root: lower = _IMAGE, upper = _RW/upper
 
 
-@dataclasses.dataclass(frozen=True)
-class SifPartition:
+# Records are NamedTuples, not dataclasses: importing dataclasses (and inspect) and
+# generating their methods cost ~10 ms, on the start-up path of every `sifpy exec`.
+class SifPartition(NamedTuple):
     """A squashfs partition inside a SIF file: ``size`` bytes at byte ``offset``."""
 
     path: str
@@ -80,15 +81,13 @@ class SifPartition:
     size: int
 
 
-@dataclasses.dataclass(frozen=True)
-class Sandbox:
+class Sandbox(NamedTuple):
     """A directory used as the root file system."""
 
     path: str
 
 
-@dataclasses.dataclass(frozen=True)
-class Identity:
+class Identity(NamedTuple):
     """The caller's host account, looked up once before entering the container."""
 
     uid: int
@@ -100,8 +99,7 @@ class Identity:
     shell: str
 
 
-@dataclasses.dataclass
-class LaunchOptions:
+class LaunchOptions(NamedTuple):
     """How much of the host the container sees, and as whom it runs."""
 
     fakeroot: bool = False  # uid/gid 0 inside (mapped to the caller's)
@@ -126,16 +124,15 @@ class LaunchOptions:
     passwd: bool = True  # bind generated /etc/passwd and /etc/group (builds: the image's own)
 
 
-@dataclasses.dataclass
-class LaunchSpec:
+class LaunchSpec(NamedTuple):
     """Everything :func:`launch` needs; ``env`` is the command's final environment."""
 
     image: SifPartition | Sandbox
     argv: list[str]
     env: dict[str, str]
     cwd: str
-    binds: list[tuple[str, str, bool]] = dataclasses.field(default_factory=list)
-    options: LaunchOptions = dataclasses.field(default_factory=LaunchOptions)
+    binds: Sequence[tuple[str, str, bool]] = ()
+    options: LaunchOptions = LaunchOptions()
 
 
 def host_identity() -> Identity:

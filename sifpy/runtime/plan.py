@@ -9,7 +9,6 @@ inside the new root.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import stat
 from typing import TYPE_CHECKING
@@ -25,17 +24,29 @@ _SYSTEM_BINDS = ("/etc/hosts", "/etc/localtime")  # Apptainer's default "bind pa
 _MINIMAL_DEV = ("null", "zero", "random", "urandom", "tty", "full")
 
 
-@dataclasses.dataclass
 class Mount:
-    """One mount of the container root, with its host source pinned by an O_PATH fd."""
+    """One mount of the container root, with its host source pinned by an O_PATH fd.
 
-    dest: str
-    kind: str  # bind | tmpfs | proc | devpts | symlink | file (generated, in _FILES)
-    fd: int = -1
-    data: str = ""  # tmpfs options, symlink target, generated file name
-    readonly: bool = False
-    harden: bool = True  # remount nosuid,nodev (not for /dev, /proc, /sys)
-    is_dir: bool = True
+    A plain class (no dataclasses import on the exec path); fields are set after creation.
+    """
+
+    __slots__ = ("data", "dest", "fd", "harden", "is_dir", "kind", "readonly")
+
+    def __init__(
+        self,
+        dest: str,
+        kind: str,  # bind | tmpfs | proc | devpts | symlink | file (generated, in _FILES)
+        fd: int = -1,
+        data: str = "",  # tmpfs options, symlink target, generated file name
+        readonly: bool = False,
+        harden: bool = True,  # remount nosuid,nodev (not for /dev, /proc, /sys)
+        is_dir: bool = True,
+    ) -> None:
+        self.dest, self.kind, self.fd, self.data = dest, kind, fd, data
+        self.readonly, self.harden, self.is_dir = readonly, harden, is_dir
+
+    def __repr__(self) -> str:
+        return f"Mount({self.dest!r}, {self.kind!r}, fd={self.fd}, data={self.data!r})"
 
 
 def pin(path: str, what: str) -> int:

@@ -15,8 +15,7 @@ import itertools
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from sifpy.errors import ImageError, ObjectNotFoundError, SifFormatError
 from sifpy.sif import format as F
@@ -27,9 +26,11 @@ MAX_DESCRIPTORS = 1 << 16
 CHUNK = 1 << 20
 
 
-@dataclass(frozen=True)
-class Descriptor:
-    """One used descriptor, decoded: what ``siftool info`` shows."""
+class Descriptor(NamedTuple):
+    """One used descriptor, decoded: what ``siftool info`` shows.
+
+    A NamedTuple rather than a dataclass: ``sifpy exec`` reads descriptors on every start.
+    """
 
     raw: F.RawDescriptor
     slot: int  # index in the descriptor table
