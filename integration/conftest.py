@@ -64,6 +64,16 @@ def test_user() -> User:
         pw = pwd.getpwnam(TEST_USER)
     os.makedirs(pw.pw_dir, exist_ok=True)
     os.chown(pw.pw_dir, pw.pw_uid, pw.pw_gid)
+    # Debian's useradd gives new users subordinate id ranges; the test user must have none,
+    # so that unprivileged builds take the normal path (root emulation, no newuidmap).
+    for path in ("/etc/subuid", "/etc/subgid"):
+        if os.path.exists(path):
+            with open(path) as f:
+                lines = f.read().splitlines(keepends=True)
+            keep = [ln for ln in lines if not ln.startswith((f"{TEST_USER}:", f"{pw.pw_uid}:"))]
+            if keep != lines:
+                with open(path, "w") as f:
+                    f.writelines(keep)
     # Machines here ship /dev/fuse 0600; an unprivileged FUSE mount needs it 0666 (the
     # Debian default).
     if os.path.exists("/dev/fuse"):

@@ -171,10 +171,23 @@ def run_in_container(
     straight to our stdout/stderr (``%post`` is streamed live). The container gets its
     own PID namespace, so a SIGKILL of sifpy kills all of it.
     """
-    from sifpy.runtime import LaunchOptions, LaunchSpec, Sandbox, launch, ns, seccomp
+    from sifpy.runtime import (
+        LaunchOptions,
+        LaunchSpec,
+        Sandbox,
+        host_identity,
+        launch,
+        ns,
+        seccomp,
+        subid,
+    )
     from sifpy.runtime import action as act
     from sifpy.runtime import env as renv
 
+    me = host_identity()
+    subids = subid.ranges(me.name, me.uid, me.gid)
+    if subids:
+        log.verbose(f"using subordinate ids {subids.uid_start}+{subids.uid_count}")
     host = renv.host_env(os.environ, cleanenv=True)
     penv = renv.process_env(
         host=host,
@@ -190,8 +203,14 @@ def run_in_container(
         env=penv,
         cwd="/",
         options=LaunchOptions(
-            fakeroot=True, writable=writable, contain=True, pid_ns=True, no_home=True,
+            fakeroot=True,
+            writable=writable,
+            contain=True,
+            pid_ns=True,
+            no_home=True,
             passwd=False,  # %post may add users (useradd, package scripts): the image's own
+            subid=True,
+            own_root_after=bool(subids) and writable,
         ),
     )
     sys.stdout.flush()
@@ -203,9 +222,10 @@ def run_in_container(
         try:
             os.close(read_end)
             ns.set_parent_death_signal(signal.SIGKILL)
-            if not (os.geteuid() == 0 and ns.in_initial_userns()):
-                # Unprivileged: emulate root. Real root gets an identity map instead
-                # (every id real), where chown and friends really work.
+            if not (os.geteuid() == 0 and ns.in_initial_userns()) and not subids:
+                # Unprivileged without subordinate ids: emulate root. Real root gets an
+                # identity map, a user with /etc/subuid ranges a real range: there chown
+                # and friends really work.
                 seccomp.install()
             code = launch(spec)
         except SifpyError as exc:

@@ -37,7 +37,7 @@ import signal
 import stat
 import sys
 from collections.abc import Sequence
-from typing import NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from sifpy.errors import ExitStatus, RuntimeSetupError, SifpyError
 from sifpy.runtime import drivers, mount, ns
@@ -122,6 +122,8 @@ class LaunchOptions(NamedTuple):
     fuse_single_thread: bool = False
     identity: Identity | None = None  # default: looked up with host_identity()
     passwd: bool = True  # bind generated /etc/passwd and /etc/group (builds: the image's own)
+    subid: bool = False  # with fakeroot: map ids 1..N to the user's /etc/subuid range if any
+    own_root_after: bool = False  # writable sandbox: afterwards, chown every file to root
 
 
 class LaunchSpec(NamedTuple):
@@ -175,7 +177,12 @@ def launch(spec: LaunchSpec) -> int:
     # write such a map, so the monitor unshares and waits while we write it (handshake).
     identity_map = os.getuid() == 0 and (opts.fakeroot or ident.uid == 0)
     identity_map = identity_map and ns.in_initial_userns()
-    sync = (*os.pipe(), *os.pipe()) if identity_map else None
+    subids = None
+    if opts.subid and opts.fakeroot and not identity_map:
+        from sifpy.runtime import subid
+
+        subids = subid.ranges(ident.name, ident.uid, ident.gid)
+    sync = (*os.pipe(), *os.pipe()) if identity_map or subids else None
     read_end, write_end = os.pipe()  # both close-on-exec (PEP 446)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
     try:
@@ -186,7 +193,7 @@ def launch(spec: LaunchSpec) -> int:
             _monitor(spec, ident, driver, write_end, caller, sync)
         os.close(write_end)
         if sync is not None:
-            _write_identity_map(pid, sync)
+            _write_id_maps(pid, sync, ident, subids)
         status = _supervise(pid, pid, reap_all=False)
         report = b""
         while chunk := os.read(read_end, 65536):
@@ -204,19 +211,28 @@ def launch(spec: LaunchSpec) -> int:
     return _exit_code(status)
 
 
-def _write_identity_map(pid: int, sync: tuple[int, int, int, int]) -> None:
-    """The caller's half of the handshake: wait for the monitor's new user namespace,
-    map all ids to themselves, let it go on. A monitor that failed first sends nothing."""
+def _write_id_maps(pid: int, sync: tuple[int, int, int, int], ident: Identity, subids: Any) -> None:
+    """The caller's half of the handshake: wait for the monitor's new user namespace, write
+    its id maps (real root: all ids to themselves; with subordinate ids: through the setuid
+    newuidmap/newgidmap), let it go on. A monitor that failed first sends nothing."""
     unshared_r, unshared_w, mapped_r, mapped_w = sync
     os.close(unshared_w)
     os.close(mapped_r)
     try:
         if os.read(unshared_r, 1) == b"u":
-            with contextlib.suppress(OSError):  # the monitor reports a failed map itself
-                for name in ("uid_map", "gid_map"):
-                    with open(f"/proc/{pid}/{name}", "w") as f:
-                        f.write("0 0 4294967295\n")
-        os.write(mapped_w, b"m")
+            error = None
+            if subids is not None:
+                from sifpy.runtime import subid
+
+                error = subid.write_maps(pid, ident.uid, ident.gid, subids)
+            else:
+                try:
+                    for name in ("uid_map", "gid_map"):
+                        with open(f"/proc/{pid}/{name}", "w") as f:
+                            f.write("0 0 4294967295\n")
+                except OSError as exc:
+                    error = f"/proc/{pid}/{name}: {exc.strerror}"
+            os.write(mapped_w, b"m" if error is None else b"e" + error.encode()[:1000])
     except OSError:
         pass
     finally:
@@ -322,8 +338,10 @@ def _monitor(
             os.close(unshared_r)
             os.close(mapped_w)
             os.write(unshared_w, b"u")
-            if os.read(mapped_r, 1) != b"m" or os.getuid() != 0:
-                raise RuntimeSetupError("can't map user ids: the caller did not map them")
+            answer = os.read(mapped_r, 1024)
+            if answer != b"m" or os.getuid() != 0:
+                why = answer[1:].decode(errors="replace") or "the caller did not map them"
+                raise RuntimeSetupError(f"can't map user ids: {why}")
             os.close(unshared_w)
             os.close(mapped_r)
         else:
@@ -334,8 +352,11 @@ def _monitor(
         # Pin every host path now: bind sources must be opened in *this* mount namespace
         # (the kernel refuses to bind from a mount of another one), and before /tmp is
         # covered by the session tmpfs. Likewise the Python FUSE server imports its modules.
+        own_fd = -1
         if isinstance(image, Sandbox):
             image_fd = plan_.pin(image.path, "sandbox")
+            if opts.own_root_after and opts.writable:
+                own_fd = os.open(image.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         cwd_fd = plan_.pin(spec.cwd, "cwd") if os.path.isdir(spec.cwd) else -1
         plan = plan_.plan(spec, ident)
         overlay_fd = plan_.pin(opts.overlay, "--overlay") if opts.overlay else -1
@@ -387,7 +408,37 @@ def _monitor(
             os.close(fd)
     status = _supervise(pid, pid, reap_all=True)
     _stop(servers)
+    if own_fd >= 0:
+        _own_by_root(own_fd)
     os._exit(_exit_code(status))
+
+
+def _own_by_root(root_fd: int) -> None:
+    """Chown every entry of the sandbox to container root and make it owner-accessible.
+
+    After a build step with subordinate ids, files owned by other container ids belong to
+    the user's subordinate range on the host, where the user can neither read them (to
+    pack the squashfs) nor delete them. Inside the namespace, root may change that. Walks
+    by descriptor, never follows symlinks, never leaves the sandbox's file system.
+    """
+    dev = os.fstat(root_fd).st_dev
+    for _dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=root_fd):
+        st = os.fstat(dirfd)
+        if st.st_uid != 0 or st.st_gid != 0:
+            os.fchown(dirfd, 0, 0)
+        os.fchmod(dirfd, stat.S_IMODE(st.st_mode) | 0o700)
+        for name in list(dirnames) + filenames:
+            with contextlib.suppress(OSError):
+                est = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                if est.st_dev != dev:
+                    if name in dirnames:
+                        dirnames.remove(name)
+                    continue
+                if est.st_uid != 0 or est.st_gid != 0:
+                    os.chown(name, 0, 0, dir_fd=dirfd, follow_symlinks=False)
+                if stat.S_ISREG(est.st_mode):
+                    os.chmod(name, stat.S_IMODE(est.st_mode) | 0o600, dir_fd=dirfd)
+    os.close(root_fd)
 
 
 def _stop(servers: list[int]) -> None:
