@@ -73,3 +73,16 @@ def test_cli_import_is_lean() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
+
+
+def test_exec_path_imports_nothing_heavy() -> None:
+    """What ``sifpy exec`` imports to start a container: no registry, build, signing,
+    rich or dataclasses code (measured start-up cost: bench/exec)."""
+    code = (
+        "import sys, sifpy.cli.exec, sifpy.sif.image, sifpy.policy; "
+        "heavy = {'requests', 'rich', 'cryptography', 'construct', 'PySquashfsImage', "
+        "'dataclasses', 'json', 'sifpy.sif.write', 'sifpy.build', 'sifpy.deffile', "
+        "'sifpy.oci', 'sifpy.sign', 'sifpy.rootfs'} & set(sys.modules); print(sorted(heavy))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"

@@ -24,7 +24,8 @@ def _env_flag(*names: str) -> bool:
 def bootstrap(ctx: Context) -> Result:
     from sifpy.oci.auth import lookup_credentials
     from sifpy.oci.cache import Cache
-    from sifpy.oci.pull import NoProgress, download
+    from sifpy.oci.progress import layer_progress
+    from sifpy.oci.pull import download
     from sifpy.oci.reference import parse_platform, parse_reference
     from sifpy.oci.registry import ClientOptions, RegistryClient
 
@@ -42,7 +43,8 @@ def bootstrap(ctx: Context) -> Result:
     log.info(f"fetching {ref} ({platform})")
     with RegistryClient(ref.registry, options, lookup_credentials(ref.registry)) as client:
         image = client.resolve(ref, platform)
-        layers = download(client, image, cache, NoProgress())
+        with layer_progress() as bar:
+            layers = download(client, image, cache, bar)
     with progress.step(f"applying {len(layers)} layers of {image.digest[:19]}") as bar:
         for i, layer in enumerate(layers, 1):
             apply_layer(ctx.rootfs, layer)

@@ -1,0 +1,93 @@
+"""Download progress per layer: a rich bar per layer on a terminal, a plain line per layer
+otherwise (``sifpy pull`` and ``Bootstrap: docker``)."""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+
+from sifpy.oci import media as M
+from sifpy.util import log
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+class PlainProgress:
+    """One line per layer, for logs and pipes."""
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def start(self, desc: M.Descriptor) -> None:
+        pass
+
+    def update(self, desc: M.Descriptor, done: int) -> None:
+        pass
+
+    def finish(self, desc: M.Descriptor, cached: bool) -> None:
+        what = "cached" if cached else "downloaded"
+        log.info(f"{what} {desc.digest[:19]} ({_size(desc.size)})")
+
+
+class RichProgress:
+    """A rich progress bar per layer (stderr is a terminal)."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self._tasks: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> RichProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._progress.stop()
+
+    def start(self, desc: M.Descriptor) -> None:
+        with self._lock:
+            self._tasks[desc.digest] = self._progress.add_task(desc.digest[7:19], total=desc.size)
+
+    def update(self, desc: M.Descriptor, done: int) -> None:
+        self._progress.update(self._tasks[desc.digest], completed=done)  # type: ignore[arg-type]
+
+    def finish(self, desc: M.Descriptor, cached: bool) -> None:
+        task = self._tasks[desc.digest]
+        label = desc.digest[7:19] + (" (cached)" if cached else "")
+        self._progress.update(task, completed=desc.size, description=label)  # type: ignore[arg-type]
+
+
+def layer_progress() -> PlainProgress | RichProgress:
+    """The progress display that fits stderr and the verbosity (use as a context manager)."""
+    import sys
+
+    if log.level == log.NORMAL and sys.stderr.isatty():
+        return RichProgress()
+    return PlainProgress()
