@@ -32,6 +32,7 @@ from typing import Any
 
 from sifpy import __version__
 from sifpy.deffile import Stage
+from sifpy.oci.config import ENV_99 as ENV_99_BASE  # pulled images get the same file
 from sifpy.rootfs._walk import PathError, lstat_at, open_dir
 from sifpy.rootfs.bootstrap import files as F
 
@@ -116,17 +117,6 @@ if test -n "${SINGULARITY_APPNAME:-}"; then
         exit 1
     fi
 fi
-"""
-ENV_99_BASE = """\
-#!/bin/sh
-# Written by sifpy: the runtime's library directory, and the prompt.
-if [ -z "${LD_LIBRARY_PATH:-}" ]; then
-    LD_LIBRARY_PATH="/.singularity.d/libs"
-else
-    LD_LIBRARY_PATH="$LD_LIBRARY_PATH:/.singularity.d/libs"
-fi
-PS1="${PS1:-Apptainer> }"
-export LD_LIBRARY_PATH PS1
 """
 ENV_99_RUNTIMEVARS = """\
 #!/bin/sh
