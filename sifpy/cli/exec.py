@@ -1,23 +1,27 @@
 """``sifpy exec | run | shell | test``: run a command in a container, as Apptainer does.
 
-This is the hot path (once per MPI rank): it imports only the runtime, the SIF reader and
-argparse. The image is opened once; the partition mounted is the one in that open file.
+This is the hot path (once per MPI rank): it imports only the runtime and the SIF reader,
+and parses its options without argparse (built only for --help and errors). The image
+is opened once; the partition mounted is the one in that open file.
 Exit status: the command's own (128+N when killed by signal N); 125 when sifpy fails
 before the command starts, 126 not executable, 127 not found.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import stat
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
-from sifpy.cli._args import ArgumentParser
 from sifpy.errors import ExitStatus, ImageError, SifpyError, UsageError
 from sifpy.runtime import LaunchOptions, LaunchSpec, Sandbox, SifPartition, host_identity, launch
 from sifpy.runtime import env as renv
 from sifpy.runtime.action import action_argv
 from sifpy.runtime.drivers import DRIVERS
+
+if TYPE_CHECKING:
+    from sifpy.cli._args import ArgumentParser
 
 HELP = {
     "exec": "run a command in a container",
@@ -27,94 +31,189 @@ HELP = {
 }
 
 
+# The options of exec/run/shell/test: (flags, argparse keywords). One table serves both
+# the fast parser used to start containers and argparse (for --help and usage errors).
+OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (
+        ("-B", "--bind"),
+        {
+            "action": "append",
+            "default": [],
+            "metavar": "SRC[:DEST[:ro|rw]]",
+            "help": "bind a host path (repeatable, comma lists; also $SIFPY_BIND, $APPTAINER_BIND)",
+        },
+    ),
+    (("-H", "--home"), {"metavar": "SRC[:DEST]", "help": "use this home directory"}),
+    (("--no-home",), {"action": "store_true", "help": "don't bind the home directory"}),
+    (
+        ("-c", "--contain"),
+        {"action": "store_true", "help": "minimal /dev, private /tmp, /var/tmp and home"},
+    ),
+    (
+        ("-C", "--containall"),
+        {"action": "store_true", "help": "--contain, --cleanenv, --pid and --ipc"},
+    ),
+    (
+        ("--mount",),
+        {
+            "action": "append",
+            "default": [],
+            "metavar": "type=bind,src=S,dst=D[,ro]",
+            "help": "bind, Docker-style (repeatable; also $SIFPY_MOUNT, $APPTAINER_MOUNT)",
+        },
+    ),
+    (
+        ("--no-mount",),
+        {
+            "action": "append",
+            "default": [],
+            "metavar": "LIST",
+            "help": "skip default mounts: proc,sys,dev,devpts,home,tmp,hostfs,cwd,bind-paths,PATH",
+        },
+    ),
+    (
+        ("-W", "--workdir"),
+        {
+            "metavar": "DIR",
+            "help": "with --contain: /tmp, /var/tmp and home from DIR instead of tmpfs",
+        },
+    ),
+    (
+        ("--writable-tmpfs",),
+        {
+            "action": "store_true",
+            "help": "a writable overlay in memory (64 MiB), gone after the run",
+        },
+    ),
+    (
+        ("-o", "--overlay"),
+        {"metavar": "DIR", "help": "a persistent writable overlay: changes go to DIR/upper"},
+    ),
+    (("-e", "--cleanenv"), {"action": "store_true", "help": "don't pass the host environment"}),
+    (
+        ("--env",),
+        {"action": "append", "default": [], "metavar": "K=V[,K=V]", "help": "set a variable"},
+    ),
+    (
+        ("--env-file",),
+        {
+            "action": "append",
+            "default": [],
+            "metavar": "FILE",
+            "help": "variables from a file (shell syntax)",
+        },
+    ),
+    (("--no-eval",), {"action": "store_true", "help": "don't shell-evaluate injected variables"}),
+    (("--pwd",), {"metavar": "DIR", "help": "initial working directory in the container"}),
+    (("-p", "--pid"), {"action": "store_true", "help": "run in a new PID namespace"}),
+    (
+        ("--no-init",),
+        {"action": "store_true", "help": "with --pid: no init process, the command is PID 1"},
+    ),
+    (("-i", "--ipc"), {"action": "store_true", "help": "run in a new IPC namespace"}),
+    (
+        ("--unsquash",),
+        {
+            "action": "store_true",
+            "help": "extract the image to a temporary sandbox instead of mounting it",
+        },
+    ),
+    (
+        ("--mount-driver",),
+        {"default": "auto", "choices": DRIVERS, "help": "how to mount a SIF image (default: auto)"},
+    ),
+    (("-f", "--fakeroot"), {"action": "store_true", "help": "run as uid 0 in the container"}),
+    (("-w", "--writable"), {"action": "store_true", "help": "writable sandbox directory"}),
+    (("--app",), {"metavar": "NAME", "help": "run a SCIF app"}),
+    (("-s", "--shell"), {"metavar": "PATH", "help": "the shell for 'shell'"}),
+    (
+        ("--verify",),
+        {"action": "store_true", "help": "refuse to run unless the image's signatures verify"},
+    ),
+    (
+        ("--verify-key",),
+        {
+            "action": "append",
+            "default": [],
+            "metavar": "PEM",
+            "help": "a DSSE public key to verify with (implies --verify)",
+        },
+    ),
+]
+
+
 def build_parser(action: str, prog: str) -> ArgumentParser:
-    p = ArgumentParser(prog=prog, description=HELP[action].capitalize() + ".")
-    a = p.add_argument
-    a(
-        "-B",
-        "--bind",
-        action="append",
-        default=[],
-        metavar="SRC[:DEST[:ro|rw]]",
-        help="bind a host path (repeatable, comma lists; also $SIFPY_BIND, $APPTAINER_BIND)",
-    )
-    a("-H", "--home", metavar="SRC[:DEST]", help="use this home directory")
-    a("--no-home", action="store_true", help="don't bind the home directory")
-    a("-c", "--contain", action="store_true", help="minimal /dev, private /tmp, /var/tmp and home")
-    a("-C", "--containall", action="store_true", help="--contain, --cleanenv, --pid and --ipc")
-    a(
-        "--mount",
-        action="append",
-        default=[],
-        metavar="type=bind,src=S,dst=D[,ro]",
-        help="bind a host path, Docker-style (repeatable; also $SIFPY_MOUNT, $APPTAINER_MOUNT)",
-    )
-    a(
-        "--no-mount",
-        action="append",
-        default=[],
-        metavar="LIST",
-        help="skip default mounts: proc,sys,dev,devpts,home,tmp,hostfs,cwd,bind-paths or a path",
-    )
-    a(
-        "-W",
-        "--workdir",
-        metavar="DIR",
-        help="with --contain: /tmp, /var/tmp and home from DIR instead of tmpfs",
-    )
-    a(
-        "--writable-tmpfs",
-        action="store_true",
-        help="a writable overlay in memory (64 MiB), gone after the run",
-    )
-    a(
-        "-o",
-        "--overlay",
-        metavar="DIR",
-        help="a persistent writable overlay: changes go to DIR/upper",
-    )
-    a("-e", "--cleanenv", action="store_true", help="don't pass the host environment")
-    a("--env", action="append", default=[], metavar="K=V[,K=V]", help="set a variable")
-    a(
-        "--env-file",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="variables from a file (shell syntax)",
-    )
-    a("--no-eval", action="store_true", help="don't shell-evaluate injected variables")
-    a("--pwd", metavar="DIR", help="initial working directory in the container")
-    a("-p", "--pid", action="store_true", help="run in a new PID namespace")
-    a("--no-init", action="store_true", help="with --pid: no init process, the command is PID 1")
-    a("-i", "--ipc", action="store_true", help="run in a new IPC namespace")
-    a(
-        "--unsquash",
-        action="store_true",
-        help="extract the image to a temporary sandbox instead of mounting it",
-    )
-    a(
-        "--mount-driver",
-        default="auto",
-        choices=DRIVERS,
-        help="how to mount a SIF image (default: auto)",
-    )
-    a("-f", "--fakeroot", action="store_true", help="run as uid 0 in the container")
-    a("-w", "--writable", action="store_true", help="writable sandbox directory")
-    a("--app", metavar="NAME", help="run a SCIF app")
-    a("-s", "--shell", metavar="PATH", help="the shell for 'shell'")
-    a("--verify", action="store_true", help="refuse to run unless the image's signatures verify")
-    a(
-        "--verify-key",
-        action="append",
-        default=[],
-        metavar="PEM",
-        help="a DSSE public key to verify with (implies --verify)",
-    )
-    a("image", help="a SIF file or a sandbox directory")
+    """The argparse parser: only for --help and for reporting usage errors."""
+    import argparse
+
+    from sifpy.cli import _args
+
+    p = _args.ArgumentParser(prog=prog, description=HELP[action].capitalize() + ".")
+    for flags, kw in OPTIONS:
+        p.add_argument(*flags, **kw)
+    p.add_argument("image", help="a SIF file or a sandbox directory")
     if action == "exec":
-        a("command", help="the command to run")
-    a("args", nargs=argparse.REMAINDER, help="its arguments")
-    return p  # fmt: skip
+        p.add_argument("command", help="the command to run")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+    return p
+
+
+def fast_parse(action: str, argv: list[str]) -> SimpleNamespace | None:
+    """Parse ``argv`` as :func:`build_parser` would, without building argparse (~5 ms of
+    every start). None for anything unusual (help, an unknown or malformed option, a
+    missing argument): argparse then handles it and reports errors."""
+    table: dict[str, tuple[str, dict[str, Any]]] = {}
+    ns = SimpleNamespace()
+    for flags, kw in OPTIONS:
+        dest = flags[-1].lstrip("-").replace("-", "_")
+        for flag in flags:
+            table[flag] = (dest, kw)
+        act = kw.get("action")
+        default = [] if act == "append" else False if act == "store_true" else kw.get("default")
+        setattr(ns, dest, default)
+    i = 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "-":
+        tok = argv[i]
+        if tok == "--":
+            i += 1
+            break
+        name, eq, value = tok.partition("=") if tok.startswith("--") else (tok[:2], "", tok[2:])
+        if name not in table:
+            return None
+        dest, kw = table[name]
+        if kw.get("action") == "store_true":
+            if eq or (value and not tok.startswith("--")):
+                shorts = [f"-{c}" for c in tok[1:]]  # combined short flags: -ce
+                kinds = [table.get(f, ("", {}))[1].get("action") for f in shorts]
+                if eq or any(k != "store_true" for k in kinds):
+                    return None
+                for f in shorts:
+                    setattr(ns, table[f][0], True)
+            else:
+                setattr(ns, dest, True)
+            i += 1
+            continue
+        if not eq and not value:
+            if i + 1 >= len(argv):
+                return None
+            i += 1
+            value = argv[i]
+        if "choices" in kw and value not in kw["choices"]:
+            return None
+        if kw.get("action") == "append":
+            getattr(ns, dest).append(value)
+        else:
+            setattr(ns, dest, value)
+        i += 1
+    rest = argv[i:]
+    need = 2 if action == "exec" else 1
+    if len(rest) < need:
+        return None
+    ns.image = rest[0]
+    if action == "exec":
+        ns.command = rest[1]
+    ns.args = rest[need:]
+    return ns
 
 
 def parse_binds(specs: list[str]) -> list[tuple[str, str, bool]]:
@@ -222,7 +321,7 @@ def main(argv: list[str], prog: str = "sifpy exec") -> int:
 
 def _main(argv: list[str], prog: str) -> int:
     action = prog.rsplit(" ", 1)[-1]
-    a = build_parser(action, prog).parse_args(argv)
+    a = fast_parse(action, argv) or build_parser(action, prog).parse_args(argv)
     args = ([a.command] if action == "exec" else []) + a.args
     if a.containall:
         a.contain = a.cleanenv = a.pid = a.ipc = True
