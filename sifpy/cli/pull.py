@@ -39,9 +39,9 @@ def build_parser(prog: str) -> ArgumentParser:
 
 def _pull_oras(a: Namespace) -> int:
     """``sifpy pull out.sif oras://host/name:tag``: the SIF artifact, byte for byte."""
-    from sifpy.cli.push import PlainProgress as PlainTransfer
-    from sifpy.cli.push import RichProgress as RichTransfer
     from sifpy.oci import oras
+    from sifpy.oci.progress import TransferPlain as PlainTransfer
+    from sifpy.oci.progress import TransferRich as RichTransfer
 
     ref = oras.parse_oras(a.image)
     options = ClientOptions(insecure=a.insecure, ca_cert=a.ca_cert)

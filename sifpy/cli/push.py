@@ -8,10 +8,10 @@ Progress is a rich bar when stderr is a terminal, plain lines otherwise, nothing
 from __future__ import annotations
 
 import sys
-from types import TracebackType
 
 from sifpy.cli._args import ArgumentParser
 from sifpy.errors import UsageError
+from sifpy.oci.progress import TransferPlain, TransferRich
 from sifpy.util import log
 
 
@@ -49,77 +49,6 @@ def _size_arg(text: str) -> int:
     return int(number) * units[unit]
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
-class PlainProgress:
-    """One line per transfer, for logs and pipes."""
-
-    def __init__(self, verb: str) -> None:
-        self.verb = verb
-        self.what = ""
-        self.total = 0
-
-    def start(self, what: str, total: int) -> None:
-        self.what, self.total = what, total
-
-    def update(self, done: int) -> None:
-        pass
-
-    def finish(self, skipped: bool) -> None:
-        how = "already there" if skipped else self.verb
-        log.info(f"{self.what}: {how} ({_size(self.total)})")
-
-
-class RichProgress:
-    """A rich progress bar (stderr is a terminal)."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TransferSpeedColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            console=Console(stderr=True),
-        )
-        self._task: object = None
-
-    def __enter__(self) -> RichProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._progress.stop()
-
-    def start(self, what: str, total: int) -> None:
-        self._task = self._progress.add_task(what, total=total)
-
-    def update(self, done: int) -> None:
-        self._progress.update(self._task, completed=done)  # type: ignore[arg-type]
-
-    def finish(self, skipped: bool) -> None:
-        task = self._task
-        total = self._progress.tasks[-1].total if self._progress.tasks else None
-        label = self._progress.tasks[-1].description + (" (already there)" if skipped else "")
-        self._progress.update(task, completed=total, description=label)  # type: ignore[arg-type]
-
-
 def main(argv: list[str], prog: str = "sifpy push") -> int:
     """Run ``sifpy push``."""
     a = build_parser(prog).parse_args(argv)
@@ -135,12 +64,12 @@ def main(argv: list[str], prog: str = "sifpy push") -> int:
     chunk = a.chunk_size or oras.DEFAULT_CHUNK
     log.info(f"pushing {a.image} to oras://{ref}")
     if log.level >= log.NORMAL and sys.stderr.isatty():
-        with RichProgress() as rich_progress:
+        with TransferRich() as rich_progress:
             digest = oras.push(
                 a.image, ref, options=options, chunk_size=chunk, progress=rich_progress
             )
     else:
-        progress = PlainProgress("uploaded") if log.level >= log.NORMAL else oras.NoProgress()
+        progress = TransferPlain("uploaded") if log.level >= log.NORMAL else oras.NoProgress()
         digest = oras.push(a.image, ref, options=options, chunk_size=chunk, progress=progress)
     log.info(f"pushed oras://{ref} ({digest})")
     return 0

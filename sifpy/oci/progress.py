@@ -91,3 +91,77 @@ def layer_progress() -> PlainProgress | RichProgress:
     if log.level == log.NORMAL and sys.stderr.isatty():
         return RichProgress()
     return PlainProgress()
+
+
+# --- one file at a time (ORAS push and pull) ----------------------------------------------
+
+
+def _transfer_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+class TransferPlain:
+    """One line per transfer, for logs and pipes."""
+
+    def __init__(self, verb: str) -> None:
+        self.verb = verb
+        self.what = ""
+        self.total = 0
+
+    def start(self, what: str, total: int) -> None:
+        self.what, self.total = what, total
+
+    def update(self, done: int) -> None:
+        pass
+
+    def finish(self, skipped: bool) -> None:
+        how = "already there" if skipped else self.verb
+        log.info(f"{self.what}: {how} ({_transfer_size(self.total)})")
+
+
+class TransferRich:
+    """A rich progress bar for one transfer (stderr is a terminal)."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=Console(stderr=True),
+        )
+        self._task: object = None
+
+    def __enter__(self) -> TransferRich:
+        self._progress.start()
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._progress.stop()
+
+    def start(self, what: str, total: int) -> None:
+        self._task = self._progress.add_task(what, total=total)
+
+    def update(self, done: int) -> None:
+        self._progress.update(self._task, completed=done)  # type: ignore[arg-type]
+
+    def finish(self, skipped: bool) -> None:
+        task = self._task
+        total = self._progress.tasks[-1].total if self._progress.tasks else None
+        label = self._progress.tasks[-1].description + (" (already there)" if skipped else "")
+        self._progress.update(task, completed=total, description=label)  # type: ignore[arg-type]
