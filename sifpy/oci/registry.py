@@ -237,11 +237,29 @@ class RegistryClient:
 
     def _request(self, url: str, scope: str, headers: dict[str, str]) -> requests.Response:
         """GET with auth, redirects and retries; the caller checks the status."""
+        return self._retrying(
+            url, scope, lambda: self._send(url, headers, scope), idempotent=True, label=""
+        )
+
+    def _retrying(
+        self,
+        url: str,
+        scope: str,
+        send: Callable[[], tuple[requests.Response, bool]],
+        *,
+        idempotent: bool,
+        label: str,
+    ) -> requests.Response:
+        """The loop every request goes through: ``send`` returns the answer and whether it
+        came from the registry itself. A 401 challenge from the registry is answered once;
+        connection errors, 429 and 5xx are retried (with backoff, Retry-After honoured) only
+        when ``idempotent``. ``label`` names the method in messages ("" for a GET)."""
         authenticated = False
         attempt = 0
+        what = f"{label} {redact(url)}" if label else redact(url)
         while True:
             try:
-                resp, own = self._send(url, headers, scope)
+                resp, own = send()
             except requests.exceptions.SSLError as exc:
                 raise RegistryError(
                     f"can't connect: {redact(url)}: TLS verification failed",
@@ -249,13 +267,14 @@ class RegistryClient:
                     "registry you trust",
                 ) from exc
             except (requests.ConnectionError, requests.Timeout) as exc:
-                if attempt < self.options.retries:
-                    log.verbose(f"retrying {redact(url)}: connection error")
+                if idempotent and attempt < self.options.retries:
+                    log.verbose(f"retrying {what}: connection error")
                     self._wait(attempt)
                     attempt += 1
                     continue
+                verb = f"{self.action}: " if label else ""
                 raise RegistryError(
-                    f"can't connect: {redact(url)}: {type(exc).__name__}",
+                    f"can't {verb or 'connect: '}{what}: {type(exc).__name__}",
                     "check the registry address and your network",
                 ) from None
             if resp.status_code == 401 and own and not authenticated:
@@ -264,8 +283,8 @@ class RegistryClient:
                 self._authenticate(challenge, scope)
                 authenticated = True
                 continue
-            if resp.status_code in _RETRY_STATUS and attempt < self.options.retries:
-                log.verbose(f"retrying {redact(url)}: HTTP {resp.status_code}")
+            if idempotent and resp.status_code in _RETRY_STATUS and attempt < self.options.retries:
+                log.verbose(f"retrying {what}: HTTP {resp.status_code}")
                 resp.close()
                 self._wait(attempt, resp)
                 attempt += 1
@@ -286,54 +305,26 @@ class RegistryClient:
         registry is answered once. Connection errors, 429 and 5xx are retried only when
         ``idempotent``. ``body`` makes a fresh request body for each try. The caller
         checks the status and closes the answer."""
-        authenticated = False
-        attempt = 0
-        while True:
+
+        def send() -> tuple[requests.Response, bool]:
             hop = {"Accept-Encoding": "identity", **(headers or {})}
             own = _origin(url) == self._origin
             if own:
                 hop.update(self._auth_header(scope))
-            try:
-                resp = self._session.request(
-                    method,
-                    url,
-                    headers=hop,
-                    data=body() if body is not None else None,
-                    stream=True,
-                    allow_redirects=False,
-                    timeout=self.options.timeout,
-                    verify=self._verify,
-                    proxies=self._proxies(url),
-                )
-            except requests.exceptions.SSLError as exc:
-                raise RegistryError(
-                    f"can't connect: {redact(url)}: TLS verification failed",
-                    "pass the registry's CA with --ca-cert, or --insecure for a plain-http "
-                    "registry you trust",
-                ) from exc
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                if idempotent and attempt < self.options.retries:
-                    log.verbose(f"retrying {method} {redact(url)}: connection error")
-                    self._wait(attempt)
-                    attempt += 1
-                    continue
-                raise RegistryError(
-                    f"can't {self.action}: {method} {redact(url)}: {type(exc).__name__}",
-                    "check the registry address and your network",
-                ) from None
-            if resp.status_code == 401 and own and not authenticated:
-                challenge = resp.headers.get("WWW-Authenticate", "")
-                resp.close()
-                self._authenticate(challenge, scope)
-                authenticated = True
-                continue
-            if idempotent and resp.status_code in _RETRY_STATUS and attempt < self.options.retries:
-                log.verbose(f"retrying {method} {redact(url)}: HTTP {resp.status_code}")
-                resp.close()
-                self._wait(attempt, resp)
-                attempt += 1
-                continue
-            return resp
+            resp = self._session.request(
+                method,
+                url,
+                headers=hop,
+                data=body() if body is not None else None,
+                stream=True,
+                allow_redirects=False,
+                timeout=self.options.timeout,
+                verify=self._verify,
+                proxies=self._proxies(url),
+            )
+            return resp, own
+
+        return self._retrying(url, scope, send, idempotent=idempotent, label=method)
 
     def _authenticate(self, header: str, scope: str) -> None:
         """Answer a 401 challenge from the registry (token flow or basic)."""
