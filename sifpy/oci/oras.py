@@ -309,13 +309,9 @@ def pull(
     progress: Progress | None = None,
 ) -> str:
     """Pull the SIF artifact ``ref`` into ``out``; return the SIF blob's digest."""
-    from sifpy.oci.pull import _install_copy
+    from sifpy.oci.pull import _install_copy, output_path
 
-    out_path = Path(out)
-    if out_path.exists() and not force:
-        raise UsageError(f"can't pull: {out_path}: file exists", "use --force to overwrite it")
-    if not out_path.parent.is_dir() and str(out_path.parent) != "":
-        raise UsageError(f"can't pull: {out_path.parent}: no such directory")
+    out_path = output_path(out, force)
     cache = cache or Cache()
     progress = progress or NoProgress()
     creds = lookup_credentials(ref.registry)

@@ -214,6 +214,16 @@ def _install_copy(src: Path, out: Path) -> None:
         raise
 
 
+def output_path(out: str | os.PathLike[str], force: bool) -> Path:
+    """The SIF a pull writes: refused when it exists (unless ``force``) or has no directory."""
+    out_path = Path(out)
+    if out_path.exists() and not force:
+        raise UsageError(f"can't pull: {out_path}: file exists", "use --force to overwrite it")
+    if not out_path.parent.is_dir() and str(out_path.parent) != "":
+        raise UsageError(f"can't pull: {out_path.parent}: no such directory")
+    return out_path
+
+
 def pull(
     ref: Reference,
     out: str | os.PathLike[str],
@@ -226,11 +236,7 @@ def pull(
     use_sif_cache: bool = True,
 ) -> PullResult:
     """Pull ``ref`` for ``platform`` into the SIF ``out``."""
-    out_path = Path(out)
-    if out_path.exists() and not force:
-        raise UsageError(f"can't pull: {out_path}: file exists", "use --force to overwrite it")
-    if not out_path.parent.is_dir() and str(out_path.parent) != "":
-        raise UsageError(f"can't pull: {out_path.parent}: no such directory")
+    out_path = output_path(out, force)
     cache = cache or Cache()
     progress = progress or NoProgress()
     creds = lookup_credentials(ref.registry)
