@@ -217,3 +217,22 @@ def hostile(
     """Launch in the hostile SIF."""
     image = {k: v for k, v in images["hostile"].items() if k != "victim"}
     return Launcher(runtime_ready, driver, image)
+
+
+def ok(res: subprocess.CompletedProcess[str], code: int = 0) -> str:
+    """Assert the exit status (showing the output if not) and return stdout."""
+    assert res.returncode == code, f"rc={res.returncode}\n{res.stdout}\n{res.stderr}"
+    return res.stdout
+
+
+@pytest.fixture()
+def user_dir(test_user: Any) -> Iterator[Path]:
+    """A directory owned by the test user outside /tmp and $HOME (so the cwd bind shows)."""
+    import tempfile
+
+    base = "/srv" if os.path.isdir("/srv") else "/var/cache"
+    path = Path(tempfile.mkdtemp(prefix="sifpy-it-", dir=base))
+    os.chown(path, test_user.uid, test_user.gid)
+    path.chmod(0o755)
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)

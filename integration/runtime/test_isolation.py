@@ -3,13 +3,9 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,26 +13,11 @@ import pytest
 
 from integration.conftest import User, UserRunner, require
 from integration.runtime.conftest import Launcher
+from integration.runtime.conftest import ok as _ok
 
 pytestmark = pytest.mark.unpriv
 
 PID = {"pid_ns": True}
-
-
-def _ok(res: subprocess.CompletedProcess[str], code: int = 0) -> str:
-    assert res.returncode == code, f"rc={res.returncode}\n{res.stdout}\n{res.stderr}"
-    return res.stdout
-
-
-@pytest.fixture()
-def user_dir(test_user: User) -> Iterator[Path]:
-    """A directory owned by the test user, outside /tmp and $HOME."""
-    base = "/srv" if os.path.isdir("/srv") else "/var/cache"
-    path = Path(tempfile.mkdtemp(prefix="sifpy-it-", dir=base))
-    os.chown(path, test_user.uid, test_user.gid)
-    path.chmod(0o755)
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 # --- --pid: init ----------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +15,9 @@ import pytest
 
 from integration.conftest import User, UserRunner
 from integration.runtime.conftest import Launcher, user_processes
+from integration.runtime.conftest import ok as _ok
 
 pytestmark = pytest.mark.unpriv
-
-
-def _ok(res: subprocess.CompletedProcess[str], code: int = 0) -> str:
-    assert res.returncode == code, f"rc={res.returncode}\n{res.stdout}\n{res.stderr}"
-    return res.stdout
-
-
-@pytest.fixture()
-def user_dir(test_user: User) -> Iterator[Path]:
-    """A directory owned by the test user outside /tmp and $HOME (so the cwd bind shows)."""
-    base = "/srv" if os.path.isdir("/srv") else "/var/cache"
-    path = Path(tempfile.mkdtemp(prefix="sifpy-it-", dir=base))
-    os.chown(path, test_user.uid, test_user.gid)
-    path.chmod(0o755)
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 # --- the core: identity, exit statuses ------------------------------------------------------
