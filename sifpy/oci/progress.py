@@ -5,17 +5,49 @@ from __future__ import annotations
 
 import threading
 from types import TracebackType
+from typing import Self
 
 from sifpy.oci import media as M
 from sifpy.util import log
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
+        n /= 1024
     return f"{n} B"
+
+
+class _RichBars:
+    """rich bars with byte counts and speed on stderr; a context manager."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=Console(stderr=True),
+        )
+
+    def __enter__(self) -> Self:
+        self._progress.start()
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._progress.stop()
 
 
 class PlainProgress:
@@ -38,38 +70,13 @@ class PlainProgress:
         log.info(f"{what} {desc.digest[:19]} ({_size(desc.size)})")
 
 
-class RichProgress:
+class RichProgress(_RichBars):
     """A rich progress bar per layer (stderr is a terminal)."""
 
     def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TransferSpeedColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            console=Console(stderr=True),
-            transient=False,
-        )
+        super().__init__()
         self._tasks: dict[str, object] = {}
         self._lock = threading.Lock()
-
-    def __enter__(self) -> RichProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._progress.stop()
 
     def start(self, desc: M.Descriptor) -> None:
         with self._lock:
@@ -96,14 +103,6 @@ def layer_progress() -> PlainProgress | RichProgress:
 # --- one file at a time (ORAS push and pull) ----------------------------------------------
 
 
-def _transfer_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 class TransferPlain:
     """One line per transfer, for logs and pipes."""
 
@@ -120,39 +119,15 @@ class TransferPlain:
 
     def finish(self, skipped: bool) -> None:
         how = "already there" if skipped else self.verb
-        log.info(f"{self.what}: {how} ({_transfer_size(self.total)})")
+        log.info(f"{self.what}: {how} ({_size(self.total)})")
 
 
-class TransferRich:
+class TransferRich(_RichBars):
     """A rich progress bar for one transfer (stderr is a terminal)."""
 
     def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TransferSpeedColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            console=Console(stderr=True),
-        )
+        super().__init__()
         self._task: object = None
-
-    def __enter__(self) -> TransferRich:
-        self._progress.start()
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._progress.stop()
 
     def start(self, what: str, total: int) -> None:
         self._task = self._progress.add_task(what, total=total)
