@@ -6,12 +6,11 @@ one plain line per layer otherwise, and nothing with ``-q``.
 
 from __future__ import annotations
 
-import sys
 from argparse import Namespace
 
 from sifpy.cli._args import ArgumentParser
 from sifpy.errors import UsageError
-from sifpy.oci.progress import PlainProgress, RichProgress
+from sifpy.oci.progress import layer_progress, transfer_progress
 from sifpy.oci.reference import parse_platform, parse_reference
 from sifpy.oci.registry import ClientOptions
 from sifpy.util import log
@@ -40,20 +39,12 @@ def build_parser(prog: str) -> ArgumentParser:
 def _pull_oras(a: Namespace) -> int:
     """``sifpy pull out.sif oras://host/name:tag``: the SIF artifact, byte for byte."""
     from sifpy.oci import oras
-    from sifpy.oci.progress import TransferPlain as PlainTransfer
-    from sifpy.oci.progress import TransferRich as RichTransfer
 
     ref = oras.parse_oras(a.image)
     options = ClientOptions(insecure=a.insecure, ca_cert=a.ca_cert)
     log.info(f"pulling oras://{ref}")
-    if log.level >= log.NORMAL and sys.stderr.isatty():
-        with RichTransfer() as rich_progress:
-            digest = oras.pull(
-                ref, a.output, options=options, force=a.force, progress=rich_progress
-            )
-    else:
-        progress = PlainTransfer("downloaded") if log.level >= log.NORMAL else oras.NoProgress()
-        digest = oras.pull(ref, a.output, options=options, force=a.force, progress=progress)
+    with transfer_progress("downloaded") as bar:
+        digest = oras.pull(ref, a.output, options=options, force=a.force, progress=bar)
     log.info(f"wrote {a.output} ({digest})")
     return 0
 
@@ -68,36 +59,20 @@ def main(argv: list[str], prog: str = "sifpy pull") -> int:
     ref = parse_reference(a.image)
     platform = parse_platform(a.platform, a.arch)
     options = ClientOptions(insecure=a.insecure, ca_cert=a.ca_cert)
-    from sifpy.oci.pull import NoProgress, Progress, pull
+    from sifpy.oci.pull import pull
 
     log.info(f"pulling {ref} ({platform})")
-    progress: Progress
-    if log.level < log.NORMAL:
-        progress = NoProgress()
-    elif sys.stderr.isatty():
-        with RichProgress() as rich_progress:
-            result = pull(
-                ref,
-                a.output,
-                platform=platform,
-                options=options,
-                force=a.force,
-                progress=rich_progress,
-                use_sif_cache=not a.no_cache,
-            )
-        log.info(f"wrote {result.path} ({result.digest})")
-        return 0
-    else:
-        progress = PlainProgress()
-    result = pull(
-        ref,
-        a.output,
-        platform=platform,
-        options=options,
-        force=a.force,
-        progress=progress,
-        use_sif_cache=not a.no_cache,
-    )
+    # Plain lines go through log.info, so -q silences them; a bar only on a terminal.
+    with layer_progress() as bar:
+        result = pull(
+            ref,
+            a.output,
+            platform=platform,
+            options=options,
+            force=a.force,
+            progress=bar,
+            use_sif_cache=not a.no_cache,
+        )
     suffix = ", from the cache" if result.cached else ""
     log.info(f"wrote {result.path} ({result.digest}{suffix})")
     return 0

@@ -7,11 +7,9 @@ Progress is a rich bar when stderr is a terminal, plain lines otherwise, nothing
 
 from __future__ import annotations
 
-import sys
-
 from sifpy.cli._args import ArgumentParser
 from sifpy.errors import UsageError
-from sifpy.oci.progress import TransferPlain, TransferRich
+from sifpy.oci.progress import transfer_progress
 from sifpy.util import log
 
 
@@ -63,13 +61,7 @@ def main(argv: list[str], prog: str = "sifpy push") -> int:
     options = ClientOptions(insecure=a.insecure, ca_cert=a.ca_cert)
     chunk = a.chunk_size or oras.DEFAULT_CHUNK
     log.info(f"pushing {a.image} to oras://{ref}")
-    if log.level >= log.NORMAL and sys.stderr.isatty():
-        with TransferRich() as rich_progress:
-            digest = oras.push(
-                a.image, ref, options=options, chunk_size=chunk, progress=rich_progress
-            )
-    else:
-        progress = TransferPlain("uploaded") if log.level >= log.NORMAL else oras.NoProgress()
-        digest = oras.push(a.image, ref, options=options, chunk_size=chunk, progress=progress)
+    with transfer_progress("uploaded") as bar:
+        digest = oras.push(a.image, ref, options=options, chunk_size=chunk, progress=bar)
     log.info(f"pushed oras://{ref} ({digest})")
     return 0

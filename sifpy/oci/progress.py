@@ -111,6 +111,12 @@ class TransferPlain:
         self.what = ""
         self.total = 0
 
+    def __enter__(self) -> TransferPlain:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
     def start(self, what: str, total: int) -> None:
         self.what, self.total = what, total
 
@@ -140,3 +146,12 @@ class TransferRich(_RichBars):
         total = self._progress.tasks[-1].total if self._progress.tasks else None
         label = self._progress.tasks[-1].description + (" (already there)" if skipped else "")
         self._progress.update(task, completed=total, description=label)  # type: ignore[arg-type]
+
+
+def transfer_progress(verb: str) -> TransferPlain | TransferRich:
+    """A display for one transfer: a bar on a terminal, else one line (silent with -q)."""
+    import sys
+
+    if log.level == log.NORMAL and sys.stderr.isatty():
+        return TransferRich()
+    return TransferPlain(verb)
