@@ -2,15 +2,16 @@
 
 Library code raises these; only :mod:`sifpy.cli` catches them, prints ``error:`` and
 ``hint:`` lines to stderr and exits. Messages follow Charliecloud's grammar: lowercase,
-``can't VERB: OBJECT: reason``. This module imports nothing from sifpy.
+``can't VERB: OBJECT: reason``. This module imports nothing from sifpy but the lean
+enum of :mod:`sifpy.util.lean` (it is on the path of every ``sifpy exec``).
 """
 
 from __future__ import annotations
 
-import enum
+from sifpy.util.lean import IntEnum
 
 
-class ExitStatus(enum.IntEnum):
+class ExitStatus(IntEnum):
     """Exit statuses of sifpy itself (docker's convention for exec/run)."""
 
     OK = 0

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+import sys
 
 from sifpy.errors import ExitStatus, ImageError, SifpyError, UsageError
 from sifpy.runtime import LaunchOptions, LaunchSpec, Sandbox, SifPartition, host_identity, launch
@@ -20,8 +19,14 @@ from sifpy.runtime import env as renv
 from sifpy.runtime.action import action_argv
 from sifpy.runtime.drivers import DRIVERS
 
+TYPE_CHECKING = False  # typing costs ~17 ms to import: not on this path
 if TYPE_CHECKING:
+    from types import SimpleNamespace
+    from typing import Any
+
     from sifpy.cli._args import ArgumentParser
+else:
+    SimpleNamespace = type(sys.implementation)  # what types.py does, without importing it
 
 HELP = {
     "exec": "run a command in a container",

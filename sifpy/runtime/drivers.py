@@ -20,15 +20,18 @@ Every helper runs by absolute path with :data:`mount.HELPER_ENV` only.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-from collections.abc import Callable
-from typing import NamedTuple, NoReturn
 
 from sifpy.errors import RuntimeSetupError, ToolError
 from sifpy.runtime import mount, ns
-from sifpy.util import log
+from sifpy.util import lean, log
+from sifpy.util.lean import NamedTuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import NoReturn
 
 DRIVERS = ("auto", "squashfuse", "kernel", "python", "unsquash")
 
@@ -228,7 +231,7 @@ def mount_overlay(
     opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
     fuse = ""
     if driver == "fuse" or (driver == "auto" and owner is not None):
-        with contextlib.suppress(ToolError):
+        with lean.suppress(ToolError):
             fuse = mount.find_program("fuse-overlayfs", hint=_OVERLAY_HINT)
         if driver == "fuse" and not fuse:
             mount.find_program("fuse-overlayfs", hint=_OVERLAY_HINT)  # raises
@@ -242,7 +245,7 @@ def mount_overlay(
         except RuntimeSetupError as exc:
             if driver == "kernel":
                 raise
-            with contextlib.suppress(ToolError):
+            with lean.suppress(ToolError):
                 fuse = mount.find_program("fuse-overlayfs", hint=_OVERLAY_HINT)
             if not fuse:
                 exc.hint = _OVERLAY_HINT

@@ -16,14 +16,21 @@ once, as Apptainer does, unless ``no_eval``.
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Iterable, Mapping
 
 from sifpy.errors import UsageError
 from sifpy.util import log
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def is_name(s: str) -> bool:
+    """A shell variable name: ``[A-Za-z_][A-Za-z0-9_]*`` (without importing re)."""
+    return s.isidentifier() and s.isascii()
+
 
 # Forwarded even with --cleanenv (Apptainer: TERM and the proxy variables).
 ALWAYS_FORWARDED = frozenset(
@@ -56,7 +63,7 @@ def host_env(environ: Mapping[str, str], cleanenv: bool) -> dict[str, str]:
     return {
         k: v
         for k, v in environ.items()
-        if NAME.match(k)
+        if is_name(k)
         and k not in NEVER_FORWARDED
         and not k.startswith(RUNTIME_PREFIXES + INJECT_PREFIXES)
         and not k.startswith("__SIFPY_")
@@ -67,9 +74,11 @@ def parse_env_option(values: Iterable[str]) -> dict[str, str]:
     """``--env K=V[,K2=V2]`` (repeatable). A comma starts a new pair only before ``NAME=``."""
     out: dict[str, str] = {}
     for value in values:
+        import re  # only with --env
+
         for item in re.split(r",(?=[A-Za-z_][A-Za-z0-9_]*=)", value):
             key, sep, val = item.partition("=")
-            if not sep or not NAME.match(key):
+            if not sep or not is_name(key):
                 raise UsageError(
                     f"invalid --env value: {item!r}", hint="use --env NAME=VALUE[,NAME2=VALUE2]"
                 )
@@ -82,7 +91,7 @@ def injected_env(environ: Mapping[str, str], env_opts: Mapping[str, str]) -> dic
     env: dict[str, str] = {}
     for prefix in INJECT_PREFIXES:
         for k, v in environ.items():
-            if k.startswith(prefix) and NAME.match(name := k[len(prefix) :]):
+            if k.startswith(prefix) and is_name(name := k[len(prefix) :]):
                 if name in env and env[name] != v:
                     log.verbose(f"{k} overrides a lower-priority injected {name}")
                 env[name] = v

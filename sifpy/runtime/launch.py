@@ -29,19 +29,25 @@ pipe, which the successful ``execve`` closes.
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import os
 import pwd
-import signal
 import stat
 import sys
-from collections.abc import Sequence
-from typing import Any, NamedTuple, NoReturn
 
 from sifpy.errors import ExitStatus, RuntimeSetupError, SifpyError
 from sifpy.runtime import drivers, mount, ns
 from sifpy.runtime import plan as plan_
+from sifpy.util import lean
+from sifpy.util.lean import NamedTuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    from collections.abc import Sequence
+    from typing import Any, NoReturn
+else:
+    import _signal as signal  # the signal module builds enums (~4 ms)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -282,7 +288,7 @@ def _supervise(main: int, forward_to: int, reap_all: bool) -> int:
         info = signal.sigwaitinfo(_WAITED)
         if info.si_signo != signal.SIGCHLD:
             if info.si_code != _SI_KERNEL:
-                with contextlib.suppress(ProcessLookupError):
+                with lean.suppress(ProcessLookupError):
                     os.kill(forward_to, info.si_signo)
             continue
         while True:
@@ -299,7 +305,7 @@ def _supervise(main: int, forward_to: int, reap_all: bool) -> int:
 def _report(fd: int, code: int, message: str, hint: str | None = None) -> None:
     # One write below PIPE_BUF is atomic, so a report is never interleaved.
     data = f"{code}\0{message[:3000]}\0{(hint or '')[:800]}".encode(errors="replace")
-    with contextlib.suppress(OSError):
+    with lean.suppress(OSError):
         os.write(fd, data)
 
 
@@ -428,7 +434,7 @@ def _own_by_root(root_fd: int) -> None:
             os.fchown(dirfd, 0, 0)
         os.fchmod(dirfd, stat.S_IMODE(st.st_mode) | 0o700)
         for name in list(dirnames) + filenames:
-            with contextlib.suppress(OSError):
+            with lean.suppress(OSError):
                 est = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
                 if est.st_dev != dev:
                     if name in dirnames:
@@ -733,7 +739,7 @@ def _exec(argv: list[str], env: dict[str, str], report: int, init: bool = False)
         # Python ignores SIGPIPE (and SIG_IGN survives execve): `yes | head` would spin.
         for sig in range(1, signal.NSIG):
             if sig not in (signal.SIGKILL, signal.SIGSTOP):
-                with contextlib.suppress(OSError, ValueError):
+                with lean.suppress(OSError, ValueError):
                     signal.signal(sig, signal.SIG_DFL)
         ns.reset_reserved_signals()
         signal.pthread_sigmask(signal.SIG_SETMASK, [])

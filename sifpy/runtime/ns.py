@@ -1,7 +1,7 @@
 """Thin, typed wrappers over the kernel calls the runtime needs, and capability probes.
 
 Python 3.11 has no ``os.unshare``, ``os.mount`` or ``pivot_root``; they are reached through
-ctypes on the C library that is already loaded into the interpreter (``CDLL(None)``), so no
+_ctypes on the C library that is already loaded into the interpreter (``CDLL(None)``), so no
 ``find_library`` runs (it forks ``ldconfig``/``gcc`` and would read the image's files after a
 ``pivot_root``). Every wrapper turns ``errno`` into a :class:`RuntimeSetupError` whose message
 follows the ``can't VERB: OBJECT: reason`` grammar.
@@ -12,11 +12,12 @@ outside ``/proc/self``.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 
 from sifpy.errors import RuntimeSetupError
+
+TYPE_CHECKING = False
 
 # Clone flags (include/uapi/linux/sched.h).
 CLONE_NEWNS = 0x00020000
@@ -50,24 +51,56 @@ PR_GET_NO_NEW_PRIVS = 39
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "riscv64": 41, "s390x": 217}
 _SYS_RT_SIGACTION = {"x86_64": 13, "aarch64": 134, "ppc64le": 173, "riscv64": 134, "s390x": 174}
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_char_p,
-]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.unshare.argtypes = [ctypes.c_int]
-_libc.prctl.argtypes = [
-    ctypes.c_int,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-]
-_libc.syscall.restype = ctypes.c_long
+# The C library already loaded into the interpreter (dlopen(NULL)), called through _ctypes
+# directly: the ctypes package costs ~4 ms to import, on the path of every `sifpy exec`.
+if TYPE_CHECKING:
+    from typing import Any
+
+    _libc: Any
+    _CInt: Any
+    _CLong: Any
+    _CULong: Any
+
+    def get_errno() -> int: ...
+
+else:
+    import _ctypes
+    from _ctypes import get_errno
+
+    class _CInt(_ctypes._SimpleCData):
+        _type_ = "i"
+
+    class _CLong(_ctypes._SimpleCData):
+        _type_ = "l"
+
+    class _CULong(_ctypes._SimpleCData):
+        _type_ = "L"
+
+    class _CCharP(_ctypes._SimpleCData):
+        _type_ = "z"
+
+    class _Func(_ctypes.CFuncPtr):
+        _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+        _restype_ = _CInt
+
+    class _LibC:
+        _handle = _ctypes.dlopen(None, os.RTLD_NOW)
+
+        def __init__(self, **functions):
+            for name, (argtypes, restype) in functions.items():
+                func = _Func((name, self))
+                if argtypes is not None:
+                    func.argtypes = argtypes
+                func.restype = restype
+                setattr(self, name, func)
+
+    _libc = _LibC(
+        mount=((_CCharP, _CCharP, _CCharP, _CULong, _CCharP), _CInt),
+        umount2=((_CCharP, _CInt), _CInt),
+        unshare=((_CInt,), _CInt),
+        prctl=((_CInt, _CULong, _CULong, _CULong, _CULong), _CInt),
+        syscall=(None, _CLong),  # variadic: pass _CLong/_CInt/_CULong, bytes or None
+    )
 
 
 def _fail(verb: str, obj: str, err: int, hint: str | None = None) -> RuntimeSetupError:
@@ -89,7 +122,7 @@ def unshare(flags: int) -> None:
     forked child.
     """
     if _libc.unshare(flags) != 0:
-        err = ctypes.get_errno()
+        err = get_errno()
         hint = (
             _USERNS_HINT if flags & CLONE_NEWUSER and err in (errno.EPERM, errno.ENOSPC) else None
         )
@@ -127,7 +160,7 @@ def set_no_new_privs() -> None:
     container runs.
     """
     if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise _fail("set", "no_new_privs", ctypes.get_errno())
+        raise _fail("set", "no_new_privs", get_errno())
     if _libc.prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) != 1:
         raise RuntimeSetupError("can't set: no_new_privs: the kernel did not keep it")
 
@@ -139,7 +172,7 @@ def set_parent_death_signal(sig: int) -> None:
     afterwards: the parent may have died before this call.
     """
     if _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
-        raise _fail("set", "parent death signal", ctypes.get_errno())
+        raise _fail("set", "parent death signal", get_errno())
 
 
 def _b(s: str | None) -> bytes | None:
@@ -156,13 +189,13 @@ def mount(
 ) -> None:
     """Call ``mount(2)``; ``what`` names the mount in the error message (default ``target``)."""
     if _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
-        raise _fail("mount", what or target, ctypes.get_errno())
+        raise _fail("mount", what or target, get_errno())
 
 
 def umount2(target: str, flags: int = 0) -> None:
     """Call ``umount2(2)``."""
     if _libc.umount2(_b(target), flags) != 0:
-        raise _fail("unmount", target, ctypes.get_errno())
+        raise _fail("unmount", target, get_errno())
 
 
 # The new mount API (Linux 5.2; include/uapi/linux/mount.h); the syscall numbers are the
@@ -175,9 +208,9 @@ _AT_FDCWD = -100
 
 
 def _syscall(what: str, obj: str, nr: int, *args: object) -> int:
-    res = int(_libc.syscall(ctypes.c_long(nr), *args))
+    res = int(_libc.syscall(_CLong(nr), *args))
     if res < 0:
-        raise _fail(what, obj, ctypes.get_errno())
+        raise _fail(what, obj, get_errno())
     return res
 
 
@@ -230,8 +263,8 @@ def pivot_root(new_root: str, put_old: str) -> None:
         raise RuntimeSetupError(
             f"can't pivot_root: architecture {os.uname().machine} is not supported"
         )
-    if _libc.syscall(ctypes.c_long(nr), _b(new_root), _b(put_old)) != 0:
-        raise _fail("pivot_root", new_root, ctypes.get_errno())
+    if _libc.syscall(_CLong(nr), _b(new_root), _b(put_old)) != 0:
+        raise _fail("pivot_root", new_root, get_errno())
 
 
 # --- probes -------------------------------------------------------------------------------
@@ -307,6 +340,6 @@ def reset_reserved_signals() -> None:
     nr = _SYS_RT_SIGACTION.get(os.uname().machine)
     if nr is None:
         return
-    zero = ctypes.create_string_buffer(32)
+    zero = bytes(32)  # only read by the kernel
     for sig in (32, 33):
-        _libc.syscall(ctypes.c_long(nr), ctypes.c_int(sig), zero, None, ctypes.c_size_t(8))
+        _libc.syscall(_CLong(nr), _CInt(sig), zero, None, _CULong(8))

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import TYPE_CHECKING
 
 from sifpy.errors import RuntimeSetupError
+
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from sifpy.runtime.launch import Identity, LaunchSpec

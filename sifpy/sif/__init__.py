@@ -7,8 +7,9 @@ the writer.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import sys
+
+TYPE_CHECKING = False  # not typing's: sifpy exec reads SIF files and must stay lean
 
 if TYPE_CHECKING:
     from sifpy.sif.image import Descriptor as Descriptor
@@ -32,7 +33,8 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
+        __import__(_WHERE[name])
+        return getattr(sys.modules[_WHERE[name]], name)
     raise AttributeError(f"module 'sifpy.sif' has no attribute {name!r}")

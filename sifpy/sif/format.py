@@ -10,14 +10,28 @@ descriptors on every start, and importing construct alone costs ~37 ms there.
 
 from __future__ import annotations
 
-import enum
 import struct
-from typing import Generic, NamedTuple, TypeVar
 
-T = TypeVar("T", bound=tuple)  # type: ignore[type-arg]
+from sifpy.util.lean import IntEnum, NamedTuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Generic, TypeVar
+
+    T = TypeVar("T", bound=tuple)  # type: ignore[type-arg]
+
+    class _Generic(Generic[T]):
+        pass
+else:
+
+    class _Generic:
+        def __class_getitem__(cls, item):
+            return cls
+
+    T = None
 
 
-class Layout(Generic[T]):
+class Layout(_Generic[T]):
     """A fixed-size packed record: a NamedTuple type plus its struct format."""
 
     def __init__(self, record: type[T], fmt: str) -> None:
@@ -95,7 +109,7 @@ DESCRIPTOR = Layout(RawDescriptor, "<iBIIIqqqqqqq128s384s")
 EMPTY_DESCRIPTOR = DESCRIPTOR.unpack(bytes(DESCRIPTOR.size))
 
 
-class DataType(enum.IntEnum):
+class DataType(IntEnum):
     DEFFILE = 0x4001
     ENVVAR = 0x4002
     LABELS = 0x4003
@@ -125,7 +139,7 @@ DATA_TYPE_NAMES: dict[int, str] = {
 }
 
 
-class FSType(enum.IntEnum):
+class FSType(IntEnum):
     SQUASH = 1
     EXT3 = 2
     IMMUOBJ = 3
@@ -144,7 +158,7 @@ FS_TYPE_NAMES: dict[int, str] = {
 }
 
 
-class PartType(enum.IntEnum):
+class PartType(IntEnum):
     SYSTEM = 1
     PRIMSYS = 2
     DATA = 3
@@ -159,7 +173,7 @@ PART_TYPE_NAMES: dict[int, str] = {
 }
 
 
-class HashType(enum.IntEnum):
+class HashType(IntEnum):
     SHA256 = 1
     SHA384 = 2
     SHA512 = 3
@@ -176,7 +190,7 @@ HASH_TYPE_NAMES: dict[int, str] = {
 }
 
 
-class FormatType(enum.IntEnum):
+class FormatType(IntEnum):
     OPENPGP = 1
     PEM = 2
 
@@ -184,7 +198,7 @@ class FormatType(enum.IntEnum):
 FORMAT_TYPE_NAMES: dict[int, str] = {FormatType.OPENPGP: "OpenPGP", FormatType.PEM: "PEM"}
 
 
-class MessageType(enum.IntEnum):
+class MessageType(IntEnum):
     CLEAR_SIGNATURE = 0x100
     RSA_OAEP = 0x200
 
@@ -195,7 +209,7 @@ MESSAGE_TYPE_NAMES: dict[int, str] = {
 }
 
 
-class SBOMFormat(enum.IntEnum):
+class SBOMFormat(IntEnum):
     CYCLONEDX_JSON = 1
     CYCLONEDX_XML = 2
     GITHUB_JSON = 3

@@ -14,11 +14,15 @@ from __future__ import annotations
 import itertools
 import os
 import stat
-from collections.abc import Iterator
-from typing import BinaryIO, NamedTuple
 
 from sifpy.errors import ImageError, ObjectNotFoundError, SifFormatError
 from sifpy.sif import format as F
+from sifpy.util.lean import NamedTuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import BinaryIO
 
 # A descriptor table is 585 bytes a slot; Apptainer writes 48. Anything above this is
 # corrupt, not big: refuse it before allocating.
