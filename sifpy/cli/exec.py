@@ -390,10 +390,12 @@ def _main(argv: list[str], prog: str) -> int:
             home_dest=home_dest,
             no_home=a.no_home,
             identity=ident,
+            # The action script's shell, then the command: both start cold on a fresh mount.
+            prefetch=("/bin/sh", args[0]) if action == "exec" and args else ("/bin/sh",),
         ),
     )
     try:
-        return launch(spec)
+        return launch(spec, inline=True)
     finally:
         if fd >= 0:
             os.close(fd)

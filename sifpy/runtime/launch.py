@@ -12,9 +12,12 @@ Process structure (Charliecloud's order; one box per process)::
        └─ container          builds the root (underlay + binds), pivot_root, exec(argv)
 
 Why a monitor instead of unsharing the caller: ``unshare(CLONE_NEWUSER)`` fails in a threaded
-process, and a build must keep its own namespaces between ``%post`` runs. Why the monitor
-stays instead of exec'ing: the FUSE server must live exactly as long as the container, and
-the container's exit status (or why it could not start) must reach the caller.
+process, and a build must keep its own namespaces between ``%post`` runs. ``sifpy exec`` is
+neither, so there the caller does the monitor's work itself (``launch(inline=True)``: one
+Python process less per start), except for real root, whose identity map must be written
+from outside the new namespace. Why the monitor stays instead of exec'ing: the FUSE server
+must live exactly as long as the container, and the container's exit status (or why it
+could not start) must reach the caller.
 
 Lifetimes: every mount lives only in the monitor's private mount namespace, which dies with
 its last process; no directory is created on the host (the session is a tmpfs mounted over
@@ -125,11 +128,14 @@ class LaunchOptions(NamedTuple):
     workdir: str | None = None  # with contain: /tmp, /var/tmp, home from DIR/{tmp,var_tmp,home}
     mount_driver: str = "auto"  # auto | squashfuse | kernel | python | unsquash
     squashfuse: str = "squashfuse_ll"
-    fuse_single_thread: bool = False
+    # One thread: libfuse's worker threads start on demand, ~3 ms of every exec, and a
+    # single one reads as fast on the cold-cache read benchmark (bench/read).
+    fuse_single_thread: bool = True
     identity: Identity | None = None  # default: looked up with host_identity()
     passwd: bool = True  # bind generated /etc/passwd and /etc/group (builds: the image's own)
     subid: bool = False  # with fakeroot: map ids 1..N to the user's /etc/subuid range if any
     own_root_after: bool = False  # writable sandbox: afterwards, chown every file to root
+    prefetch: tuple[str, ...] = ()  # programs to read ahead on a FUSE mount (mount.prefetch)
 
 
 class LaunchSpec(NamedTuple):
@@ -161,12 +167,17 @@ def host_identity() -> Identity:
 # --- the caller ---------------------------------------------------------------------------
 
 
-def launch(spec: LaunchSpec) -> int:
+def launch(spec: LaunchSpec, inline: bool = False) -> int:
     """Run ``spec.argv`` in the container and return its exit status.
 
     Raises :class:`RuntimeSetupError` (exit status 125) when the container could not be set
     up, :class:`ToolError` when squashfuse is missing. For 126/127 a one-line ``error:``
     message is written to stderr (the command's own stderr), as a shell would.
+
+    ``inline``: the caller becomes the monitor (one process less on every start) and is left
+    in the container's user and mount namespaces: only for a single-threaded process that
+    exits right after, such as ``sifpy exec``. Real root's identity map still needs a
+    process outside the namespace, so there the monitor is forked as usual.
     """
     if not spec.argv:
         raise RuntimeSetupError("can't execute: empty command")
@@ -192,15 +203,18 @@ def launch(spec: LaunchSpec) -> int:
     read_end, write_end = os.pipe()  # both close-on-exec (PEP 446)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
     try:
-        caller = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_end)
-            _monitor(spec, ident, driver, write_end, caller, sync)
-        os.close(write_end)
-        if sync is not None:
-            _write_id_maps(pid, sync, ident, subids)
-        status = _supervise(pid, pid, reap_all=False)
+        if inline and sync is None:
+            status = _monitor_inline(spec, ident, driver, write_end)
+        else:
+            caller = os.getpid()
+            pid = os.fork()
+            if pid == 0:
+                os.close(read_end)
+                _monitor(spec, ident, driver, write_end, caller, sync)
+            os.close(write_end)
+            if sync is not None:
+                _write_id_maps(pid, sync, ident, subids)
+            status = _supervise(pid, pid, reap_all=False)
         report = b""
         while chunk := os.read(read_end, 65536):
             report += chunk
@@ -328,78 +342,7 @@ def _monitor(
         ns.set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != caller:
             os._exit(ExitStatus.LAUNCH_FAILED)
-        opts = spec.options
-        image = spec.image
-        image_fd = _open_image(image) if isinstance(image, SifPartition) else -1
-        # Real root: the kernel mounts the squashfs now, detached, in the initial user
-        # namespace (no user namespace may mount a block device); attached below.
-        kernel_fd = -1
-        if isinstance(image, SifPartition) and driver.name == "kernel":
-            kernel_fd = drivers.kernel_squashfs(image_fd, image.offset, image.size)
-        outer_uid, outer_gid = os.getuid(), os.getgid()
-        inner_uid, inner_gid = (0, 0) if opts.fakeroot else (outer_uid, outer_gid)
-        ns.unshare(ns.CLONE_NEWUSER | ns.CLONE_NEWNS | (ns.CLONE_NEWIPC if opts.ipc_ns else 0))
-        if sync is not None:  # real root: the caller writes the identity map (launch())
-            unshared_r, unshared_w, mapped_r, mapped_w = sync
-            os.close(unshared_r)
-            os.close(mapped_w)
-            os.write(unshared_w, b"u")
-            answer = os.read(mapped_r, 1024)
-            if answer != b"m" or os.getuid() != 0:
-                why = answer[1:].decode(errors="replace") or "the caller did not map them"
-                raise RuntimeSetupError(f"can't map user ids: {why}")
-            os.close(unshared_w)
-            os.close(mapped_r)
-        else:
-            ns.map_ids(outer_uid, outer_gid, inner_uid, inner_gid)
-        ns.set_no_new_privs()  # inherited by the FUSE servers, helpers and the container
-        # Private propagation: nothing we mount or unmount can reach another namespace.
-        ns.mount(None, "/", None, ns.MS_REC | ns.MS_PRIVATE, what="/ (make private)")
-        # Pin every host path now: bind sources must be opened in *this* mount namespace
-        # (the kernel refuses to bind from a mount of another one), and before /tmp is
-        # covered by the session tmpfs. Likewise the Python FUSE server imports its modules.
-        own_fd = -1
-        if isinstance(image, Sandbox):
-            image_fd = plan_.pin(image.path, "sandbox")
-            if opts.own_root_after and opts.writable:
-                own_fd = os.open(image.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        cwd_fd = plan_.pin(spec.cwd, "cwd") if os.path.isdir(spec.cwd) else -1
-        plan = plan_.plan(spec, ident)
-        overlay_fd = plan_.pin(opts.overlay, "--overlay") if opts.overlay else -1
-        if isinstance(image, SifPartition) and driver.name == "python":
-            serve = drivers.python_server(image_fd, image.offset)
-        ns.mount("tmpfs", _SESSION, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=0700", "session")
-        # Unbindable: a recursive bind of a host directory above it (host /tmp, or a user's
-        # bind of /) prunes the session instead of copying it into the container.
-        ns.mount(None, _SESSION, None, ns.MS_UNBINDABLE, what="session (make unbindable)")
-        os.mkdir(_IMAGE)
-        os.mkdir(_FILES)
-        # The generated files are bind sources, so they need a mount that is not unbindable.
-        ns.mount("tmpfs", _FILES, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=0755", "files")
-        if not isinstance(image, SifPartition):
-            mount.bind(mount.fd_path(image_fd), _IMAGE, readonly=not opts.writable, what="sandbox")
-        elif driver.name == "kernel":
-            ns.move_mount(kernel_fd, _IMAGE)
-            os.close(kernel_fd)
-        elif driver.name == "python":
-            servers.append(mount.fuse_mount(_IMAGE, "sifpy-squashfs", [image_fd], serve, True))
-        elif driver.name == "unsquash":
-            drivers.extract(image_fd, image.offset, _IMAGE, driver.program)
-        else:
-            servers.append(
-                mount.mount_squashfs(
-                    image_fd, image.offset, _IMAGE, driver.program, opts.fuse_single_thread
-                )
-            )
-        os.close(image_fd)
-        if opts.writable_tmpfs or opts.overlay:
-            servers += _mount_overlay(opts, overlay_fd)
-        if opts.pid_ns:
-            ns.unshare(ns.CLONE_NEWPID)  # our next child is PID 1 of a new namespace
-        me = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            _container(spec, ident, plan, cwd_fd, report, me)
+        pid, own_fd = _set_up(spec, ident, driver, report, servers, sync)
     except SifpyError as exc:
         _report(report, ExitStatus.LAUNCH_FAILED, exc.message, exc.hint)
         _stop(servers)
@@ -408,15 +351,125 @@ def _monitor(
         _report(report, ExitStatus.LAUNCH_FAILED, f"can't start container: {exc!r}")
         _stop(servers)
         os._exit(ExitStatus.LAUNCH_FAILED)
-    # Close what only the container needed; keep the report pipe until it is done.
-    for fd in [m.fd for m in plan] + [cwd_fd, overlay_fd]:
-        if fd >= 0:
-            os.close(fd)
     status = _supervise(pid, pid, reap_all=True)
     _stop(servers)
     if own_fd >= 0:
         _own_by_root(own_fd)
     os._exit(_exit_code(status))
+
+
+def _monitor_inline(spec: LaunchSpec, ident: Identity, driver: drivers.Driver, report: int) -> int:
+    """The monitor's work in the caller itself (``launch(inline=True)``); returns the
+    container's wait status. Set-up errors are raised, not reported; the report pipe's write
+    end is closed here, once the container holds its own copy."""
+    servers: list[int] = []
+    try:
+        pid, own_fd = _set_up(spec, ident, driver, report, servers, None)
+    except SifpyError:
+        _stop(servers)
+        raise
+    except Exception as exc:  # as the forked monitor reports it: never a traceback
+        _stop(servers)
+        raise RuntimeSetupError(f"can't start container: {exc!r}") from exc
+    finally:
+        os.close(report)
+    status = _supervise(pid, pid, reap_all=True)
+    _stop(servers)
+    if own_fd >= 0:
+        _own_by_root(own_fd)
+    return status
+
+
+def _set_up(
+    spec: LaunchSpec,
+    ident: Identity,
+    driver: drivers.Driver,
+    report: int,
+    servers: list[int],
+    sync: tuple[int, int, int, int] | None,
+) -> tuple[int, int]:
+    """Enter the namespaces, mount the image (its servers go to ``servers``) and fork the
+    container; return its pid and, for ``own_root_after``, the sandbox's fd (else -1)."""
+    opts = spec.options
+    image = spec.image
+    image_fd = _open_image(image) if isinstance(image, SifPartition) else -1
+    # Real root: the kernel mounts the squashfs now, detached, in the initial user
+    # namespace (no user namespace may mount a block device); attached below.
+    kernel_fd = -1
+    if isinstance(image, SifPartition) and driver.name == "kernel":
+        kernel_fd = drivers.kernel_squashfs(image_fd, image.offset, image.size)
+    outer_uid, outer_gid = os.getuid(), os.getgid()
+    inner_uid, inner_gid = (0, 0) if opts.fakeroot else (outer_uid, outer_gid)
+    ns.unshare(ns.CLONE_NEWUSER | ns.CLONE_NEWNS | (ns.CLONE_NEWIPC if opts.ipc_ns else 0))
+    if sync is not None:  # real root: the caller writes the identity map (launch())
+        unshared_r, unshared_w, mapped_r, mapped_w = sync
+        os.close(unshared_r)
+        os.close(mapped_w)
+        os.write(unshared_w, b"u")
+        answer = os.read(mapped_r, 1024)
+        if answer != b"m" or os.getuid() != 0:
+            why = answer[1:].decode(errors="replace") or "the caller did not map them"
+            raise RuntimeSetupError(f"can't map user ids: {why}")
+        os.close(unshared_w)
+        os.close(mapped_r)
+    else:
+        ns.map_ids(outer_uid, outer_gid, inner_uid, inner_gid)
+    ns.set_no_new_privs()  # inherited by the FUSE servers, helpers and the container
+    # Private propagation: nothing we mount or unmount can reach another namespace.
+    ns.mount(None, "/", None, ns.MS_REC | ns.MS_PRIVATE, what="/ (make private)")
+    # Pin every host path now: bind sources must be opened in *this* mount namespace
+    # (the kernel refuses to bind from a mount of another one), and before /tmp is
+    # covered by the session tmpfs. Likewise the Python FUSE server imports its modules.
+    own_fd = -1
+    if isinstance(image, Sandbox):
+        image_fd = plan_.pin(image.path, "sandbox")
+        if opts.own_root_after and opts.writable:
+            own_fd = os.open(image.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    cwd_fd = plan_.pin(spec.cwd, "cwd") if os.path.isdir(spec.cwd) else -1
+    plan = plan_.plan(spec, ident)
+    overlay_fd = plan_.pin(opts.overlay, "--overlay") if opts.overlay else -1
+    if isinstance(image, SifPartition) and driver.name == "python":
+        serve = drivers.python_server(image_fd, image.offset)
+    ns.mount("tmpfs", _SESSION, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=0700", "session")
+    # Unbindable: a recursive bind of a host directory above it (host /tmp, or a user's
+    # bind of /) prunes the session instead of copying it into the container.
+    ns.mount(None, _SESSION, None, ns.MS_UNBINDABLE, what="session (make unbindable)")
+    os.mkdir(_IMAGE)
+    os.mkdir(_FILES)
+    # The generated files are bind sources, so they need a mount that is not unbindable.
+    ns.mount("tmpfs", _FILES, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=0755", "files")
+    if not isinstance(image, SifPartition):
+        mount.bind(mount.fd_path(image_fd), _IMAGE, readonly=not opts.writable, what="sandbox")
+    elif driver.name == "kernel":
+        ns.move_mount(kernel_fd, _IMAGE)
+        os.close(kernel_fd)
+    elif driver.name == "python":
+        servers.append(mount.fuse_mount(_IMAGE, "sifpy-squashfs", [image_fd], serve, True))
+    elif driver.name == "unsquash":
+        drivers.extract(image_fd, image.offset, _IMAGE, driver.program)
+    else:
+        servers.append(
+            mount.mount_squashfs(
+                image_fd, image.offset, _IMAGE, driver.program, opts.fuse_single_thread
+            )
+        )
+    os.close(image_fd)
+    if opts.writable_tmpfs or opts.overlay:
+        servers += _mount_overlay(opts, overlay_fd)
+    # Before unshare(CLONE_NEWPID): after it, this process can't start threads.
+    if opts.prefetch and driver.name in ("squashfuse", "python"):
+        mount.prefetch(_IMAGE, opts.prefetch, spec.env.get("PATH", DEFAULT_PATH))
+    if opts.pid_ns:
+        ns.unshare(ns.CLONE_NEWPID)  # our next child is PID 1 of a new namespace
+    me = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        _container(spec, ident, plan, cwd_fd, report, me)
+    # Close what only the container needed; keep the report pipe until it is done.
+    for fd in [m.fd for m in plan] + [cwd_fd, overlay_fd]:
+        if fd >= 0:
+            os.close(fd)
+    return pid, own_fd
 
 
 def _own_by_root(root_fd: int) -> None:

@@ -432,3 +432,48 @@ def build_underlay(image: str, root: str, expand: set[tuple[str, ...]]) -> None:
     fill(())
     for name in sorted(RESERVED):
         os.mkdir(os.path.join(root, name), 0o755)
+
+
+PREFETCH_MAX = 16 << 20  # bytes read ahead per file
+
+
+def prefetch(image: str, names: tuple[str, ...], search: str) -> None:
+    """Read, in a background thread, the files the container is about to execute.
+
+    A FUSE mount starts with an empty page cache, and ``execve`` then faults the program in
+    page by page, one FUSE round trip (and squashfs block) at a time: ~8 ms for a 2 MB
+    busybox, several times what a sequential read of the same file costs. Reading it here,
+    while the container is still being assembled, fills the cache on the other CPU.
+    ``names`` are image paths, or command names looked up in ``search`` (a PATH); every
+    lookup stays inside the image (:func:`open_in_root`). Best effort: errors are ignored.
+    """
+    import _thread
+
+    with lean.suppress(RuntimeError):  # no threads here (e.g. RLIMIT_NPROC): go without
+        _thread.start_new_thread(_prefetch, (image, names, search))
+
+
+def _prefetch(image: str, names: tuple[str, ...], search: str) -> None:
+    try:
+        root_fd = os.open(image, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    buf = bytearray(1 << 20)
+    try:
+        for name in names:
+            dirs = [""] if "/" in name else [d for d in search.split(":") if d.startswith("/")]
+            for d in dirs:
+                fd = open_in_root(root_fd, f"{d}/{name}" if d else name)
+                if fd is None:
+                    continue
+                try:
+                    left = PREFETCH_MAX
+                    while left > 0 and (n := os.readv(fd, [buf])):
+                        left -= n
+                finally:
+                    os.close(fd)
+                break
+    except BaseException:  # a hint only; the server may be gone already
+        pass
+    finally:
+        os.close(root_fd)
