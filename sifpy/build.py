@@ -66,7 +66,7 @@ class BuildOptions:
     sections: frozenset[str] = frozenset({"all"})
     tmpdir: str | None = None
     fakeroot: bool = False
-    compression: str = "zstd"
+    compression: str | None = None  # NAME[:LEVEL]; None: $SIFPY_COMPRESSION or zstd:3
     mksquashfs_args: str = ""
     build_args: dict[str, str] = field(default_factory=dict)
     warn_unused_build_args: bool = False
@@ -496,6 +496,9 @@ def build(dest: str, source: str, opts: BuildOptions) -> None:
     if not opts.sections or not opts.sections <= SECTIONS:
         bad = ", ".join(sorted(opts.sections - SECTIONS)) or "(empty)"
         raise UsageError(f"unknown --section: {bad}", hint=f"use {', '.join(sorted(SECTIONS))}")
+    from sifpy.squashfs.pack import default_compression, parse_compression
+
+    parse_compression(opts.compression or default_compression())  # fail before building
     recipe = load_recipe(source, opts)
     _check_dest(dest, opts)
     if opts.fakeroot:

@@ -42,7 +42,12 @@ def build_parser(prog: str) -> ArgumentParser:
     p.add_argument("--sign", action="store_true", help="sign the new SIF (as 'sifpy sign')")
     p.add_argument("--keyidx", type=int, help="with --sign: the secret key to use")
     p.add_argument("--sign-key", metavar="FILE.pem", help="with --sign: a DSSE private key")
-    p.add_argument("--compression", default=os.environ.get("SIFPY_COMPRESSION", "zstd"))
+    p.add_argument(
+        "--compression",
+        default=None,
+        metavar="NAME[:LEVEL]",
+        help="squashfs compression (default: $SIFPY_COMPRESSION or zstd:3)",
+    )
     p.add_argument(
         "--mksquashfs-args",
         default=os.environ.get("APPTAINER_MKSQUASHFS_ARGS", ""),

