@@ -13,6 +13,7 @@ import io
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from typing import BinaryIO, cast
@@ -73,12 +74,40 @@ def open_tar_stream(
         if compression == "auto":
             compression = detect(head)
         stream = cast(BinaryIO, io.BufferedReader(_Prefixed(head, raw), 1 << 20))
-        if compression == "gzip":
+        gzip_exe = shutil.which("gzip") if isinstance(layer, str | os.PathLike) else None
+        if compression == "gzip" and gzip_exe:
+            yield stack.enter_context(_gzip_process(gzip_exe, layer))  # type: ignore[arg-type]
+        elif compression == "gzip":
             yield cast(BinaryIO, stack.enter_context(gzip.GzipFile(fileobj=stream, mode="rb")))
         elif compression == "zstd":
             yield stack.enter_context(_zstd_reader(stream))
         else:
             yield stream
+
+
+@contextlib.contextmanager
+def _gzip_process(exe: str, path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """A gzip file through the host's ``gzip -dc``: decompression runs in its own process,
+    on another CPU, while we parse the tar (twice the speed of zlib in this process)."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            [exe, "-dc", "--", os.fspath(path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            bufsize=1 << 16,
+        )
+        assert proc.stdout is not None
+        try:
+            yield cast(BinaryIO, proc.stdout)
+        finally:
+            proc.stdout.close()
+            rc = proc.wait()
+        # 2: a warning (trailing zeros); -13: SIGPIPE, we stopped reading (tar said enough).
+        if rc not in (0, 2, -13):
+            err.seek(0)
+            text = err.read().decode(errors="replace").strip()
+            raise RootfsError(f"can't apply layer: gzip failed: {text[-500:]}")
 
 
 @contextlib.contextmanager

@@ -124,12 +124,12 @@ OWN_CASES: dict[str, Case] = {
         ObjectInput(F.DataType.LABELS, b'{"a":"b"}'),
         part(BIG, SQ, PRIM, "amd64"),
         part(FA, EXT3, DATA, "arm64", group_id=2),
-        ObjectInput.signature(b"sig", F.HashType.SHA256, bytes(range(20)), group_id=0,
-                              linked_id=1, link_to_group=True),
+        ObjectInput.signature(
+            b"sig", F.HashType.SHA256, bytes(range(20)), group_id=0, linked_id=1, link_to_group=True
+        ),
         ObjectInput(F.DataType.GENERIC_JSON, b"{}", name="inspect-metadata.json"),
         gen(FE, linked_id=4),
-        ObjectInput.crypto_message(b"msg", F.FormatType.PEM, F.MessageType.RSA_OAEP,
-                                   linked_id=4),
+        ObjectInput.crypto_message(b"msg", F.FormatType.PEM, F.MessageType.RSA_OAEP, linked_id=4),
         ObjectInput.sbom(b"{}", F.SBOMFormat.SPDX_JSON, group_id=2),
         ObjectInput.oci(b"{}", "sha256:" + "ab" * 32, root_index=True, group_id=3),
         ObjectInput.oci(FA, "sha256:" + "cd" * 32, group_id=3),

@@ -141,5 +141,3 @@ def test_sigkill_during_create_leaves_nothing(tmp_path: Path) -> None:
     proc.kill()
     proc.wait()
     assert list(tmp_path.iterdir()) == []
-
-

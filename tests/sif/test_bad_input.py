@@ -94,7 +94,9 @@ def assert_clean_error(r: subprocess.CompletedProcess[str], phrase: str) -> None
     assert all(line.startswith(("error: ", "hint: ")) for line in lines), r.stderr
 
 
-@pytest.mark.parametrize("name", ["empty", "wrong-magic", "absurd-count", "overlap", "truncated-data"])
+@pytest.mark.parametrize(
+    "name", ["empty", "wrong-magic", "absurd-count", "overlap", "truncated-data"]
+)
 def test_cli_reports_one_line(name: str, good: bytes, tmp_path: Path) -> None:
     data, phrase = cases(good)[name]
     p = tmp_path / "bad.sif"
