@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Debian packages the tests and the runtime use (installed only when missing, and only as root).
 APT_PACKAGES := siftool golang-github-sylabs-sif-dev squashfs-tools squashfuse fuse3 umoci skopeo zstd \
 	busybox-static python3-venv util-linux gpg gpgv docker-registry apache2-utils mmdebstrap \
-	python3-pyfuse3 fuse-overlayfs libfuse3-dev pkg-config squashfs-tools-ng uidmap
+	python3-pyfuse3 fuse-overlayfs libfuse3-dev pkg-config squashfs-tools-ng uidmap pigz
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: all setup apt venv test lint demo golden clean

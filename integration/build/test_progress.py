@@ -22,7 +22,7 @@ def test_terminal_gets_a_live_display(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stdout
     assert "\x1b[" in r.stdout  # cursor control from the live display
-    assert "creating squashfs (zstd): done (" in r.stdout
+    assert "creating squashfs (zstd:3): done (" in r.stdout
 
 
 def test_pipe_gets_plain_lines(tmp_path: Path) -> None:
@@ -31,7 +31,7 @@ def test_pipe_gets_plain_lines(tmp_path: Path) -> None:
                        capture_output=True, text=True, cwd=REPO, check=False)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "\x1b[" not in r.stderr
-    assert "creating squashfs (zstd)\n" in r.stderr and "build complete" in r.stderr
+    assert "creating squashfs (zstd:3)\n" in r.stderr and "build complete" in r.stderr
     r = subprocess.run([sys.executable, "-m", "sifpy", "-q", "build", "--force", str(out), str(RECIPE)],
                        capture_output=True, text=True, cwd=REPO, check=False)  # fmt: skip
     assert r.returncode == 0 and r.stderr == ""

@@ -323,11 +323,10 @@ def _tree_size(top: Path) -> int:
 
 
 def copy_file(src: Path, dst: Path) -> None:
-    """Copy ``src`` over ``dst`` (a reflink where the filesystem can), fsynced."""
+    """Copy ``src`` over ``dst`` (a reflink where the filesystem can, else kernel-side),
+    fsynced."""
+    from sifpy.sif.write import clone
+
     with open(src, "rb") as fi, open(dst, "wb") as fo:
-        try:
-            fcntl.ioctl(fo.fileno(), 0x40049409, fi.fileno())  # FICLONE
-        except OSError:
-            shutil.copyfileobj(fi, fo, 4 << 20)
-        fo.flush()
+        clone(fi.fileno(), fo.fileno())
         os.fsync(fo.fileno())

@@ -47,7 +47,7 @@ from typing import IO, Any, BinaryIO, NamedTuple
 
 from sifpy.errors import RootfsError, ToolError
 from sifpy.oci.config import META_DIRS, MOUNT_POINTS, metadata_files
-from sifpy.rootfs._compress import open_tar_stream
+from sifpy.rootfs._compress import grow_pipe, open_tar_stream
 from sifpy.rootfs._walk import MAX_SYMLINKS, PathError
 from sifpy.rootfs.unpack import (
     _HINT,
@@ -154,6 +154,14 @@ def index_layer(layer: LayerSource) -> list[Rec]:
     return recs
 
 
+class _Everything:
+    """The ``touched`` set of a one-layer image: its whiteouts can only hide what the same
+    layer wrote, which they never do, so every key counts as touched (and none is stored)."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+
 class Merger:
     """The in-memory tree of names and inodes that the layers build (pass 1)."""
 
@@ -222,33 +230,36 @@ class Merger:
                     f"can't apply layer: {label}: {_show(rec.name)}: {exc}", _HINT
                 ) from exc
 
-    def _apply(self, index: int, rec: Rec, touched: set[Key]) -> None:
+    def _apply(
+        self, index: int, rec: Rec, touched: set[Key] | _Everything
+    ) -> tuple[Key, _Node, Key] | None:
+        """Apply one entry; for an entry that names a node: its cleaned name, the
+        directory it went into and its real key (symlinks resolved), else None."""
         parts = _clean(rec.name)
         if not parts:
             if rec.kind != DIR:
                 raise _BadEntry("refusing to change the type of the root directory")
             self.root.mode = self._mode(rec.mode, is_dir=True)
             self.root.mtime = rec.mtime
-            return
+            return None
         *parent, name = parts
         if any(p.startswith(WHITEOUT) for p in parent):
             raise _BadEntry("whiteout prefix on a directory component")
         if name.startswith(WHITEOUT):
             self._whiteout(parent, name[len(WHITEOUT) :], touched)
-            return
+            return None
         if rec.kind == "c":
             log.warn(f"skipping device node in layer: {_show(rec.name)}")
-            return
+            return None
         if rec.kind == "?":
             log.warn(f"skipping entry of unknown type {rec.type!r} in layer: {_show(rec.name)}")
-            return
+            return None
         pdir, real = self.resolve(parent, create=True)
         children = pdir.children
         assert children is not None
         key = (*real, name)
         if rec.kind == "h":
-            if not self._hardlink(rec, children, name, key):
-                return
+            self._hardlink(rec, children, name, key)
         elif rec.kind == DIR:
             node = children.get(name)
             if node is None or node.kind != DIR:
@@ -264,8 +275,10 @@ class Merger:
             node = children[name] = _Node(rec.kind, self._mode(rec.mode, is_dir=False), rec.mtime)
             if rec.kind == REG:
                 node.src = (index, rec.ordinal)
-        for i in range(len(key) + 1):
-            touched.add(key[:i])
+        if not isinstance(touched, _Everything):
+            for i in range(len(key) + 1):
+                touched.add(key[:i])
+        return parts, pdir, key
 
     def _hardlink(self, rec: Rec, children: dict[str, _Node], name: str, key: Key) -> bool:
         """Link ``name`` to the inode at the entry's target; False: it already is it."""
@@ -293,7 +306,7 @@ class Merger:
         children[name] = target
         return True
 
-    def _whiteout(self, parent: list[str], target: str, touched: set[Key]) -> None:
+    def _whiteout(self, parent: list[str], target: str, touched: set[Key] | _Everything) -> None:
         if target == OPAQUE:
             try:
                 d, real = self.resolve(parent, create=False)
@@ -317,7 +330,7 @@ class Merger:
             self._remove_lower(d, target, (*real, target), touched)
 
     @staticmethod
-    def _remove_lower(d: _Node, name: str, key: Key, touched: set[Key]) -> None:
+    def _remove_lower(d: _Node, name: str, key: Key, touched: set[Key] | _Everything) -> None:
         """Remove ``name`` unless this layer wrote it; descend where it wrote inside."""
         todo = [(d, name, key)]
         while todo:
@@ -568,7 +581,7 @@ def single_pass(
     w = TarWriter(out)
     written: dict[Key, tuple[int, str, int, int, str]] = {}
     first_path: dict[int, str] = {}  # inode -> the name it was written under
-    touched: set[Key] = {()}
+    touched = _Everything()
     label = _label(layer)
 
     def put(key: Key, node: _Node, src: IO[bytes] | None = None, size: int = 0) -> None:
@@ -602,22 +615,20 @@ def single_pass(
                 ordinal += 1
                 rec = Rec(ordinal, m.name, m.type, m.mode, int(m.mtime), m.linkname, _kind(m))
                 try:
-                    merger._apply(0, rec, touched)
+                    applied = merger._apply(0, rec, touched)
                 except (_BadEntry, PathError) as exc:
                     raise RootfsError(
                         f"can't apply layer: {label}: {_show(rec.name)}: {exc}", _HINT
                     ) from exc
-                parts = _clean(rec.name)
-                if not parts:
-                    continue  # the root is written last, with its final attributes
-                if parts[-1].startswith(WHITEOUT) or rec.kind in ("c", "?"):
-                    continue  # nothing below it in a one-layer image; devices are skipped
-                key = tuple(parts)
+                # None: the root (written last, with its final attributes), a whiteout
+                # (nothing below it in a one-layer image) or a skipped device node.
+                if applied is None:
+                    continue
+                parts, pdir, key = applied
+                if key != parts:
+                    raise _NotCanonical(f"{rec.name}: through a symlink")
                 if key in written:
                     raise _NotCanonical(f"{rec.name}: written twice")
-                pdir, real = merger.resolve(list(key[:-1]), create=False)
-                if real != key[:-1]:
-                    raise _NotCanonical(f"{rec.name}: through a symlink")
                 assert pdir.children is not None
                 node = pdir.children[key[-1]]
                 if rec.kind == "h" and id(node) not in first_path:
@@ -737,6 +748,7 @@ def _tar2sqfs(dest: Path) -> Iterator[IO[bytes]]:
             bufsize=READ_BUF,
         )
         assert proc.stdin is not None
+        grow_pipe(proc.stdin.fileno())
         broken = False
         try:
             yield proc.stdin

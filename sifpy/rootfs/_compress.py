@@ -74,7 +74,12 @@ def open_tar_stream(
         if compression == "auto":
             compression = detect(head)
         stream = cast(BinaryIO, io.BufferedReader(_Prefixed(head, raw), 1 << 20))
-        gzip_exe = shutil.which("gzip") if isinstance(layer, str | os.PathLike) else None
+        # pigz first, as containerd does: its inflate (zlib's) takes 2/3 of gzip's time.
+        gzip_exe = (
+            shutil.which("pigz") or shutil.which("gzip")
+            if isinstance(layer, str | os.PathLike)
+            else None
+        )
         if compression == "gzip" and gzip_exe:
             yield stack.enter_context(_gzip_process(gzip_exe, layer))  # type: ignore[arg-type]
         elif compression == "gzip":
@@ -85,10 +90,19 @@ def open_tar_stream(
             yield stream
 
 
+def grow_pipe(fd: int, size: int = 1 << 20) -> None:
+    """Let a pipe hold ``size`` bytes (F_SETPIPE_SZ; 64 KiB by default), so that the two
+    processes on its ends run side by side instead of in lockstep. Best effort."""
+    import fcntl
+
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
+
+
 @contextlib.contextmanager
 def _gzip_process(exe: str, path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """A gzip file through the host's ``gzip -dc``: decompression runs in its own process,
-    on another CPU, while we parse the tar (twice the speed of zlib in this process)."""
+    """A gzip file through the host's ``pigz -dc`` or ``gzip -dc``: decompression runs in
+    its own process, on another CPU, while we parse the tar."""
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
             [exe, "-dc", "--", os.fspath(path)],
@@ -98,6 +112,7 @@ def _gzip_process(exe: str, path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             bufsize=1 << 16,
         )
         assert proc.stdout is not None
+        grow_pipe(proc.stdout.fileno())
         try:
             yield cast(BinaryIO, proc.stdout)
         finally:

@@ -375,7 +375,7 @@ def _dest_error(path: str, exc: OSError) -> ImageError:
     return ImageError(f"can't write SIF: {path}: {exc.strerror}", hint=hint)
 
 
-def _clone(src_fd: int, dst_fd: int) -> None:
+def clone(src_fd: int, dst_fd: int) -> None:
     """Copy a whole file, sharing blocks (reflink) when the filesystem allows."""
     try:
         fcntl.ioctl(dst_fd, FICLONE, src_fd)
@@ -461,7 +461,7 @@ def _modify(path: str | os.PathLike[str], change: Callable[[_Writer], bool]) -> 
         st = os.fstat(img.fd)
         with AtomicFile(p, st.st_mode & 0o7777) as out:
             try:
-                _clone(img.fd, out.fd)
+                clone(img.fd, out.fd)
                 w = _Writer.load(out.fd, p)
                 if not change(w):
                     return
