@@ -27,7 +27,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["stream", "unpack"])
+@pytest.mark.parametrize("mode", ["stream", "stream-after-download", "unpack"])
 @pytest.mark.parametrize(
     ("name", "layout_key", "flags"), CASES, ids=[" ".join([c[0], *c[2]]) for c in CASES]
 )
@@ -40,15 +40,21 @@ def test_pull_matches_umoci(
     flags: list[str],
     mode: str,
 ) -> None:
-    if mode == "stream":
+    streaming = mode.startswith("stream")
+    if streaming:
         need_tool("tar2sqfs")
     out = tmp_path / "app.sif"
     proc = sifpy.run(
         "-v", "pull", "--insecure", *flags, out, f"docker://{registry.host}/{name}",
-        SIFPY_PULL_STREAM="1" if mode == "stream" else "0",
+        SIFPY_PULL_STREAM="1" if streaming else "0",
+        SIFPY_PULL_OVERLAP="1" if mode == "stream" else "0",
     )  # fmt: skip
     assert "wrote" in proc.stderr
-    assert ("streaming" in proc.stderr) == (mode == "stream")
+    assert ("streaming" in proc.stderr) == streaming
+    # One gzip layer streams while it downloads (unless turned off); more layers can't.
+    overlapped = "while it downloads" in proc.stderr
+    assert overlapped == (mode == "stream" and name != "test/multi:1")
+    assert "packing from the cache instead" not in proc.stderr
     with SifImage.open(out) as img:
         assert img.launch_script == F.DEFAULT_LAUNCH_SCRIPT
         part = img.primary_partition()
@@ -163,3 +169,37 @@ def test_pull_by_digest(registry: Registry, sifpy: SifpyEnv, tmp_path: Path) -> 
     out = tmp_path / "d.sif"
     sifpy.run("pull", "--insecure", out, f"docker://{registry.host}/test/plain@{m['digest']}")
     assert (sif_rootfs(out, tmp_path / "r") / "etc/marker").read_text() == "plain image\n"
+
+
+def test_one_layer_that_needs_the_merge(
+    registry: Registry, sifpy: SifpyEnv, tmp_path: Path
+) -> None:
+    """A one-layer image whose tar lists a name twice (the later entry wins) can't be
+    streamed while it downloads: the pull says so, packs it from the cache, and the SIF
+    still holds what umoci unpacks."""
+    import io
+    import tarfile
+
+    from integration.oci.conftest import skopeo_push
+    from tests.rootfs.tars import dir_, layer, reg
+
+    need_tool("tar2sqfs")
+    umoci = need_tool("umoci")
+    blob = tmp_path / "layer.tar"
+    blob.write_bytes(
+        layer(dir_("etc"), reg("etc/motd", b"first\n"), reg("etc/motd", b"second\n", 0o600))
+    )
+    with tarfile.open(fileobj=io.BytesIO(blob.read_bytes())) as tf:
+        assert [m.name for m in tf.getmembers()].count("etc/motd") == 2
+    oci = tmp_path / "oci"
+    subprocess.run([umoci, "init", "--layout", oci], check=True)
+    subprocess.run([umoci, "new", "--image", f"{oci}:1"], check=True)
+    subprocess.run([umoci, "raw", "add-layer", "--image", f"{oci}:1", blob], check=True)
+    skopeo_push(oci, "1", f"{registry.host}/test/twice:1")
+    out = tmp_path / "app.sif"
+    proc = sifpy.run("-v", "pull", "--insecure", out, f"docker://{registry.host}/test/twice:1")
+    assert "while it downloads" in proc.stderr
+    assert "packing from the cache instead" in proc.stderr and "written twice" in proc.stderr
+    ours = sif_rootfs(out, tmp_path / "ours")
+    assert (ours / "etc/motd").read_bytes() == b"second\n"
+    assert_same_tree(ours, umoci_rootfs(oci, "1", tmp_path / "bundle"), strict_links=True)

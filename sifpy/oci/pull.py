@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from sifpy.errors import ToolError, UsageError
+from sifpy.errors import SifpyError, ToolError, UsageError
 from sifpy.oci import media as M
 from sifpy.oci import stream
 from sifpy.oci.auth import lookup_credentials
@@ -34,6 +35,7 @@ from sifpy.oci.config import config_to_metadata
 from sifpy.oci.reference import Platform, Reference
 from sifpy.oci.registry import ClientOptions, Image, RegistryClient
 from sifpy.rootfs import apply_layers
+from sifpy.rootfs._compress import grow_pipe, gunzip_process, gunzip_program
 from sifpy.sif import ObjectInput, create
 from sifpy.sif import format as F
 from sifpy.squashfs.pack import compression_args, default_compression, parse_compression
@@ -107,6 +109,144 @@ def download(
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(unique)))) as pool:
         paths = dict(zip((d.digest for d in unique), pool.map(one, unique), strict=True))
     return [paths[d.digest] for d in image.layers]
+
+
+class _Tee:
+    """What the blob download writes to: the cache file, and a pipe to the decompressor.
+
+    A restart of the download (``seek(0)``) voids what the pipe got: the pipe is closed
+    and marked broken, and the download goes on into the cache file only, as it does when
+    the reader went away (EPIPE)."""
+
+    def __init__(self, out: BinaryIO, pipe_w: int) -> None:
+        self.out = out
+        self.pipe_w = pipe_w
+        self.broken = False
+
+    def write(self, data: bytes) -> int:
+        n = self.out.write(data)
+        if self.pipe_w >= 0:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.pipe_w, view) :]
+            except OSError:
+                self.close_pipe(broken=True)
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.close_pipe(broken=True)
+        return self.out.seek(offset, whence)
+
+    def truncate(self, size: int | None = None) -> int:
+        return self.out.truncate(size)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def close_pipe(self, broken: bool = False) -> None:
+        if self.pipe_w >= 0:
+            os.close(self.pipe_w)
+            self.pipe_w = -1
+            self.broken = self.broken or broken
+
+
+def _can_overlap(image: Image, cache: Cache) -> bool:
+    """One gzip layer, not in the cache, streaming on, a host gunzip: download and pack at
+    once (``SIFPY_PULL_OVERLAP=0`` turns it off)."""
+    if os.environ.get("SIFPY_PULL_OVERLAP", "1") == "0" or len(image.layers) != 1:
+        return False
+    desc = image.layers[0]
+    return (
+        desc.media_type.endswith("gzip")
+        and not desc.urls
+        and not cache.has_blob(desc.digest, desc.size, verify=False)
+        and use_streaming()
+        and gunzip_program() is not None
+    )
+
+
+def _stream_while_downloading(
+    client: RegistryClient,
+    image: Image,
+    cache: Cache,
+    progress: Progress,
+    out: Path,
+    platform: Platform,
+) -> bool:
+    """One gzip layer, not cached yet: decompress and pack it while it downloads.
+
+    The blob goes to the cache as always (verified, then renamed into place) and, through
+    a pipe, to pigz and the one-pass stream (:func:`stream.tar_to_squashfs`). The SIF is
+    written only once the download is verified. False (nothing written) when this could not
+    work out: the layer needs the two-pass merge, the download restarted, the layer was
+    cached meanwhile; the caller then packs from the cache as usual. Download errors are
+    raised.
+    """
+    desc = image.layers[0]
+    exe = gunzip_program()
+    assert exe is not None
+    r, w = os.pipe()
+    grow_pipe(w)
+    tee: _Tee | None = None
+    result: dict[str, object] = {}
+
+    def fetch_into_pipe() -> None:
+        nonlocal tee
+        progress.start(desc)
+
+        def fetch(f: BinaryIO) -> None:
+            nonlocal tee
+            tee = _Tee(f, w)
+            client.fetch_blob(
+                image.reference.repository, desc, tee,  # type: ignore[arg-type]
+                lambda n: progress.update(desc, n),
+            )  # fmt: skip
+
+        try:
+            path, cached = cache.ensure_blob(desc.digest, desc.size, fetch)
+            progress.finish(desc, cached)
+            result["path"] = path
+        except BaseException as exc:  # handed to the main thread
+            result["error"] = exc
+        finally:
+            if tee is not None:
+                tee.close_pipe()
+            else:
+                os.close(w)  # never fetched (cached meanwhile): EOF for the decompressor
+
+    log.verbose("streaming 1 layer into squashfs while it downloads")
+    thread = threading.Thread(target=fetch_into_pipe, name="download", daemon=True)
+    tmp_root = os.environ.get("SIFPY_TMPDIR") or None
+    work = Path(tempfile.mkdtemp(prefix="sifpy-pull-", dir=tmp_root))  # 0700
+    why: BaseException | None = None
+    try:
+        thread.start()
+        try:
+            with gunzip_process(exe, r) as tar:
+                os.close(r)
+                r = -1
+                sqfs = work / "rootfs.sqfs"
+                stream.tar_to_squashfs(stream.TarStream(tar, desc.digest), sqfs, image.config_json)
+        except (stream.NeedsMerge, SifpyError) as exc:
+            why = exc
+        finally:
+            if r >= 0:
+                os.close(r)
+        thread.join()
+        if "error" in result:
+            raise result["error"]  # type: ignore[misc]
+        if why is None and tee is not None and tee.broken:
+            why = RuntimeError("the download restarted")
+        if why is not None or tee is None:
+            log.verbose(
+                f"packing from the cache instead: {why or 'the layer was cached meanwhile'}"
+            )
+            return False
+        write_sif(image, sqfs, out, platform)
+        return True
+    finally:
+        _rmtree(work)
 
 
 def mksquashfs(rootfs: Path, dest: Path) -> None:
@@ -263,8 +403,12 @@ def pull(
             _install_copy(cached_sif, out_path)
             cache.record(entry)
             return PullResult(out_path, image.digest, True)
-        layers = download(client, image, cache, progress)
-    build_sif(image, layers, out_path, platform)
+        if not (
+            _can_overlap(image, cache)
+            and _stream_while_downloading(client, image, cache, progress, out_path, platform)
+        ):
+            layers = download(client, image, cache, progress)
+            build_sif(image, layers, out_path, platform)
     if use_sif_cache:
         try:
             cache.put_sif(image.digest, out_path)

@@ -67,6 +67,17 @@ DIR, REG, SYM, FIFO = "d", "f", "l", "p"
 READ_BUF = 1 << 20
 _TAR_BUF = 1 << 16
 _BLOCK = tarfile.BLOCKSIZE
+
+
+class TarStream:
+    """A layer already uncompressed, readable once, front to back (a pipe): only
+    :func:`single_pass` can take it."""
+
+    def __init__(self, stream: BinaryIO, name: str) -> None:
+        self.stream = stream
+        self.name = name
+
+
 LayerSource = str | os.PathLike[str] | BinaryIO  # a stream is read twice: seekable
 Key = tuple[str, ...]
 
@@ -121,14 +132,20 @@ def _open_tar(stream: BinaryIO) -> tarfile.TarFile:
 
 
 @contextlib.contextmanager
-def _layer_tar(layer: LayerSource) -> Iterator[tarfile.TarFile]:
+def _layer_tar(layer: LayerSource | TarStream) -> Iterator[tarfile.TarFile]:
+    if isinstance(layer, TarStream):
+        with _open_tar(layer.stream) as tar:
+            yield tar
+        return
     if not isinstance(layer, str | os.PathLike):
         layer.seek(0)
     with open_tar_stream(layer, "auto") as stream, _open_tar(stream) as tar:
         yield tar
 
 
-def _label(layer: LayerSource) -> str:
+def _label(layer: LayerSource | TarStream) -> str:
+    if isinstance(layer, TarStream):
+        return layer.name
     if isinstance(layer, str | os.PathLike):
         return str(layer)
     return str(getattr(layer, "name", "<stream>"))
@@ -549,7 +566,7 @@ def write_plan(plan: Plan, layers: Sequence[LayerSource], out: IO[bytes]) -> Non
 # --- one layer, one pass ----------------------------------------------------------------
 
 
-class _NotCanonical(Exception):
+class NeedsMerge(Exception):
     """The layer needs the two-pass merge (raised by :func:`single_pass`)."""
 
 
@@ -558,7 +575,7 @@ def _sig(node: _Node) -> tuple[int, str, int, int, str]:
 
 
 def single_pass(
-    layer: LayerSource,
+    layer: LayerSource | TarStream,
     out: IO[bytes],
     config: dict[str, Any] | None = None,
     *,
@@ -571,7 +588,7 @@ def single_pass(
     entry is written at once when nothing can change it later: its parents are plain
     directories (no symlink on the way), it is new, and for a hardlink the target was
     written. Anything else (a duplicate name, a write through a symlink, a directory entry
-    after its children, metadata in the way) raises :class:`_NotCanonical`, and the caller
+    after its children, metadata in the way) raises :class:`NeedsMerge`, and the caller
     starts over with the two-pass merge; what was written must then be discarded. At the
     end the final tree (after Apptainer's metadata) is checked against everything written,
     and what is missing (metadata, mount points) is written, then the root entry (last:
@@ -592,7 +609,7 @@ def single_pass(
             w.header(path, tarfile.LNKTYPE, node.mode, node.mtime, link=first_path[id(node)])
         elif node.kind == REG:
             if src is None:
-                raise _NotCanonical(f"{path}: content not in this layer")
+                raise NeedsMerge(f"{path}: content not in this layer")
             w.header(path, tarfile.REGTYPE, node.mode, node.mtime, size)
             w.data(src, size)
         elif node.kind == SYM:
@@ -626,13 +643,13 @@ def single_pass(
                     continue
                 parts, pdir, key = applied
                 if key != parts:
-                    raise _NotCanonical(f"{rec.name}: through a symlink")
+                    raise NeedsMerge(f"{rec.name}: through a symlink")
                 if key in written:
-                    raise _NotCanonical(f"{rec.name}: written twice")
+                    raise NeedsMerge(f"{rec.name}: written twice")
                 assert pdir.children is not None
                 node = pdir.children[key[-1]]
                 if rec.kind == "h" and id(node) not in first_path:
-                    raise _NotCanonical(f"{rec.name}: link to an entry not written")
+                    raise NeedsMerge(f"{rec.name}: link to an entry not written")
                 put_parents(key)
                 src = tar.extractfile(m) if rec.kind == REG else None
                 put(key, node, src, m.size if rec.kind == REG else 0)
@@ -647,13 +664,13 @@ def single_pass(
         final.update((tuple(p.split("/")), node) for p in paths)
     for key, sig in written.items():
         if key not in final or _sig(final[key]) != sig:
-            raise _NotCanonical(f"/{'/'.join(key)}: changed after it was written")
+            raise NeedsMerge(f"/{'/'.join(key)}: changed after it was written")
     for key in sorted(final):
         if key not in written:
             node = final[key]
             data = node.src if isinstance(node.src, bytes) else None
             if node.kind == REG and data is None and id(node) not in first_path:
-                raise _NotCanonical(f"/{'/'.join(key)}: content not written")
+                raise NeedsMerge(f"/{'/'.join(key)}: content not written")
             put_parents(key)
             put(key, node, io.BytesIO(data) if data is not None else None, len(data or b""))
     put((), plan.root)  # tar2sqfs takes a late "./" for the root's mode and mtime
@@ -693,7 +710,7 @@ def merged_tar(
         with tempfile.TemporaryFile() as buf:
             try:
                 single_pass(layers[0], buf, config, privileged=privileged)
-            except _NotCanonical as exc:
+            except NeedsMerge as exc:
                 log.debug(f"two-pass merge: {exc}")
             else:
                 buf.seek(0)
@@ -771,6 +788,15 @@ def _tar2sqfs(dest: Path) -> Iterator[IO[bytes]]:
             raise ToolError("can't pack the image: tar2sqfs wrote no squashfs superblock")
 
 
+def tar_to_squashfs(
+    tar: TarStream, dest: str | os.PathLike[str], config: dict[str, Any] | None = None
+) -> None:
+    """One layer, read once from ``tar``, into the squashfs ``dest``; raises
+    :class:`NeedsMerge` (``dest`` then unusable) if it needs the two-pass merge."""
+    with _tar2sqfs(Path(dest)) as pipe:
+        single_pass(tar, pipe, config)
+
+
 def layers_to_squashfs(
     layers: Sequence[LayerSource],
     dest: str | os.PathLike[str],
@@ -791,7 +817,7 @@ def layers_to_squashfs(
             with _tar2sqfs(Path(dest)) as pipe:
                 single_pass(layers[0], pipe, config, privileged=privileged)
             return
-        except _NotCanonical as exc:
+        except NeedsMerge as exc:
             log.debug(f"two-pass merge: {exc}")
             on_indexed = None
     plan = merge(layers, config, privileged=privileged)

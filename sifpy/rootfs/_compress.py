@@ -74,14 +74,9 @@ def open_tar_stream(
         if compression == "auto":
             compression = detect(head)
         stream = cast(BinaryIO, io.BufferedReader(_Prefixed(head, raw), 1 << 20))
-        # pigz first, as containerd does: its inflate (zlib's) takes 2/3 of gzip's time.
-        gzip_exe = (
-            shutil.which("pigz") or shutil.which("gzip")
-            if isinstance(layer, str | os.PathLike)
-            else None
-        )
+        gzip_exe = gunzip_program() if isinstance(layer, str | os.PathLike) else None
         if compression == "gzip" and gzip_exe:
-            yield stack.enter_context(_gzip_process(gzip_exe, layer))  # type: ignore[arg-type]
+            yield stack.enter_context(gunzip_process(gzip_exe, layer))  # type: ignore[arg-type]
         elif compression == "gzip":
             yield cast(BinaryIO, stack.enter_context(gzip.GzipFile(fileobj=stream, mode="rb")))
         elif compression == "zstd":
@@ -99,14 +94,25 @@ def grow_pipe(fd: int, size: int = 1 << 20) -> None:
         fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
 
 
+def gunzip_program() -> str | None:
+    """The host's pigz (preferred, as containerd does: zlib's inflate takes 2/3 of gzip's
+    time) or gzip, for :func:`gunzip_process`."""
+    return shutil.which("pigz") or shutil.which("gzip")
+
+
 @contextlib.contextmanager
-def _gzip_process(exe: str, path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """A gzip file through the host's ``pigz -dc`` or ``gzip -dc``: decompression runs in
-    its own process, on another CPU, while we parse the tar."""
+def gunzip_process(exe: str, source: str | os.PathLike[str] | int) -> Iterator[BinaryIO]:
+    """Decompress a gzip file (a path), or what arrives on a pipe (an fd, which the
+    process inherits as its stdin; the caller closes its copy), with the host's ``pigz -dc``
+    or ``gzip -dc`` in its own process, on another CPU, while we parse the tar."""
     with tempfile.TemporaryFile() as err:
+        if isinstance(source, int):
+            argv, stdin = [exe, "-dc"], source
+        else:
+            argv, stdin = [exe, "-dc", "--", os.fspath(source)], subprocess.DEVNULL
         proc = subprocess.Popen(
-            [exe, "-dc", "--", os.fspath(path)],
-            stdin=subprocess.DEVNULL,
+            argv,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=err,
             bufsize=1 << 16,
