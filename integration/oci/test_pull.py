@@ -122,6 +122,18 @@ def test_second_pull_uses_cached_sif(registry: Registry, sifpy: SifpyEnv, tmp_pa
     again = sifpy.run("pull", "--insecure", tmp_path / "b.sif", ref)
     assert "from the cache" in again.stderr
     assert (tmp_path / "a.sif").read_bytes() == (tmp_path / "b.sif").read_bytes()
+    # Another compression is another SIF, made anew (and cached apart).
+    gz = sifpy.run("pull", "--insecure", tmp_path / "g.sif", ref, SIFPY_COMPRESSION="gzip:6")
+    assert "from the cache" not in gz.stderr
+    with SifImage.open(tmp_path / "g.sif") as img:
+        offset = img.primary_partition().offset
+    info = subprocess.run(
+        [need_tool("unsquashfs"), "-s", "-o", str(offset), tmp_path / "g.sif"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "Compression gzip" in info and "compression-level 6" in info
+    again = sifpy.run("pull", "--insecure", tmp_path / "c.sif", ref)
+    assert (tmp_path / "c.sif").read_bytes() == (tmp_path / "a.sif").read_bytes()
     # An existing output is refused without --force, kept intact, and replaced with it.
     refused = sifpy.run("pull", "--insecure", tmp_path / "a.sif", ref, check=False)
     assert refused.returncode != 0 and "--force" in refused.stderr

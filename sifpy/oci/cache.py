@@ -206,18 +206,21 @@ class Cache:
 
     # --- SIFs ------------------------------------------------------------------------
 
-    def sif_path(self, manifest_digest: str) -> Path:
-        return self.sifs / f"{digest_hex(manifest_digest)}.sif"
+    def sif_path(self, manifest_digest: str, variant: str = "") -> Path:
+        """Where the SIF of an image manifest is cached; ``variant`` (e.g. the squashfs
+        compression) tells apart SIFs made differently from the same image."""
+        suffix = "".join(c if c.isalnum() else "-" for c in variant)
+        return self.sifs / f"{digest_hex(manifest_digest)}{'-' + suffix if suffix else ''}.sif"
 
-    def get_sif(self, manifest_digest: str) -> Path | None:
+    def get_sif(self, manifest_digest: str, variant: str = "") -> Path | None:
         """The cached SIF for an image manifest, if there is one."""
-        path = self.sif_path(manifest_digest)
+        path = self.sif_path(manifest_digest, variant)
         return path if path.is_file() else None
 
-    def put_sif(self, manifest_digest: str, src: Path) -> Path:
+    def put_sif(self, manifest_digest: str, src: Path, variant: str = "") -> Path:
         """Copy a SIF into the cache atomically."""
         self._mkdirs()
-        final = self.sif_path(manifest_digest)
+        final = self.sif_path(manifest_digest, variant)
         fd, name = tempfile.mkstemp(prefix=".tmp-", dir=self.sifs)
         os.close(fd)
         tmp = Path(name)

@@ -38,7 +38,12 @@ from sifpy.rootfs import apply_layers
 from sifpy.rootfs._compress import grow_pipe, gunzip_process, gunzip_program
 from sifpy.sif import ObjectInput, create
 from sifpy.sif import format as F
-from sifpy.squashfs.pack import compression_args, default_compression, parse_compression
+from sifpy.squashfs.pack import (
+    DEFAULT_COMPRESSION,
+    compression_args,
+    default_compression,
+    parse_compression,
+)
 from sifpy.util import log
 
 DOWNLOAD_THREADS = 4
@@ -382,7 +387,8 @@ def pull(
     out_path = output_path(out, force)
     cache = cache or Cache()
     progress = progress or NoProgress()
-    parse_compression(default_compression())  # a bad $SIFPY_COMPRESSION fails before the download
+    compression = default_compression()
+    parse_compression(compression)  # a bad $SIFPY_COMPRESSION fails before the download
     creds = lookup_credentials(ref.registry)
     if creds is not None:
         log.debug(f"using credentials of {creds.username} from {creds.source}")
@@ -397,7 +403,9 @@ def pull(
             size=image.config.size + sum(d.size for d in image.layers),
             platform=str(platform),
         )
-        cached_sif = cache.get_sif(image.digest) if use_sif_cache and not force else None
+        # SIFs made with another compression are other SIFs; the default keeps plain names.
+        variant = "" if compression == DEFAULT_COMPRESSION else compression
+        cached_sif = cache.get_sif(image.digest, variant) if use_sif_cache and not force else None
         if cached_sif is not None:
             log.verbose(f"using cached SIF {cached_sif}")
             _install_copy(cached_sif, out_path)
@@ -411,7 +419,7 @@ def pull(
             build_sif(image, layers, out_path, platform)
     if use_sif_cache:
         try:
-            cache.put_sif(image.digest, out_path)
+            cache.put_sif(image.digest, out_path, variant)
         except OSError as exc:  # the SIF is made; a full cache disk is not fatal
             log.warn(f"can't cache the SIF: {exc}")
     cache.record(entry)

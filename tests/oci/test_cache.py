@@ -109,6 +109,9 @@ def test_index_and_clean(tmp_path: Path) -> None:
     sif.write_bytes(b"sif")
     cache.put_sif(DIGEST, sif)
     assert cache.get_sif(DIGEST) is not None
+    assert cache.get_sif(DIGEST, "zstd:15") is None  # made differently: another entry
+    cache.put_sif(DIGEST, sif, "zstd:15")
+    assert cache.get_sif(DIGEST, "zstd:15").name.endswith("-zstd-15.sif")  # type: ignore[union-attr]
     assert cache.clean(older_than=3600) == 0
     assert cache.clean() > len(DATA)
     assert cache.entries() == [] and cache.get_sif(DIGEST) is None
