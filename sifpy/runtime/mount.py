@@ -370,12 +370,15 @@ def resolve(
 
 
 def open_in_root(root_fd: int, path: str) -> int | None:
-    """Open a regular file of the image for reading, resolved inside the root; None if absent."""
+    """Open a regular file of the image for reading, resolved inside the root; None if absent
+    or not a regular file. O_NONBLOCK: an image's FIFO in its place must not hang us (the flag
+    changes nothing for a regular file)."""
     res = resolve(root_fd, path)
     try:
         if res.missing or not res.name:
             return None
-        fd = os.open(res.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=res.parent_fd)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        fd = os.open(res.name, flags, dir_fd=res.parent_fd)
     except OSError:
         return None
     finally:
