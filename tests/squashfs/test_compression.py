@@ -82,3 +82,15 @@ def test_stream_follows_the_environment(tmp_path: Path, monkeypatch: pytest.Monk
     stream.layers_to_squashfs([blob], tmp_path / "b.sqfs")
     info = superblock(tmp_path / "b.sqfs")
     assert "Compression gzip" in info and "compression-level 4" in info
+
+
+@pytest.mark.parametrize(
+    ("cpus", "spec", "jobs"),
+    [(2, "zstd:3", 1), (2, "zstd:15", 2), (2, "zstd", 2), (2, "lz4", 1), (8, "zstd:3", 2),
+     (8, "zstd:15", 8), (8, "xz", 8), (1, "zstd:3", 1)],
+)  # fmt: skip
+def test_tar2sqfs_threads(monkeypatch: pytest.MonkeyPatch, cpus: int, spec: str, jobs: int) -> None:
+    """A fast compressor gets one or two threads (more only slow its feeders), a slow one
+    every CPU."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(cpus)))
+    assert stream._jobs(spec) == jobs
