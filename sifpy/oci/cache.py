@@ -219,13 +219,19 @@ class Cache:
 
     def put_sif(self, manifest_digest: str, src: Path, variant: str = "") -> Path:
         """Copy a SIF into the cache atomically."""
+        return self.store_sif(manifest_digest, lambda tmp: copy_file(src, tmp), variant)
+
+    def store_sif(
+        self, manifest_digest: str, write: Callable[[Path], None], variant: str = ""
+    ) -> Path:
+        """Have ``write(path)`` make the cached SIF, then give it its name (atomically)."""
         self._mkdirs()
         final = self.sif_path(manifest_digest, variant)
         fd, name = tempfile.mkstemp(prefix=".tmp-", dir=self.sifs)
         os.close(fd)
         tmp = Path(name)
         try:
-            copy_file(src, tmp)
+            write(tmp)
             self._commit(tmp, final)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

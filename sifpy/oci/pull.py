@@ -13,6 +13,7 @@ manifest digest is cached, so pulling the same image again copies it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -178,6 +180,7 @@ def _stream_while_downloading(
     progress: Progress,
     out: Path,
     platform: Platform,
+    cache_store: CacheStore | None = None,
 ) -> bool:
     """One gzip layer, not cached yet: decompress and pack it while it downloads.
 
@@ -248,7 +251,7 @@ def _stream_while_downloading(
                 f"packing from the cache instead: {why or 'the layer was cached meanwhile'}"
             )
             return False
-        write_sif(image, sqfs, out, platform)
+        write_sif(image, sqfs, out, platform, cache_store)
         return True
     finally:
         _rmtree(work)
@@ -303,8 +306,10 @@ def build_sif(
     platform: Platform,
     *,
     streaming: bool | None = None,
+    cache_store: CacheStore | None = None,
 ) -> None:
-    """Turn ``layers`` plus the image's metadata into a squashfs, then write ``out``.
+    """Turn ``layers`` plus the image's metadata into a squashfs, then write ``out`` (and
+    its cached copy, with ``cache_store``: see :func:`write_sif`).
 
     Streaming (:mod:`sifpy.oci.stream`, tar2sqfs) writes no rootfs; otherwise the
     layers are unpacked into a temporary rootfs and packed with mksquashfs."""
@@ -326,26 +331,62 @@ def build_sif(
             log.verbose("creating squashfs")
             mksquashfs(rootfs, sqfs)
             _rmtree(rootfs)  # free the space before the SIF copy
-        write_sif(image, sqfs, out, platform)
+        write_sif(image, sqfs, out, platform, cache_store)
     finally:
         _rmtree(work)
 
 
-def write_sif(image: Image, sqfs: Path, out: Path, platform: Platform) -> None:
-    """The SIF: the image config's ``config`` section as JSON, then the squashfs."""
+# Given a function that writes the SIF to a path, store that in the cache (Cache.store_sif).
+CacheStore = Callable[[Callable[[Path], None]], object]
+
+
+def write_sif(
+    image: Image, sqfs: Path, out: Path, platform: Platform, cache_store: CacheStore | None = None
+) -> None:
+    """The SIF: the image config's ``config`` section as JSON, then the squashfs.
+
+    With ``cache_store``, the cached copy is written at the same time, from the squashfs,
+    with the same id and times (so byte for byte the same file): two copies and two fsyncs
+    side by side instead of one after the other. A cache that can't be written (a full
+    disk) only gets a warning."""
     # Apptainer stores the config's `Config` section as JSON.Generic oci-config.json.
     cfg = image.config_json.get("config")
     config_doc = json.dumps(cfg if isinstance(cfg, dict) else {}).encode()
-    create(
-        out,
-        [
-            ObjectInput(F.DataType.GENERIC_JSON, config_doc, name="oci-config.json"),
-            ObjectInput.partition(
-                str(sqfs), F.FSType.SQUASH, F.PartType.PRIMSYS, sif_arch(image, platform)
-            ),
-        ],
-        launch_script=F.DEFAULT_LAUNCH_SCRIPT,
-    )
+    image_id, when = uuid.uuid4().bytes, int(time.time())
+
+    def make(path: Path) -> None:
+        create(
+            path,
+            [
+                ObjectInput(F.DataType.GENERIC_JSON, config_doc, name="oci-config.json"),
+                ObjectInput.partition(
+                    str(sqfs), F.FSType.SQUASH, F.PartType.PRIMSYS, sif_arch(image, platform)
+                ),
+            ],
+            launch_script=F.DEFAULT_LAUNCH_SCRIPT,
+            image_id=image_id,
+            t=when,
+        )
+
+    if cache_store is None:
+        make(out)
+        return
+    failed: list[BaseException] = []
+
+    def store() -> None:
+        try:
+            cache_store(make)
+        except (OSError, SifpyError) as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=store, name="cache-sif", daemon=True)
+    thread.start()
+    try:
+        make(out)
+    finally:
+        thread.join()
+    if failed:  # the SIF is made; a full cache disk is not fatal
+        log.warn(f"can't cache the SIF: {failed[0]}")
 
 
 def _install_copy(src: Path, out: Path) -> None:
@@ -411,16 +452,14 @@ def pull(
             _install_copy(cached_sif, out_path)
             cache.record(entry)
             return PullResult(out_path, image.digest, True)
+        store: CacheStore | None = None
+        if use_sif_cache:
+            store = functools.partial(cache.store_sif, image.digest, variant=variant)
         if not (
             _can_overlap(image, cache)
-            and _stream_while_downloading(client, image, cache, progress, out_path, platform)
+            and _stream_while_downloading(client, image, cache, progress, out_path, platform, store)
         ):
             layers = download(client, image, cache, progress)
-            build_sif(image, layers, out_path, platform)
-    if use_sif_cache:
-        try:
-            cache.put_sif(image.digest, out_path, variant)
-        except OSError as exc:  # the SIF is made; a full cache disk is not fatal
-            log.warn(f"can't cache the SIF: {exc}")
+            build_sif(image, layers, out_path, platform, cache_store=store)
     cache.record(entry)
     return PullResult(out_path, image.digest, False)
