@@ -193,8 +193,10 @@ def test_unusable_range_answer_restarts_from_zero(
     digest = layer_digest(registry)
     proxy.faults.reset_blob.add(digest)
     proxy.faults.range_mode = mode
-    pull(sifpy, proxy, tmp_path / "a.sif")
+    log = pull(sifpy, proxy, tmp_path / "a.sif")
     assert marker(tmp_path / "a.sif", tmp_path) == "plain image\n"
+    # What was streamed while downloading came from the voided bytes: packed again.
+    assert "packing from the cache instead: the download restarted" in log, log
     gets = [e for e in proxy.faults.log if e[1].endswith(digest) and e[0] == "GET"]
     if mode == "wrong":
         assert len(gets) == 3 and gets[2][2] == ""  # discarded, then fetched from 0

@@ -122,13 +122,15 @@ class _Tee:
     """What the blob download writes to: the cache file, and a pipe to the decompressor.
 
     A restart of the download (``seek(0)``) voids what the pipe got: the pipe is closed
-    and marked broken, and the download goes on into the cache file only, as it does when
-    the reader went away (EPIPE)."""
+    and marked ``restarted``, and the download goes on into the cache file only. So it
+    does when the reader went away (EPIPE), which is no fault of the download: the tar
+    reader stops at the end-of-archive block, maybe before the blob's last bytes, and a
+    reader that failed says so itself."""
 
     def __init__(self, out: BinaryIO, pipe_w: int) -> None:
         self.out = out
         self.pipe_w = pipe_w
-        self.broken = False
+        self.restarted = False
 
     def write(self, data: bytes) -> int:
         n = self.out.write(data)
@@ -138,11 +140,14 @@ class _Tee:
                 while view:
                     view = view[os.write(self.pipe_w, view) :]
             except OSError:
-                self.close_pipe(broken=True)
+                self.close_pipe()
         return n
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        self.close_pipe(broken=True)
+        # Only a restart seeks. Whatever the reader made of the earlier bytes is void, even
+        # if it finished before: those bytes may be the wrong ones that caused the restart.
+        self.restarted = True
+        self.close_pipe()
         return self.out.seek(offset, whence)
 
     def truncate(self, size: int | None = None) -> int:
@@ -151,11 +156,10 @@ class _Tee:
     def flush(self) -> None:
         self.out.flush()
 
-    def close_pipe(self, broken: bool = False) -> None:
+    def close_pipe(self) -> None:
         if self.pipe_w >= 0:
             os.close(self.pipe_w)
             self.pipe_w = -1
-            self.broken = self.broken or broken
 
 
 def _can_overlap(image: Image, cache: Cache) -> bool:
@@ -244,7 +248,7 @@ def _stream_while_downloading(
         thread.join()
         if "error" in result:
             raise result["error"]  # type: ignore[misc]
-        if why is None and tee is not None and tee.broken:
+        if tee is not None and tee.restarted:  # the cause of any error the reader saw
             why = RuntimeError("the download restarted")
         if why is not None or tee is None:
             log.verbose(
