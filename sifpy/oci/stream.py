@@ -43,10 +43,11 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO, NamedTuple
+from typing import IO, Any, BinaryIO, NamedTuple, cast
 
 from sifpy.errors import RootfsError, ToolError
 from sifpy.oci.config import META_DIRS, MOUNT_POINTS, metadata_files
+from sifpy.oci.rawtar import NotPlain, RawTar, pipe_fd
 from sifpy.rootfs._compress import grow_pipe, open_tar_stream
 from sifpy.rootfs._walk import MAX_SYMLINKS, PathError
 from sifpy.rootfs.unpack import (
@@ -520,6 +521,11 @@ class TarWriter:
         ti.uname = ti.gname = ""
         self.out.write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
 
+    def pad(self, size: int) -> None:
+        """The zeros after ``size`` bytes of data, up to the next block."""
+        if size % _BLOCK:
+            self.out.write(b"\0" * (_BLOCK - size % _BLOCK))
+
     def data(self, src: IO[bytes] | bytes, size: int) -> None:
         if isinstance(src, bytes):
             self.out.write(src)
@@ -594,6 +600,37 @@ def write_plan(plan: Plan, layers: Sequence[LayerSource], out: IO[bytes]) -> Non
 # --- one layer, one pass ----------------------------------------------------------------
 
 
+class _FdOut:
+    """Unbuffered writes to a pipe, so that they stay in order with spliced data."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+_RAW_KINDS = {b"0": REG, b"\0": REG, b"7": REG, b"5": DIR, b"2": SYM, b"1": "h", b"6": FIFO}
+_RAW_KINDS.update({b"3": "c", b"4": "c"})
+
+
+@contextlib.contextmanager
+def _raw_layer(layer: LayerSource | TarStream) -> Iterator[RawTar]:
+    if isinstance(layer, TarStream):
+        yield RawTar(layer.stream)
+        return
+    if not isinstance(layer, str | os.PathLike):
+        layer.seek(0)
+    with open_tar_stream(layer, "auto") as stream:
+        yield RawTar(stream)
+
+
 class NeedsMerge(Exception):
     """The layer needs the two-pass merge (raised by :func:`single_pass`)."""
 
@@ -623,13 +660,15 @@ def single_pass(
     tars such as mmdebstrap's list ``./`` after ``./dev``).
     """
     merger = Merger(privileged=privileged)
-    w = TarWriter(out)
+    out.flush()
+    out_fd = pipe_fd(out)  # a pipe (tar2sqfs): write it directly, and splice file data in
+    w = TarWriter(cast(IO[bytes], _FdOut(out_fd)) if out_fd >= 0 else out)
     written: dict[Key, tuple[int, str, int, int, str]] = {}
     first_path: dict[int, str] = {}  # inode -> the name it was written under
     touched = _Everything()
     label = _label(layer)
 
-    def put(key: Key, node: _Node, src: IO[bytes] | None = None, size: int = 0) -> None:
+    def put(key: Key, node: _Node, src: IO[bytes] | RawTar | None = None, size: int = 0) -> None:
         path = "/".join(key)
         if node.kind == DIR:
             w.header(path if key else "./", tarfile.DIRTYPE, node.mode, node.mtime)
@@ -639,7 +678,11 @@ def single_pass(
             if src is None:
                 raise NeedsMerge(f"{path}: content not in this layer")
             w.header(path, tarfile.REGTYPE, node.mode, node.mtime, size)
-            w.data(src, size)
+            if isinstance(src, RawTar):
+                src.copy_data(size, w.out, out_fd)
+                w.pad(size)
+            else:
+                w.data(src, size)
         elif node.kind == SYM:
             w.header(path, tarfile.SYMTYPE, 0o777, node.mtime, link=node.link)
         else:
@@ -654,11 +697,12 @@ def single_pass(
                 put(key[:i], d)
 
     try:
-        with _layer_tar(layer) as tar:
+        with _raw_layer(layer) as raw:
             ordinal = -1
-            while (m := _next(tar)) is not None:
+            while (m := raw.next()) is not None:
                 ordinal += 1
-                rec = Rec(ordinal, m.name, m.type, m.mode, int(m.mtime), m.linkname, _kind(m))
+                kind = _RAW_KINDS.get(m.type, "?")
+                rec = Rec(ordinal, m.name, m.type, m.mode, m.mtime, m.linkname, kind)
                 try:
                     applied = merger._apply(0, rec, touched)
                 except (_BadEntry, PathError) as exc:
@@ -679,10 +723,9 @@ def single_pass(
                 if rec.kind == "h" and id(node) not in first_path:
                     raise NeedsMerge(f"{rec.name}: link to an entry not written")
                 put_parents(key)
-                src = tar.extractfile(m) if rec.kind == REG else None
-                put(key, node, src, m.size if rec.kind == REG else 0)
-    except (tarfile.TarError, EOFError, ValueError) as exc:
-        raise RootfsError(f"can't read layer: {label}: {exc}", _HINT) from exc
+                put(key, node, raw if rec.kind == REG else None, m.size if rec.kind == REG else 0)
+    except NotPlain as exc:
+        raise NeedsMerge(f"{label}: {exc}") from exc
     if config is not None:
         merger.add_metadata(config)
     plan = merger.plan()
