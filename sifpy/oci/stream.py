@@ -111,20 +111,10 @@ class _Node:
         self.children: dict[str, _Node] | None = {} if kind == DIR else None
 
 
-def _kind(m: tarfile.TarInfo) -> str:
-    if m.isreg():
-        return REG
-    if m.isdir():
-        return DIR
-    if m.issym():
-        return SYM
-    if m.islnk():
-        return "h"
-    if m.isfifo():
-        return FIFO
-    if m.ischr() or m.isblk():
-        return "c"
-    return "?"
+# A member's kind by its type byte, for tarfile's members and rawtar's alike (tarfile's
+# REGULAR_TYPES: regular, old regular, contiguous, GNU sparse); "?" for any other type.
+_KINDS = {b"0": REG, b"\0": REG, b"7": REG, b"S": REG, b"5": DIR, b"2": SYM, b"1": "h"}
+_KINDS.update({b"6": FIFO, b"3": "c", b"4": "c"})
 
 
 class _Forward:
@@ -161,11 +151,7 @@ def _open_tar(stream: BinaryIO) -> tarfile.TarFile:
 
 
 @contextlib.contextmanager
-def _layer_tar(layer: LayerSource | TarStream) -> Iterator[tarfile.TarFile]:
-    if isinstance(layer, TarStream):
-        with _open_tar(layer.stream) as tar:
-            yield tar
-        return
+def _layer_tar(layer: LayerSource) -> Iterator[tarfile.TarFile]:
     if not isinstance(layer, str | os.PathLike):
         layer.seek(0)
     with open_tar_stream(layer, "auto") as stream, _open_tar(stream) as tar:
@@ -193,7 +179,15 @@ def index_layer(layer: LayerSource) -> list[Rec]:
         with _layer_tar(layer) as tar:
             while (m := _next(tar)) is not None:
                 recs.append(
-                    Rec(len(recs), m.name, m.type, m.mode, int(m.mtime), m.linkname, _kind(m))
+                    Rec(
+                        len(recs),
+                        m.name,
+                        m.type,
+                        m.mode,
+                        int(m.mtime),
+                        m.linkname,
+                        _KINDS.get(m.type, "?"),
+                    )
                 )
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         raise RootfsError(f"can't read layer: {_label(layer)}: {exc}", _HINT) from exc
@@ -616,10 +610,6 @@ class _FdOut:
         pass
 
 
-_RAW_KINDS = {b"0": REG, b"\0": REG, b"7": REG, b"5": DIR, b"2": SYM, b"1": "h", b"6": FIFO}
-_RAW_KINDS.update({b"3": "c", b"4": "c"})
-
-
 @contextlib.contextmanager
 def _raw_layer(layer: LayerSource | TarStream) -> Iterator[RawTar]:
     if isinstance(layer, TarStream):
@@ -701,7 +691,7 @@ def single_pass(
             ordinal = -1
             while (m := raw.next()) is not None:
                 ordinal += 1
-                kind = _RAW_KINDS.get(m.type, "?")
+                kind = _KINDS.get(m.type, "?")
                 rec = Rec(ordinal, m.name, m.type, m.mode, m.mtime, m.linkname, kind)
                 try:
                     applied = merger._apply(0, rec, touched)
