@@ -217,10 +217,6 @@ class Cache:
         path = self.sif_path(manifest_digest, variant)
         return path if path.is_file() else None
 
-    def put_sif(self, manifest_digest: str, src: Path, variant: str = "") -> Path:
-        """Copy a SIF into the cache atomically."""
-        return self.store_sif(manifest_digest, lambda tmp: copy_file(src, tmp), variant)
-
     def store_sif(
         self, manifest_digest: str, write: Callable[[Path], None], variant: str = ""
     ) -> Path:

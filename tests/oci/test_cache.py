@@ -10,7 +10,7 @@ from typing import BinaryIO
 import pytest
 
 from sifpy.errors import RegistryError, UsageError
-from sifpy.oci.cache import Cache, IndexEntry, default_root
+from sifpy.oci.cache import Cache, IndexEntry, copy_file, default_root
 
 DATA = b"layer bytes " * 1000
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
@@ -107,10 +107,10 @@ def test_index_and_clean(tmp_path: Path) -> None:
     cache.ensure_blob(DIGEST, len(DATA), writer(DATA))  # type: ignore[arg-type]
     sif = tmp_path / "x.sif"
     sif.write_bytes(b"sif")
-    cache.put_sif(DIGEST, sif)
+    cache.store_sif(DIGEST, lambda tmp: copy_file(sif, tmp))
     assert cache.get_sif(DIGEST) is not None
     assert cache.get_sif(DIGEST, "zstd:15") is None  # made differently: another entry
-    cache.put_sif(DIGEST, sif, "zstd:15")
+    cache.store_sif(DIGEST, lambda tmp: copy_file(sif, tmp), "zstd:15")
     assert cache.get_sif(DIGEST, "zstd:15").name.endswith("-zstd-15.sif")  # type: ignore[union-attr]
     assert cache.clean(older_than=3600) == 0
     assert cache.clean() > len(DATA)
