@@ -368,9 +368,10 @@ def _main(argv: list[str], prog: str) -> int:
         home=home_in,
         runtime=runtime,
     )
+    command = action_argv(action, args)
     spec = LaunchSpec(
         image=image,
-        argv=action_argv(action, args),
+        argv=command,
         env=env,
         cwd=a.pwd or os.getcwd(),
         binds=binds,
@@ -391,7 +392,7 @@ def _main(argv: list[str], prog: str) -> int:
             no_home=a.no_home,
             identity=ident,
             # The action script's shell, then the command: both start cold on a fresh mount.
-            prefetch=("/bin/sh", args[0]) if action == "exec" and args else ("/bin/sh",),
+            prefetch=(command[0], *args[:1]) if action == "exec" else (command[0],),
         ),
     )
     try:
