@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import report
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_TREES = ["/usr/bin", "/usr/lib/python3.11", "/usr/share/perl"]
@@ -74,10 +76,7 @@ def main() -> int:
         f"ratio sifpy / mksquashfs, time: {o / p:.2f}x\n"
         f"ratio sifpy / mksquashfs, size: {os_ / ps:.2f}x\n"
     )
-    print(text, end="")
-    out = HERE / "results" / "build.txt"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text)
+    report("build", text)
     return 0
 
 

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import report
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
@@ -130,9 +132,7 @@ def main() -> int:
     lines.append(f"target <= 1.25x (sifpy / ch-run mount+run+unmount): {target:.2f}x, "
                  f"{'met' if target <= 1.25 else 'NOT met'}")  # fmt: skip
     text = "\n".join(lines) + "\n"
-    print(text, end="")
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "exec.txt").write_text(text)
+    report("exec", text)
     return 0
 
 

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import requests
+from _report import report
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -242,10 +243,7 @@ def main() -> int:
         + ("met" if vs_limit <= 1.3 else "NOT met"),
     ]
     text = "\n".join(lines) + "\n"
-    print(text, end="")
-    out = HERE / "results" / "pull.txt"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text)
+    report("pull", text)
     return 0
 
 

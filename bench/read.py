@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import report
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SKIP = {"dev", "proc", "sys", "tmp", "run", "home", "root", "var", "mnt", "media"}
@@ -100,9 +102,7 @@ def main() -> int:
     lines.append(f"ratio sifpy / kernel, cold cache: {res['sifpy cold'] / res['kernel cold']:.2f}x")
     lines.append(f"ratio sifpy / kernel, warm cache: {res['sifpy warm'] / res['kernel warm']:.2f}x")
     text = "\n".join(lines) + "\n"
-    print(text, end="")
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "read.txt").write_text(text)
+    report("read", text)
     return 0
 
 
