@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from sifpy.rootfs import apply_layers
+from tests.rootfs.tars import describe_tree as describe
 
 
 @pytest.fixture(scope="module")
@@ -112,26 +113,6 @@ def layer_blobs(image: Path) -> list[Path]:
     index = json.loads((image / "index.json").read_text())
     manifest = json.loads(blob(index["manifests"][0]["digest"]).read_text())
     return [blob(desc["digest"]) for desc in manifest["layers"]]
-
-
-def describe(root: Path) -> dict[str, tuple[object, ...]]:
-    """Each path: type, permission bits, contents or link target, hardlink group."""
-    out: dict[str, tuple[object, ...]] = {}
-    first_name: dict[int, str] = {}
-    for dirpath, dirnames, filenames in sorted(os.walk(root)):
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath, name)
-            rel = str(path.relative_to(root))
-            st = path.lstat()
-            if stat.S_ISREG(st.st_mode):
-                body: object = path.read_bytes()
-            elif stat.S_ISLNK(st.st_mode):
-                body = os.readlink(path)
-            else:
-                body = None
-            group = first_name.setdefault(st.st_ino, rel) if st.st_nlink > 1 else None
-            out[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), body, group)
-    return out
 
 
 def test_apply_layers_matches_umoci(tmp_path: Path, umoci: str) -> None:

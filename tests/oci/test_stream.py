@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import stat
 import tarfile
 from pathlib import Path
@@ -25,36 +24,11 @@ from sifpy.oci.config import MOUNT_POINTS
 from sifpy.rootfs import apply_layers
 from sifpy.rootfs.unpack import _real_root
 from tests.rootfs import test_unpack_attacks as attacks
-from tests.rootfs.tars import dir_, hard, layer, node, reg, sym, wh
+from tests.rootfs.tars import describe_tree, dir_, hard, layer, node, reg, sym, wh
 
 from ..conftest import need_tool
 
 Desc = dict[str, tuple[object, ...]]
-
-
-def describe_dir(root: Path) -> Desc:
-    """type, mode, body, hardlink group (the smallest name of the inode) of each path."""
-    out: Desc = {}
-    groups: dict[int, str] = {}
-    rows = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath, name)
-            rel = str(path.relative_to(root))
-            st = path.lstat()
-            if stat.S_ISREG(st.st_mode):
-                body: object = path.read_bytes()
-            elif stat.S_ISLNK(st.st_mode):
-                body = os.readlink(path)
-            else:
-                body = None
-            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                groups[st.st_ino] = min(groups.get(st.st_ino, rel), rel)
-            rows.append((rel, st, body))
-    for rel, st, body in rows:
-        group = groups.get(st.st_ino) if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) else None
-        out[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), body, group)
-    return out
 
 
 def describe_tar(data: bytes) -> Desc:
@@ -111,7 +85,7 @@ def unpacked(tmp: Path, layers: list[bytes]) -> Desc:
     root = tmp / "rootfs"
     root.mkdir()
     apply_layers(root, [io.BytesIO(b) for b in layers])
-    return describe_dir(root)
+    return describe_tree(root)
 
 
 def same_outcome(tmp: Path, layers: list[bytes]) -> str:
@@ -257,7 +231,7 @@ def test_metadata_entries_like_config_to_metadata(tmp_path: Path) -> None:
     root.mkdir()
     apply_layers(root, [io.BytesIO(b) for b in base])
     config_to_metadata(root, config)
-    assert got == describe_dir(root)
+    assert got == describe_tree(root)
     assert "private/var/tmp" in got and all(mp in got for mp in MOUNT_POINTS if mp != "var/tmp")
     assert got[".singularity.d/runscript"][1] == 0o755
 

@@ -117,3 +117,28 @@ class Box:
         assert snapshot(self.top, self.dest) == before, "HOST PATH WAS CHANGED! PATH ESCAPE!"
         assert host_file("/etc/passwd") == passwd
         return outcome
+
+
+def describe_tree(root: Path) -> dict[str, tuple[object, ...]]:
+    """type, mode, body, hardlink group (the smallest name of the inode) of each path."""
+    out: dict[str, tuple[object, ...]] = {}
+    groups: dict[int, str] = {}
+    rows = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            rel = str(path.relative_to(root))
+            st = path.lstat()
+            if stat.S_ISREG(st.st_mode):
+                body: object = path.read_bytes()
+            elif stat.S_ISLNK(st.st_mode):
+                body = os.readlink(path)
+            else:
+                body = None
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                groups[st.st_ino] = min(groups.get(st.st_ino, rel), rel)
+            rows.append((rel, st, body))
+    for rel, st, body in rows:
+        group = groups.get(st.st_ino) if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) else None
+        out[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), body, group)
+    return out
