@@ -454,6 +454,23 @@ class RegistryClient:
         self.check(resp, f"{self.registry}/v2/")
         resp.close()
 
+    def _get_small(
+        self, url: str, scope: str, headers: dict[str, str], limit: int, what: str
+    ) -> tuple[bytes, str]:
+        """A small body (manifest, config) in memory, at most ``limit`` bytes, and its
+        Content-Type; a connection lost while reading it is retried like a failed request."""
+        attempt = 0
+        while True:
+            resp = self._request(url, scope, headers)
+            self.check(resp, what)
+            try:
+                return _read_limited(resp, limit, what), resp.headers.get("Content-Type", "")
+            except _READ_ERRORS:
+                if attempt >= self.options.retries:
+                    raise RegistryError(f"can't fetch {what}: connection lost") from None
+                self._wait(attempt)
+                attempt += 1
+
     def get_manifest(self, repository: str, reference: str) -> Manifest:
         """Fetch a manifest or index by tag or digest; by digest, the bytes are checked."""
         by_digest = reference.startswith("sha256:") or ":" in reference
@@ -463,25 +480,14 @@ class RegistryClient:
         what = f"manifest {self.registry}/{repository}:{reference}"
         scope = f"repository:{repository}:pull"
         headers = {"Accept": M.ACCEPT, "Accept-Encoding": "identity"}
-        attempt = 0
-        while True:
-            resp = self._request(url, scope, headers)
-            self.check(resp, what)
-            try:
-                raw = _read_limited(resp, M.MANIFEST_MAX, what)
-                break
-            except _READ_ERRORS:
-                if attempt >= self.options.retries:
-                    raise RegistryError(f"can't fetch {what}: connection lost") from None
-                self._wait(attempt)
-                attempt += 1
+        raw, content_type = self._get_small(url, scope, headers, M.MANIFEST_MAX, what)
         digest = sha256_hex(raw)
         if by_digest and digest != reference:
             raise RegistryError(
                 f"can't use {what}: digest mismatch (got {digest})",
                 "the registry or a proxy altered the manifest",
             )
-        return _parse_manifest(raw, digest, resp.headers.get("Content-Type", ""), what)
+        return _parse_manifest(raw, digest, content_type, what)
 
     def resolve(self, ref: Reference, platform: Platform) -> Image:
         """Resolve ``ref`` to one image manifest for ``platform``, with its config."""
@@ -535,20 +541,9 @@ class RegistryClient:
         """A small blob (a config) in memory, size and digest checked."""
         url = self._blob_url(repository, desc.digest)
         what = f"blob {desc.digest}"
-        attempt = 0
-        while True:
-            resp = self._request(
-                url, f"repository:{repository}:pull", {"Accept-Encoding": "identity"}
-            )
-            self.check(resp, what)
-            try:
-                data = _read_limited(resp, min(limit, desc.size), what)
-                break
-            except _READ_ERRORS:
-                if attempt >= self.options.retries:
-                    raise RegistryError(f"can't fetch {what}: connection lost") from None
-                self._wait(attempt)
-                attempt += 1
+        scope = f"repository:{repository}:pull"
+        headers = {"Accept-Encoding": "identity"}
+        data, _ = self._get_small(url, scope, headers, min(limit, desc.size), what)
         if len(data) != desc.size or sha256_hex(data) != desc.digest:
             raise RegistryError(f"can't use {what}: digest mismatch (size or content)")
         return data
