@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from argparse import Namespace
 
-from sifpy.cli._args import ArgumentParser
+from sifpy.cli._args import ArgumentParser, add_registry_options
 from sifpy.errors import UsageError
 from sifpy.oci.progress import layer_progress, transfer_progress
 from sifpy.oci.reference import parse_platform, parse_reference
@@ -21,15 +21,7 @@ def build_parser(prog: str) -> ArgumentParser:
     p.add_argument("-F", "--force", action="store_true", help="overwrite an existing file")
     p.add_argument("--arch", help="architecture to pull (amd64, arm64, arm/v7, ...)")
     p.add_argument("--platform", help="platform to pull: os/arch[/variant]")
-    p.add_argument(
-        "--insecure",
-        "--no-https",
-        "--nohttps",
-        dest="insecure",
-        action="store_true",
-        help="use plain http for this registry (only for a registry you trust)",
-    )
-    p.add_argument("--ca-cert", metavar="FILE", help="trust this CA bundle (PEM) for the registry")
+    add_registry_options(p)
     p.add_argument("--no-cache", action="store_true", help="don't reuse a cached SIF")
     p.add_argument("output", help="the SIF file to write")
     p.add_argument("image", help="docker://[registry/]name[:tag][@digest] or oras://host/name:tag")

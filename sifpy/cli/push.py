@@ -7,7 +7,7 @@ Progress is a rich bar when stderr is a terminal, plain lines otherwise, nothing
 
 from __future__ import annotations
 
-from sifpy.cli._args import ArgumentParser
+from sifpy.cli._args import ArgumentParser, add_registry_options
 from sifpy.errors import UsageError
 from sifpy.oci.progress import transfer_progress
 from sifpy.util import log
@@ -15,15 +15,7 @@ from sifpy.util import log
 
 def build_parser(prog: str) -> ArgumentParser:
     p = ArgumentParser(prog=prog, description="Push a SIF file to an OCI registry (oras://).")
-    p.add_argument(
-        "--insecure",
-        "--no-https",
-        "--nohttps",
-        dest="insecure",
-        action="store_true",
-        help="use plain http for this registry (only for a registry you trust)",
-    )
-    p.add_argument("--ca-cert", metavar="FILE", help="trust this CA bundle (PEM) for the registry")
+    add_registry_options(p)
     p.add_argument(
         "--chunk-size",
         metavar="BYTES",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import getpass
 import sys
 
-from sifpy.cli._args import ArgumentParser
+from sifpy.cli._args import ArgumentParser, add_registry_options
 from sifpy.errors import UsageError
 from sifpy.util import log
 
@@ -16,8 +16,7 @@ def build_parser(prog: str) -> ArgumentParser:
     login = sub.add_parser("login", help="store credentials for a registry (checked first)")
     login.add_argument("-u", "--username", help="user name (prompted for if missing)")
     login.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    login.add_argument("--insecure", action="store_true", help="plain http registry")
-    login.add_argument("--ca-cert", metavar="FILE", help="trust this CA bundle (PEM)")
+    add_registry_options(login)
     login.add_argument("--no-check", action="store_true", help="store without checking")
     login.add_argument("registry", help="registry host[:port] (docker.io for Docker Hub)")
     logout = sub.add_parser("logout", help="forget a registry's credentials")
