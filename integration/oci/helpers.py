@@ -1,17 +1,19 @@
-"""Reading a pulled SIF back, and the reference tree umoci makes from the same image."""
+"""Reading a pulled SIF back, the reference tree umoci makes from the same image, and the
+base of the test HTTP servers."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import stat
 import subprocess
 from pathlib import Path
 
-from integration.test_unpack_umoci import describe
 from sifpy.oci.config import MOUNT_POINTS
 from sifpy.sif import SifImage
 from sifpy.sif import format as F
 from tests.conftest import need_tool
+from tests.rootfs.tars import describe_tree as describe
 
 ADDED_BY_SIFPY = {".singularity.d", "var", *MOUNT_POINTS}
 
@@ -69,3 +71,21 @@ def assert_same_tree(
     for p in extra:
         assert p.split("/")[0] in ADDED_BY_SIFPY or p in ADDED_BY_SIFPY, f"unexpected {p}"
     return got
+
+
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """An HTTP/1.1 handler that logs nothing and answers with a whole body at once."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)

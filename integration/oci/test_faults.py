@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from integration.oci.conftest import Registry, SifpyEnv
-from integration.oci.helpers import sif_rootfs
+from integration.oci.helpers import QuietHandler, sif_rootfs
 from sifpy.errors import RegistryError
 from sifpy.oci.registry import ClientOptions, RegistryClient
 
@@ -45,24 +45,10 @@ class Proxy:
 def _proxy_handler(upstream: str, faults: Faults) -> type[http.server.BaseHTTPRequestHandler]:
     up_host, up_port = upstream.rsplit(":", 1)
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: object) -> None:
-            pass
-
+    class Handler(QuietHandler):
         def finish(self) -> None:
             with contextlib.suppress(OSError):
                 super().finish()
-
-        def _answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
-            self.send_response(status)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
 
         def do_HEAD(self) -> None:
             self.do_GET()
@@ -76,13 +62,13 @@ def _proxy_handler(upstream: str, faults: Faults) -> type[http.server.BaseHTTPRe
                         status = queue.pop(0)
                         faults.log.append((self.command, path, rng, status))
                         extra = {"Retry-After": "1"} if status == 429 else {}
-                        self._answer(status, extra, b'{"errors":[{"code":"INJECTED"}]}')
+                        self.answer(status, extra, b'{"errors":[{"code":"INJECTED"}]}')
                         return
             if faults.huge_manifest and "/manifests/" in path:
                 body = b'{"schemaVersion": 2, "pad": "' + b"x" * (5 << 20) + b'"}'
                 faults.log.append((self.command, path, rng, 200))
                 ctype = "application/vnd.oci.image.manifest.v1+json"
-                self._answer(200, {"Content-Type": ctype}, body)
+                self.answer(200, {"Content-Type": ctype}, body)
                 return
             digest = path.rsplit("/", 1)[-1] if "/blobs/" in path else ""
             headers = {
@@ -128,7 +114,7 @@ def _proxy_handler(upstream: str, faults: Faults) -> type[http.server.BaseHTTPRe
                 self.connection.close()
                 self.close_connection = True
                 return
-            self._answer(status, out, body)
+            self.answer(status, out, body)
 
     return Handler
 

@@ -32,7 +32,7 @@ import pytest
 import requests
 
 from integration.oci.conftest import Registry, SifpyEnv, start_registry
-from integration.oci.helpers import sif_rootfs
+from integration.oci.helpers import QuietHandler, sif_rootfs
 from integration.oci.test_auth import PASSWORD, USER, make_ca, make_token_server, pem
 from tests.conftest import need_tool
 
@@ -64,22 +64,6 @@ class Server:
         self.server.server_close()
 
 
-class _Base(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-
 def _serve(bind: str, handler: type[http.server.BaseHTTPRequestHandler], server: Server) -> None:
     httpd = http.server.ThreadingHTTPServer((bind, 0), handler)
     httpd.daemon_threads = True
@@ -93,7 +77,7 @@ def start_cdn(storage: Path, bind: str, extra: dict[str, bytes]) -> Server:
     == "401"`` makes it ask for basic auth instead."""
     srv = Server("", Seen(), None)  # type: ignore[arg-type]
 
-    class Handler(_Base):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             srv.seen.add(self.command, self.path, self.headers.get("Authorization"))
             if srv.mode.get("cdn") == "401":
@@ -122,7 +106,7 @@ def start_front(upstream: str) -> Server:
     up_host, up_port = upstream.rsplit(":", 1)
     srv = Server("", Seen(), None)  # type: ignore[arg-type]
 
-    class Handler(_Base):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             path = self.path
             srv.seen.add(self.command, path, self.headers.get("Authorization"))
