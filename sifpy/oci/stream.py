@@ -858,12 +858,16 @@ def _tar2sqfs(dest: Path) -> Iterator[IO[bytes]]:
 
 
 def tar_to_squashfs(
-    tar: TarStream, dest: str | os.PathLike[str], config: dict[str, Any] | None = None
+    layer: LayerSource | TarStream,
+    dest: str | os.PathLike[str],
+    config: dict[str, Any] | None = None,
+    *,
+    privileged: bool | None = None,
 ) -> None:
-    """One layer, read once from ``tar``, into the squashfs ``dest``; raises
-    :class:`NeedsMerge` (``dest`` then unusable) if it needs the two-pass merge."""
+    """One layer, read once, into the squashfs ``dest``; raises :class:`NeedsMerge`
+    (``dest`` then unusable) if it needs the two-pass merge."""
     with _tar2sqfs(Path(dest)) as pipe:
-        single_pass(tar, pipe, config)
+        single_pass(layer, pipe, config, privileged=privileged)
 
 
 def layers_to_squashfs(
@@ -883,8 +887,7 @@ def layers_to_squashfs(
         try:
             if on_indexed is not None:
                 on_indexed()
-            with _tar2sqfs(Path(dest)) as pipe:
-                single_pass(layers[0], pipe, config, privileged=privileged)
+            tar_to_squashfs(layers[0], dest, config, privileged=privileged)
             return
         except NeedsMerge as exc:
             log.debug(f"two-pass merge: {exc}")
