@@ -1,5 +1,5 @@
 """``python -m sifpy``: the same as the ``sifpy`` command."""
 
-from sifpy.cli import main
+from sifpy.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -96,3 +96,42 @@ def test_exec_path_imports_nothing_heavy() -> None:
         [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True
     )
     assert r.stdout.strip() == "[]"
+
+
+def test_exec_family_exits_with_its_messages_flushed() -> None:
+    """exec/run/shell/test end with os._exit (no interpreter teardown on every start): what
+    they wrote must still come out, with their exit status."""
+    r = run("exec", "/nonexistent.sif", "true")
+    assert r.returncode == 125
+    assert r.stderr.startswith("error: can't open image: /nonexistent.sif")
+
+
+def test_launcher_runs_without_site(tmp_path: Path) -> None:
+    """The fast launcher (make venv writes .venv/bin/sifpy): Python with -I -S and the
+    directories site would have added listed in the script, so sifpy and its installed
+    dependencies import as from pip's script."""
+    import sysconfig
+
+    from sifpy.cli import launcher
+
+    dest = tmp_path / "sifpy"
+    launcher.write(str(dest))
+    text = dest.read_text()
+    assert text.startswith(f"#!{sys.executable} -IS\n")
+    assert dest.stat().st_mode & 0o777 == 0o755
+    paths = launcher.site_paths(sys.executable)
+    if sys.prefix != sys.base_prefix:  # in a venv: its site-packages is listed
+        assert sysconfig.get_paths()["purelib"] in paths
+    r = subprocess.run([str(dest), "--version"], capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and r.stdout == f"sifpy version {__version__}\n", r.stderr
+    # What pip installed next to sifpy imports, and the site module never ran.
+    probe = tmp_path / "probe"
+    probe.write_text(
+        text.replace(
+            "from sifpy.cli import entry\nentry()\n",
+            "import requests, sifpy.cli\nprint('site' in sys.modules)\n",
+        )
+    )
+    probe.chmod(0o755)
+    r = subprocess.run([str(probe)], capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and r.stdout == "False\n", r.stderr

@@ -461,7 +461,10 @@ def _prefetch(image: str, names: tuple[str, ...], search: str) -> None:
         root_fd = os.open(image, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return
-    buf = bytearray(1 << 20)
+    # One squashfs block per read: the container's own lookups, queued behind these reads
+    # at the (single-threaded) server, then wait for one block, not for 1 MiB of them.
+    buf = bytearray(1 << 17)
+    seen: set[int] = set()  # inode numbers: sh and true may be one busybox
     try:
         for name in names:
             dirs = [""] if "/" in name else [d for d in search.split(":") if d.startswith("/")]
@@ -470,7 +473,9 @@ def _prefetch(image: str, names: tuple[str, ...], search: str) -> None:
                 if fd is None:
                     continue
                 try:
-                    left = PREFETCH_MAX
+                    ino = os.fstat(fd).st_ino
+                    left = 0 if ino in seen else PREFETCH_MAX
+                    seen.add(ino)
                     while left > 0 and (n := os.readv(fd, [buf])):
                         left -= n
                 finally:
