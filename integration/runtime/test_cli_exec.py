@@ -202,3 +202,13 @@ def test_bad_image_is_125_with_one_line(sifpy: Sifpy, workdir: Path) -> None:
         and "Traceback" not in r.stderr
     )
     assert sifpy("exec", "--bogus", str(bad), "true").returncode == 125
+
+
+def test_error_after_the_image_is_served_stops_its_server(sifpy: Sifpy) -> None:
+    """The image is served (squashfuse started) before the environment is read: an error
+    found then (a missing --env-file) still ends with 125, one message, and no server."""
+    r = sifpy.exec("true", opts=("--env-file", "/nonexistent/env"))
+    assert r.returncode == 125 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert "/nonexistent/env" in r.stderr
+    assert user_processes(sifpy.runner.user.uid, "squashfuse_ll") == []
+

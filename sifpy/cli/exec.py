@@ -1,8 +1,9 @@
 """``sifpy exec | run | shell | test``: run a command in a container, as Apptainer does.
 
-This is the hot path (once per MPI rank): it imports only the runtime and the SIF reader,
-and parses its options without argparse (built only for --help and errors). The image
-is opened once; the partition mounted is the one in that open file.
+This is the hot path (once per MPI rank): it parses its options without argparse (built only
+for --help and errors), opens the image once (the partition mounted is the one in that open
+file), has it served (:func:`sifpy.runtime.start.serve`), and only then imports and computes
+the rest (environment, the container's mounts) while the FUSE server starts.
 Exit status: the command's own (128+N when killed by signal N); 125 when sifpy fails
 before the command starts, 126 not executable, 127 not found.
 """
@@ -14,10 +15,8 @@ import stat
 import sys
 
 from sifpy.errors import ExitStatus, ImageError, SifpyError, UsageError
-from sifpy.runtime import LaunchOptions, LaunchSpec, Sandbox, SifPartition, host_identity, launch
-from sifpy.runtime import env as renv
-from sifpy.runtime.action import action_argv
-from sifpy.runtime.drivers import DRIVERS
+from sifpy.runtime import start
+from sifpy.runtime.start import DRIVERS, Sandbox, SifPartition
 
 TYPE_CHECKING = False  # typing costs ~17 ms to import: not on this path
 if TYPE_CHECKING:
@@ -346,57 +345,73 @@ def _main(argv: list[str], prog: str) -> int:
         home_src, _, home_dest = a.home.partition(":")
         home_src = os.path.abspath(home_src)
         home_dest = home_dest or home_src
-    ident = host_identity()
-    home_in = home_dest or ident.home
+    ident = start.host_identity()  # before serve(): with --fakeroot, getuid() is 0 after it
+    cwd = a.pwd or os.getcwd()
     image, fd = open_image(a.image, a.verify or bool(a.verify_key), a.verify_key)
     if a.writable and not isinstance(image, Sandbox):
+        os.close(fd)
         raise UsageError("--writable needs a sandbox directory", hint="build with --sandbox")
     if a.writable and (a.writable_tmpfs or a.overlay):
+        if fd >= 0:
+            os.close(fd)
         raise UsageError("--writable can't be combined with --writable-tmpfs or --overlay")
-    env_opts = renv.parse_env_option(a.env)
-    runtime = renv.runtime_vars(
-        os.path.abspath(a.image), action, a.app, ",".join(f"{s}:{d}" for s, d, _ in binds)
-    )
-    if a.shell:
-        runtime["SINGULARITY_SHELL"] = runtime["APPTAINER_SHELL"] = a.shell
-    env = renv.process_env(
-        host=renv.host_env(environ, a.cleanenv),
-        injected=renv.injected_env(environ, env_opts),
-        env_file=renv.read_env_files(a.env_file),
-        late=env_opts,
-        no_eval=a.no_eval,
-        home=home_in,
-        runtime=runtime,
-    )
+    from sifpy.runtime.action import action_argv
+
     command = action_argv(action, args)
-    spec = LaunchSpec(
-        image=image,
-        argv=command,
-        env=env,
-        cwd=a.pwd or os.getcwd(),
-        binds=binds,
-        options=LaunchOptions(
-            fakeroot=a.fakeroot,
-            contain=a.contain,
-            pid_ns=a.pid,
-            no_init=a.no_init,
-            ipc_ns=a.ipc,
-            writable=a.writable,
-            writable_tmpfs=a.writable_tmpfs,
-            overlay=os.path.abspath(a.overlay) if a.overlay else None,
-            no_mount=no_mount,
-            workdir=os.path.abspath(a.workdir) if a.workdir else None,
-            mount_driver="unsquash" if a.unsquash else a.mount_driver,
-            home=home_src,
-            home_dest=home_dest,
-            no_home=a.no_home,
-            identity=ident,
-            # The action script's shell, then the command: both start cold on a fresh mount.
-            prefetch=(command[0], *args[:1]) if action == "exec" else (command[0],),
-        ),
-    )
+    # The action script's shell, then the command: both start cold on a fresh mount.
+    prefetch = (command[0], *args[:1]) if action == "exec" else (command[0],)
+    driver = "unsquash" if a.unsquash else a.mount_driver
+    served = None
+    if isinstance(image, SifPartition):
+        served = start.serve(image, fd, a.fakeroot, driver, prefetch)
     try:
-        return launch(spec, inline=True)
+        # While squashfuse starts and reads ahead: the rest of the runtime, the environment.
+        from sifpy.runtime import env as renv
+        from sifpy.runtime.process import LaunchOptions, LaunchSpec, launch
+
+        env_opts = renv.parse_env_option(a.env)
+        runtime = renv.runtime_vars(
+            os.path.abspath(a.image), action, a.app, ",".join(f"{s}:{d}" for s, d, _ in binds)
+        )
+        if a.shell:
+            runtime["SINGULARITY_SHELL"] = runtime["APPTAINER_SHELL"] = a.shell
+        env = renv.process_env(
+            host=renv.host_env(environ, a.cleanenv),
+            injected=renv.injected_env(environ, env_opts),
+            env_file=renv.read_env_files(a.env_file),
+            late=env_opts,
+            no_eval=a.no_eval,
+            home=home_dest or ident.home,
+            runtime=runtime,
+        )
+        spec = LaunchSpec(
+            image=image,
+            argv=command,
+            env=env,
+            cwd=cwd,
+            binds=binds,
+            options=LaunchOptions(
+                fakeroot=a.fakeroot,
+                contain=a.contain,
+                pid_ns=a.pid,
+                no_init=a.no_init,
+                ipc_ns=a.ipc,
+                writable=a.writable,
+                writable_tmpfs=a.writable_tmpfs,
+                overlay=os.path.abspath(a.overlay) if a.overlay else None,
+                no_mount=no_mount,
+                workdir=os.path.abspath(a.workdir) if a.workdir else None,
+                mount_driver=driver,
+                home=home_src,
+                home_dest=home_dest,
+                no_home=a.no_home,
+                identity=ident,
+                prefetch=prefetch,
+            ),
+        )
+        return launch(spec, inline=True, served=served)
     finally:
+        if served is not None:
+            served.stop()
         if fd >= 0:
             os.close(fd)

@@ -1,19 +1,19 @@
 """The only code that unshares, mounts, pivots or execs.
 
 :mod:`.ns` wraps the kernel calls and probes for them, :mod:`.mount` mounts images and
-assembles the container root, :mod:`.launch` owns the process structure and the exit status.
-Imports stay lean here: this is the hot path of ``sifpy exec``.
+assembles the container root, :mod:`.start` enters the namespaces and serves the image early,
+:mod:`.process` owns the process structure and the exit status (:func:`launch`).
+Imports stay lean here: this is the hot path of ``sifpy exec``. The names below are loaded
+on first use, so that ``sifpy exec`` can serve the image (:mod:`.start`) before it imports
+the rest.
 """
 
-from sifpy.runtime.launch import (
-    Identity,
-    LaunchOptions,
-    LaunchSpec,
-    Sandbox,
-    SifPartition,
-    host_identity,
-    launch,
-)
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from sifpy.runtime.process import LaunchOptions, LaunchSpec, launch
+    from sifpy.runtime.start import Identity, Sandbox, SifPartition, host_identity
 
 __all__ = [
     "Identity",
@@ -24,3 +24,13 @@ __all__ = [
     "host_identity",
     "launch",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name not in __all__:
+        raise AttributeError(f"module 'sifpy.runtime' has no attribute {name!r}")
+    from sifpy.runtime import process
+
+    value = getattr(process, name)
+    globals()[name] = value
+    return value

@@ -13,7 +13,7 @@ The script only ever ``eval``s variable *names* (checked in Python) and, unless
 
 from __future__ import annotations
 
-from sifpy.runtime.env import DEFAULT_PATH
+from sifpy.runtime.start import DEFAULT_PATH
 
 ACTIONS = ("exec", "run", "shell", "test")
 

@@ -25,6 +25,7 @@ import os
 
 from sifpy.errors import RuntimeSetupError, ToolError
 from sifpy.runtime import mount, ns
+from sifpy.runtime.start import DRIVERS
 from sifpy.util import lean, log
 from sifpy.util.lean import NamedTuple
 
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import NoReturn
 
-DRIVERS = ("auto", "squashfuse", "kernel", "python", "unsquash")
 
 # include/uapi/linux/loop.h
 _LOOP_CTL_GET_FREE = 0x4C82

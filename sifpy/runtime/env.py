@@ -18,13 +18,12 @@ from __future__ import annotations
 import os
 
 from sifpy.errors import UsageError
+from sifpy.runtime.start import DEFAULT_PATH
 from sifpy.util import log
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
-
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def is_name(s: str) -> bool:

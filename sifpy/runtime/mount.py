@@ -2,7 +2,7 @@
 container root from it.
 
 Everything here runs inside the container's private user+mount namespace (see
-:mod:`sifpy.runtime.launch` for the process structure), so every mount disappears when the
+:mod:`sifpy.runtime.process` for the process structure), so every mount disappears when the
 namespace's last process exits: nothing is ever unmounted by hand and nothing can leak to the
 host's mount table.
 
@@ -147,18 +147,20 @@ def fork_helper(fds: list[int], run: Callable[[], NoReturn], output: int = -1) -
     os._exit(127)
 
 
-def fuse_mount(
-    mountpoint: str, name: str, fds: list[int], run: Callable[[], NoReturn], readonly: bool
-) -> int:
-    """Mount a FUSE file system on ``mountpoint`` and start its server; return its pid.
+def fuse_serve(
+    name: str, fds: list[int], run: Callable[[], NoReturn], readonly: bool
+) -> tuple[int, int]:
+    """Create a detached FUSE mount and start its server; return the mount's fd and the
+    server's pid.
 
     The caller must hold ``CAP_SYS_ADMIN`` in a user namespace that owns its mount namespace.
-    We do the ``mount(2)`` ourselves and hand the server the connection as the fd after
-    ``fds`` (3 + len(fds); ``/dev/fd/N`` for libfuse >= 3.3, which then skips its own mount;
-    Apptainer does the same): this needs no ``fusermount3`` and no ambient capabilities for
-    the server, lets us pick the flags (nosuid, nodev, read-only), and makes readiness
-    trivial: a ``stat`` of the mountpoint blocks until the server answers, or fails with
-    ENOTCONN once it died. The server is a :func:`fork_helper` child.
+    We create the mount ourselves (fsopen/fsmount: attached nowhere until
+    :func:`ns.move_mount`, reachable through its fd meanwhile) and hand the server the
+    connection as the fd after ``fds`` (3 + len(fds); ``/dev/fd/N`` for libfuse >= 3.3, which
+    then skips its own mount; Apptainer does the same): this needs no ``fusermount3`` and no
+    ambient capabilities for the server, lets us pick the flags (nosuid, nodev, read-only),
+    and makes readiness trivial (:func:`wait_served`). The server is a :func:`fork_helper`
+    child.
     """
     try:
         fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
@@ -168,23 +170,78 @@ def fuse_mount(
             "the FUSE device must exist and be readable and writable by you (mode 0666)",
         ) from exc
     try:
-        opts = f"fd={fuse_fd},rootmode=40000,user_id={os.getuid()},group_id={os.getgid()}"
-        flags = ns.MS_NOSUID | ns.MS_NODEV | (ns.MS_RDONLY if readonly else 0)
-        ns.mount(name, mountpoint, f"fuse.{name}", flags, opts, what=f"{name} on {mountpoint}")
-        pid = fork_helper([*fds, fuse_fd], run)
+        options = (
+            ("fd", str(fuse_fd)),
+            ("rootmode", "40000"),
+            ("user_id", str(os.getuid())),
+            ("group_id", str(os.getgid())),
+            ("subtype", name),
+        )
+        attrs = ns.MOUNT_ATTR_NOSUID | ns.MOUNT_ATTR_NODEV
+        attrs |= ns.MOUNT_ATTR_RDONLY if readonly else 0
+        mount_fd = ns.detached_mount("fuse", name, readonly, attrs, options)
+        try:
+            pid = fork_helper([*fds, fuse_fd], run)
+        except BaseException:
+            os.close(mount_fd)
+            raise
     finally:
         # Only the server may hold the connection: if it dies, the kernel aborts the
-        # connection and our stat below fails instead of hanging.
+        # connection and wait_served() fails instead of hanging.
         os.close(fuse_fd)
+    return mount_fd, pid
+
+
+def wait_served(path: str, name: str, pid: int) -> None:
+    """Wait until the FUSE server ``pid`` answers for its mount at ``path`` (a ``stat`` of
+    the root blocks until then, or fails with ENOTCONN once the server died); stop it and
+    raise if it can't serve."""
     try:
-        st = os.stat(mountpoint)
+        st = os.stat(path)
     except OSError as exc:
         stop_server(pid)
         raise RuntimeSetupError(f"can't mount: {name}: {exc.strerror}") from exc
     if not stat.S_ISDIR(st.st_mode):
         stop_server(pid)
         raise RuntimeSetupError(f"can't mount: {name}: root is no directory")
+
+
+def fuse_mount(
+    mountpoint: str, name: str, fds: list[int], run: Callable[[], NoReturn], readonly: bool
+) -> int:
+    """Mount a FUSE file system on ``mountpoint`` (:func:`fuse_serve`, attached at once) and
+    wait until its server answers; return the server's pid."""
+    mount_fd, pid = fuse_serve(name, fds, run, readonly)
+    try:
+        ns.move_mount(mount_fd, mountpoint)
+    except BaseException:
+        stop_server(pid)
+        raise
+    finally:
+        os.close(mount_fd)
+    wait_served(mountpoint, name, pid)
     return pid
+
+
+def squashfuse_argv(squashfuse: str, offset: int, single_thread: bool) -> list[str]:
+    """squashfuse_ll's command line for the partition at ``offset`` of fd 3, served on fd 4.
+
+    squashfuse_ll is multithreaded unless ``-s`` is given (squashfuse >= 0.1.104; its help
+    lists ``-s`` and ``max_threads``).
+    """
+    argv = [squashfuse, "-f", "-o", f"offset={offset}"]
+    if single_thread:
+        argv.append("-s")
+    return [*argv, fd_path(3), "/dev/fd/4"]
+
+
+def squashfs_error(offset: int, exc: RuntimeSetupError) -> RuntimeSetupError:
+    """The error for a squashfs partition squashfuse could not serve."""
+    return RuntimeSetupError(
+        f"can't mount: squashfs at offset {offset}: {exc.message.rsplit(': ', 1)[-1]}",
+        "squashfuse_ll could not read the partition; is it a valid squashfs "
+        "(try: unsquashfs -o OFFSET -s FILE)?",
+    )
 
 
 def mount_squashfs(
@@ -195,23 +252,12 @@ def mount_squashfs(
     single_thread: bool = False,
 ) -> int:
     """Mount the squashfs at byte ``offset`` of ``image_fd`` on ``mountpoint`` with
-    ``squashfuse`` (see :func:`fuse_mount`); return the server's pid.
-
-    squashfuse_ll is multithreaded unless ``-s`` is given (squashfuse >= 0.1.104; its help
-    lists ``-s`` and ``max_threads``).
-    """
-    argv = [squashfuse, "-f", "-o", f"offset={offset}"]
-    if single_thread:
-        argv.append("-s")
-    argv += [fd_path(3), "/dev/fd/4"]
+    ``squashfuse`` (see :func:`fuse_mount`); return the server's pid."""
+    argv = squashfuse_argv(squashfuse, offset, single_thread)
     try:
         return fuse_mount(mountpoint, "squashfuse", [image_fd], lambda: exec_helper(argv), True)
     except RuntimeSetupError as exc:
-        raise RuntimeSetupError(
-            f"can't mount: squashfs at offset {offset}: {exc.message.rsplit(': ', 1)[-1]}",
-            "squashfuse_ll could not read the partition; is it a valid squashfs "
-            "(try: unsquashfs -o OFFSET -s FILE)?",
-        ) from exc
+        raise squashfs_error(offset, exc) from exc
 
 
 def stop_server(pid: int) -> None:
@@ -440,27 +486,26 @@ def build_underlay(image: str, root: str, expand: set[tuple[str, ...]]) -> None:
 PREFETCH_MAX = 16 << 20  # bytes read ahead per file
 
 
-def prefetch(image: str, names: tuple[str, ...], search: str) -> None:
+def prefetch(root_fd: int, names: tuple[str, ...], search: str) -> None:
     """Read, in a background thread, the files the container is about to execute.
 
     A FUSE mount starts with an empty page cache, and ``execve`` then faults the program in
     page by page, one FUSE round trip (and squashfs block) at a time: ~8 ms for a 2 MB
     busybox, several times what a sequential read of the same file costs. Reading it here,
     while the container is still being assembled, fills the cache on the other CPU.
+    ``root_fd``: the image's root (an ``O_PATH`` fd that the thread takes over and closes);
     ``names`` are image paths, or command names looked up in ``search`` (a PATH); every
     lookup stays inside the image (:func:`open_in_root`). Best effort: errors are ignored.
     """
     import _thread
 
-    with lean.suppress(RuntimeError):  # no threads here (e.g. RLIMIT_NPROC): go without
-        _thread.start_new_thread(_prefetch, (image, names, search))
-
-
-def _prefetch(image: str, names: tuple[str, ...], search: str) -> None:
     try:
-        root_fd = os.open(image, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
+        _thread.start_new_thread(_prefetch, (root_fd, names, search))
+    except RuntimeError:  # no threads here (e.g. RLIMIT_NPROC): go without
+        os.close(root_fd)
+
+
+def _prefetch(root_fd: int, names: tuple[str, ...], search: str) -> None:
     # One squashfs block per read: the container's own lookups, queued behind these reads
     # at the (single-threaded) server, then wait for one block, not for 1 MiB of them.
     buf = bytearray(1 << 17)

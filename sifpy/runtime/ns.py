@@ -214,19 +214,31 @@ def _syscall(what: str, obj: str, nr: int, *args: object) -> int:
     return res
 
 
-def detached_mount(fstype: str, source: str, readonly: bool, attrs: int) -> int:
+def detached_mount(
+    fstype: str,
+    source: str,
+    readonly: bool,
+    attrs: int,
+    options: tuple[tuple[str, str], ...] = (),
+) -> int:
     """Create a mount that is attached nowhere yet (fsopen/fsconfig/fsmount); return its fd.
 
     The privilege check happens here, in the caller's user namespace; :func:`move_mount` can
     later attach it in a mount namespace of a child user namespace (the kernel squashfs path:
-    real root mounts, the container's namespaces receive the mount).
+    real root mounts, the container's namespaces receive the mount). Until then it is
+    reachable only through the fd (``openat``), which is how a FUSE image is served before
+    the container's session exists (:func:`sifpy.runtime.mount.serve_squashfs`).
+    ``options``: further string parameters (``fd``, ``rootmode``, ... for FUSE).
     """
     obj = f"{fstype} from {source}"
     fs_fd = _syscall("mount", obj, _SYS_FSOPEN, fstype.encode(), 1)  # FSOPEN_CLOEXEC
     try:
         if readonly:
             _syscall("mount", obj, _SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_FLAG, b"ro", None, 0)
-        _syscall("mount", obj, _SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, b"source", _b(source), 0)
+        for key, value in (("source", source), *options):
+            _syscall(
+                "mount", obj, _SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, _b(key), _b(value), 0
+            )
         _syscall("mount", obj, _SYS_FSCONFIG, fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0)
         return _syscall("mount", obj, _SYS_FSMOUNT, fs_fd, 1, attrs)  # FSMOUNT_CLOEXEC
     finally:

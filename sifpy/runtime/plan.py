@@ -17,7 +17,8 @@ from sifpy.errors import RuntimeSetupError
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:
-    from sifpy.runtime.launch import Identity, LaunchSpec
+    from sifpy.runtime.process import LaunchSpec
+    from sifpy.runtime.start import Identity
 
 # --no-mount names (Apptainer's), besides absolute paths of the system binds.
 NO_MOUNT = frozenset({"proc", "sys", "dev", "devpts", "home", "tmp", "hostfs", "cwd", "bind-paths"})

@@ -50,7 +50,8 @@ def test_fifos_neither_hang_nor_count(tmp_path: Path) -> None:
             found.append(mount.open_in_root(fd, "/etc/passwd"))
         finally:
             os.close(fd)
-        mount._prefetch(str(root), ("/bin/sh", "tool", "/etc/passwd"), "/usr/bin:/bin")
+        root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY)  # _prefetch closes it
+        mount._prefetch(root_fd, ("/bin/sh", "tool", "/etc/passwd"), "/usr/bin:/bin")
         done.set()
 
     threading.Thread(target=run, daemon=True).start()

@@ -32,15 +32,24 @@ pipe, which the successful ``execve`` closes.
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import stat
 import sys
 
 from sifpy.errors import ExitStatus, RuntimeSetupError, SifpyError
 from sifpy.runtime import drivers, mount, ns
 from sifpy.runtime import plan as plan_
+from sifpy.runtime.start import (
+    DEFAULT_PATH,
+    FUSE_SINGLE_THREAD,
+    SQUASHFUSE,
+    Identity,
+    Sandbox,
+    Served,
+    SifPartition,
+    enter,
+    host_identity,
+)
 from sifpy.util import lean
 from sifpy.util.lean import NamedTuple
 
@@ -51,8 +60,6 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 else:
     import _signal as signal  # the signal module builds enums (~4 ms)
-
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Signals relayed to the container. Those a terminal generates (si_code SI_KERNEL) already
 # reach the whole foreground process group, container included, and are not relayed twice.
@@ -80,34 +87,6 @@ _RW = f"{_SESSION}/rw"  # --writable-tmpfs: a size-capped tmpfs; --overlay: DIR 
 _OVERLAY = f"{_SESSION}/overlay"  # the overlay root: lower = _IMAGE, upper = _RW/upper
 
 
-# Records are NamedTuples, not dataclasses: importing dataclasses (and inspect) and
-# generating their methods cost ~10 ms, on the start-up path of every `sifpy exec`.
-class SifPartition(NamedTuple):
-    """A squashfs partition inside a SIF file: ``size`` bytes at byte ``offset``."""
-
-    path: str
-    offset: int
-    size: int
-
-
-class Sandbox(NamedTuple):
-    """A directory used as the root file system."""
-
-    path: str
-
-
-class Identity(NamedTuple):
-    """The caller's host account, looked up once before entering the container."""
-
-    uid: int
-    gid: int
-    name: str
-    group: str
-    gecos: str
-    home: str
-    shell: str
-
-
 class LaunchOptions(NamedTuple):
     """How much of the host the container sees, and as whom it runs."""
 
@@ -127,10 +106,8 @@ class LaunchOptions(NamedTuple):
     no_mount: tuple[str, ...] = ()  # default mounts to skip: plan.NO_MOUNT names, system binds
     workdir: str | None = None  # with contain: /tmp, /var/tmp, home from DIR/{tmp,var_tmp,home}
     mount_driver: str = "auto"  # auto | squashfuse | kernel | python | unsquash
-    squashfuse: str = "squashfuse_ll"
-    # One thread: libfuse's worker threads start on demand, ~3 ms of every exec, and a
-    # single one reads as fast on the cold-cache read benchmark (bench/read).
-    fuse_single_thread: bool = True
+    squashfuse: str = SQUASHFUSE
+    fuse_single_thread: bool = FUSE_SINGLE_THREAD
     identity: Identity | None = None  # default: looked up with host_identity()
     passwd: bool = True  # bind generated /etc/passwd and /etc/group (builds: the image's own)
     subid: bool = False  # with fakeroot: map ids 1..N to the user's /etc/subuid range if any
@@ -149,25 +126,10 @@ class LaunchSpec(NamedTuple):
     options: LaunchOptions = LaunchOptions()
 
 
-def host_identity() -> Identity:
-    """Look the caller up in the host's user and group databases (NSS), once."""
-    uid, gid = os.getuid(), os.getgid()
-    try:
-        pw = pwd.getpwuid(uid)
-        name, gecos, home, shell = pw.pw_name, pw.pw_gecos, pw.pw_dir, pw.pw_shell
-    except KeyError:
-        name, gecos, home, shell = f"uid{uid}", "", os.environ.get("HOME", "/"), "/bin/sh"
-    try:
-        group = grp.getgrgid(gid).gr_name
-    except KeyError:
-        group = f"gid{gid}"
-    return Identity(uid, gid, name, group, gecos, home, shell)
-
-
 # --- the caller ---------------------------------------------------------------------------
 
 
-def launch(spec: LaunchSpec, inline: bool = False) -> int:
+def launch(spec: LaunchSpec, inline: bool = False, served: Served | None = None) -> int:
     """Run ``spec.argv`` in the container and return its exit status.
 
     Raises :class:`RuntimeSetupError` (exit status 125) when the container could not be set
@@ -178,13 +140,26 @@ def launch(spec: LaunchSpec, inline: bool = False) -> int:
     in the container's user and mount namespaces: only for a single-threaded process that
     exits right after, such as ``sifpy exec``. Real root's identity map still needs a
     process outside the namespace, so there the monitor is forked as usual.
+
+    ``served``: the image, already served by :func:`sifpy.runtime.start.serve` (which entered
+    the namespaces); only with ``inline``, a SIF partition and the same ``fakeroot``.
     """
     if not spec.argv:
         raise RuntimeSetupError("can't execute: empty command")
     opts = spec.options
+    if served is not None and not (
+        inline
+        and isinstance(spec.image, SifPartition)
+        and served.fakeroot == opts.fakeroot
+        and served.offset == spec.image.offset
+        and not opts.subid
+    ):
+        raise RuntimeSetupError("can't start container: the served image does not match")
     ident = opts.identity or host_identity()
     driver = drivers.Driver("sandbox")
-    if isinstance(spec.image, SifPartition):
+    if served is not None:
+        driver = drivers.Driver("squashfuse")
+    elif isinstance(spec.image, SifPartition):
         driver = drivers.choose(opts.mount_driver, opts.squashfuse)
     elif not os.path.isdir(spec.image.path):
         raise RuntimeSetupError(f"can't use sandbox: {spec.image.path}: not a directory")
@@ -192,7 +167,7 @@ def launch(spec: LaunchSpec, inline: bool = False) -> int:
     # Real root, as uid 0 inside: map every id to itself, so the image's other owners (e.g.
     # Debian's _apt) stay real owners. Only a process still in the parent namespace may
     # write such a map, so the monitor unshares and waits while we write it (handshake).
-    identity_map = os.getuid() == 0 and (opts.fakeroot or ident.uid == 0)
+    identity_map = served is None and os.getuid() == 0 and (opts.fakeroot or ident.uid == 0)
     identity_map = identity_map and ns.in_initial_userns()
     subids = None
     if opts.subid and opts.fakeroot and not identity_map:
@@ -204,7 +179,7 @@ def launch(spec: LaunchSpec, inline: bool = False) -> int:
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
     try:
         if inline and sync is None:
-            status = _monitor_inline(spec, ident, driver, write_end)
+            status = _monitor_inline(spec, ident, driver, write_end, served)
         else:
             caller = os.getpid()
             pid = os.fork()
@@ -358,13 +333,19 @@ def _monitor(
     os._exit(_exit_code(status))
 
 
-def _monitor_inline(spec: LaunchSpec, ident: Identity, driver: drivers.Driver, report: int) -> int:
+def _monitor_inline(
+    spec: LaunchSpec,
+    ident: Identity,
+    driver: drivers.Driver,
+    report: int,
+    served: Served | None = None,
+) -> int:
     """The monitor's work in the caller itself (``launch(inline=True)``); returns the
     container's wait status. Set-up errors are raised, not reported; the report pipe's write
     end is closed here, once the container holds its own copy."""
     servers: list[int] = []
     try:
-        pid, own_fd = _set_up(spec, ident, driver, report, servers, None)
+        pid, own_fd = _set_up(spec, ident, driver, report, servers, None, served)
     except SifpyError:
         _stop(servers)
         raise
@@ -387,36 +368,27 @@ def _set_up(
     report: int,
     servers: list[int],
     sync: tuple[int, int, int, int] | None,
+    served: Served | None = None,
 ) -> tuple[int, int]:
-    """Enter the namespaces, mount the image (its servers go to ``servers``) and fork the
-    container; return its pid and, for ``own_root_after``, the sandbox's fd (else -1)."""
+    """Enter the namespaces (unless ``served`` did), mount the image (its servers go to
+    ``servers``) and fork the container; return its pid and, for ``own_root_after``, the
+    sandbox's fd (else -1)."""
     opts = spec.options
     image = spec.image
-    image_fd = _open_image(image) if isinstance(image, SifPartition) else -1
-    # Real root: the kernel mounts the squashfs now, detached, in the initial user
-    # namespace (no user namespace may mount a block device); attached below.
-    kernel_fd = -1
-    if isinstance(image, SifPartition) and driver.name == "kernel":
-        kernel_fd = drivers.kernel_squashfs(image_fd, image.offset, image.size)
-    outer_uid, outer_gid = os.getuid(), os.getgid()
-    inner_uid, inner_gid = (0, 0) if opts.fakeroot else (outer_uid, outer_gid)
-    ns.unshare(ns.CLONE_NEWUSER | ns.CLONE_NEWNS | (ns.CLONE_NEWIPC if opts.ipc_ns else 0))
-    if sync is not None:  # real root: the caller writes the identity map (launch())
-        unshared_r, unshared_w, mapped_r, mapped_w = sync
-        os.close(unshared_r)
-        os.close(mapped_w)
-        os.write(unshared_w, b"u")
-        answer = os.read(mapped_r, 1024)
-        if answer != b"m" or os.getuid() != 0:
-            why = answer[1:].decode(errors="replace") or "the caller did not map them"
-            raise RuntimeSetupError(f"can't map user ids: {why}")
-        os.close(unshared_w)
-        os.close(mapped_r)
+    ipc = ns.CLONE_NEWIPC if opts.ipc_ns else 0
+    image_fd = kernel_fd = -1
+    if served is not None:
+        if ipc:
+            ns.unshare(ipc)
     else:
-        ns.map_ids(outer_uid, outer_gid, inner_uid, inner_gid)
-    ns.set_no_new_privs()  # inherited by the FUSE servers, helpers and the container
-    # Private propagation: nothing we mount or unmount can reach another namespace.
-    ns.mount(None, "/", None, ns.MS_REC | ns.MS_PRIVATE, what="/ (make private)")
+        image_fd = _open_image(image) if isinstance(image, SifPartition) else -1
+        # Real root: the kernel mounts the squashfs now, detached, in the initial user
+        # namespace (no user namespace may mount a block device); attached below.
+        if isinstance(image, SifPartition) and driver.name == "kernel":
+            kernel_fd = drivers.kernel_squashfs(image_fd, image.offset, image.size)
+
+        handshake = None if sync is None else lambda: _await_id_maps(sync)
+        enter(opts.fakeroot, ipc, handshake)
     # Pin every host path now: bind sources must be opened in *this* mount namespace
     # (the kernel refuses to bind from a mount of another one), and before /tmp is
     # covered by the session tmpfs. Likewise the Python FUSE server imports its modules.
@@ -438,7 +410,9 @@ def _set_up(
     os.mkdir(_FILES)
     # The generated files are bind sources, so they need a mount that is not unbindable.
     ns.mount("tmpfs", _FILES, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=0755", "files")
-    if not isinstance(image, SifPartition):
+    if served is not None:
+        servers.append(_attach_served(served))
+    elif not isinstance(image, SifPartition):
         mount.bind(mount.fd_path(image_fd), _IMAGE, readonly=not opts.writable, what="sandbox")
     elif driver.name == "kernel":
         ns.move_mount(kernel_fd, _IMAGE)
@@ -453,12 +427,14 @@ def _set_up(
                 image_fd, image.offset, _IMAGE, driver.program, opts.fuse_single_thread
             )
         )
-    os.close(image_fd)
+    if image_fd >= 0:
+        os.close(image_fd)
     if opts.writable_tmpfs or opts.overlay:
         servers += _mount_overlay(opts, overlay_fd)
     # Before unshare(CLONE_NEWPID): after it, this process can't start threads.
-    if opts.prefetch and driver.name in ("squashfuse", "python"):
-        mount.prefetch(_IMAGE, opts.prefetch, spec.env.get("PATH", DEFAULT_PATH))
+    if opts.prefetch and driver.name in ("squashfuse", "python") and served is None:
+        root_fd = os.open(_IMAGE, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        mount.prefetch(root_fd, opts.prefetch, spec.env.get("PATH", DEFAULT_PATH))
     if opts.pid_ns:
         ns.unshare(ns.CLONE_NEWPID)  # our next child is PID 1 of a new namespace
     me = os.getpid()
@@ -470,6 +446,38 @@ def _set_up(
         if fd >= 0:
             os.close(fd)
     return pid, own_fd
+
+
+def _await_id_maps(sync: tuple[int, int, int, int]) -> None:
+    """The monitor's half of the handshake (:func:`_write_id_maps`), right after unshare."""
+    unshared_r, unshared_w, mapped_r, mapped_w = sync
+    os.close(unshared_r)
+    os.close(mapped_w)
+    os.write(unshared_w, b"u")
+    answer = os.read(mapped_r, 1024)
+    if answer != b"m" or os.getuid() != 0:
+        why = answer[1:].decode(errors="replace") or "the caller did not map them"
+        raise RuntimeSetupError(f"can't map user ids: {why}")
+    os.close(unshared_w)
+    os.close(mapped_r)
+
+
+def _attach_served(served: Served) -> int:
+    """Attach the image :func:`sifpy.runtime.start.serve` mounted (detached) on _IMAGE and
+    wait until its server answers; return the server's pid."""
+    mount_fd, pid = served.take()
+    try:
+        ns.move_mount(mount_fd, _IMAGE)
+    except BaseException:
+        mount.stop_server(pid)
+        raise
+    finally:
+        os.close(mount_fd)
+    try:
+        mount.wait_served(_IMAGE, "squashfuse", pid)
+    except RuntimeSetupError as exc:
+        raise mount.squashfs_error(served.offset, exc) from exc
+    return pid
 
 
 def _own_by_root(root_fd: int) -> None:

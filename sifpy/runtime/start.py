@@ -1,0 +1,157 @@
+"""The first steps of a start: what runs (a SIF partition or a sandbox), as whom, and the
+image served before the container is planned.
+
+``sifpy exec``'s critical path is the FUSE server more than Python: before the command's
+first instruction, squashfuse must decompress the action shell and the program (a 2 MB
+busybox: ~5 ms of one core), and it can only start once sifpy has entered its namespaces.
+:func:`serve` therefore does that as soon as the image is open: it enters the user and mount
+namespaces, creates the image's FUSE mount *detached* (attached nowhere: the session that
+will hold it can only be mounted over ``/tmp`` once every host path the container needs has
+been pinned), starts squashfuse and the read-ahead of the programs, and returns. The CLI then
+imports and computes the rest (environment, mount plan: ~2 ms) while the server works on the
+other CPU, and :func:`sifpy.runtime.process.launch` attaches the mount in the session.
+
+This module is on the hot path before that work: it imports only :mod:`.ns` and :mod:`.mount`.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+
+from sifpy.errors import ToolError
+from sifpy.runtime import mount, ns
+from sifpy.util.lean import NamedTuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DRIVERS = ("auto", "squashfuse", "kernel", "python", "unsquash")
+SQUASHFUSE = "squashfuse_ll"
+# One thread: libfuse's worker threads start on demand, ~3 ms of every exec, and a single
+# one reads as fast on the cold-cache read benchmark (bench/read).
+FUSE_SINGLE_THREAD = True
+
+
+# Records are NamedTuples, not dataclasses: importing dataclasses (and inspect) and
+# generating their methods cost ~10 ms, on the start-up path of every `sifpy exec`.
+class SifPartition(NamedTuple):
+    """A squashfs partition inside a SIF file: ``size`` bytes at byte ``offset``."""
+
+    path: str
+    offset: int
+    size: int
+
+
+class Sandbox(NamedTuple):
+    """A directory used as the root file system."""
+
+    path: str
+
+
+class Identity(NamedTuple):
+    """The caller's host account, looked up once before entering the container."""
+
+    uid: int
+    gid: int
+    name: str
+    group: str
+    gecos: str
+    home: str
+    shell: str
+
+
+def host_identity() -> Identity:
+    """Look the caller up in the host's user and group databases (NSS), once."""
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        pw = pwd.getpwuid(uid)
+        name, gecos, home, shell = pw.pw_name, pw.pw_gecos, pw.pw_dir, pw.pw_shell
+    except KeyError:
+        name, gecos, home, shell = f"uid{uid}", "", os.environ.get("HOME", "/"), "/bin/sh"
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = f"gid{gid}"
+    return Identity(uid, gid, name, group, gecos, home, shell)
+
+
+def enter(fakeroot: bool, flags: int = 0, handshake: Callable[[], None] | None = None) -> None:
+    """Unshare the user and mount namespaces (and ``flags``), map the caller's ids (to 0 with
+    ``fakeroot``; ``handshake`` instead when another process writes the maps), set
+    no_new_privs, and make every mount private: nothing mounted or unmounted here can reach
+    another namespace."""
+    outer_uid, outer_gid = os.getuid(), os.getgid()
+    inner_uid, inner_gid = (0, 0) if fakeroot else (outer_uid, outer_gid)
+    ns.unshare(ns.CLONE_NEWUSER | ns.CLONE_NEWNS | flags)
+    if handshake is not None:
+        handshake()
+    else:
+        ns.map_ids(outer_uid, outer_gid, inner_uid, inner_gid)
+    ns.set_no_new_privs()  # inherited by the FUSE servers, helpers and the container
+    ns.mount(None, "/", None, ns.MS_REC | ns.MS_PRIVATE, what="/ (make private)")
+
+
+class Served:
+    """An image served by :func:`serve`: its detached mount and its FUSE server, until
+    :func:`sifpy.runtime.process.launch` takes them (:meth:`take`); :meth:`stop` ends them
+    if it never did (a usage error found after serving)."""
+
+    __slots__ = ("_mount_fd", "_server", "fakeroot", "offset")
+
+    def __init__(self, mount_fd: int, server: int, fakeroot: bool, offset: int) -> None:
+        self._mount_fd, self._server = mount_fd, server
+        self.fakeroot, self.offset = fakeroot, offset
+
+    def take(self) -> tuple[int, int]:
+        """The mount's fd and the server's pid, now the caller's to close and stop."""
+        if self._server < 0:
+            raise RuntimeError("the served image was taken already")
+        taken = self._mount_fd, self._server
+        self._mount_fd = self._server = -1
+        return taken
+
+    def stop(self) -> None:
+        if self._server >= 0:
+            os.close(self._mount_fd)
+            mount.stop_server(self._server)
+            self._mount_fd = self._server = -1
+
+
+def serve(
+    image: SifPartition,
+    image_fd: int,
+    fakeroot: bool,
+    mount_driver: str,
+    prefetch: tuple[str, ...],
+) -> Served | None:
+    """Enter the namespaces and start serving ``image`` (open as ``image_fd``, which the
+    server shares) with squashfuse; read ``prefetch`` ahead (see :func:`mount.prefetch`).
+
+    None when this start can't be served early, and nothing was done: as root (the kernel
+    driver, or the identity map written from outside), with another driver, or without a
+    usable FUSE or squashfuse; :func:`sifpy.runtime.process.launch` then chooses and
+    reports as usual. The caller must be single-threaded and must start the container with
+    ``launch(..., inline=True, served=...)`` (it stays in these namespaces).
+    """
+    if os.getuid() == 0 or mount_driver not in ("auto", "squashfuse"):
+        return None
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return None
+    try:
+        program = mount.find_program(SQUASHFUSE)
+    except ToolError:
+        return None
+    if image.offset < 0 or image.offset + image.size > os.fstat(image_fd).st_size:
+        return None  # launch() reports it
+    enter(fakeroot)
+    argv = mount.squashfuse_argv(program, image.offset, FUSE_SINGLE_THREAD)
+    mount_fd, pid = mount.fuse_serve(
+        "squashfuse", [image_fd], lambda: mount.exec_helper(argv), True
+    )
+    if prefetch:
+        mount.prefetch(os.dup(mount_fd), prefetch, DEFAULT_PATH)
+    return Served(mount_fd, pid, fakeroot, image.offset)
