@@ -147,38 +147,64 @@ def fork_helper(fds: list[int], run: Callable[[], NoReturn], output: int = -1) -
     os._exit(127)
 
 
-def fuse_serve(
-    name: str, fds: list[int], run: Callable[[], NoReturn], readonly: bool
-) -> tuple[int, int]:
-    """Create a detached FUSE mount and start its server; return the mount's fd and the
-    server's pid.
-
-    The caller must hold ``CAP_SYS_ADMIN`` in a user namespace that owns its mount namespace.
-    We create the mount ourselves (fsopen/fsmount: attached nowhere until
-    :func:`ns.move_mount`, reachable through its fd meanwhile) and hand the server the
-    connection as the fd after ``fds`` (3 + len(fds); ``/dev/fd/N`` for libfuse >= 3.3, which
-    then skips its own mount; Apptainer does the same): this needs no ``fusermount3`` and no
-    ambient capabilities for the server, lets us pick the flags (nosuid, nodev, read-only),
-    and makes readiness trivial (:func:`wait_served`). The server is a :func:`fork_helper`
-    child.
-    """
+def _open_fuse() -> int:
     try:
-        fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        return os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
         raise RuntimeSetupError(
             f"can't open: /dev/fuse: {exc.strerror}",
             "the FUSE device must exist and be readable and writable by you (mode 0666)",
         ) from exc
+
+
+def _fuse_options(fuse_fd: int) -> tuple[tuple[str, str], ...]:
+    uid, gid = os.getuid(), os.getgid()
+    return (
+        ("fd", str(fuse_fd)),
+        ("rootmode", "40000"),
+        ("user_id", str(uid)),
+        ("group_id", str(gid)),
+    )
+
+
+def fuse_mount(
+    mountpoint: str, name: str, fds: list[int], run: Callable[[], NoReturn], readonly: bool
+) -> int:
+    """Mount a FUSE file system on ``mountpoint`` and start its server; return its pid.
+
+    The caller must hold ``CAP_SYS_ADMIN`` in a user namespace that owns its mount namespace.
+    We do the ``mount(2)`` ourselves and hand the server the connection as the fd after
+    ``fds`` (3 + len(fds); ``/dev/fd/N`` for libfuse >= 3.3, which then skips its own mount;
+    Apptainer does the same): this needs no ``fusermount3`` and no ambient capabilities for
+    the server, lets us pick the flags (nosuid, nodev, read-only), and makes readiness
+    trivial (:func:`wait_served`). The server is a :func:`fork_helper` child.
+    """
+    fuse_fd = _open_fuse()
     try:
-        options = (
-            ("fd", str(fuse_fd)),
-            ("rootmode", "40000"),
-            ("user_id", str(os.getuid())),
-            ("group_id", str(os.getgid())),
-            ("subtype", name),
-        )
+        opts = ",".join(f"{k}={v}" for k, v in _fuse_options(fuse_fd))
+        flags = ns.MS_NOSUID | ns.MS_NODEV | (ns.MS_RDONLY if readonly else 0)
+        ns.mount(name, mountpoint, f"fuse.{name}", flags, opts, what=f"{name} on {mountpoint}")
+        pid = fork_helper([*fds, fuse_fd], run)
+    finally:
+        # Only the server may hold the connection: if it dies, the kernel aborts the
+        # connection and wait_served() fails instead of hanging.
+        os.close(fuse_fd)
+    wait_served(mountpoint, name, pid)
+    return pid
+
+
+def fuse_serve(
+    name: str, fds: list[int], run: Callable[[], NoReturn], readonly: bool
+) -> tuple[int, int]:
+    """:func:`fuse_mount`, but the mount is created detached (fsopen/fsmount, Linux 5.2:
+    see :func:`ns.new_mount_api`), attached nowhere until :func:`ns.move_mount` and reachable
+    through its fd meanwhile, and the server is not waited for; return the mount's fd and
+    the server's pid."""
+    fuse_fd = _open_fuse()
+    try:
         attrs = ns.MOUNT_ATTR_NOSUID | ns.MOUNT_ATTR_NODEV
         attrs |= ns.MOUNT_ATTR_RDONLY if readonly else 0
+        options = (*_fuse_options(fuse_fd), ("subtype", name))
         mount_fd = ns.detached_mount("fuse", name, readonly, attrs, options)
         try:
             pid = fork_helper([*fds, fuse_fd], run)
@@ -186,8 +212,6 @@ def fuse_serve(
             os.close(mount_fd)
             raise
     finally:
-        # Only the server may hold the connection: if it dies, the kernel aborts the
-        # connection and wait_served() fails instead of hanging.
         os.close(fuse_fd)
     return mount_fd, pid
 
@@ -204,23 +228,6 @@ def wait_served(path: str, name: str, pid: int) -> None:
     if not stat.S_ISDIR(st.st_mode):
         stop_server(pid)
         raise RuntimeSetupError(f"can't mount: {name}: root is no directory")
-
-
-def fuse_mount(
-    mountpoint: str, name: str, fds: list[int], run: Callable[[], NoReturn], readonly: bool
-) -> int:
-    """Mount a FUSE file system on ``mountpoint`` (:func:`fuse_serve`, attached at once) and
-    wait until its server answers; return the server's pid."""
-    mount_fd, pid = fuse_serve(name, fds, run, readonly)
-    try:
-        ns.move_mount(mount_fd, mountpoint)
-    except BaseException:
-        stop_server(pid)
-        raise
-    finally:
-        os.close(mount_fd)
-    wait_served(mountpoint, name, pid)
-    return pid
 
 
 def squashfuse_argv(squashfuse: str, offset: int, single_thread: bool) -> list[str]:

@@ -147,6 +147,8 @@ def serve(
         return None
     if image.offset < 0 or image.offset + image.size > os.fstat(image_fd).st_size:
         return None  # launch() reports it
+    if not ns.new_mount_api():
+        return None
     enter(fakeroot)
     argv = mount.squashfuse_argv(program, image.offset, FUSE_SINGLE_THREAD)
     mount_fd, pid = mount.fuse_serve(
