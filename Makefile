@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 # Debian packages the tests and the runtime use (installed only when missing, and only as root).
 APT_PACKAGES := siftool golang-github-sylabs-sif-dev squashfs-tools squashfuse fuse3 umoci skopeo zstd \
 	busybox-static python3-venv util-linux gpg gpgv docker-registry apache2-utils mmdebstrap \
-	python3-pyfuse3 fuse-overlayfs libfuse3-dev pkg-config squashfs-tools-ng uidmap pigz
+	python3-pyfuse3 fuse-overlayfs libfuse3-dev pkg-config squashfs-tools-ng uidmap pigz \
+	gcc libc6-dev
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: all setup apt venv test lint demo golden clean
@@ -36,8 +37,9 @@ venv: $(BIN)/python pyproject.toml
 	@# Byte-compile now: `sifpy exec` starts once per MPI rank, and an environment with
 	@# PYTHONDONTWRITEBYTECODE=1 would otherwise recompile sifpy on every start.
 	$(BIN)/python -m compileall -q sifpy
-	@# pip's `sifpy` script imports the site module at every start (~1.3 ms of each
-	@# `sifpy exec`); this launcher runs Python with -I -S and lists the same paths itself.
+	@# Replace pip's `sifpy` script (it imports the site module at every start) with the
+	@# starter, compiled from sifpy/cli/starter.c: it serves the image for exec/run/shell/test
+	@# before Python starts, then runs Python with -I -S (a script doing the latter without cc).
 	$(BIN)/python -m sifpy.cli.launcher $(BIN)/sifpy
 	@touch $(BIN)/python
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,16 +107,16 @@ def test_exec_family_exits_with_its_messages_flushed() -> None:
     assert r.stderr.startswith("error: can't open image: /nonexistent.sif")
 
 
-def test_launcher_runs_without_site(tmp_path: Path) -> None:
-    """The fast launcher (make venv writes .venv/bin/sifpy): Python with -I -S and the
-    directories site would have added listed in the script, so sifpy and its installed
-    dependencies import as from pip's script."""
+def test_launcher_script_runs_without_site(tmp_path: Path) -> None:
+    """The launcher script (make venv writes .venv/bin/sifpy when no C compiler is there):
+    Python with -I -S and the directories site would have added listed in the script, so
+    sifpy and its installed dependencies import as from pip's script."""
     import sysconfig
 
     from sifpy.cli import launcher
 
     dest = tmp_path / "sifpy"
-    launcher.write(str(dest))
+    assert launcher.write(str(dest), script=True) == "script"
     text = dest.read_text()
     assert text.startswith(f"#!{sys.executable} -IS\n")
     assert dest.stat().st_mode & 0o777 == 0o755
@@ -135,3 +136,55 @@ def test_launcher_runs_without_site(tmp_path: Path) -> None:
     probe.chmod(0o755)
     r = subprocess.run([str(probe)], capture_output=True, text=True, check=False)
     assert r.returncode == 0 and r.stdout == "False\n", r.stderr
+
+
+def test_starter_builds_cleanly_and_runs_python(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a C compiler the launcher is the starter (sifpy/cli/starter.c), warning-free
+    with -Wall -Wextra; it runs the CLI with every argument (the namespace part is shown
+    end to end in integration/runtime/test_cli_exec.py)."""
+    import shutil
+
+    from sifpy.cli import launcher
+
+    if not shutil.which("cc"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("required in CI: a C compiler (cc) for the starter")
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(launcher, "CFLAGS", ["-Werror"])
+    dest = tmp_path / "sifpy"
+    assert launcher.write(str(dest)) == "starter"
+    assert dest.read_bytes()[:4] == b"\x7fELF"
+    r = subprocess.run([str(dest), "--version"], capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and r.stdout == f"sifpy version {__version__}\n", r.stderr
+    r = subprocess.run(
+        [str(dest), "sif", "list", "/nonexistent.sif"], capture_output=True, text=True, check=False
+    )
+    assert r.returncode == 1 and r.stderr.startswith("error: can't open SIF"), r.stderr
+    # A stale SIFPY_SERVED from the environment is never taken for the starter's own.
+    r = subprocess.run(
+        [str(dest), "exec", "/nonexistent.sif", "true"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "SIFPY_SERVED": "3,1,4,0,0,0,0"},
+    )
+    assert r.returncode == 125 and r.stderr.startswith("error: can't open image"), r.stderr
+
+
+def test_starter_config_agrees_with_the_python_side() -> None:
+    """The starter's option table is generated from exec's OPTIONS: every flag is in it,
+    with whether it takes a value; strings are escaped for C."""
+    from sifpy.cli import launcher
+    from sifpy.cli.exec import OPTIONS
+
+    config = launcher.starter_config("/usr/bin/python3", "print('x')\n")
+    for flags, kw in OPTIONS:
+        value = int(kw.get("action") != "store_true")
+        for flag in flags:
+            assert f'{{"{flag}", {value}, ' in config
+    assert '{"--unsquash", 0, OPT_NO_EARLY}' in config
+    assert '{"-f", 0, OPT_FAKEROOT}' in config
+    assert "#define SIFPY_BOOT \"print('x')\\012\"" in config
+    assert launcher.c_string('a"b\\c?\u00e9') == '"a\\042b\\134c\\077\\303\\251"'

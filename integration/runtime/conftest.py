@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from integration.conftest import UserRunner
+from integration.conftest import UserRunner, require
 
 # Runs as the test user: launch() one container from a JSON spec; exit with its status.
 DRIVER = r"""
@@ -182,6 +182,25 @@ def no_leftovers(runtime_ready: UserRunner) -> Iterator[None]:
     assert user_processes(uid, "squashfuse_ll") == []
     after_tmp = {p for p in os.listdir("/tmp") if os.stat(f"/tmp/{p}").st_uid == uid}
     assert after_tmp <= before_tmp
+
+
+@pytest.fixture(scope="session")
+def starter(sifpy_copy: str, workdir: Path) -> str:
+    """The starter (the compiled ``sifpy`` program, sifpy/cli/starter.c), built for Debian's
+    python3 and the world-readable sifpy copy, with the warnings as errors."""
+    from sifpy.cli import launcher
+
+    require(None if shutil.which("cc") else "no C compiler (cc) to build the starter")
+    dest = workdir / "sifpy-starter"
+    old = list(launcher.CFLAGS)
+    launcher.CFLAGS.append("-Werror")
+    try:
+        paths = [sifpy_copy, *launcher.site_paths("/usr/bin/python3")]
+        kind = launcher.write(str(dest), "/usr/bin/python3", paths=paths)
+    finally:
+        launcher.CFLAGS[:] = old
+    assert kind == "starter"
+    return str(dest)
 
 
 @pytest.fixture()

@@ -1,4 +1,8 @@
-"""``sifpy exec/run/shell/test`` end to end, as the unprivileged test user."""
+"""``sifpy exec/run/shell/test`` end to end, as the unprivileged test user.
+
+Every test runs twice: through ``python3 -m sifpy`` and through the starter (the compiled
+``sifpy`` program that enters the namespaces and serves the image before Python starts,
+sifpy/cli/starter.c), which must not be told apart by anything a container sees."""
 
 from __future__ import annotations
 
@@ -17,16 +21,16 @@ from integration.runtime.conftest import _mounts, user_processes
 
 
 class Sifpy:
-    """``python3 -m sifpy ...`` as the test user, in a world-readable working directory."""
+    """``sifpy ...`` (``program``) as the test user, in a world-readable working directory."""
 
-    def __init__(self, runner: UserRunner, image: str, cwd: str) -> None:
-        self.runner, self.image, self.cwd = runner, image, cwd
+    def __init__(self, runner: UserRunner, image: str, cwd: str, program: list[str]) -> None:
+        self.runner, self.image, self.cwd, self.program = runner, image, cwd, program
 
     def __call__(
         self, *args: str, env: dict[str, str] | None = None, **kw: Any
     ) -> subprocess.CompletedProcess[str]:
         kw.setdefault("cwd", self.cwd)
-        return self.runner(["/usr/bin/python3", "-m", "sifpy", *args], env=env, **kw)
+        return self.runner([*self.program, *args], env=env, **kw)
 
     def exec(
         self, *cmd: str, opts: tuple[str, ...] = (), **kw: Any
@@ -34,15 +38,22 @@ class Sifpy:
         return self("exec", *opts, self.image, *cmd, **kw)
 
 
-@pytest.fixture()
+@pytest.fixture(params=["python", "starter"])
 def sifpy(
-    runtime_ready: UserRunner, images: dict[str, Any], no_leftovers: None, workdir: Path
+    request: pytest.FixtureRequest,
+    runtime_ready: UserRunner,
+    images: dict[str, Any],
+    no_leftovers: None,
+    workdir: Path,
 ) -> Sifpy:
     cwd = workdir / "cwd"
     cwd.mkdir(exist_ok=True)
     (cwd / "here.txt").write_text("in the cwd\n")
     os.chmod(cwd, 0o777)
-    return Sifpy(runtime_ready, images["plain"]["sif"], str(cwd))
+    program = ["/usr/bin/python3", "-m", "sifpy"]
+    if request.param == "starter":
+        program = [request.getfixturevalue("starter")]
+    return Sifpy(runtime_ready, images["plain"]["sif"], str(cwd), program)
 
 
 def test_same_user_inside(sifpy: Sifpy) -> None:
@@ -139,9 +150,7 @@ def test_process_state(sifpy: Sifpy) -> None:
 def test_trap_sees_forwarded_sigterm(sifpy: Sifpy) -> None:
     p = sifpy.runner.popen(
         [
-            "/usr/bin/python3",
-            "-m",
-            "sifpy",
+            *sifpy.program,
             "exec",
             sifpy.image,
             "sh",
@@ -175,7 +184,7 @@ def test_twenty_concurrent_execs_leave_nothing(sifpy: Sifpy) -> None:
 
 def test_sigkill_of_sifpy_leaves_nothing_mounted(sifpy: Sifpy) -> None:
     p = sifpy.runner.popen(
-        ["/usr/bin/python3", "-m", "sifpy", "exec", sifpy.image, "sh", "-c", "echo up; sleep 30"],
+        [*sifpy.program, "exec", sifpy.image, "sh", "-c", "echo up; sleep 30"],
         stdout=subprocess.PIPE,
         cwd=sifpy.cwd,
     )
@@ -212,3 +221,70 @@ def test_error_after_the_image_is_served_stops_its_server(sifpy: Sifpy) -> None:
     assert "/nonexistent/env" in r.stderr
     assert user_processes(sifpy.runner.user.uid, "squashfuse_ll") == []
 
+
+def test_starter_serves_before_python(sifpy: Sifpy) -> None:
+    """Through the starter, the image is served before Python starts (its note with -v);
+    through python3 -m sifpy, Python serves it."""
+    r = sifpy("-v", "exec", sifpy.image, "true")
+    assert r.returncode == 0, r.stderr
+    served_by_starter = "the starter entered the namespaces and served the image" in r.stderr
+    assert served_by_starter == (sifpy.program[0] != "/usr/bin/python3"), r.stderr
+
+
+@pytest.fixture()
+def both(
+    runtime_ready: UserRunner,
+    images: dict[str, Any],
+    no_leftovers: None,
+    workdir: Path,
+    starter: str,
+) -> tuple[Sifpy, Sifpy]:
+    """The same start through python3 -m sifpy and through the starter."""
+    cwd = workdir / "cwd"
+    cwd.mkdir(exist_ok=True)
+    os.chmod(cwd, 0o777)
+    image = images["plain"]["sif"]
+    return (
+        Sifpy(runtime_ready, image, str(cwd), ["/usr/bin/python3", "-m", "sifpy"]),
+        Sifpy(runtime_ready, image, str(cwd), [starter]),
+    )
+
+
+@pytest.mark.parametrize(
+    "opts", [(), ("--fakeroot",), ("--contain", "--pid"), ("--ipc",), ("--writable-tmpfs",)]
+)
+def test_starter_gives_the_same_process(both: tuple[Sifpy, Sifpy], opts: tuple[str, ...]) -> None:
+    """What the command sees of its own process is the same through the starter: ids,
+    capabilities (the starter's ambient set is gone), no_new_privs, fds, home, mounts."""
+    probe = (
+        "id; grep -E '^(Cap|NoNewPrivs)' /proc/self/status; ls /proc/$$/fd; echo $HOME; "
+        "touch /probe 2>&1; cut -d' ' -f5,9 /proc/self/mountinfo"
+    )
+    a, b = (s.exec("sh", "-c", probe, opts=opts) for s in both)
+    assert a.returncode == b.returncode == 0, (a.stderr, b.stderr)
+    assert a.stdout == b.stdout
+    assert "CapAmb:\t0000000000000000" in b.stdout and "CapInh:\t0000000000000000" in b.stdout
+
+
+@pytest.mark.parametrize(
+    "opts", [("--unsquash",), ("--mount-driver", "python"), ("-B/tmp",), ("--frobnicate",)]
+)
+def test_starter_leaves_other_starts_to_python(
+    both: tuple[Sifpy, Sifpy], opts: tuple[str, ...]
+) -> None:
+    """Options the starter does not serve for (another driver, an option it can't parse
+    alone, an unknown one) start exactly as python3 -m sifpy does."""
+    py, st = both
+    a = py("exec", *opts, py.image, "cat", "/etc/image-marker")
+    b = st("-v", "exec", *opts, st.image, "cat", "/etc/image-marker")
+    assert (a.returncode, a.stdout) == (b.returncode, b.stdout), (a.stderr, b.stderr)
+    assert "starter entered" not in b.stderr
+
+
+def test_starter_runs_a_sandbox_through_python(
+    runtime_ready: UserRunner, images: dict[str, Any], starter: str, no_leftovers: None
+) -> None:
+    sandbox = images["sandbox"]["sandbox"]
+    r = runtime_ready([starter, "-v", "exec", sandbox, "cat", "/etc/image-marker"])
+    assert r.returncode == 0 and r.stdout == "from the image\n", r.stderr
+    assert "starter entered" not in r.stderr

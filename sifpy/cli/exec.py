@@ -14,9 +14,10 @@ import os
 import stat
 import sys
 
-from sifpy.errors import ExitStatus, ImageError, SifpyError, UsageError
+from sifpy.errors import ExitStatus, ImageError, RuntimeSetupError, SifpyError, UsageError
 from sifpy.runtime import start
 from sifpy.runtime.start import DRIVERS, Sandbox, SifPartition
+from sifpy.util import log
 
 TYPE_CHECKING = False  # typing costs ~17 ms to import: not on this path
 if TYPE_CHECKING:
@@ -273,14 +274,15 @@ def parse_mounts(specs: list[str]) -> list[tuple[str, str, bool]]:
 
 
 def open_image(
-    path: str, verify: bool = False, verify_keys: list[str] | None = None
+    path: str, verify: bool = False, verify_keys: list[str] | None = None, fd: int = -1
 ) -> tuple[SifPartition | Sandbox, int]:
     """Open the image once (verifying it if asked or required); returns what to mount
-    and the fd that must stay open."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ImageError(f"can't open image: {path}: {exc.strerror}") from exc
+    and the fd that must stay open. ``fd``: the image, already open (the starter's)."""
+    if fd < 0:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ImageError(f"can't open image: {path}: {exc.strerror}") from exc
     st = os.fstat(fd)
     from sifpy import policy
 
@@ -325,10 +327,42 @@ def main(argv: list[str], prog: str = "sifpy exec") -> int:
 
 def _main(argv: list[str], prog: str) -> int:
     action = prog.rsplit(" ", 1)[-1]
-    a = fast_parse(action, argv) or build_parser(action, prog).parse_args(argv)
+    # The image the starter (starter.c) served before Python started, if it did.
+    served, fd, caller = start.adopt() or (None, -1, None)
+    try:
+        a = fast_parse(action, argv) or build_parser(action, prog).parse_args(argv)
+        # Before serve(): with --fakeroot, getuid() says 0 once the namespace is entered.
+        ident = start.host_identity(*caller) if caller else start.host_identity()
+        if served is None:
+            image, fd = open_image(a.image, a.verify or bool(a.verify_key), a.verify_key)
+        else:  # the file served is the file validated and run
+            log.verbose("note: the starter entered the namespaces and served the image")
+            image, fd = open_image(a.image, False, None, fd)
+            if served.offset != getattr(image, "offset", None) or served.fakeroot != a.fakeroot:
+                raise RuntimeSetupError("can't start container: the starter served another image")
+        return _run(action, a, ident, image, fd, served)
+    finally:
+        if served is not None:
+            served.stop()
+        if fd >= 0:
+            os.close(fd)
+
+
+def _run(
+    action: str,
+    a: Any,  # fast_parse's SimpleNamespace or argparse's Namespace
+    ident: start.Identity,
+    image: SifPartition | Sandbox,
+    fd: int,
+    served: start.Served | None,
+) -> int:
     args = ([a.command] if action == "exec" else []) + a.args
     if a.containall:
         a.contain = a.cleanenv = a.pid = a.ipc = True
+    if a.writable and not isinstance(image, Sandbox):
+        raise UsageError("--writable needs a sandbox directory", hint="build with --sandbox")
+    if a.writable and (a.writable_tmpfs or a.overlay):
+        raise UsageError("--writable can't be combined with --writable-tmpfs or --overlay")
     environ = os.environ
     bind_specs = [environ[v] for v in ("APPTAINER_BIND", "SIFPY_BIND") if environ.get(v)]
     binds = parse_binds(bind_specs + a.bind)
@@ -345,24 +379,14 @@ def _main(argv: list[str], prog: str) -> int:
         home_src, _, home_dest = a.home.partition(":")
         home_src = os.path.abspath(home_src)
         home_dest = home_dest or home_src
-    ident = start.host_identity()  # before serve(): with --fakeroot, getuid() is 0 after it
     cwd = a.pwd or os.getcwd()
-    image, fd = open_image(a.image, a.verify or bool(a.verify_key), a.verify_key)
-    if a.writable and not isinstance(image, Sandbox):
-        os.close(fd)
-        raise UsageError("--writable needs a sandbox directory", hint="build with --sandbox")
-    if a.writable and (a.writable_tmpfs or a.overlay):
-        if fd >= 0:
-            os.close(fd)
-        raise UsageError("--writable can't be combined with --writable-tmpfs or --overlay")
     from sifpy.runtime.action import action_argv
 
     command = action_argv(action, args)
     # The action script's shell, then the command: both start cold on a fresh mount.
     prefetch = (command[0], *args[:1]) if action == "exec" else (command[0],)
     driver = "unsquash" if a.unsquash else a.mount_driver
-    served = None
-    if isinstance(image, SifPartition):
+    if served is None and isinstance(image, SifPartition):
         served = start.serve(image, fd, a.fakeroot, driver, prefetch)
     try:
         # While squashfuse starts and reads ahead: the rest of the runtime, the environment.
@@ -413,5 +437,3 @@ def _main(argv: list[str], prog: str) -> int:
     finally:
         if served is not None:
             served.stop()
-        if fd >= 0:
-            os.close(fd)

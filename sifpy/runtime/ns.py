@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 
 from sifpy.errors import RuntimeSetupError
 
@@ -99,6 +100,7 @@ else:
         umount2=((_CCharP, _CInt), _CInt),
         unshare=((_CInt,), _CInt),
         prctl=((_CInt, _CULong, _CULong, _CULong, _CULong), _CInt),
+        capset=((_CCharP, _CCharP), _CInt),
         syscall=(None, _CLong),  # variadic: pass _CLong/_CInt/_CULong, bytes or None
     )
 
@@ -163,6 +165,35 @@ def set_no_new_privs() -> None:
         raise _fail("set", "no_new_privs", get_errno())
     if _libc.prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) != 1:
         raise RuntimeSetupError("can't set: no_new_privs: the kernel did not keep it")
+
+
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+_CAP_VERSION_3 = 0x20080522
+
+
+def drop_inherited_caps() -> None:
+    """Clear the ambient and inheritable capability sets, keep the effective and permitted.
+
+    The starter (sifpy/cli/starter.c) enters the user namespace before it execs Python, and
+    carries its capabilities there across exec in the ambient set; cleared at once, every
+    program this process execs starts as if it had unshared itself (no capability but from
+    its uid 0 in the namespace, none with ``--fakeroot`` off).
+    """
+    if _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+        raise _fail("clear", "ambient capabilities", get_errno())
+    with open("/proc/self/status", "rb") as f:
+        fields = dict(line.split(b":\t", 1) for line in f.read().splitlines() if b":\t" in line)
+    effective, permitted = int(fields[b"CapEff"], 16), int(fields[b"CapPrm"], 16)
+    order = sys.byteorder
+    header = _CAP_VERSION_3.to_bytes(4, order) + bytes(4)  # this process
+    data = b"".join(
+        (effective >> (32 * i) & 0xFFFFFFFF).to_bytes(4, order)
+        + (permitted >> (32 * i) & 0xFFFFFFFF).to_bytes(4, order)
+        + bytes(4)  # inheritable
+        for i in (0, 1)
+    )
+    if _libc.capset(header, data) != 0:
+        raise _fail("set", "capabilities", get_errno())
 
 
 def set_parent_death_signal(sig: int) -> None:

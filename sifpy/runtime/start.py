@@ -19,8 +19,9 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import stat
 
-from sifpy.errors import ToolError
+from sifpy.errors import RuntimeSetupError, ToolError
 from sifpy.runtime import mount, ns
 from sifpy.util.lean import NamedTuple
 
@@ -64,9 +65,11 @@ class Identity(NamedTuple):
     shell: str
 
 
-def host_identity() -> Identity:
-    """Look the caller up in the host's user and group databases (NSS), once."""
-    uid, gid = os.getuid(), os.getgid()
+def host_identity(uid: int | None = None, gid: int | None = None) -> Identity:
+    """Look the caller (or ``uid``, ``gid``) up in the host's user and group databases
+    (NSS), once."""
+    uid = os.getuid() if uid is None else uid
+    gid = os.getgid() if gid is None else gid
     try:
         pw = pwd.getpwuid(uid)
         name, gecos, home, shell = pw.pw_name, pw.pw_gecos, pw.pw_dir, pw.pw_shell
@@ -157,3 +160,35 @@ def serve(
     if prefetch:
         mount.prefetch(os.dup(mount_fd), prefetch, DEFAULT_PATH)
     return Served(mount_fd, pid, fakeroot, image.offset)
+
+
+def adopt() -> tuple[Served, int, tuple[int, int]] | None:
+    """The image the starter (``sifpy/cli/starter.c``) served before Python started, as
+    :func:`serve` would have: its :class:`Served`, the image's fd (the file to validate and
+    run) and the caller's host uid and gid (with ``--fakeroot`` this process is uid 0
+    already); None when the starter did not serve (or this is not the starter).
+
+    The state comes in ``SIFPY_SERVED``, which is removed here (the container never sees it):
+    ``MOUNT_FD,SERVER_PID,IMAGE_FD,OFFSET,FAKEROOT,UID,GID``. Only our own child can be the
+    server, and the fds must be a directory and a file (checked, then close-on-exec).
+    """
+    state = os.environ.pop("SIFPY_SERVED", None)
+    if state is None:
+        return None
+    try:
+        mount_fd, server, image_fd, offset, fakeroot, uid, gid = map(int, state.split(","))
+        if os.waitpid(server, os.WNOHANG) != (0, 0):
+            raise ChildProcessError("the server already exited")
+        if not (
+            stat.S_ISDIR(os.fstat(mount_fd).st_mode) and stat.S_ISREG(os.fstat(image_fd).st_mode)
+        ):
+            raise ValueError("not a mount and an image")
+        os.set_inheritable(mount_fd, False)
+        os.set_inheritable(image_fd, False)
+        ns.drop_inherited_caps()
+    except (ValueError, OSError, RuntimeSetupError) as exc:
+        raise RuntimeSetupError(
+            f"can't use the image the starter served: {exc}",
+            "run sifpy again; if this persists, rebuild it (make venv)",
+        ) from exc
+    return Served(mount_fd, server, bool(fakeroot), offset), image_fd, (uid, gid)
