@@ -1,5 +1,9 @@
 """bench/exec: start-up cost of ``sifpy exec IMG /bin/true`` against Charliecloud's ch-run.
 
+``sifpy`` is the program ``make venv`` installs (.venv/bin/sifpy): the starter, compiled
+from sifpy/cli/starter.c, when a C compiler was there. For reference the same start also
+runs through the Python-only launcher script (what is installed without a compiler).
+
 Both run the same busybox squashfs, in the same run, as the same unprivileged user (when
 started as root: ``--user``, default ``sifpytest`` if it exists, else ``nobody``), so both
 mount it with squashfuse_ll. ch-run (Debian's 0.31 has no built-in SquashFUSE) is timed two
@@ -102,10 +106,20 @@ def main() -> int:
         mnt = t / "mnt"
         mnt.mkdir()
         os.chown(mnt, user.pw_uid, user.pw_gid)
-        sifpy = [str(REPO / ".venv" / "bin" / "sifpy"), "exec", str(sif), "/bin/true"]
+        program = REPO / ".venv" / "bin" / "sifpy"
+        kind = "starter" if program.read_bytes()[:4] == b"\x7fELF" else "script"
+        script = t / "sifpy-script"
+        from sifpy.cli import launcher
+
+        launcher.write(str(script), str(REPO / ".venv" / "bin" / "python"), script=True)
+        sifpy = [str(program), "exec", str(sif), "/bin/true"]
         full = ["sh", "-c", f"squashfuse_ll {sqfs} {mnt} && ch-run {mnt} -- /bin/true;"
                 f" fusermount3 -u {mnt}"]  # fmt: skip
-        cmds = {"sifpy exec": as_user + sifpy, "ch-run (mount+run+unmount)": as_user + full}
+        cmds = {
+            "sifpy exec": as_user + sifpy,
+            "ch-run (mount+run+unmount)": as_user + full,
+            "sifpy exec, Python only": [*as_user, str(script), *sifpy[1:]],
+        }
         if root:
             cmds["sifpy exec as root (kernel)"] = sifpy
         results = timed(cmds, a.runs, env)
@@ -119,12 +133,15 @@ def main() -> int:
     base = med["sifpy exec"]
     lines = [
         f"bench/exec: median of {a.runs} alternating runs, /bin/true in a busybox squashfs, "
-        f"as {user.pw_name} (uid {user.pw_uid}); {os.cpu_count()} CPUs"
+        f"as {user.pw_name} (uid {user.pw_uid}); {os.cpu_count()} CPUs; "
+        f".venv/bin/sifpy is the {kind}"
     ]
     lines += [f"  {k:<30} {v * 1000:7.1f} ms" for k, v in med.items()]
     for k, v in med.items():
         if k.startswith("ch-run"):
             lines.append(f"ratio sifpy / {k}: {base / v:.2f}x")
+    ratio = med["sifpy exec, Python only"] / med["ch-run (mount+run+unmount)"]
+    lines.append(f"ratio sifpy, Python only / ch-run (mount+run+unmount): {ratio:.2f}x")
     if "sifpy exec as root (kernel)" in med:
         ratio = med["sifpy exec as root (kernel)"] / med["ch-run (mount+run+unmount)"]
         lines.append(f"ratio sifpy as root (kernel) / ch-run (mount+run+unmount): {ratio:.2f}x")
