@@ -288,3 +288,24 @@ def test_starter_runs_a_sandbox_through_python(
     r = runtime_ready([starter, "-v", "exec", sandbox, "cat", "/etc/image-marker"])
     assert r.returncode == 0 and r.stdout == "from the image\n", r.stderr
     assert "starter entered" not in r.stderr
+
+
+def test_corrupt_squashfs_is_125_and_leaves_nothing(sifpy: Sifpy, workdir: Path) -> None:
+    """A valid SIF whose squashfs partition squashfuse can't read: the server, started
+    before the container is planned (by Python or the starter), fails; the start ends with
+    125, one message and a hint, and nothing left running."""
+    from sifpy.sif import ObjectInput, create
+    from sifpy.sif import format as F
+
+    junk = workdir / "junk.sqfs"
+    junk.write_bytes(b"hsqs" + bytes(range(256)) * 64)
+    bad = workdir / "corrupt-squashfs.sif"
+    create(bad, [ObjectInput.partition(junk, F.FSType.SQUASH, F.PartType.PRIMSYS, "amd64")])
+    bad.chmod(0o644)
+    r = sifpy("exec", str(bad), "true")
+    assert r.returncode == 125, r.stderr
+    # squashfuse's own diagnostic comes first (it is the server's stderr), then ours.
+    lines = r.stderr.splitlines()
+    assert lines[-2].startswith("error: can't mount: squashfs at offset "), r.stderr
+    assert lines[-1].startswith("hint: ") and "Traceback" not in r.stderr
+    assert user_processes(sifpy.runner.user.uid, "squashfuse_ll") == []

@@ -170,25 +170,28 @@ def adopt() -> tuple[Served, int, tuple[int, int]] | None:
 
     The state comes in ``SIFPY_SERVED``, which is removed here (the container never sees it):
     ``MOUNT_FD,SERVER_PID,IMAGE_FD,OFFSET,FAKEROOT,UID,GID``. Only our own child can be the
-    server, and the fds must be a directory and a file (checked, then close-on-exec).
+    server; nothing here touches the mount (that would wait for the server).
     """
     state = os.environ.pop("SIFPY_SERVED", None)
     if state is None:
         return None
+    served = None
     try:
         mount_fd, server, image_fd, offset, fakeroot, uid, gid = map(int, state.split(","))
-        if os.waitpid(server, os.WNOHANG) != (0, 0):
-            raise ChildProcessError("the server already exited")
-        if not (
-            stat.S_ISDIR(os.fstat(mount_fd).st_mode) and stat.S_ISREG(os.fstat(image_fd).st_mode)
-        ):
-            raise ValueError("not a mount and an image")
+        # Our child (else ChildProcessError); one that already failed stays waitable, and
+        # its mount then tells why (launch() attaches it and asks).
+        os.waitid(os.P_PID, server, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        served = Served(mount_fd, server, bool(fakeroot), offset)
         os.set_inheritable(mount_fd, False)
+        if not stat.S_ISREG(os.fstat(image_fd).st_mode):
+            raise ValueError(f"fd {image_fd} is no image file")
         os.set_inheritable(image_fd, False)
         ns.drop_inherited_caps()
     except (ValueError, OSError, RuntimeSetupError) as exc:
+        if served is not None:
+            served.stop()
         raise RuntimeSetupError(
             f"can't use the image the starter served: {exc}",
             "run sifpy again; if this persists, rebuild it (make venv)",
         ) from exc
-    return Served(mount_fd, server, bool(fakeroot), offset), image_fd, (uid, gid)
+    return served, image_fd, (uid, gid)
