@@ -188,3 +188,18 @@ def test_starter_config_agrees_with_the_python_side() -> None:
     assert '{"-f", 0, OPT_FAKEROOT}' in config
     assert "#define SIFPY_BOOT \"print('x')\\012\"" in config
     assert launcher.c_string('a"b\\c?\u00e9') == '"a\\042b\\134c\\077\\303\\251"'
+
+
+def test_a_stale_served_state_is_refused() -> None:
+    """SIFPY_SERVED names the starter's own child and fds; anything else (here: pid 1, from
+    a stale environment) is refused with 125 and a hint, never used."""
+    r = subprocess.run(
+        [sys.executable, "-m", "sifpy", "exec", "/nonexistent.sif", "true"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "SIFPY_SERVED": "3,1,4,0,0,0,0"},
+    )
+    assert r.returncode == 125
+    assert r.stderr.startswith("error: can't use the image the starter served: "), r.stderr
+    assert "hint: " in r.stderr
