@@ -147,6 +147,16 @@ def test_process_state(sifpy: Sifpy) -> None:
     assert lines[-1] == "y"
 
 
+def test_closed_stdin_becomes_dev_null(sifpy: Sifpy) -> None:
+    """Started with fd 0 closed, sifpy must not hand its own files out as 0: the command
+    gets 0, 1 and 2, with /dev/null for the closed one."""
+    r = sifpy.exec("sh", "-c", "ls /proc/$$/fd; readlink /proc/$$/fd/0; cat", stdin=None,
+                   preexec_fn=lambda: os.close(0))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split()
+    assert lines[:3] == ["0", "1", "2"] and lines[-1] == "/dev/null", r.stdout
+
+
 def test_trap_sees_forwarded_sigterm(sifpy: Sifpy) -> None:
     p = sifpy.runner.popen(
         [

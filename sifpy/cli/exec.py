@@ -325,8 +325,21 @@ def main(argv: list[str], prog: str = "sifpy exec") -> int:
         raise
 
 
+def _std_fds() -> None:
+    """Open /dev/null in place of a closed 0, 1 or 2: else the image would be opened as one
+    of them, and the command would start without it (it gets 0, 1 and 2, always)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            if os.open(os.devnull, os.O_RDWR) != fd:  # the lowest free number: this one
+                raise RuntimeSetupError(f"can't open /dev/null as fd {fd}") from None
+            os.set_inheritable(fd, True)  # os.open's are not (PEP 446)
+
+
 def _main(argv: list[str], prog: str) -> int:
     action = prog.rsplit(" ", 1)[-1]
+    _std_fds()
     # The image the starter (starter.c) served before Python started, if it did.
     served, fd, caller = start.adopt() or (None, -1, None)
     try:

@@ -420,6 +420,11 @@ static int serve(const struct start *s)
 int main(int argc, char **argv)
 {
     struct start s;
+    /* A closed 0, 1 or 2 would be taken by the next open (the image) and then be missing
+     * in the container: /dev/null in its place, as sifpy.cli.exec does. */
+    for (int fd = 0; fd < 3; fd++)
+        if (fcntl(fd, F_GETFD) < 0 && open("/dev/null", O_RDWR) < 0)
+            break;
     if (getenv("SIFPY_SERVED") != NULL)
         unsetenv("SIFPY_SERVED"); /* only ever from this process */
     if (parse(argc, argv, &s))
