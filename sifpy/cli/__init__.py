@@ -69,11 +69,8 @@ def _usage_error(msg: str) -> NoReturn:
 
 def entry() -> NoReturn:
     """The ``sifpy`` program (console script, ``python -m sifpy`` and the fast launcher)."""
-    status = main()
-    args = sys.argv[1:]
-    while args and args[0].startswith("-"):
-        args.pop(0)
-    if args and args[0] in _QUICK_EXIT:
+    name, status = _dispatch(sys.argv[1:])
+    if name in _QUICK_EXIT:
         import os
 
         from sifpy.util.lean import suppress
@@ -87,7 +84,11 @@ def entry() -> NoReturn:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one sifpy command and return its exit status."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    return _dispatch(list(sys.argv[1:] if argv is None else argv))[1]
+
+
+def _dispatch(args: list[str]) -> tuple[str | None, int]:
+    """Run the command that ``args`` names; return its name (None if none ran) and status."""
     debug = False
     from sifpy.util import log
 
@@ -95,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         opt = args.pop(0)
         if opt in ("-h", "--help"):
             _print_usage()
-            return ExitStatus.OK
+            return None, ExitStatus.OK
         if opt == "--version":
             print(f"sifpy version {__version__}")
-            return ExitStatus.OK
+            return None, ExitStatus.OK
         if opt == "--debug":
             debug = True
             log.set_level(log.DEBUG)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             _usage_error(f"unknown option: {opt}")
     if not args:
         _print_usage(sys.stderr)
-        return ExitStatus.USAGE
+        return None, ExitStatus.USAGE
     name = args.pop(0)
     if name not in COMMANDS:
         _usage_error(f"unknown command: {name}")
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         __import__(COMMANDS[name][0])
         module = sys.modules[COMMANDS[name][0]]
         status: int = module.main(args, prog=f"sifpy {name}")
-        return status
+        return name, status
     except SifpyError as exc:
         if debug:
             import traceback
@@ -127,14 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
-        return exc.exit_status
+        return name, exc.exit_status
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return ExitStatus.INTERRUPTED
+        return name, ExitStatus.INTERRUPTED
     except BrokenPipeError:
         # A reader such as `head` went away: not an error of ours. Silence the flush at exit.
         import os
 
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return ExitStatus.ERROR
+        return name, ExitStatus.ERROR

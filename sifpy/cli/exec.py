@@ -353,7 +353,20 @@ def _main(argv: list[str], prog: str) -> int:
             image, fd = open_image(a.image, False, None, fd)
             if served.offset != getattr(image, "offset", None) or served.fakeroot != a.fakeroot:
                 raise RuntimeSetupError("can't start container: the starter served another image")
-        return _run(action, a, ident, image, fd, served)
+        if a.writable and not isinstance(image, Sandbox):
+            raise UsageError("--writable needs a sandbox directory", hint="build with --sandbox")
+        if a.writable and (a.writable_tmpfs or a.overlay):
+            raise UsageError("--writable can't be combined with --writable-tmpfs or --overlay")
+        from sifpy.runtime.action import action_argv
+
+        args = ([a.command] if action == "exec" else []) + a.args
+        command = action_argv(action, args)
+        # The action script's shell, then the command: both start cold on a fresh mount.
+        prefetch = (command[0], *args[:1]) if action == "exec" else (command[0],)
+        driver = "unsquash" if a.unsquash else a.mount_driver
+        if served is None and isinstance(image, SifPartition):
+            served = start.serve(image, fd, a.fakeroot, driver, prefetch)
+        return _run(action, a, ident, image, served, command, prefetch, driver)
     finally:
         if served is not None:
             served.stop()
@@ -366,16 +379,18 @@ def _run(
     a: Any,  # fast_parse's SimpleNamespace or argparse's Namespace
     ident: start.Identity,
     image: SifPartition | Sandbox,
-    fd: int,
     served: start.Served | None,
+    command: list[str],
+    prefetch: tuple[str, ...],
+    driver: str,
 ) -> int:
-    args = ([a.command] if action == "exec" else []) + a.args
+    """Everything computed while squashfuse starts and reads ahead: the rest of the
+    runtime, the environment, the launch."""
+    from sifpy.runtime import env as renv
+    from sifpy.runtime.process import LaunchOptions, LaunchSpec, launch
+
     if a.containall:
         a.contain = a.cleanenv = a.pid = a.ipc = True
-    if a.writable and not isinstance(image, Sandbox):
-        raise UsageError("--writable needs a sandbox directory", hint="build with --sandbox")
-    if a.writable and (a.writable_tmpfs or a.overlay):
-        raise UsageError("--writable can't be combined with --writable-tmpfs or --overlay")
     environ = os.environ
     bind_specs = [environ[v] for v in ("APPTAINER_BIND", "SIFPY_BIND") if environ.get(v)]
     binds = parse_binds(bind_specs + a.bind)
@@ -393,60 +408,44 @@ def _run(
         home_src = os.path.abspath(home_src)
         home_dest = home_dest or home_src
     cwd = a.pwd or os.getcwd()
-    from sifpy.runtime.action import action_argv
-
-    command = action_argv(action, args)
-    # The action script's shell, then the command: both start cold on a fresh mount.
-    prefetch = (command[0], *args[:1]) if action == "exec" else (command[0],)
-    driver = "unsquash" if a.unsquash else a.mount_driver
-    if served is None and isinstance(image, SifPartition):
-        served = start.serve(image, fd, a.fakeroot, driver, prefetch)
-    try:
-        # While squashfuse starts and reads ahead: the rest of the runtime, the environment.
-        from sifpy.runtime import env as renv
-        from sifpy.runtime.process import LaunchOptions, LaunchSpec, launch
-
-        env_opts = renv.parse_env_option(a.env)
-        runtime = renv.runtime_vars(
-            os.path.abspath(a.image), action, a.app, ",".join(f"{s}:{d}" for s, d, _ in binds)
-        )
-        if a.shell:
-            runtime["SINGULARITY_SHELL"] = runtime["APPTAINER_SHELL"] = a.shell
-        env = renv.process_env(
-            host=renv.host_env(environ, a.cleanenv),
-            injected=renv.injected_env(environ, env_opts),
-            env_file=renv.read_env_files(a.env_file),
-            late=env_opts,
-            no_eval=a.no_eval,
-            home=home_dest or ident.home,
-            runtime=runtime,
-        )
-        spec = LaunchSpec(
-            image=image,
-            argv=command,
-            env=env,
-            cwd=cwd,
-            binds=binds,
-            options=LaunchOptions(
-                fakeroot=a.fakeroot,
-                contain=a.contain,
-                pid_ns=a.pid,
-                no_init=a.no_init,
-                ipc_ns=a.ipc,
-                writable=a.writable,
-                writable_tmpfs=a.writable_tmpfs,
-                overlay=os.path.abspath(a.overlay) if a.overlay else None,
-                no_mount=no_mount,
-                workdir=os.path.abspath(a.workdir) if a.workdir else None,
-                mount_driver=driver,
-                home=home_src,
-                home_dest=home_dest,
-                no_home=a.no_home,
-                identity=ident,
-                prefetch=prefetch,
-            ),
-        )
-        return launch(spec, inline=True, served=served)
-    finally:
-        if served is not None:
-            served.stop()
+    env_opts = renv.parse_env_option(a.env)
+    runtime = renv.runtime_vars(
+        os.path.abspath(a.image), action, a.app, ",".join(f"{s}:{d}" for s, d, _ in binds)
+    )
+    if a.shell:
+        runtime["SINGULARITY_SHELL"] = runtime["APPTAINER_SHELL"] = a.shell
+    env = renv.process_env(
+        host=renv.host_env(environ, a.cleanenv),
+        injected=renv.injected_env(environ, env_opts),
+        env_file=renv.read_env_files(a.env_file),
+        late=env_opts,
+        no_eval=a.no_eval,
+        home=home_dest or ident.home,
+        runtime=runtime,
+    )
+    spec = LaunchSpec(
+        image=image,
+        argv=command,
+        env=env,
+        cwd=cwd,
+        binds=binds,
+        options=LaunchOptions(
+            fakeroot=a.fakeroot,
+            contain=a.contain,
+            pid_ns=a.pid,
+            no_init=a.no_init,
+            ipc_ns=a.ipc,
+            writable=a.writable,
+            writable_tmpfs=a.writable_tmpfs,
+            overlay=os.path.abspath(a.overlay) if a.overlay else None,
+            no_mount=no_mount,
+            workdir=os.path.abspath(a.workdir) if a.workdir else None,
+            mount_driver=driver,
+            home=home_src,
+            home_dest=home_dest,
+            no_home=a.no_home,
+            identity=ident,
+            prefetch=prefetch,
+        ),
+    )
+    return launch(spec, inline=True, served=served)
