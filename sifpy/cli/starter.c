@@ -192,19 +192,21 @@ static int64_t le64(const unsigned char *p)
     return (int64_t)((uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32);
 }
 
-/* The primary system squashfs partition of a SIF file (sifpy.sif.format's layout); the
- * Python side validates the whole file again before anything runs. */
+/* The primary system squashfs partition of a SIF file (the layout comes from
+ * sifpy.sif.format, through starter_config.h); the Python side validates the whole file
+ * again before anything runs. */
 static int primary_partition(int fd, off_t file_size, int64_t *offset, int64_t *size)
 {
-    unsigned char hdr[128];
+    unsigned char hdr[SIF_HEADER_SIZE];
     if (pread(fd, hdr, sizeof hdr, 0) != (ssize_t)sizeof hdr)
         return 0;
-    if (memcmp(hdr + 32, "SIF_MAGIC\0", 10) != 0)
+    if (memcmp(hdr + SIF_MAGIC_AT, SIF_MAGIC, sizeof SIF_MAGIC - 1) != 0)
         return 0;
-    int64_t total = le64(hdr + 88), desc_off = le64(hdr + 96);
-    if (total <= 0 || total > 4096 || desc_off < 128 || desc_off > file_size)
+    int64_t total = le64(hdr + SIF_DESCRIPTORS_TOTAL_AT);
+    int64_t desc_off = le64(hdr + SIF_DESCRIPTORS_OFFSET_AT);
+    if (total <= 0 || total > 4096 || desc_off < SIF_HEADER_SIZE || desc_off > file_size)
         return 0;
-    size_t len = (size_t)total * 585;
+    size_t len = (size_t)total * SIF_DESCRIPTOR_SIZE;
     unsigned char *desc = malloc(len);
     if (desc == NULL || pread(fd, desc, len, desc_off) != (ssize_t)len) {
         free(desc);
@@ -212,15 +214,17 @@ static int primary_partition(int fd, off_t file_size, int64_t *offset, int64_t *
     }
     int found = 0;
     for (int64_t i = 0; i < total; i++) {
-        const unsigned char *d = desc + i * 585;
-        const unsigned char *extra = d + 201;
-        if (d[4] == 0 || le32(d) != 0x4004) /* used, DataType.PARTITION */
+        const unsigned char *d = desc + i * SIF_DESCRIPTOR_SIZE;
+        const unsigned char *extra = d + SIF_EXTRA_AT;
+        if (d[SIF_USED_AT] == 0 || le32(d) != SIF_PARTITION)
             continue;
-        if (le32(extra) != 1 || le32(extra + 4) != 2) /* FSType.SQUASH, PartType.PRIMSYS */
+        if (le32(extra + SIF_FSTYPE_AT) != SIF_SQUASH)
+            continue;
+        if (le32(extra + SIF_PARTTYPE_AT) != SIF_PRIMSYS)
             continue;
         found++;
-        *offset = le64(d + 17);
-        *size = le64(d + 25);
+        *offset = le64(d + SIF_OFFSET_AT);
+        *size = le64(d + SIF_SIZE_AT);
     }
     free(desc);
     return found == 1 && *offset >= 0 && *size >= 0 && *offset + *size <= file_size;
