@@ -519,12 +519,7 @@ class RegistryClient:
         if config.size > M.CONFIG_MAX:
             raise RegistryError(f"can't pull {ref}: config larger than {M.CONFIG_MAX} bytes")
         config_raw = self.get_blob_bytes(ref.repository, config, M.CONFIG_MAX)
-        try:
-            cfg = json.loads(config_raw)
-        except ValueError:
-            raise RegistryError(f"can't pull {ref}: image config is not JSON") from None
-        if not isinstance(cfg, dict):
-            raise RegistryError(f"can't pull {ref}: image config is not a JSON object")
+        cfg = _json_object(config_raw, f"can't pull {ref}: image config")
         if index_digest is None and cfg.get("architecture") not in (None, platform.architecture):
             log.warn(
                 f"{ref} is for {cfg.get('os')}/{cfg.get('architecture')}, not {platform}; "
@@ -680,13 +675,19 @@ def _read_limited(resp: requests.Response, limit: int, what: str, *, strict: boo
     return bytes(buf)
 
 
-def _parse_manifest(raw: bytes, digest: str, content_type: str, what: str) -> Manifest:
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """A registry's JSON object (manifest, index, image config), or RegistryError."""
     try:
         data = json.loads(raw)
     except ValueError:
-        raise RegistryError(f"can't use {what}: not JSON") from None
+        raise RegistryError(f"{what}: not JSON") from None
     if not isinstance(data, dict):
-        raise RegistryError(f"can't use {what}: not a JSON object")
+        raise RegistryError(f"{what}: not a JSON object")
+    return data
+
+
+def _parse_manifest(raw: bytes, digest: str, content_type: str, what: str) -> Manifest:
+    data = _json_object(raw, f"can't use {what}")
     ctype = content_type.split(";")[0].strip()
     media_type = data.get("mediaType")
     if data.get("schemaVersion") == 1 or ctype in M.SCHEMA1_TYPES:
