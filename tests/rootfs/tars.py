@@ -16,6 +16,15 @@ MTIME = 1_600_000_000
 Entry = tuple[tarfile.TarInfo, bytes | None]
 
 
+def _body(path: Path, st: os.stat_result) -> object:
+    """What an entry holds: a file's bytes, a symlink's target, None for the rest."""
+    if stat.S_ISREG(st.st_mode):
+        return path.read_bytes()
+    if stat.S_ISLNK(st.st_mode):
+        return os.readlink(path)
+    return None
+
+
 def _info(name: str, kind: bytes, mode: int, **attrs: object) -> tarfile.TarInfo:
     ti = tarfile.TarInfo(name)
     ti.type = kind
@@ -71,12 +80,7 @@ def snapshot(top: Path, skip: Path) -> dict[str, tuple[object, ...]]:
         for name in dirnames + filenames:
             path = Path(dirpath, name)
             st = path.lstat()
-            if stat.S_ISREG(st.st_mode):
-                body: object = path.read_bytes()
-            elif stat.S_ISLNK(st.st_mode):
-                body = os.readlink(path)
-            else:
-                body = None
+            body = _body(path, st)
             out[str(path.relative_to(top))] = (
                 stat.S_IFMT(st.st_mode),
                 stat.S_IMODE(st.st_mode),
@@ -129,12 +133,7 @@ def describe_tree(root: Path) -> dict[str, tuple[object, ...]]:
             path = Path(dirpath, name)
             rel = str(path.relative_to(root))
             st = path.lstat()
-            if stat.S_ISREG(st.st_mode):
-                body: object = path.read_bytes()
-            elif stat.S_ISLNK(st.st_mode):
-                body = os.readlink(path)
-            else:
-                body = None
+            body = _body(path, st)
             if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                 groups[st.st_ino] = min(groups.get(st.st_ino, rel), rel)
             rows.append((rel, st, body))
