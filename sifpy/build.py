@@ -313,7 +313,7 @@ def _run_post(st: _Stage, script: str, argv: list[str]) -> None:
 
 
 def _isdir(root_fd: int, path: str) -> bool:
-    from sifpy.rootfs._walk import PathError, open_dir
+    from sifpy.util.paths import PathError, open_dir
 
     try:
         fd, _ = open_dir(root_fd, [p for p in path.split("/") if p], create=False)

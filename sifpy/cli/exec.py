@@ -284,7 +284,7 @@ def open_image(
         except OSError as exc:
             raise ImageError(f"can't open image: {path}: {exc.strerror}") from exc
     st = os.fstat(fd)
-    from sifpy import policy
+    from sifpy.sign import policy
 
     rules = policy.load()
     if stat.S_ISDIR(st.st_mode):

@@ -309,7 +309,7 @@ def pull(
     progress: Progress | None = None,
 ) -> str:
     """Pull the SIF artifact ``ref`` into ``out``; return the SIF blob's digest."""
-    from sifpy.oci.pull import _install_copy, output_path
+    from sifpy.pull import _install_copy, output_path
 
     out_path = output_path(out, force)
     cache = cache or Cache()

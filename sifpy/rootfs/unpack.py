@@ -9,7 +9,7 @@ removes the directory tree). Symlinks are stored as they are and never followed 
 writing; hardlinks link to an entry already in the rootfs (this or an earlier layer).
 
 Nothing is ever written outside ``rootfs``. Each path is opened component by component
-from a descriptor of the rootfs with ``O_NOFOLLOW`` (see :mod:`sifpy.rootfs._walk`);
+from a descriptor of the rootfs with ``O_NOFOLLOW`` (see :mod:`sifpy.util.paths`);
 a symlink met on the way is resolved by us with chroot semantics, so ``l -> /etc``
 planted by this or any earlier layer leads to ``rootfs/etc``, never to the host's.
 ``tarfile.extractall`` and its filters are not used: they are not the boundary
@@ -71,8 +71,8 @@ from typing import BinaryIO
 
 from sifpy.errors import RootfsError
 from sifpy.rootfs._compress import open_tar_stream
-from sifpy.rootfs._walk import PathError, lstat_at, open_dir
 from sifpy.util import log
+from sifpy.util.paths import PathError, lstat_at, open_dir
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..opq"  # what follows WHITEOUT in ".wh..wh..opq"

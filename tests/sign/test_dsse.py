@@ -13,7 +13,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from sifpy.errors import SignatureError
 from sifpy.sif import SifImage
-from sifpy.sign import DsseSigner, TrustedKeys, dsse, sign_image, verify_image
+from sifpy.sign import dsse
+from sifpy.sign.sign import DsseSigner, sign_image
+from sifpy.sign.verify import TrustedKeys, verify_image
 from tests.sign.conftest import make_image
 
 KEYS = {

@@ -25,9 +25,9 @@ def bootstrap(ctx: Context) -> Result:
     from sifpy.oci.auth import lookup_credentials
     from sifpy.oci.cache import Cache
     from sifpy.oci.progress import layer_progress
-    from sifpy.oci.pull import download
     from sifpy.oci.reference import parse_platform, parse_reference
     from sifpy.oci.registry import ClientOptions, RegistryClient
+    from sifpy.pull import download
 
     ref = parse_reference(
         ctx.require("From"),

@@ -12,8 +12,8 @@ directly. Two passes over the layer blobs:
    with chroot semantics (at most 40 links), hardlinks name an inode already in the tree,
    and everything that fails or is skipped there fails or is skipped here, with the same
    messages (``..``, NUL, over-long names, bad whiteouts, a non-directory root, device
-   nodes skipped). Apptainer's metadata (:func:`sifpy.oci.config.metadata_files`) is then
-   applied the way :func:`~sifpy.oci.config.config_to_metadata` writes it.
+   nodes skipped). Apptainer's metadata (:func:`sifpy.rootfs.imageconfig.metadata_files`) is then
+   applied the way :func:`~sifpy.rootfs.imageconfig.config_to_metadata` writes it.
 2. **Stream**: the root, every directory (parents first), symlink, FIFO and metadata file
    come from the tree; then each layer is read again in order and the regular files that
    survived are copied through, each followed by hardlink entries for its other names.
@@ -46,10 +46,9 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, NamedTuple, cast
 
 from sifpy.errors import RootfsError, ToolError
-from sifpy.oci.config import META_DIRS, MOUNT_POINTS, metadata_files
-from sifpy.oci.rawtar import NotPlain, RawTar, pipe_fd
 from sifpy.rootfs._compress import grow_pipe, open_tar_stream
-from sifpy.rootfs._walk import MAX_SYMLINKS, PathError
+from sifpy.rootfs.imageconfig import META_DIRS, MOUNT_POINTS, metadata_files
+from sifpy.rootfs.rawtar import NotPlain, RawTar, pipe_fd
 from sifpy.rootfs.unpack import (
     _HINT,
     NAME_MAX,
@@ -63,6 +62,7 @@ from sifpy.rootfs.unpack import (
 )
 from sifpy.squashfs.pack import compression_args, default_compression, parse_compression
 from sifpy.util import log
+from sifpy.util.paths import MAX_SYMLINKS, PathError
 
 DIR, REG, SYM, FIFO = "d", "f", "l", "p"
 READ_BUF = 1 << 20
@@ -214,7 +214,7 @@ class Merger:
 
     def resolve(self, parts: Sequence[str], *, create: bool) -> tuple[_Node, Key]:
         """The directory at ``parts``, symlinks resolved inside the tree (chroot semantics,
-        as :func:`sifpy.rootfs._walk.open_dir`); missing directories made (0755) when
+        as :func:`sifpy.util.paths.open_dir`); missing directories made (0755) when
         ``create``, else :class:`FileNotFoundError`."""
         stack: list[tuple[_Node, str]] = [(self.root, "")]
         todo = list(reversed(parts))
@@ -387,7 +387,7 @@ class Merger:
     # -- metadata -------------------------------------------------------------------
 
     def add_metadata(self, config: dict[str, Any]) -> None:
-        """Apptainer's metadata, as :func:`sifpy.oci.config.config_to_metadata` writes it."""
+        """Apptainer's metadata, as :func:`~sifpy.rootfs.imageconfig.config_to_metadata` writes."""
         for mp in MOUNT_POINTS:
             try:
                 self.resolve(mp.split("/"), create=True)

@@ -6,7 +6,7 @@ templates), ``/.singularity.d/labels.json`` (tab-indented, as Go's ``MarshalInde
 base env scripts, and the usual mount points. The config is untrusted data: values are
 escaped for the shell, never evaluated here, and every file is written through
 descriptors that never follow a symlink the image planted (the rootfs's own symlinks are
-resolved inside the rootfs, as :mod:`sifpy.rootfs._walk` does for layers).
+resolved inside the rootfs, as :mod:`sifpy.util.paths` does for layers).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from sifpy.errors import RootfsError
-from sifpy.rootfs._walk import PathError, lstat_at, open_dir
 from sifpy.util import log
+from sifpy.util.paths import PathError, lstat_at, open_dir
 
 _ENV_NAME_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 VALUE_MAX = 1 << 20  # bound on what one env value or argv item may add to a script

@@ -3,7 +3,7 @@
 The order is the data flow of the design notes: resolve the reference to one image
 manifest (pinned by digest for the rest of the pull), fetch the layers in parallel into
 the verified cache, merge them with Apptainer's metadata into one sanitised tar stream
-packed by ``tar2sqfs`` (:mod:`sifpy.oci.stream`, no rootfs on disk) — or, without
+packed by ``tar2sqfs`` (:mod:`sifpy.rootfs.stream`, no rootfs on disk) — or, without
 tar2sqfs, apply them with :func:`sifpy.rootfs.apply_layers` into a private temporary
 rootfs, write the metadata and pack it with ``mksquashfs`` — and write the SIF
 atomically (the final name appears only when the image is complete). A SIF built from a
@@ -30,14 +30,13 @@ from typing import BinaryIO, Protocol
 
 from sifpy.errors import SifpyError, ToolError, UsageError
 from sifpy.oci import media as M
-from sifpy.oci import stream
 from sifpy.oci.auth import lookup_credentials
 from sifpy.oci.cache import Cache, IndexEntry, copy_file
-from sifpy.oci.config import config_to_metadata
 from sifpy.oci.reference import Platform, Reference
 from sifpy.oci.registry import ClientOptions, Image, RegistryClient
-from sifpy.rootfs import apply_layers
+from sifpy.rootfs import apply_layers, stream
 from sifpy.rootfs._compress import grow_pipe, gunzip_process, gunzip_program
+from sifpy.rootfs.imageconfig import config_to_metadata
 from sifpy.sif import ObjectInput, create
 from sifpy.sif import format as F
 from sifpy.squashfs.pack import (
@@ -315,7 +314,7 @@ def build_sif(
     """Turn ``layers`` plus the image's metadata into a squashfs, then write ``out`` (and
     its cached copy, with ``cache_store``: see :func:`write_sif`).
 
-    Streaming (:mod:`sifpy.oci.stream`, tar2sqfs) writes no rootfs; otherwise the
+    Streaming (:mod:`sifpy.rootfs.stream`, tar2sqfs) writes no rootfs; otherwise the
     layers are unpacked into a temporary rootfs and packed with mksquashfs."""
     if streaming is None:
         streaming = use_streaming()
