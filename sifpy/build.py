@@ -31,7 +31,6 @@ import errno
 import fcntl
 import glob
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -48,6 +47,7 @@ from sifpy.rootfs.bootstrap import bootstrap
 from sifpy.rootfs.bootstrap import files as F
 from sifpy.rootfs.bootstrap.local import is_sif
 from sifpy.util import log
+from sifpy.util.fs import rmtree
 
 SECTIONS = frozenset({"all", "none", "setup", "post", "files", "environment", "test", "labels"})
 WORK_PREFIX = ".sifpy-build-"
@@ -78,22 +78,6 @@ class BuildOptions:
 # --- the private work directory ---------------------------------------------------------
 
 
-def _rmtree(path: str) -> None:
-    """Remove a tree the builder owns, even with read-only directories inside."""
-
-    def retry(func: object, p: str, exc: object) -> None:
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(p), 0o700)
-            if os.path.isdir(p) and not os.path.islink(p):
-                os.chmod(p, 0o700)
-                shutil.rmtree(p, onerror=retry)
-            else:
-                os.unlink(p)
-
-    if os.path.lexists(path):
-        shutil.rmtree(path, onerror=retry)
-
-
 def clean_stale(parent: str) -> None:
     """Remove work directories of dead builds in ``parent`` (see the module docstring)."""
     me = os.geteuid()
@@ -105,7 +89,7 @@ def clean_stale(parent: str) -> None:
             fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             if time.time() - os.lstat(path).st_mtime > _STALE_UNLOCKED_AGE:
-                _rmtree(path)
+                rmtree(path)
             continue
         except OSError:
             continue
@@ -116,7 +100,7 @@ def clean_stale(parent: str) -> None:
         finally:
             os.close(fd)
         log.verbose(f"removing the leftovers of a killed build: {path}")
-        _rmtree(path)
+        rmtree(path)
 
 
 class Workspace:
@@ -137,7 +121,7 @@ class Workspace:
         os.mkdir(self.scratch, 0o700)
 
     def close(self) -> None:
-        _rmtree(self.path)
+        rmtree(self.path)
         os.close(self.lock)
 
 

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from sifpy.errors import RegistryError
+from sifpy.errors import RegistryError, UsageError
 from sifpy.oci.reference import digest_hex
 
 HASH_CHUNK = 1 << 20
@@ -335,3 +335,27 @@ def copy_file(src: Path, dst: Path) -> None:
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         clone(fi.fileno(), fo.fileno())
         os.fsync(fo.fileno())
+
+
+def install_copy(src: Path, out: Path) -> None:
+    """Copy ``src`` to ``out`` atomically (temp in the same directory, fsync, rename)."""
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or Path("."))
+    os.close(fd)
+    try:
+        copy_file(src, Path(name))
+        os.chmod(name, 0o755)
+        os.replace(name, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+        raise
+
+
+def output_path(out: str | os.PathLike[str], force: bool) -> Path:
+    """The file a pull writes: refused when it exists (unless ``force``) or has no directory."""
+    out_path = Path(out)
+    if out_path.exists() and not force:
+        raise UsageError(f"can't pull: {out_path}: file exists", "use --force to overwrite it")
+    if not out_path.parent.is_dir() and str(out_path.parent) != "":
+        raise UsageError(f"can't pull: {out_path.parent}: no such directory")
+    return out_path

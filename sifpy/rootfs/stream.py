@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, NamedTuple, cast
 
 from sifpy.errors import RootfsError, ToolError
-from sifpy.rootfs._compress import grow_pipe, open_tar_stream
+from sifpy.rootfs.compress import grow_pipe, open_tar_stream
 from sifpy.rootfs.imageconfig import META_DIRS, MOUNT_POINTS, metadata_files
 from sifpy.rootfs.rawtar import NotPlain, RawTar, pipe_fd
 from sifpy.rootfs.unpack import (

@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from sifpy.errors import RootfsError
-from sifpy.rootfs._compress import open_tar_stream
+from sifpy.rootfs.compress import open_tar_stream
 from sifpy.util import log
 from sifpy.util.paths import PathError, lstat_at, open_dir
 

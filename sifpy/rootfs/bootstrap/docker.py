@@ -24,10 +24,10 @@ def _env_flag(*names: str) -> bool:
 def bootstrap(ctx: Context) -> Result:
     from sifpy.oci.auth import lookup_credentials
     from sifpy.oci.cache import Cache
+    from sifpy.oci.download import download
     from sifpy.oci.progress import layer_progress
     from sifpy.oci.reference import parse_platform, parse_reference
     from sifpy.oci.registry import ClientOptions, RegistryClient
-    from sifpy.pull import download
 
     ref = parse_reference(
         ctx.require("From"),
