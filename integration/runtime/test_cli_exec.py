@@ -116,6 +116,24 @@ def test_env_end_to_end(sifpy: Sifpy, workdir: Path) -> None:
     assert "HOSTVAR=" not in r.stdout and "LANG=C" in r.stdout
 
 
+def test_no_eval_covers_env_file(sifpy: Sifpy, workdir: Path) -> None:
+    """``--no-eval --env-file F``: the ``$(...)`` in F runs nowhere and X is its literal
+    text; without ``--no-eval`` F is shell code, as in Apptainer."""
+    marker = Path("/tmp") / f"sifpy-envfile-marker-{os.getpid()}"  # the container shares /tmp
+    envfile = workdir / "env-cmd.txt"
+    envfile.write_text(f"X=$(touch {marker})\n")
+    envfile.chmod(0o644)
+    try:
+        r = sifpy.exec("sh", "-c", 'printf %s "$X"', opts=("--no-eval", "--env-file", str(envfile)))
+        assert (r.returncode, r.stdout) == (0, f"$(touch {marker})"), r.stderr
+        assert not marker.exists()
+        r = sifpy.exec("sh", "-c", 'printf %s "$X"', opts=("--env-file", str(envfile)))
+        assert (r.returncode, r.stdout) == (0, ""), r.stderr
+        assert marker.exists()
+    finally:
+        marker.unlink(missing_ok=True)
+
+
 def test_every_exit_status_passes_through(sifpy: Sifpy) -> None:
     def status(code: int) -> tuple[int, int]:
         return code, sifpy.exec("sh", "-c", f"exit {code}").returncode

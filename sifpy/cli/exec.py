@@ -105,10 +105,13 @@ OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
             "action": "append",
             "default": [],
             "metavar": "FILE",
-            "help": "variables from a file (shell syntax)",
+            "help": "variables from a file (shell syntax; NAME=VALUE literals with --no-eval)",
         },
     ),
-    (("--no-eval",), {"action": "store_true", "help": "don't shell-evaluate injected variables"}),
+    (
+        ("--no-eval",),
+        {"action": "store_true", "help": "don't shell-evaluate injected variables or --env-file"},
+    ),
     (("--pwd",), {"metavar": "DIR", "help": "initial working directory in the container"}),
     (("-p", "--pid"), {"action": "store_true", "help": "run in a new PID namespace"}),
     (
@@ -417,7 +420,7 @@ def _run(
     env = renv.process_env(
         host=renv.host_env(environ, a.cleanenv),
         injected=renv.injected_env(environ, env_opts),
-        env_file=renv.read_env_files(a.env_file),
+        env_file=renv.read_env_files(a.env_file, a.no_eval),
         late=env_opts,
         no_eval=a.no_eval,
         home=home_dest or ident.home,
