@@ -4,8 +4,9 @@ Python decides *which* values travel; the action script (:mod:`.action`), run by
 image's ``/bin/sh``, sources the image's ``/.singularity.d/env/*.sh`` and applies them in
 Apptainer's order. Highest wins:
 
-1. ``--env K=V``; 2. ``--env-file`` (evaluated by the shell, unless ``no_eval``); 3. ``SIFPYENV_K`` /
-``APPTAINERENV_K`` / ``SINGULARITYENV_K`` from the host; 4. the image's env scripts;
+1. ``--env K=V``; 2. ``--env-file`` (evaluated by the shell, unless ``no_eval``);
+3. ``SIFPYENV_K`` / ``APPTAINERENV_K`` / ``SINGULARITYENV_K`` from the host; 4. the image's
+env scripts;
 5. host variables, only where still unset after all of the above.
 
 Host values never pass through a shell evaluation: they travel as ``__SIFPY_H_<K>`` and
