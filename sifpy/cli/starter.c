@@ -315,8 +315,11 @@ static int serve(const struct start *s)
     uid_t uid = getuid();
     gid_t gid = getgid();
 
-    if (uid == 0 || getenv("SIFPY_CONFIG") != NULL || access(SIFPY_SYSTEM_CONFIG, F_OK) == 0)
-        return 0; /* root's own paths; a site policy may require verification first */
+    /* Root's own paths; a policy may require verification first (a system file that can't
+     * be looked up at all, EACCES included, counts as present: Python decides). */
+    if (uid == 0 || getenv("SIFPY_CONFIG") != NULL || access(SIFPY_SYSTEM_CONFIG, F_OK) == 0 ||
+        errno != ENOENT)
+        return 0;
     if (access("/dev/fuse", R_OK | W_OK) != 0 || !find_program(SIFPY_SQUASHFUSE, program))
         return 0;
     int probe = (int)syscall(SYS_fsopen, "fuse", FSOPEN_CLOEXEC_);
