@@ -95,6 +95,10 @@ class RegistryError(SifpyError):
     """A registry answered badly, or could not be reached."""
 
 
+class CacheError(SifpyError):
+    """The image cache can't be used safely (another user could change it) or written."""
+
+
 class RuntimeSetupError(SifpyError):
     """The container could not be set up (namespaces, mounts, binds)."""
 
