@@ -153,25 +153,32 @@ class Cache:
         self._checked = False
 
     def _mkdirs(self) -> None:
-        """Create the cache (our own dirs 0700) and refuse one that others can change."""
+        """Create the cache (our own dirs 0700) and refuse one that others can change,
+        each directory checked before anything is made or read in it."""
         if self._checked:
             return
-        # The parents (e.g. a missing ~/.cache) get the usual mode; our own dirs are 0700.
-        self.root.parent.mkdir(parents=True, exist_ok=True)
-        dirs = (self.root, self.blobs.parent, self.blobs, self.sifs.parent, self.sifs)
-        for d in (*dirs, self.index, self.locks):
-            d.mkdir(mode=0o700, exist_ok=True)
         uid = os.geteuid()
-        parent = os.path.dirname(os.path.realpath(self.root))
-        st = os.stat(parent)
-        why = _others_can_change(st, uid, (uid, 0))
-        if why and st.st_uid in (uid, 0) and st.st_mode & stat.S_ISVTX:
-            why = None  # sticky (as /tmp): others can't rename what they don't own
-        if why:
-            self._refuse(parent, f"its parent directory is {why}")
-        for d in (*dirs, self.index, self.locks):
-            if why := _others_can_change(os.stat(d), uid, (uid,)):
-                self._refuse(d, why)
+        try:
+            # The parents (e.g. a missing ~/.cache) get the usual mode.
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            parent = os.path.dirname(os.path.realpath(self.root))
+            st = os.stat(parent)
+            why = _others_can_change(st, uid, (uid, 0))
+            if why and st.st_uid in (uid, 0) and st.st_mode & stat.S_ISVTX:
+                why = None  # sticky (as /tmp): others can't rename what they don't own
+            if why:
+                self._refuse(parent, f"its parent directory is {why}")
+            for d in (self.root, self.blobs.parent, self.blobs, self.sifs.parent, self.sifs,
+                      self.index, self.locks):  # fmt: skip
+                with contextlib.suppress(FileExistsError):
+                    d.mkdir(mode=0o700)
+                if why := _others_can_change(os.stat(d), uid, (uid,)):
+                    self._refuse(d, why)
+        except OSError as exc:
+            raise CacheError(
+                f"can't use cache: {exc.filename or self.root}: {exc.strerror}",
+                hint=f"set SIFPY_CACHEDIR to a directory of yours (the cache is {self.root})",
+            ) from exc
         self._checked = True
 
     def _refuse(self, path: str | os.PathLike[str], why: str) -> None:
