@@ -29,6 +29,7 @@ import stat
 from sifpy.errors import SifpyError, SignatureError
 
 SYSTEM_CONFIG = "/etc/sifpy/sifpy.conf"
+_HINT = "settings: verify, trusted key, trusted keyring, trusted fingerprint (see the README)"
 
 
 class Rules:
@@ -78,7 +79,7 @@ def _read(path: str, rules: Rules, missing_ok: bool) -> None:
         ) from exc
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise SifpyError(f"can't read config: {path}: {reason}") from exc
+        raise SifpyError(f"can't read config: {path}: {reason}", hint=_HINT) from exc
     for n, raw in enumerate(lines, start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -86,11 +87,12 @@ def _read(path: str, rules: Rules, missing_ok: bool) -> None:
         key, sep, value = (part.strip() for part in line.partition("="))
         key = " ".join(key.lower().split())
         if not sep or not value:
-            raise SifpyError(f"can't read config: {path}:{n}: expected 'key = value'")
+            raise SifpyError(f"can't read config: {path}:{n}: expected 'key = value'", hint=_HINT)
         if key == "verify":
             if value not in ("required", "optional"):
                 raise SifpyError(
-                    f"can't read config: {path}:{n}: verify must be 'required' or 'optional'"
+                    f"can't read config: {path}:{n}: verify must be 'required' or 'optional'",
+                    hint=_HINT,
                 )
             rules.verify_required = value == "required"
         elif key == "trusted key":
@@ -100,7 +102,7 @@ def _read(path: str, rules: Rules, missing_ok: bool) -> None:
         elif key == "trusted fingerprint":
             rules.fingerprints.add(value.replace(" ", "").upper())
         else:
-            raise SifpyError(f"can't read config: {path}:{n}: unknown setting {key!r}")
+            raise SifpyError(f"can't read config: {path}:{n}: unknown setting {key!r}", hint=_HINT)
 
 
 def _can_change(st: os.stat_result, uid: int) -> str | None:
