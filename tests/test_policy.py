@@ -33,7 +33,7 @@ def test_user_file_named_but_missing_is_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SIFPY_CONFIG", str(tmp_path / "nonexistent"))
-    with pytest.raises(SifpyError, match="can't read config: .*nonexistent") as e:
+    with pytest.raises(SifpyError, match=r"can't read config: .*nonexistent") as e:
         policy.load(conf(tmp_path, "sys", "verify = optional\n"))
     assert e.value.hint
     monkeypatch.delenv("SIFPY_CONFIG")
