@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sifpy import policy
 from sifpy.errors import SifpyError
+from sifpy.sign import policy
 
 
 def conf(tmp_path: Path, name: str, text: str) -> str:
