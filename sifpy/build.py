@@ -1,7 +1,7 @@
 """``sifpy build``: from a definition file (or an image) to a SIF or a sandbox.
 
 The only code that knows the order of build stages. Per stage, Apptainer's order
-(internal/pkg/build/build.go ``Full``, apptainer.md 1.3):
+(internal/pkg/build/build.go ``Full``):
 
 1. bootstrap agent (:mod:`sifpy.rootfs.bootstrap`), then the base environment and the
    Docker/OCI config as metadata (:mod:`sifpy.rootfs.metadata`);
@@ -57,7 +57,7 @@ _STALE_UNLOCKED_AGE = 3600.0
 
 @dataclass
 class BuildOptions:
-    """The ``sifpy build`` flags (apptainer.md 4.3)."""
+    """The ``sifpy build`` flags (Apptainer's cmd/internal/cli/build.go)."""
 
     sandbox: bool = False
     force: bool = False
@@ -280,7 +280,7 @@ def _run_post(st: _Stage, script: str, argv: list[str]) -> None:
         F.write_file(rfd, "/.post.script", script, 0o755)
         F.write_file(rfd, metadata.BUILD_LABELS, "", 0o644)
         # apt drops privileges to _apt, which a one-id user namespace can't; Charliecloud
-        # and enroot set apt's sandbox user to root (peers.md section 0.3).
+        # and enroot set apt's sandbox user to root (APT::Sandbox::User).
         apt_conf = _isdir(rfd, "/etc/apt/apt.conf.d") and F.read_file(rfd, APT_SANDBOX_CONF) is None
         if apt_conf:
             F.write_file(rfd, APT_SANDBOX_CONF, 'APT::Sandbox::User "root";\n', 0o644)

@@ -10,7 +10,7 @@ else ``~/.cache/sifpy``), every directory 0700 (CVE-2019-19724)::
     index/<key>.json            one entry per pulled reference (for `cache list`)
     locks/<hex>.lock            advisory per-digest locks
 
-Rules (security.md section 4 "Cache"):
+Rules:
 
 * A final name only ever appears by ``rename`` of a temporary file in the same directory,
   after the bytes were hashed while written, checked against the digest and size, and

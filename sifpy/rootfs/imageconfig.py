@@ -1,4 +1,5 @@
-"""Turn an OCI image config into Apptainer's in-image metadata (apptainer.md 2.1, 2.5).
+"""Turn an OCI image config into Apptainer's in-image metadata (Apptainer's
+internal/pkg/build/sources/conveyorPacker_oci.go).
 
 Written into the rootfs: ``/.singularity.d/env/10-docker2singularity.sh`` (the image ENV),
 ``/.singularity.d/runscript`` (ENTRYPOINT/CMD, with Apptainer's eval and no-eval
@@ -51,7 +52,7 @@ def sq_quote(value: str) -> str:
 
 
 def env_script(env: list[str]) -> str:
-    """``10-docker2singularity.sh``: one export per valid ``Env`` entry (apptainer.md 2.5).
+    """``10-docker2singularity.sh``: one export per valid ``Env`` entry (conveyorPacker_oci.go).
 
     ``K=V`` becomes ``export K="${K:-"V"}"`` (the host's value wins, as in Apptainer),
     ``PATH`` is set outright, and ``K`` alone becomes ``export K="${K:-}"``.
@@ -86,7 +87,7 @@ def _args_quoted(args: list[str]) -> str:
 
 
 def runscript(entrypoint: list[str], cmd: list[str]) -> str:
-    """The OCI runscript (apptainer.md 2.5): ENTRYPOINT and CMD, eval or no-eval.
+    """The OCI runscript (conveyorPacker_oci.go): ENTRYPOINT and CMD, eval or no-eval.
 
     Without arguments: ENTRYPOINT + CMD; with arguments: ENTRYPOINT + arguments (CMD is
     replaced). ``SINGULARITY_NO_EVAL``/``APPTAINER_NO_EVAL`` use the literal items;

@@ -1,6 +1,7 @@
 """Apptainer's in-image metadata: the ``/.singularity.d`` tree, labels, SCIF apps.
 
-Layout and contents follow Apptainer exactly (apptainer.md section 2), so images built by
+Layout and contents follow Apptainer exactly (its
+internal/pkg/build/sources/base_environment.go), so images built by
 sifpy run under Apptainer and the other way round:
 
 * :func:`base_environment` is what every bootstrap creates
@@ -364,7 +365,7 @@ def merge_labels(
     *,
     force: bool,
 ) -> tuple[dict[str, str], list[str]]:
-    """Apptainer's label merge (apptainer.md 2.2); returns the labels and the names of
+    """Apptainer's label merge (internal/pkg/build/metadata.go); returns the labels and the names of
     ``%labels`` entries dropped because they already existed (without ``--force``).
 
     Order: the image's labels, then ``NAME value`` lines written to ``$APPTAINER_LABELS``

@@ -13,7 +13,7 @@ from a descriptor of the rootfs with ``O_NOFOLLOW`` (see :mod:`sifpy.util.paths`
 a symlink met on the way is resolved by us with chroot semantics, so ``l -> /etc``
 planted by this or any earlier layer leads to ``rootfs/etc``, never to the host's.
 ``tarfile.extractall`` and its filters are not used: they are not the boundary
-(security.md section 1a).
+(the attack table is in docs/security.md).
 
 The rule for hostile or odd entries: what legitimate tools emit in another spelling
 is normalised; what only an attacker or a corrupt archive produces fails the whole

@@ -1,4 +1,5 @@
-"""The container's environment, by Apptainer's rules (apptainer.md 2.3 and 2.4).
+"""The container's environment, by Apptainer's rules (github.com/apptainer/apptainer:
+internal/pkg/util/fs/files/action_script.sh and internal/pkg/util/env/create.go).
 
 Python decides *which* values travel; the action script (:mod:`.action`), run by the
 image's ``/bin/sh``, sources the image's ``/.singularity.d/env/*.sh`` and applies them in

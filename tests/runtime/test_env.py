@@ -1,4 +1,4 @@
-"""Environment precedence as Apptainer's (apptainer.md 2.4), table-driven.
+"""Environment precedence as Apptainer's (internal/pkg/util/env/create.go), table-driven.
 
 The action script runs with the host's /bin/sh against an image directory
 (``__SIFPY_ROOT``), so these tests need no namespaces.

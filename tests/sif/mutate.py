@@ -6,7 +6,7 @@ import struct
 
 from sifpy.sif import format as F
 
-# Offsets of header fields (apptainer.md 3.1) and descriptor fields (3.2).
+# Offsets of header fields and descriptor fields (sylabs/sif pkg/sif/sif.go).
 H_FREE, H_TOTAL, H_DOFF, H_DSIZE, H_DATAOFF, H_DATASIZE = 80, 88, 96, 104, 112, 120
 D_ID, D_OFFSET, D_SIZE = 5, 17, 25
 

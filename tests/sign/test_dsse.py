@@ -2,7 +2,7 @@
 
 Debian's golang-github-sylabs-sif-dev predates the reference's DSSE test images, and
 fixtures fetched from upstream are not committed here, so byte-level comparison with a
-reference DSSE image is not part of this suite (see the closing notes of issue 6)."""
+reference DSSE image is not part of this suite."""
 
 from __future__ import annotations
 
