@@ -13,6 +13,7 @@ made-up tree that breaks each rule.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,28 @@ def test_the_checker_allows_downward_and_own_package_imports(tmp_path: Path) -> 
         },
     )
     assert violations(root) == []
+
+
+# The repository stands alone: comments cite upstream sources, not notes outside the tree or
+# tracker numbers a reader can't open.
+OUTSIDE = re.compile(
+    r"\.\./shared|shared/reference|(?<!docs/)\b(apptainer|security|hpc|peers)\.md\b"
+    r"|\bissue \d+|\(issue|closing notes"
+)
+
+
+def test_no_reference_leads_outside_the_repository() -> None:
+    repo = ROOT.parent
+    files = [repo / "README.md", repo / "Makefile"] + [
+        path
+        for top in ("sifpy", "tests", "integration", "bench", "docs", "recipes")
+        for path in sorted((repo / top).rglob("*"))
+        if path.suffix in (".py", ".c", ".md", ".sh", ".def") and path != Path(__file__)
+    ]
+    hits = [
+        f"{path.relative_to(repo)}:{n}: {line.strip()}"
+        for path in files
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        if OUTSIDE.search(line)
+    ]
+    assert hits == []
