@@ -283,10 +283,20 @@ def open_image(
     and the fd that must stay open. ``fd``: the image, already open (the starter's)."""
     if fd < 0:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO (or a device) given as the image must not block;
+            # it is no image, refused below.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise ImageError(f"can't open image: {path}: {exc.strerror}") from exc
     st = os.fstat(fd)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        os.close(fd)
+        raise ImageError(
+            f"can't open image: {path}: not a regular file or directory",
+            hint="give a SIF file or a sandbox directory",
+        )
+    if stat.S_ISREG(st.st_mode):
+        os.set_blocking(fd, True)  # squashfuse shares this open file
     from sifpy.sign import policy
 
     rules = policy.load()
@@ -353,7 +363,9 @@ def _main(argv: list[str], prog: str) -> int:
             image, fd = open_image(a.image, a.verify or bool(a.verify_key), a.verify_key)
         else:  # the file served is the file validated and run
             log.verbose("note: the starter entered the namespaces and served the image")
-            image, fd = open_image(a.image, False, None, fd)
+            # open_image owns the fd from here: it closes it when it fails.
+            taken, fd = fd, -1
+            image, fd = open_image(a.image, False, None, taken)
             if served.offset != getattr(image, "offset", None) or served.fakeroot != a.fakeroot:
                 raise RuntimeSetupError("can't start container: the starter served another image")
         if a.writable and not isinstance(image, Sandbox):

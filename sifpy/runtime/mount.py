@@ -108,12 +108,17 @@ def _move_fds(fds: list[int]) -> None:
         os.dup2(fd, 3 + i, inheritable=True)
 
 
-def exec_helper(argv: list[str]) -> NoReturn:
-    """Exec a helper by absolute path with :data:`HELPER_ENV` only (in a forked child)."""
+def exec_helper(argv: list[str], unprivileged: bool = False) -> NoReturn:
+    """Exec a helper by absolute path with :data:`HELPER_ENV` only (in a forked child);
+    ``unprivileged``: with no capability at all (:func:`ns.drop_all_caps`)."""
     try:
+        if unprivileged:
+            ns.drop_all_caps()
         os.execve(argv[0], argv, HELPER_ENV)
     except OSError as exc:
         os.write(2, f"error: can't execute: {argv[0]}: {exc.strerror}\n".encode())
+    except RuntimeSetupError as exc:
+        os.write(2, f"error: {exc.message}\n".encode())
     os._exit(127)
 
 
@@ -262,7 +267,9 @@ def mount_squashfs(
     ``squashfuse`` (see :func:`fuse_mount`); return the server's pid."""
     argv = squashfuse_argv(squashfuse, offset, single_thread)
     try:
-        return fuse_mount(mountpoint, "squashfuse", [image_fd], lambda: exec_helper(argv), True)
+        return fuse_mount(
+            mountpoint, "squashfuse", [image_fd], lambda: exec_helper(argv, True), True
+        )
     except RuntimeSetupError as exc:
         raise squashfs_error(offset, exc) from exc
 
