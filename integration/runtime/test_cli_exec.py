@@ -467,3 +467,34 @@ def test_squashfuse_runs_without_capabilities(sifpy: Sifpy, opts: tuple[str, ...
             user_processes(uid, "squashfuse_ll") or user_processes(uid, "sleep")
         ):
             time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def wide_image(workdir: Path) -> str:
+    """A busybox image with 3,000 more top-level entries (files and directories)."""
+    from integration.runtime.conftest import busybox_rootfs, make_sif
+
+    def many(root: Path) -> None:
+        for i in range(1500):
+            (root / f"f{i}").write_text("x")
+            (root / f"d{i}").mkdir()
+
+    rootfs = busybox_rootfs(workdir / "wide-rootfs", many)
+    return str(make_sif(rootfs, workdir / "wide.sif")["sif"])
+
+
+def test_too_many_top_level_entries_is_refused_with_a_hint(sifpy: Sifpy, wide_image: str) -> None:
+    """3,000 top-level entries would cost 3,000 binds on every start (and more than
+    fs.mount-max fail): refused before any is made, 125, one message, a hint that works
+    (--writable-tmpfs: the image is the root, under an overlay, no bind per entry)."""
+    started = time.monotonic()
+    r = sifpy("exec", wide_image, "true")
+    assert r.returncode == 125, r.stderr
+    assert time.monotonic() - started < 10
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("error: can't assemble the container root: / of the image has")
+    assert "more than the 1000" in lines[0] and "Traceback" not in r.stderr
+    assert lines[1].startswith("hint: ") and "--writable-tmpfs" in lines[1], r.stderr
+    r = sifpy("exec", "--writable-tmpfs", wide_image, "sh", "-c", "ls / | wc -l")
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) > 3000
