@@ -2,7 +2,7 @@
 
 A layer is compressed, so its size says little: a 1 MiB gzip of zeros expands to 1 GiB (a
 decompression bomb). Whatever unpacks layers (:mod:`sifpy.rootfs.unpack` onto a directory,
-:mod:`sifpy.oci.stream` into tar2sqfs) counts the uncompressed tar bytes of every layer of
+:mod:`sifpy.rootfs.stream` into tar2sqfs) counts the uncompressed tar bytes of every layer of
 an image in one :class:`Budget` as it reads them, and stops with a :class:`RootfsError`:
 
 - past ``$SIFPY_MAX_UNPACKED`` (default 64 GiB; ``K``, ``M``, ``G``, ``T`` suffixes,
