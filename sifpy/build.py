@@ -33,7 +33,6 @@ import glob
 import os
 import signal
 import stat
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ from sifpy.rootfs.bootstrap import files as F
 from sifpy.rootfs.bootstrap.local import is_sif
 from sifpy.util import log
 from sifpy.util.fs import rmtree
+from sifpy.util.proc import run
 
 SECTIONS = frozenset({"all", "none", "setup", "post", "files", "environment", "test", "labels"})
 WORK_PREFIX = ".sifpy-build-"
@@ -319,9 +319,7 @@ def _run_setup(st: _Stage, script: str, args: str, ws: Workspace) -> None:
     st.say("running %setup on the host")
     sys.stdout.flush()
     sys.stderr.flush()
-    proc = subprocess.run(
-        ["/bin/sh", "-ex", path, *args.split()], env=env, stdin=subprocess.DEVNULL
-    )
+    proc = run(["/bin/sh", "-ex", path, *args.split()], "run %setup", env=env, stderr=None, ok=None)
     if proc.returncode != 0:
         raise BuildError(f"%setup failed with exit status {proc.returncode}")
 

@@ -16,7 +16,6 @@ import functools
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -45,6 +44,7 @@ from sifpy.squashfs.pack import (
 )
 from sifpy.util import log
 from sifpy.util.fs import rmtree
+from sifpy.util.proc import DEVNULL, run
 
 
 @dataclass(frozen=True)
@@ -208,14 +208,8 @@ def mksquashfs(rootfs: Path, dest: Path) -> None:
     argv = [exe, str(rootfs), str(dest), "-noappend", "-all-root"]
     argv += compression_args(default_compression())
     argv += ["-no-progress", "-quiet"]
-    proc = subprocess.run(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
     # A signal is a failure too (Apptainer 1.5.1: a killed mksquashfs corrupted SIFs).
-    if proc.returncode != 0:
-        tail = proc.stderr.decode(errors="replace").strip()[-800:]
-        how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else "failed"
-        raise ToolError(f"can't pack the image: mksquashfs {how}: {tail}")
+    run(argv, "pack the image", stdout=DEVNULL)
     with open(dest, "rb") as f:
         if f.read(4) != b"hsqs":
             raise ToolError("can't pack the image: mksquashfs wrote no squashfs superblock")

@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from typing import Any
+
+from sifpy.util.proc import PIPE, run
 
 CFLAGS: list[str] = []  # the tests add -Werror
 BOOT = "import sys\nsys.path += {paths!r}\nfrom sifpy.cli import entry\nentry()\n"
@@ -40,7 +41,7 @@ def site_paths(python: str) -> list[str]:
 
     def path(*flags: str) -> list[str]:
         code = "import json, sys; print(json.dumps(sys.path))"
-        out = subprocess.run([python, *flags, "-c", code], capture_output=True, check=True)
+        out = run([python, *flags, "-c", code], "ask Python for its path", stdout=PIPE)
         return list(json.loads(out.stdout))
 
     bare = set(path("-I", "-S"))
@@ -143,7 +144,7 @@ def write(
             with open(os.path.join(build, "starter_config.h"), "w", encoding="utf-8") as f:
                 f.write(starter_config(python, boot))
             argv = [cc, "-std=gnu11", "-O2", "-Wall", "-Wextra", *CFLAGS, f"-I{build}"]
-            done = subprocess.run([*argv, "-o", tmp, source], capture_output=True, text=True)
+            done = run([*argv, "-o", tmp, source], "compile the starter", text=True, ok=None)
         if done.returncode == 0:
             _replace(tmp, dest)
             return "starter"

@@ -12,13 +12,13 @@ import importlib
 import io
 import os
 import shutil
-import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
 from typing import BinaryIO, cast
 
 from sifpy.errors import RootfsError
+from sifpy.util.proc import DEVNULL, PIPE, popen
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -109,14 +109,8 @@ def gunzip_process(exe: str, source: str | os.PathLike[str] | int) -> Iterator[B
         if isinstance(source, int):
             argv, stdin = [exe, "-dc"], source
         else:
-            argv, stdin = [exe, "-dc", "--", os.fspath(source)], subprocess.DEVNULL
-        proc = subprocess.Popen(
-            argv,
-            stdin=stdin,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            bufsize=1 << 16,
-        )
+            argv, stdin = [exe, "-dc", "--", os.fspath(source)], DEVNULL
+        proc = popen(argv, "apply layer", stdin=stdin, stdout=PIPE, stderr=err, bufsize=1 << 16)
         assert proc.stdout is not None
         grow_pipe(proc.stdout.fileno())
         try:
@@ -151,9 +145,7 @@ def _zstd_reader(stream: BinaryIO) -> Iterator[BinaryIO]:
             "install the zstandard Python module or the zstd program",
         )
     # The host's zstd from the host PATH, never a program from the image (CVE-2014-9357).
-    proc = subprocess.Popen(
-        [exe, "-dc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    proc = popen([exe, "-dc"], "apply layer", stdin=PIPE, stdout=PIPE, stderr=PIPE)
     assert proc.stdin is not None and proc.stdout is not None
 
     def feed() -> None:

@@ -35,7 +35,6 @@ import io
 import os
 import shutil
 import struct
-import subprocess
 import tarfile
 import tempfile
 import time
@@ -64,6 +63,7 @@ from sifpy.rootfs.unpack import (
 from sifpy.squashfs.pack import compression_args, default_compression, parse_compression
 from sifpy.util import log
 from sifpy.util.paths import MAX_SYMLINKS, PathError
+from sifpy.util.proc import DEVNULL, PIPE, failure, popen
 
 DIR, REG, SYM, FIFO = "d", "f", "l", "p"
 READ_BUF = 1 << 20
@@ -842,10 +842,11 @@ def _tar2sqfs(dest: Path) -> Iterator[IO[bytes]]:
     if exe is None:
         raise ToolError("can't pack the image: tar2sqfs not found", "install squashfs-tools-ng")
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(
+        proc = popen(
             tar2sqfs_argv(exe, dest),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
+            "pack the image",
+            stdin=PIPE,
+            stdout=DEVNULL,
             stderr=err,
             bufsize=READ_BUF,
         )
@@ -865,9 +866,10 @@ def _tar2sqfs(dest: Path) -> Iterator[IO[bytes]]:
         rc = proc.wait()
         if rc != 0 or broken:
             err.seek(0)
+            if rc != 0:
+                raise failure("pack the image", [exe], rc, err.read())
             tail = err.read().decode(errors="replace").strip()[-800:]
-            how = f"killed by signal {-rc}" if rc < 0 else "failed"
-            raise ToolError(f"can't pack the image: tar2sqfs {how}: {tail}")
+            raise ToolError(f"can't pack the image: tar2sqfs stopped reading: {tail}")
     with open(dest, "rb") as f:
         if f.read(4) != b"hsqs":
             raise ToolError("can't pack the image: tar2sqfs wrote no squashfs superblock")

@@ -62,7 +62,7 @@ def ranges(name: str, uid: int, gid: int) -> Ranges | None:
 def write_maps(pid: int, uid: int, gid: int, r: Ranges) -> str | None:
     """Map container 0 to (uid, gid) and 1..N to the ranges for process ``pid``; returns an
     error message, or None on success."""
-    import subprocess
+    from sifpy.util.proc import PIPE, run
 
     found = helpers()
     if found is None:
@@ -73,7 +73,7 @@ def write_maps(pid: int, uid: int, gid: int, r: Ranges) -> str | None:
         (found[1], gid, r.gid_start, r.gid_count),
     ):
         argv = [helper, str(pid), "0", str(own), "1", "1", str(start), str(count)]
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        proc = run(argv, "map ids", stdout=PIPE, env=env, text=True, ok=None)
         if proc.returncode != 0:
             return f"{os.path.basename(helper)} failed: {proc.stderr.strip()[-300:]}"
     return None

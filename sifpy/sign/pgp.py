@@ -17,12 +17,12 @@ import base64
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sifpy.errors import SignatureError, ToolError
+from sifpy.util.proc import PIPE, CompletedProcess, run
 
 BEGIN_SIGNED = b"-----BEGIN PGP SIGNED MESSAGE-----"
 BEGIN_SIG = b"-----BEGIN PGP SIGNATURE-----"
@@ -50,7 +50,7 @@ def run_gpg(
     stdin: bytes = b"",
     passphrase: str | None = None,
     tool: str = "gpg",
-) -> subprocess.CompletedProcess[bytes]:
+) -> CompletedProcess[bytes]:
     """Run ``gpg`` (or ``gpgv``) on ``homedir`` in batch mode; never prompts on a tty.
 
     A passphrase goes through a pipe (``--passphrase-fd``), never the command line.
@@ -65,19 +65,20 @@ def run_gpg(
         os.close(wfd)
         argv += ["--pinentry-mode", "loopback", "--passphrase-fd", str(rfd)]
     try:
-        return subprocess.run(
+        return run(
             [*argv, *args],
+            "run gpg",
             input=stdin,
-            capture_output=True,
+            stdout=PIPE,
             pass_fds=(rfd,) if rfd >= 0 else (),
-            check=False,
+            ok=None,
         )
     finally:
         if rfd >= 0:
             os.close(rfd)
 
 
-def gpg_failure(what: str, proc: subprocess.CompletedProcess[bytes]) -> SignatureError:
+def gpg_failure(what: str, proc: CompletedProcess[bytes]) -> SignatureError:
     """A :class:`SignatureError` carrying the tail of gpg's stderr."""
     tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
     reason = "; ".join(line.removeprefix("gpg: ") for line in tail) or f"exit {proc.returncode}"
@@ -206,7 +207,7 @@ def verify_clearsigned(data: bytes, keyring: bytes) -> PgpVerified:
     return _check_status(proc, msg.text)
 
 
-def _check_status(proc: subprocess.CompletedProcess[bytes], text: bytes) -> PgpVerified:
+def _check_status(proc: CompletedProcess[bytes], text: bytes) -> PgpVerified:
     status: list[list[str]] = []
     for line in proc.stdout.decode("utf-8", "replace").splitlines():
         if line.startswith("[GNUPG:] "):

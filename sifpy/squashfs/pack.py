@@ -21,11 +21,11 @@ import re
 import shlex
 import shutil
 import signal
-import subprocess
 from collections.abc import Sequence
 
 from sifpy.errors import ToolError, UsageError
 from sifpy.util import log, progress
+from sifpy.util.proc import DEVNULL, PIPE, failure, popen, run
 
 # What the kernel's squashfs and squashfuse can read; mksquashfs accepts each with -comp.
 COMPRESSORS = ("gzip", "lzo", "lz4", "xz", "zstd", "lzma")
@@ -79,24 +79,15 @@ def _die_with_parent() -> None:
 
 
 def _run(argv: list[str], what: str, ok: Sequence[int] = (0,), pass_fds: Sequence[int] = ()) -> int:
-    log.debug("running: " + shlex.join(argv))
     quiet = log.level < log.VERBOSE
-    proc = subprocess.run(
+    proc = run(
         argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL if quiet else None,
-        stderr=subprocess.PIPE,
+        what,
+        stdout=DEVNULL if quiet else None,
         preexec_fn=_die_with_parent,
-        pass_fds=tuple(pass_fds),
+        pass_fds=pass_fds,
+        ok=ok,
     )
-    if proc.returncode not in ok:
-        tail = proc.stderr.decode(errors="replace").strip()[-1500:]
-        how = (
-            f"killed by signal {-proc.returncode}"
-            if proc.returncode < 0
-            else f"exit status {proc.returncode}"
-        )
-        raise ToolError(f"can't {what}: {os.path.basename(argv[0])} failed ({how}): {tail}")
     return proc.returncode
 
 
@@ -105,13 +96,7 @@ _PROGRESS = re.compile(rb"(\d+)/(\d+)\s+\d+%")
 
 def _run_with_bar(argv: list[str], bar: progress.Step) -> None:
     """Run mksquashfs with its own progress output parsed into ``bar`` ("N/M  P%")."""
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        preexec_fn=_die_with_parent,
-    )
+    proc = popen(argv, "create squashfs", stdout=PIPE, stderr=PIPE, preexec_fn=_die_with_parent)
     assert proc.stdout is not None and proc.stderr is not None
     tail = b""
     while chunk := os.read(proc.stdout.fileno(), 65536):
@@ -121,9 +106,7 @@ def _run_with_bar(argv: list[str], bar: progress.Step) -> None:
             bar.update(int(done), int(total))
     err = proc.stderr.read()
     if proc.wait() != 0:
-        how = f"exit status {proc.returncode}" if proc.returncode > 0 else "killed"
-        text = err.decode(errors="replace").strip()[-1500:]
-        raise ToolError(f"can't create squashfs: mksquashfs failed ({how}): {text}")
+        raise failure("create squashfs", argv, proc.returncode, err)
 
 
 def pack(

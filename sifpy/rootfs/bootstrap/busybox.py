@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import urllib.parse
 import urllib.request
 
-from sifpy.errors import BuildError
+from sifpy.errors import BuildError, SifpyError
 from sifpy.rootfs.bootstrap import Context, Result
 from sifpy.rootfs.bootstrap import files as F
 from sifpy.util import log
+from sifpy.util.proc import PIPE, TimeoutExpired, run
 
 HOST_BUSYBOX = ("/bin/busybox", "/usr/bin/busybox")
 _MAX = 64 << 20
@@ -52,15 +52,14 @@ def _fetch(url: str, dest: str) -> None:
 def applets(busybox: str) -> list[str]:
     """The applet names ``busybox --list`` prints (safe names only)."""
     try:
-        proc = subprocess.run(
+        proc = run(
             [busybox, "--list"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
+            "list busybox applets",
+            stdout=PIPE,
             env={"PATH": "/usr/bin:/bin"},
             timeout=30,
-            check=True,
         )
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (SifpyError, TimeoutExpired) as exc:
         raise BuildError(
             f"can't list busybox applets: {exc}", hint="is it a static busybox?"
         ) from exc

@@ -24,11 +24,11 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 
 from sifpy.errors import BuildError, ToolError
 from sifpy.rootfs.bootstrap import Context, Result
 from sifpy.util import log
+from sifpy.util.proc import run
 
 _DEVICES = "null zero full random urandom tty"
 _SETUP_HOOK = (
@@ -124,7 +124,7 @@ def bootstrap(ctx: Context) -> Result:
     env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     env["HOME"] = ctx.workdir
     env["TMPDIR"] = ctx.workdir
-    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, env=env, preexec_fn=_preexec)
+    proc = run(argv, "bootstrap Debian", env=env, stderr=None, preexec_fn=_preexec, ok=None)
     if proc.returncode != 0:
         raise BuildError(f"can't bootstrap Debian {suite}: mmdebstrap failed ({proc.returncode})")
     return Result()
