@@ -61,8 +61,11 @@ if TYPE_CHECKING:
     _CInt: Any
     _CLong: Any
     _CULong: Any
+    _ctypes: Any
 
     def get_errno() -> int: ...
+
+    def _c_buffer(data: bytes) -> Any: ...
 
 else:
     import _ctypes
@@ -79,6 +82,18 @@ else:
 
     class _CCharP(_ctypes._SimpleCData):
         _type_ = "z"
+
+    class _CChar(_ctypes._SimpleCData):
+        _type_ = "c"
+
+    def _c_buffer(data: bytes) -> Any:
+        """A C copy of ``data`` whose address (``_ctypes.addressof``) can go into a struct."""
+
+        class _Buf(_ctypes.Array):
+            _type_ = _CChar
+            _length_ = len(data)
+
+        return _Buf.from_buffer_copy(data)
 
     class _Func(_ctypes.CFuncPtr):
         _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
@@ -101,6 +116,7 @@ else:
         unshare=((_CInt,), _CInt),
         prctl=((_CInt, _CULong, _CULong, _CULong, _CULong), _CInt),
         capset=((_CCharP, _CCharP), _CInt),
+        capget=(None, _CInt),  # (header bytes, a _c_buffer the kernel writes)
         syscall=(None, _CLong),  # variadic: pass _CLong/_CInt/_CULong, bytes or None
     )
 
@@ -216,6 +232,69 @@ def drop_all_caps() -> None:
         raise _fail("drop", "bounding capability set", get_errno())
     header = _CAP_VERSION_3.to_bytes(4, sys.byteorder) + bytes(4)  # this process
     if _libc.capset(header, bytes(24)) != 0:
+        raise _fail("set", "capabilities", get_errno())
+
+
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+
+
+def set_seccomp_filter(prog: bytes) -> None:
+    """Install the classic-BPF program ``prog`` (``struct sock_filter[]`` bytes) on the calling
+    thread with ``prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER)``; it is inherited by every
+    child and kept across ``execve``. The caller sets no_new_privs first (the kernel requires
+    it without CAP_SYS_ADMIN). Filters stack: every installed one runs, the most
+    restrictive answer wins.
+    """
+    buf = _c_buffer(prog)
+    # struct sock_fprog { unsigned short len; struct sock_filter *filter; }: on the 64-bit
+    # ABIs supported, the pointer sits at offset 8 (6 bytes of padding after len).
+    order = sys.byteorder
+    fprog = _c_buffer(
+        (len(prog) // 8).to_bytes(2, order)
+        + bytes(6)
+        + _ctypes.addressof(buf).to_bytes(8, order)
+    )
+    if _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, _ctypes.addressof(fprog), 0, 0) != 0:
+        raise _fail("install", "seccomp filter", get_errno())
+    del buf, fprog  # the kernel copied the program
+
+
+def limit_caps(keep: int) -> None:
+    """Keep only the capabilities in the bit mask ``keep``: drop the others from the bounding
+    set (so that no later ``execve``, even of a root-owned or file-capability program, gets
+    them back), and from the effective and permitted sets; clear the inheritable and ambient
+    sets. runc does this for a container's process (its bounding, effective, permitted sets
+    are the configured list, inheritable and ambient empty since CVE-2022-24769).
+    """
+    if _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+        raise _fail("clear", "ambient capabilities", get_errno())
+    for cap in range(64):
+        if keep >> cap & 1:
+            continue
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            err = get_errno()
+            if err == errno.EINVAL:  # past CAP_LAST_CAP: nothing more to drop
+                break
+            raise _fail("drop", f"capability {cap} from the bounding set", err)
+    # capget, not /proc/self/status: this runs after pivot_root, where /proc may be absent.
+    order = sys.byteorder
+    header = _CAP_VERSION_3.to_bytes(4, order) + bytes(4)  # this process
+    now = _c_buffer(bytes(24))  # struct __user_cap_data_struct[2]: effective, permitted, inh.
+    if _libc.capget(header, now) != 0:
+        raise _fail("get", "capabilities", get_errno())
+    raw = bytes(now)
+    effective = permitted = 0
+    for i in (0, 1):
+        effective |= int.from_bytes(raw[12 * i : 12 * i + 4], order) << (32 * i)
+        permitted |= int.from_bytes(raw[12 * i + 4 : 12 * i + 8], order) << (32 * i)
+    effective, permitted = effective & keep, permitted & keep
+    data = b"".join(
+        (effective >> (32 * i) & 0xFFFFFFFF).to_bytes(4, order)
+        + (permitted >> (32 * i) & 0xFFFFFFFF).to_bytes(4, order)
+        + bytes(4)  # inheritable
+        for i in (0, 1)
+    )
+    if _libc.capset(header, data) != 0:
         raise _fail("set", "capabilities", get_errno())
 
 

@@ -37,7 +37,7 @@ import stat
 import sys
 
 from sifpy.errors import ExitStatus, RuntimeSetupError, SifpyError
-from sifpy.runtime import drivers, mount, ns
+from sifpy.runtime import drivers, mount, ns, seccomp
 from sifpy.runtime import plan as plan_
 from sifpy.runtime.start import (
     DEFAULT_PATH,
@@ -86,6 +86,28 @@ _FILES = f"{_SESSION}/files"
 _RW = f"{_SESSION}/rw"  # --writable-tmpfs: a size-capped tmpfs; --overlay: DIR bound here
 _OVERLAY = f"{_SESSION}/overlay"  # the overlay root: lower = _IMAGE, upper = _RW/upper
 
+# Docker's default capability set (moby oci/caps/defaults.go), what a confined payload (a
+# build's %post) keeps: enough for dpkg and apt (chown, setuid to _apt, mknod of FIFOs...),
+# none of CAP_SYS_ADMIN (mount, remount), CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH.
+DOCKER_CAPS = sum(
+    1 << cap
+    for cap in (
+        0,  # CAP_CHOWN
+        1,  # CAP_DAC_OVERRIDE
+        3,  # CAP_FOWNER
+        4,  # CAP_FSETID
+        5,  # CAP_KILL
+        6,  # CAP_SETGID
+        7,  # CAP_SETUID
+        8,  # CAP_SETPCAP
+        10,  # CAP_NET_BIND_SERVICE
+        18,  # CAP_SYS_CHROOT
+        27,  # CAP_MKNOD
+        29,  # CAP_AUDIT_WRITE
+        31,  # CAP_SETFCAP
+    )
+)
+
 
 class LaunchOptions(NamedTuple):
     """How much of the host the container sees, and as whom it runs."""
@@ -113,6 +135,9 @@ class LaunchOptions(NamedTuple):
     subid: bool = False  # with fakeroot: map ids 1..N to the user's /etc/subuid range if any
     own_root_after: bool = False  # writable sandbox: afterwards, chown every file to root
     prefetch: tuple[str, ...] = ()  # programs to read ahead on a FUSE mount (mount.prefetch)
+    # A build's %post: Docker's default capabilities, no new user namespace, /sys read-only,
+    # copies of the host's /etc files instead of binds (see DOCKER_CAPS, seccomp, plan).
+    confine: bool = False
 
 
 class LaunchSpec(NamedTuple):
@@ -577,6 +602,11 @@ def _container(
         os.chdir("/")
         cwd = _enter_cwd(spec, ident)
         ns.set_no_new_privs()
+        if spec.options.confine:
+            ns.limit_caps(DOCKER_CAPS)
+        # Last, once the runtime's own mounts are made: TIOCSTI/TIOCLINUX refused (flatpak's
+        # rule, see seccomp), so nothing in the image can type into the caller's terminal.
+        seccomp.install_payload_filter(spec.options.confine)
     except SifpyError as exc:
         _report(report, ExitStatus.LAUNCH_FAILED, exc.message, exc.hint)
         os._exit(ExitStatus.LAUNCH_FAILED)

@@ -1,40 +1,57 @@
-"""Root emulation for unprivileged builds: a seccomp filter that fakes ownership calls.
+"""The container's seccomp filters (classic BPF, assembled here: no libseccomp).
 
-In a user namespace that maps one id (the builder's, as 0), ``chown`` to any other owner and
-``setuid``-family calls fail with EINVAL/EPERM, and device ``mknod`` with EPERM; ``apt``,
-``dpkg`` and many maintainer scripts give up on those errors. Charliecloud ("seccomp"
-root emulation, its default for ``ch-image build``) and enroot (``enroot-nsenter``) solve
-this with a classic-BPF filter that makes exactly these calls return 0 without doing
-anything: "zero-consistency" root emulation (arXiv 2405.06085). The image then records
-every file as owned by the builder, which ``mksquashfs -all-root`` turns into root.
+* **Terminal injection** (:func:`install_payload_filter`, every container): ``ioctl``
+  ``TIOCSTI`` pushes bytes into a terminal's input queue, ``TIOCLINUX`` (subcode 2/3)
+  pastes a console selection; a program in the image could type commands that the
+  caller's shell runs after the container exits (CVE-2017-5226 in bubblewrap). Both
+  return EPERM, flatpak's rule (flatpak-run.c ``setup_seccomp``, bubblewrap's
+  ``--new-session`` advice): the request number is compared on its low 32 bits only,
+  because the kernel reads ``cmd`` as an ``unsigned int`` and a filter that compared all
+  64 bits would miss ``0xffffffff00005412`` (CVE-2019-10063). The rule covers the
+  compatibility ABIs too (i386 and x32 on x86_64, arm on aarch64), as flatpak adds them:
+  a 32-bit program in the image would otherwise go around it. The terminal's other
+  ioctls (job control: TIOCSPGRP, TIOCGWINSZ...) are untouched.
+* **Build** (``confine``, the build's ``%post``): besides, no new user namespace
+  (``unshare``/``clone`` with ``CLONE_NEWUSER``: EPERM; ``clone3``, whose flags a filter
+  can't read: ENOSYS, so the C library falls back to ``clone``), Docker's default
+  profile for a process without CAP_SYS_ADMIN: a nested user namespace would give the
+  payload every capability back (the mounts it sees stay locked there, but a fresh
+  sysfs in a new network namespace would not be).
+* **Root emulation** (:func:`install`, unprivileged builds without subordinate ids): in a
+  user namespace that maps one id (the builder's, as 0), ``chown`` to any other owner and
+  ``setuid``-family calls fail with EINVAL/EPERM, and device ``mknod`` with EPERM;
+  ``apt``, ``dpkg`` and many maintainer scripts give up on those errors. Charliecloud
+  ("seccomp" root emulation, its default for ``ch-image build``) and enroot
+  (``enroot-nsenter``) solve this with a filter that makes exactly these calls return 0
+  without doing anything: "zero-consistency" root emulation (arXiv 2405.06085). The image
+  then records every file as owned by the builder, which ``mksquashfs -all-root`` turns
+  into root. Faked (return 0): ``chown fchown lchown fchownat``, ``setuid setgid setreuid
+  setregid setresuid setresgid setfsuid setfsgid setgroups``, and ``mknod``/``mknodat`` of
+  character or block devices (FIFOs, sockets and regular files are still made for real).
+  Supported architectures: x86_64 and aarch64; any other syscall ABI passes unfiltered.
 
-Faked (return 0): ``chown fchown lchown fchownat``, ``setuid setgid setreuid setregid
-setresuid setresgid setfsuid setfsgid setgroups``, and ``mknod``/``mknodat`` of character
-or block devices (FIFOs, sockets and regular files are still made for real). The filter is
-inherited by every child and survives ``execve``; it needs ``no_new_privs``, which
-:func:`install` sets. Supported architectures: x86_64 and aarch64; any other syscall ABI
-(e.g. i386 or x32 on x86_64) passes unfiltered.
+Every filter is inherited by every child and survives ``execve``; installing one needs
+``no_new_privs``. This module is on the path of every ``sifpy exec``: it imports nothing
+that costs (no ctypes, struct or platform); the kernel calls are in :mod:`.ns`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import platform
 import stat
-import struct
+import sys
+
+from sifpy.runtime import ns
 
 # linux/filter.h, linux/seccomp.h, linux/audit.h
 _BPF_LD_W_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS
 _BPF_JEQ_K = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
 _BPF_AND_K = 0x54  # BPF_ALU | BPF_AND | BPF_K
+_BPF_JSET_K = 0x45  # BPF_JMP | BPF_JSET | BPF_K
 _BPF_RET_K = 0x06  # BPF_RET | BPF_K
 _RET_ALLOW = 0x7FFF0000
 _RET_ERRNO = 0x00050000  # | errno; errno 0 makes the call "succeed"
-_PR_SET_NO_NEW_PRIVS = 38
-_PR_SET_SECCOMP = 22
-_SECCOMP_MODE_FILTER = 2
 
 # struct seccomp_data: int nr; __u32 arch; __u64 ip; __u64 args[6]. The low 32 bits of an
 # argument sit at its offset on little-endian machines (both supported arches are).
@@ -107,14 +124,17 @@ class _Prog:
             def rel(t: int | str, i: int = i) -> int:
                 return t if isinstance(t, int) else self.labels[t] - i - 1
 
-            out += struct.pack("=HBBI", code, rel(jt), rel(jf), k & 0xFFFFFFFF)
+            # struct sock_filter { __u16 code; __u8 jt; __u8 jf; __u32 k; }, native order
+            order = sys.byteorder
+            out += code.to_bytes(2, order) + bytes((rel(jt), rel(jf)))
+            out += (k & 0xFFFFFFFF).to_bytes(4, order)
         return out
 
 
 def build_filter(machine: str | None = None) -> bytes | None:
     """The filter program (``struct sock_filter[]`` bytes) for ``machine``, or None if
     the architecture is not supported."""
-    entry = _ARCHES.get(machine or platform.machine())
+    entry = _ARCHES.get(machine or os.uname().machine)
     if entry is None:
         return None
     audit_arch, calls, mknods = entry
@@ -141,28 +161,80 @@ def build_filter(machine: str | None = None) -> bytes | None:
     return p.assemble()
 
 
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-
 def install() -> bool:
-    """Install the filter on the calling thread (and so on all its future children).
+    """Install the root-emulation filter on the calling thread (and so on all its future
+    children).
 
     Sets ``no_new_privs`` first, as the kernel requires of an unprivileged caller. Returns
-    False when the architecture is not supported; raises OSError when the kernel refuses.
-    Call it in a process that is about to exec the build's commands, never in a
-    long-lived sifpy process: it changes what ``chown`` means for everything after it.
+    False when the architecture is not supported; raises :class:`RuntimeSetupError` when the
+    kernel refuses. Call it in a process that is about to exec the build's commands, never in
+    a long-lived sifpy process: it changes what ``chown`` means for everything after it.
     """
     prog = build_filter()
     if prog is None:
         return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
-    buf = ctypes.create_string_buffer(prog, len(prog))
-    fprog = _SockFprog(len(prog) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
-        err = ctypes.get_errno() or errno.EINVAL
-        raise OSError(err, f"prctl(PR_SET_SECCOMP): {os.strerror(err)}")
+    ns.set_no_new_privs()
+    ns.set_seccomp_filter(prog)
     return True
+
+
+# --- the payload's filter -----------------------------------------------------------------
+
+# asm-generic/ioctls.h (x86, arm and arm64 use the generic numbers)
+TIOCSTI = 0x5412
+TIOCLINUX = 0x541C
+_CLONE_NEWUSER = 0x10000000
+_X32 = 0x40000000  # __X32_SYSCALL_BIT: x32 calls share AUDIT_ARCH_X86_64
+
+# AUDIT_ARCH -> (ioctl numbers, unshare numbers, clone numbers, clone3 numbers). All four
+# ABIs are listed whatever the machine: an arch value that never occurs costs one compare.
+_PAYLOAD_ARCHES: dict[int, tuple[tuple[int, ...], ...]] = {
+    0xC000003E: ((16, _X32 | 514), (272, _X32 | 272), (56, _X32 | 56), (435, _X32 | 435)),
+    0x40000003: ((54,), (310,), (120,), (435,)),  # i386
+    0xC00000B7: ((29,), (97,), (220,), (435,)),  # aarch64
+    0x40000028: ((54,), (337,), (120,), (435,)),  # arm (EABI)
+}
+
+
+def payload_filter(confine: bool = False) -> bytes:
+    """The filter every container's command runs under (see the module docstring); with
+    ``confine`` (a build's ``%post``), no new user namespace either."""
+    p = _Prog()
+    p.op(_BPF_LD_W_ABS, _OFF_ARCH)
+    for i, arch in enumerate(_PAYLOAD_ARCHES):
+        p.op(_BPF_JEQ_K, arch, f"arch{i}")
+    p.op(_BPF_RET_K, _RET_ALLOW)
+    for i, (ioctls, unshares, clones, clone3s) in enumerate(_PAYLOAD_ARCHES.values()):
+        p.label(f"arch{i}")
+        p.op(_BPF_LD_W_ABS, _OFF_NR)
+        for nr in ioctls:
+            p.op(_BPF_JEQ_K, nr, "ioctl")
+        if confine:
+            for nr in unshares:
+                p.op(_BPF_JEQ_K, nr, "flags0")  # unshare(flags)
+            for nr in clones:
+                p.op(_BPF_JEQ_K, nr, "flags0")  # clone(flags, ...) on all four ABIs
+            for nr in clone3s:
+                p.op(_BPF_JEQ_K, nr, "enosys")
+        p.op(_BPF_RET_K, _RET_ALLOW)
+    p.label("ioctl")
+    # The low 32 bits of the request only (flatpak's SCMP_CMP_MASKED_EQ 0xFFFFFFFF).
+    p.op(_BPF_LD_W_ABS, _arg_low(1))
+    p.op(_BPF_JEQ_K, TIOCSTI, "eperm")
+    p.op(_BPF_JEQ_K, TIOCLINUX, "eperm")
+    p.op(_BPF_RET_K, _RET_ALLOW)
+    if confine:
+        p.label("flags0")
+        p.op(_BPF_LD_W_ABS, _arg_low(0))
+        p.op(_BPF_JSET_K, _CLONE_NEWUSER, "eperm")
+        p.op(_BPF_RET_K, _RET_ALLOW)
+        p.label("enosys")
+        p.op(_BPF_RET_K, _RET_ERRNO | errno.ENOSYS)
+    p.label("eperm")
+    p.op(_BPF_RET_K, _RET_ERRNO | errno.EPERM)
+    return p.assemble()
+
+
+def install_payload_filter(confine: bool = False) -> None:
+    """Install :func:`payload_filter` on the calling thread; no_new_privs must be set."""
+    ns.set_seccomp_filter(payload_filter(confine))
