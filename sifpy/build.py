@@ -195,6 +195,10 @@ def run_in_container(
             passwd=False,  # %post may add users (useradd, package scripts): the image's own
             subid=True,
             own_root_after=bool(subids) and writable,
+            # Real root's %post must not reach the host through what it is shown (Docker's
+            # default for a container: its capabilities, copies of /etc/hosts and
+            # /etc/resolv.conf, /sys read-only); harmless to what dpkg and apt need.
+            confine=True,
         ),
     )
     sys.stdout.flush()

@@ -69,9 +69,9 @@ def compile_payload(dest: Path) -> Path:
     return dest
 
 
-def run_in_pty(runner: UserRunner, argv: list[str], typed: bytes = b"", **kw: Any) -> tuple[
-    int, str, int
-]:
+def run_in_pty(
+    runner: UserRunner, argv: list[str], typed: bytes = b"", **kw: Any
+) -> tuple[int, str, int]:
     """Run ``argv`` as the test user with a fresh pty as its controlling terminal and
     0, 1, 2; type ``typed``; return (exit status, what it wrote, bytes left queued in the
     terminal's input after it exited)."""

@@ -363,6 +363,7 @@ def resolve(
     create: str | None = None,
     writable_mounts: frozenset[int] = frozenset(),
     reserved_stop: bool = False,
+    follow_last: bool = True,
 ) -> Resolved:
     """Resolve ``path`` inside the directory ``root_fd`` as if it were ``/``.
 
@@ -370,7 +371,8 @@ def resolve(
     ``missing``), ``"dir"`` or ``"file"`` (create missing components; the last one as that
     type; only in directories on a mount whose id is in ``writable_mounts``). With
     ``reserved_stop``, a top-level name in :data:`RESERVED` ends the walk (it is not taken from
-    the image).
+    the image). With ``follow_last`` false, a symlink as the final component is the result
+    itself (``name``), not followed: the entry, whatever it points to.
     """
     todo = [p for p in path.split("/") if p not in ("", ".")]
     stack = [os.dup(root_fd)]
@@ -404,7 +406,7 @@ def resolve(
                 else:
                     os.mkdir(comp, 0o755, dir_fd=cur)
                 st = os.stat(comp, dir_fd=cur, follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode):
+            if stat.S_ISLNK(st.st_mode) and not (not todo and not follow_last):
                 hops += 1
                 if hops > _MAX_SYMLINKS:
                     raise RuntimeSetupError(f"can't resolve: {path}: {os.strerror(errno.ELOOP)}")
@@ -449,15 +451,29 @@ def open_in_root(root_fd: int, path: str) -> int | None:
     return fd
 
 
-def expansions(image_fd: int, dests: list[str]) -> set[tuple[str, ...]]:
+def expansions(
+    image_fd: int, dests: list[str], nofollow: tuple[str, ...] = ()
+) -> set[tuple[str, ...]]:
     """The image directories the underlay must expand so that every destination can be
-    created: the existing ancestors of each destination that is missing in the image."""
+    created: the existing ancestors of each destination that is missing in the image, and
+    of each ``nofollow`` destination that is a symlink there (it will be replaced)."""
     out: set[tuple[str, ...]] = set()
     for dest in dests:
         res = resolve(image_fd, dest, reserved_stop=True)
         res.close()
         if res.missing and not (res.parts and res.parts[0] in RESERVED):
             for i in range(1, len(res.parts) + 1):
+                out.add(tuple(res.parts[:i]))
+    for dest in nofollow:
+        res = resolve(image_fd, dest, reserved_stop=True, follow_last=False)
+        try:
+            if res.missing or not res.name or res.parts[0] in RESERVED:
+                continue
+            st = os.stat(res.name, dir_fd=res.parent_fd, follow_symlinks=False)
+        finally:
+            res.close()
+        if stat.S_ISLNK(st.st_mode):
+            for i in range(1, len(res.parts)):
                 out.add(tuple(res.parts[:i]))
     return out
 

@@ -250,9 +250,7 @@ def set_seccomp_filter(prog: bytes) -> None:
     # ABIs supported, the pointer sits at offset 8 (6 bytes of padding after len).
     order = sys.byteorder
     fprog = _c_buffer(
-        (len(prog) // 8).to_bytes(2, order)
-        + bytes(6)
-        + _ctypes.addressof(buf).to_bytes(8, order)
+        (len(prog) // 8).to_bytes(2, order) + bytes(6) + _ctypes.addressof(buf).to_bytes(8, order)
     )
     if _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, _ctypes.addressof(fprog), 0, 0) != 0:
         raise _fail("install", "seccomp filter", get_errno())
@@ -376,6 +374,25 @@ def detached_mount(
         return _syscall("mount", obj, _SYS_FSMOUNT, fs_fd, 1, attrs)  # FSMOUNT_CLOEXEC
     finally:
         os.close(fs_fd)
+
+
+_SYS_MOUNT_SETATTR = 442  # Linux 5.12, the unified table
+_AT_RECURSIVE = 0x8000
+
+
+def set_readonly_recursive(path: str, what: str) -> bool:
+    """Make the mount at ``path`` and every mount below it read-only (``mount_setattr(2)``
+    with AT_RECURSIVE); False when the kernel has no mount_setattr (before 5.12)."""
+    attr = MOUNT_ATTR_RDONLY.to_bytes(8, sys.byteorder) + bytes(24)  # struct mount_attr
+    res = int(
+        _libc.syscall(_CLong(_SYS_MOUNT_SETATTR), _AT_FDCWD, _b(path), _AT_RECURSIVE, attr, 32)
+    )
+    if res == 0:
+        return True
+    err = get_errno()
+    if err == errno.ENOSYS:
+        return False
+    raise _fail("remount", f"{what} (read-only, recursively)", err)
 
 
 def new_mount_api() -> bool:

@@ -32,7 +32,17 @@ class Mount:
     A plain class (no dataclasses import on the exec path); fields are set after creation.
     """
 
-    __slots__ = ("data", "dest", "fd", "harden", "is_dir", "kind", "readonly")
+    __slots__ = (
+        "data",
+        "dest",
+        "fd",
+        "harden",
+        "is_dir",
+        "kind",
+        "nofollow",
+        "readonly",
+        "recursive",
+    )
 
     def __init__(
         self,
@@ -43,9 +53,12 @@ class Mount:
         readonly: bool = False,
         harden: bool = True,  # remount nosuid,nodev (not for /dev, /proc, /sys)
         is_dir: bool = True,
+        nofollow: bool = False,  # an image symlink at dest is replaced, never followed
+        recursive: bool = False,  # with readonly: its submounts read-only too
     ) -> None:
         self.dest, self.kind, self.fd, self.data = dest, kind, fd, data
         self.readonly, self.harden, self.is_dir = readonly, harden, is_dir
+        self.nofollow, self.recursive = nofollow, recursive
 
     def __repr__(self) -> str:
         return f"Mount({self.dest!r}, {self.kind!r}, fd={self.fd}, data={self.data!r})"
@@ -58,6 +71,19 @@ def pin(path: str, what: str) -> int:
         return os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError as exc:
         raise RuntimeSetupError(f"can't bind: {what}: {path}: {exc.strerror}") from exc
+
+
+def _host_file(path: str, copy: bool) -> Mount:
+    """A host file shown read-only: bound, or (``copy``) a copy of it in the session, which
+    is what a confined payload gets: a read-only bind of the host file itself can be made
+    writable again by whoever may remount it (real root's %post), and then written through.
+    Docker likewise gives each container its own copy of /etc/hosts and /etc/resolv.conf."""
+    fd = pin(path, path)
+    if copy:
+        return Mount(
+            path, "file", fd, data="host" + path.replace("/", "-"), readonly=True, is_dir=False
+        )
+    return Mount(path, "bind", fd, readonly=True, is_dir=False)
 
 
 def plan(spec: LaunchSpec, ident: Identity) -> list[Mount]:
@@ -93,10 +119,15 @@ def plan(spec: LaunchSpec, ident: Identity) -> list[Mount]:
     else:
         plan.append(Mount("/proc", "bind", pin("/proc", "/proc"), harden=False))
     if "sys" not in skip:
-        plan.append(Mount("/sys", "bind", pin("/sys", "/sys"), harden=False))
+        # Confined (a build's %post, possibly real root): read-only with every submount
+        # (cgroup file systems), as Docker mounts /sys for a container that is not
+        # --privileged.
+        sys_ro = opts.confine
+        plan.append(Mount("/sys", "bind", pin("/sys", "/sys"), readonly=sys_ro, harden=sys_ro))
+        plan[-1].recursive = sys_ro
     for path in _SYSTEM_BINDS:
         if os.path.isfile(path) and "bind-paths" not in skip and path not in skip:
-            plan.append(Mount(path, "bind", pin(path, path), readonly=True, is_dir=False))
+            plan.append(_host_file(path, opts.confine))
     work = opts.workdir if opts.contain else None
     if not opts.no_home and "home" not in skip:
         home_src = opts.home or ident.home
@@ -117,11 +148,15 @@ def plan(spec: LaunchSpec, ident: Identity) -> list[Mount]:
         else:
             plan.append(Mount(path, "bind", pin(path, path)))
     if os.path.isfile("/etc/resolv.conf") and "/etc/resolv.conf" not in skip:
-        plan.append(Mount("/etc/resolv.conf", "bind", pin("/etc/resolv.conf", "/etc/resolv.conf")))
-        plan[-1].readonly, plan[-1].is_dir = True, False
+        plan.append(_host_file("/etc/resolv.conf", opts.confine))
     if opts.passwd:
-        plan.append(Mount("/etc/passwd", "file", data="passwd", readonly=True, is_dir=False))
-        plan.append(Mount("/etc/group", "file", data="group", readonly=True, is_dir=False))
+        # nofollow: an image's /etc/passwd -> /dev/null (or -> a file in the user's home)
+        # must not carry the generated file over that target; the entry itself is replaced
+        # (runc refuses to mount over a symlink for the same reason, CVE-2021-30465).
+        for name in ("passwd", "group"):
+            plan.append(
+                Mount(f"/etc/{name}", "file", data=name, readonly=True, is_dir=False, nofollow=True)
+            )
     for src, dest, readonly in spec.binds:
         if not dest.startswith("/"):
             raise RuntimeSetupError(f"can't bind: {src}: destination {dest} is not absolute")

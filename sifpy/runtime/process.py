@@ -660,14 +660,18 @@ def _assemble(spec: LaunchSpec, ident: Identity, plan: list[plan_.Mount], cwd_fd
         root = _ROOT
         os.mkdir(root)
         ns.mount("tmpfs", root, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=0755", "root")
-        expand = mount.expansions(image_fd, [m.dest for m in plan])
+        nofollow = tuple(m.dest for m in plan if m.nofollow)
+        expand = mount.expansions(image_fd, [m.dest for m in plan], nofollow)
         mount.build_underlay(_IMAGE, root, expand)
-    _write_files(image_fd, ident, opts)
+    _write_files(image_fd, ident, opts, plan)
     os.close(image_fd)
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     writable = {mount.mount_id(root_fd)}
+    # Replacing an image's entry is for roots that vanish with the container (the tmpfs
+    # underlay, --writable-tmpfs), not for the user's sandbox or --overlay directory.
+    ephemeral = not opts.writable and not opts.overlay
     for m in plan:
-        _apply(root_fd, m, writable)
+        _apply(root_fd, m, writable, ephemeral)
     os.close(root_fd)
     if not opts.writable and not overlay:
         mount.remount(root, readonly=True, what="container root")
@@ -697,8 +701,11 @@ def _reserve_dirs(root: str) -> None:
                 ) from exc
 
 
-def _apply(root_fd: int, m: plan_.Mount, writable: set[int]) -> None:
-    """Make one mount of the plan, its destination resolved inside the root."""
+def _apply(root_fd: int, m: plan_.Mount, writable: set[int], ephemeral: bool = True) -> None:
+    """Make one mount of the plan, its destination resolved inside the root.
+
+    A ``nofollow`` destination that is a symlink in the image is replaced by an empty file
+    (in a writable, ``ephemeral`` root) and the mount lands on that, never on the target."""
     if m.kind == "symlink":
         parent, name = m.dest.rsplit("/", 1)
         res = mount.resolve(root_fd, parent or "/", "dir", frozenset(writable))
@@ -714,10 +721,13 @@ def _apply(root_fd: int, m: plan_.Mount, writable: set[int]) -> None:
         finally:
             res.close()
         return
-    res = mount.resolve(root_fd, m.dest, "dir" if m.is_dir else "file", frozenset(writable))
+    kind = "dir" if m.is_dir else "file"
+    res = mount.resolve(root_fd, m.dest, kind, frozenset(writable), follow_last=not m.nofollow)
     try:
         if not res.name:
             raise RuntimeSetupError(f"can't mount: {m.dest}: that is the container root")
+        if m.nofollow:
+            _replace_symlink(res, m.dest, writable, ephemeral)
         tfd = os.open(res.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=res.parent_fd)
         try:
             if stat.S_ISDIR(os.fstat(tfd).st_mode) != m.is_dir:
@@ -729,6 +739,10 @@ def _apply(root_fd: int, m: plan_.Mount, writable: set[int]) -> None:
             over = mount.fd_path(res.parent_fd, res.name)  # crosses into the new mount
             if m.kind == "bind":
                 mount.bind(mount.fd_path(m.fd), target, m.readonly, m.harden, m.dest, over)
+                if m.readonly and m.recursive:
+                    # Without mount_setattr (Linux < 5.12) only the top is read-only; a
+                    # confined payload still can't remount (no CAP_SYS_ADMIN).
+                    ns.set_readonly_recursive(over, m.dest)
             elif m.kind == "file":
                 mount.bind(f"{_FILES}/{m.data}", target, m.readonly, True, m.dest, over)
             elif m.kind == "tmpfs":
@@ -750,6 +764,21 @@ def _apply(root_fd: int, m: plan_.Mount, writable: set[int]) -> None:
             os.close(tfd)
     finally:
         res.close()
+
+
+def _replace_symlink(res: mount.Resolved, dest: str, writable: set[int], ephemeral: bool) -> None:
+    """If ``res`` names a symlink, replace it with an empty regular file."""
+    st = os.stat(res.name, dir_fd=res.parent_fd, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        return
+    if not ephemeral or mount.mount_id(res.parent_fd) not in writable:
+        raise RuntimeSetupError(
+            f"can't mount: {dest}: it is a symlink in the image",
+            "make it a regular file in the image: sifpy never mounts over a symlink's target",
+        )
+    os.unlink(res.name, dir_fd=res.parent_fd)
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    os.close(os.open(res.name, flags, 0o644, dir_fd=res.parent_fd))
 
 
 def _init(child: int) -> NoReturn:
@@ -777,8 +806,16 @@ def _read_image_file(image_fd: int, path: str) -> str | None:
         return f.read(1 << 20).decode(errors="replace")
 
 
-def _write_files(image_fd: int, ident: Identity, opts: LaunchOptions) -> None:
-    """Generate /etc/passwd and /etc/group: the image's, plus the caller's entries."""
+def _write_files(
+    image_fd: int, ident: Identity, opts: LaunchOptions, plan: list[plan_.Mount]
+) -> None:
+    """Generate /etc/passwd and /etc/group: the image's, plus the caller's entries; copy the
+    host files the plan shows as copies (``file`` mounts with a pinned source)."""
+    for m in plan:
+        if m.kind == "file" and m.fd >= 0:
+            with open(mount.fd_path(m.fd), "rb") as src, open(f"{_FILES}/{m.data}", "wb") as f:
+                f.write(src.read(1 << 20))
+            os.chmod(f"{_FILES}/{m.data}", 0o644)
     passwd = _read_image_file(image_fd, "/etc/passwd")
     group = _read_image_file(image_fd, "/etc/group")
     home = opts.home_dest or opts.home or ident.home
