@@ -86,9 +86,11 @@ _FILES = f"{_SESSION}/files"
 _RW = f"{_SESSION}/rw"  # --writable-tmpfs: a size-capped tmpfs; --overlay: DIR bound here
 _OVERLAY = f"{_SESSION}/overlay"  # the overlay root: lower = _IMAGE, upper = _RW/upper
 
-# Docker's default capability set (moby oci/caps/defaults.go), what a confined payload (a
-# build's %post) keeps: enough for dpkg and apt (chown, setuid to _apt, mknod of FIFOs...),
-# none of CAP_SYS_ADMIN (mount, remount), CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH.
+# What a confined payload (a build's %post) keeps: Docker's default capability set (moby
+# oci/caps/defaults.go) less CAP_NET_RAW, as Podman leaves it out (raw sockets on the host
+# network a build shares; ping uses ICMP sockets). Enough for dpkg and apt (chown, setuid to
+# _apt, mknod of FIFOs...); none of CAP_SYS_ADMIN (mount, remount), CAP_NET_ADMIN,
+# CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH. The bounding set is cut to it too (runc's rule).
 DOCKER_CAPS = sum(
     1 << cap
     for cap in (
