@@ -19,6 +19,8 @@ import pytest
 
 from integration.conftest import UserRunner, require
 
+from integration.runtime.test_tty import blocked, compile_payload, run_in_pty
+
 from .conftest import Builder, _builder
 
 # Docker's default set (moby oci/caps/defaults.go) less NET_RAW, by name: the numbers come
@@ -120,3 +122,24 @@ def test_root_post_cannot_write_host_files(root_builder: Builder, workdir: Path)
 def test_user_post_is_confined_too(user_builder: Builder, workdir: Path) -> None:
     """The same limits in an unprivileged build (root in its user namespace)."""
     _check_confined(_build(user_builder, workdir, []))
+
+
+def test_post_cannot_inject_into_the_terminal(builder: Builder, workdir: Path) -> None:
+    """%post under a terminal (the builder's own, controlling): TIOCSTI and TIOCLINUX are
+    refused, nothing is left in the terminal's input queue (integration/runtime/test_tty.py
+    has the same check for exec, run, shell and test)."""
+    payload = compile_payload(workdir / "inject-build")
+    deffile = workdir / f"inject-{builder.identity}.def"
+    deffile.write_text(
+        f"Bootstrap: busybox\nMirrorURL: file:///bin/busybox\n\n"
+        f"%files\n    {payload} /bin/inject\n\n%post\n    /bin/inject\n"
+    )
+    deffile.chmod(0o644)
+    argv = builder.argv(["build", "--force", str(builder.out / "inject.sif"), str(deffile)])
+    if builder.identity == "user":
+        code, out, queued = run_in_pty(builder.runner, argv, cwd=str(builder.out))
+    else:
+        code, out, queued = run_in_pty(None, argv, env=builder.env(), cwd=str(builder.out))
+    assert code == 0, out
+    blocked(out)
+    assert queued == 0, out

@@ -70,11 +70,16 @@ def compile_payload(dest: Path) -> Path:
 
 
 def run_in_pty(
-    runner: UserRunner, argv: list[str], typed: bytes = b"", **kw: Any
+    runner: UserRunner | None, argv: list[str], typed: bytes = b"", **kw: Any
 ) -> tuple[int, str, int]:
-    """Run ``argv`` as the test user with a fresh pty as its controlling terminal and
-    0, 1, 2; type ``typed``; return (exit status, what it wrote, bytes left queued in the
+    """Run ``argv`` as the test user (``runner``; None: as this process's user, with
+    ``env`` and ``cwd`` from ``kw``) with a fresh pty as its controlling terminal and 0, 1,
+    2; type ``typed``; return (exit status, what it wrote, bytes left queued in the
     terminal's input after it exited)."""
+    env = kw.pop("env", None)
+    if runner is not None:
+        argv, env = runner.argv(argv), runner.env(env)
+        kw.setdefault("cwd", runner.user.home)
     master, slave = os.openpty()
     try:
         tty.setraw(slave)  # no line discipline buffering or echo: FIONREAD counts each byte
@@ -83,14 +88,14 @@ def run_in_pty(
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
         proc = subprocess.Popen(
-            runner.argv(argv),
-            env=runner.env(kw.pop("env", None)),
+            argv,
+            env=env,
             stdin=slave,
             stdout=slave,
             stderr=slave,
             start_new_session=True,
             preexec_fn=controlling_tty,
-            cwd=kw.pop("cwd", runner.user.home),
+            cwd=kw.pop("cwd", None),
         )
         if typed:
             time.sleep(0.5)
