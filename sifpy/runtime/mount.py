@@ -406,7 +406,7 @@ def resolve(
                 else:
                     os.mkdir(comp, 0o755, dir_fd=cur)
                 st = os.stat(comp, dir_fd=cur, follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode) and not (not todo and not follow_last):
+            if stat.S_ISLNK(st.st_mode) and (todo or follow_last):
                 hops += 1
                 if hops > _MAX_SYMLINKS:
                     raise RuntimeSetupError(f"can't resolve: {path}: {os.strerror(errno.ELOOP)}")

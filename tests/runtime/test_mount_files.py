@@ -57,3 +57,31 @@ def test_fifos_neither_hang_nor_count(tmp_path: Path) -> None:
     threading.Thread(target=run, daemon=True).start()
     assert done.wait(10), "blocked on a FIFO"
     assert found == [None]
+
+
+def test_nofollow_destinations_are_the_entry_not_its_target(tmp_path: Path) -> None:
+    """/etc/passwd -> /dev/null: followed, it resolves to /dev (a name the runtime provides);
+    unfollowed, it is the entry itself, and the underlay must expand /etc to replace it."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "home" / "u").mkdir(parents=True)
+    (root / "etc" / "passwd").symlink_to("/dev/null")
+    (root / "etc" / "group").symlink_to("../home/u/.profile")
+    (root / "home" / "u" / ".profile").write_text("profile\n")
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        followed = mount.resolve(fd, "/etc/group")
+        followed.close()
+        assert followed.parts == ["home", "u", ".profile"]
+        for name in ("passwd", "group"):
+            res = mount.resolve(fd, f"/etc/{name}", follow_last=False)
+            res.close()
+            assert (res.name, res.parts, res.missing) == (name, ["etc", name], [])
+        assert ("etc",) not in mount.expansions(fd, ["/etc/passwd", "/etc/group"])
+        assert ("etc",) in mount.expansions(fd, ["/etc/passwd"], nofollow=("/etc/passwd",))
+        # A regular file needs no expansion.
+        (root / "etc" / "group").unlink()
+        (root / "etc" / "group").write_text("g\n")
+        assert mount.expansions(fd, [], nofollow=("/etc/group",)) == set()
+    finally:
+        os.close(fd)
