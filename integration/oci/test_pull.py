@@ -215,3 +215,42 @@ def test_one_layer_that_needs_the_merge(
     ours = sif_rootfs(out, tmp_path / "ours")
     assert (ours / "etc/motd").read_bytes() == b"second\n"
     assert_same_tree(ours, umoci_rootfs(oci, "1", tmp_path / "bundle"), strict_links=True)
+
+
+def test_nested_index_is_refused(registry: Registry, sifpy: SifpyEnv, tmp_path: Path) -> None:
+    """An index whose entry for the host platform is itself an index (or, through more
+    levels, an index reached again): refused at the first nested level, nothing written."""
+    import hashlib
+
+    import requests
+
+    base = f"http://{registry.host}/v2/test/index"
+    index_type = "application/vnd.oci.image.index.v1+json"
+    inner = requests.get(f"{base}/manifests/1", headers={"Accept": index_type}, timeout=10)
+    assert inner.status_code == 200 and json.loads(inner.content)["manifests"]
+    outer = {
+        "schemaVersion": 2,
+        "mediaType": index_type,
+        "manifests": [
+            {
+                "mediaType": index_type,
+                "digest": "sha256:" + hashlib.sha256(inner.content).hexdigest(),
+                "size": len(inner.content),
+                "platform": {"os": "linux", "architecture": "amd64"},
+            }
+        ],
+    }
+    put = requests.put(
+        f"{base}/manifests/nested",
+        data=json.dumps(outer).encode(),
+        headers={"Content-Type": index_type},
+        timeout=10,
+    )
+    assert put.status_code == 201, put.text
+    out = tmp_path / "n.sif"
+    proc = sifpy.run(
+        "pull", "--insecure", "--arch", "amd64", out,
+        f"docker://{registry.host}/test/index:nested", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "nested indexes are not supported" in proc.stderr, proc.stderr
+    assert not out.exists()
