@@ -96,7 +96,8 @@ def _run(argv: list[str], what: str, ok: Sequence[int] = (0,), pass_fds: Sequenc
             if proc.returncode < 0
             else f"exit status {proc.returncode}"
         )
-        raise ToolError(f"can't {what}: {os.path.basename(argv[0])} failed ({how}): {tail}")
+        message = f"can't {what}: {os.path.basename(argv[0])} failed ({how})"
+        raise ToolError(f"{message}: {tail}" if tail else message)
     return proc.returncode
 
 

@@ -237,3 +237,25 @@ def test_malformed_tar_is_a_typed_error(tmp_path: Path, case: str) -> None:
         assert outcomes[:2] == ["ok", "ok"] and (tmp_path / "a/renamed").exists(), outcomes
     if case.startswith("truncated") or case == "bad-checksum":
         assert outcomes[0] == "RootfsError" and outcomes[1] == "RootfsError", outcomes
+
+
+# --- privilege carried by a layer ------------------------------------------------------------
+
+
+def test_capability_xattr_is_not_applied(tmp_path: Path) -> None:
+    # A file capability (cap_setuid+ep, v2 layout) in a PAX xattr record: sifpy keeps no
+    # xattrs, so no layer can grant a capability; the merged tar carries none either.
+    cap = bytes.fromhex("0100000280000000000000000000000000000000")
+    ti, data = reg("bin/tool", b"#!/bin/sh\n", 0o755)
+    ti.pax_headers = {
+        "SCHILY.xattr.security.capability": cap.decode("latin-1"),
+        "SCHILY.xattr.user.note": "x",
+    }
+    blob = layer((ti, data))
+    assert b"security.capability" in blob[:2048]
+    apply_layer(tmp_path, io.BytesIO(blob))
+    assert os.listxattr(tmp_path / "bin/tool", follow_symlinks=False) == []
+    out = io.BytesIO()
+    stream.merged_tar([io.BytesIO(blob)], out)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tf:
+        assert all(not m.pax_headers for m in tf), [m.pax_headers for m in tf]
