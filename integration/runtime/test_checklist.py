@@ -203,3 +203,46 @@ def test_session_is_private_and_0700(sifpy: Sifpy) -> None:
         assert during == before
     finally:
         p.communicate(timeout=20)  # end of input: the command, then sifpy, end normally
+
+
+def _survivors(tag: str) -> list[int]:
+    """Pids whose command line holds ``tag`` (a unique sleep length)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if tag.encode() in cmd:
+                out.append(int(entry))
+    return out
+
+
+def _background_left(sifpy: Sifpy, opts: tuple[str, ...], tag: str) -> list[int]:
+    import time
+
+    # The background job starts (prints its pid) before the primary command exits.
+    script = f"sleep {tag} </dev/null >/dev/null 2>&1 & sleep 0.3; echo started"
+    r = sifpy.exec("sh", "-c", script, opts=opts)
+    assert r.returncode == 0 and r.stdout == "started\n", r.stderr
+    time.sleep(0.5)
+    left = _survivors(tag)
+    for pid in left:
+        os.kill(pid, 9)
+    return left
+
+
+def test_background_job_ends_with_the_container_under_pid(sifpy: Sifpy) -> None:
+    # apptainer#2104: what happens to a job still running when the command exits. With
+    # --pid the container's init is killed with it, and the whole namespace goes.
+    assert _background_left(sifpy, ("--pid",), f"97.{os.getpid()}1") == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="without --pid a background job outlives the container, and loses its image "
+    "(the FUSE server stops with sifpy): neither killed nor kept working",
+)
+def test_background_job_ends_with_the_container(sifpy: Sifpy) -> None:
+    assert _background_left(sifpy, (), f"97.{os.getpid()}2") == []
