@@ -7,6 +7,7 @@ image, and the modes of the session the runtime builds."""
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import stat
 import subprocess
@@ -246,3 +247,23 @@ def test_background_job_ends_with_the_container_under_pid(sifpy: Sifpy) -> None:
 )
 def test_background_job_ends_with_the_container(sifpy: Sifpy) -> None:
     assert _background_left(sifpy, (), f"97.{os.getpid()}2") == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP, signal.SIGWINCH, signal.SIGUSR1])
+def test_signals_reach_a_trap_in_the_container(sifpy: Sifpy, sig: int) -> None:
+    name = signal.Signals(sig).name[3:]
+    script = f"trap 'echo got-{name}; exit 7' {name}; echo ready; while :; do sleep 0.1; done"
+    p = sifpy.runner.popen(
+        [*sifpy.program, "exec", sifpy.image, "sh", "-c", script],
+        stdout=subprocess.PIPE,
+        cwd=sifpy.cwd,
+    )
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    p.send_signal(sig)
+    out, _ = p.communicate(timeout=20)
+    assert (out.strip(), p.returncode) == (f"got-{name}", 7)
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGABRT, 134), (signal.SIGINT, 130)])
+def test_more_signal_deaths_are_128_plus_n(sifpy: Sifpy, sig: int, code: int) -> None:
+    assert sifpy.exec("sh", "-c", f"kill -{int(sig)} $$").returncode == code
