@@ -7,8 +7,8 @@ image, and the modes of the session the runtime builds."""
 from __future__ import annotations
 
 import os
-import signal
 import shutil
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from integration.conftest import UserRunner, require
+from integration.conftest import PYTHON, UserRunner, require
 from integration.runtime.conftest import busybox_rootfs, make_sif, user_processes
 from integration.runtime.test_cli_exec import Sifpy
 
@@ -267,3 +267,80 @@ def test_signals_reach_a_trap_in_the_container(sifpy: Sifpy, sig: int) -> None:
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGABRT, 134), (signal.SIGINT, 130)])
 def test_more_signal_deaths_are_128_plus_n(sifpy: Sifpy, sig: int, code: int) -> None:
     assert sifpy.exec("sh", "-c", f"kill -{int(sig)} $$").returncode == code
+
+
+NSS_C = r"""
+#include <fcntl.h>
+#include <unistd.h>
+__attribute__((constructor)) static void evil(void) {
+    char comm[64];
+    int n = 0, fd = open("/proc/self/comm", O_RDONLY);
+    if (fd >= 0) { n = read(fd, comm, sizeof comm); close(fd); }
+    int out = open(MARKER, O_WRONLY | O_APPEND | O_CREAT, 0666);
+    if (out >= 0 && n > 0) { write(out, "nss:", 4); write(out, comm, n); close(out); }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def lookup_trap(workdir: Path) -> dict[str, Any]:
+    """An image that traps sifpy's own process if it resolves a name or imports a module
+    once inside the root (CVE-2019-14271 analogue): an nsswitch.conf naming a service whose
+    libnss_evil.so.2 logs who loaded it, and a shadow of every standard-library module
+    (``json.py``, ``traceback.py``...) in the host Python's own directory, each logging its
+    name. The marker lies in the host's /tmp, which the container shares."""
+    import sys
+
+    require(None if shutil.which("gcc") else "gcc is not installed")
+    marker = Path(f"/tmp/sifpy-it-lookup-{os.getpid()}")
+    lib = workdir / "libnss_evil.so.2"
+    src = workdir / "nss.c"
+    src.write_text(NSS_C)
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", str(lib), str(src)],
+        check=True,
+        capture_output=True,
+    )
+    # Every directory on the path of the python3 that runs sifpy (stdlib, lib-dynload,
+    # dist-packages): inside the image, the same paths lead to the shadows.
+    dirs = subprocess.run(
+        [PYTHON, "-c", "import sys; print('\\n'.join(p for p in sys.path if p.startswith('/usr')))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert dirs
+
+    def plant(root: Path) -> None:
+        (root / "etc/nsswitch.conf").write_text(
+            "passwd: evil files\ngroup: evil files\nhosts: evil files\nshadow: evil files\n"
+        )
+        for d in ("lib", "lib64", "usr/lib", "lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+            shutil.copy(lib, root / d / lib.name)
+        for d in dirs:
+            pydir = root / d.lstrip("/")
+            pydir.mkdir(parents=True, exist_ok=True)
+            for name in sys.stdlib_module_names:
+                (pydir / f"{name}.py").write_text(
+                    f"open({str(marker)!r}, 'a').write('py:{name}\\n')\n"
+                )
+
+    root = busybox_rootfs(workdir / "lookup-rootfs", plant)
+    return {"sif": make_sif(root, workdir / "lookup.sif")["sif"], "marker": marker, "dirs": dirs}
+
+
+def test_no_lookup_or_import_inside_the_image(sifpy: Sifpy, lookup_trap: dict[str, Any]) -> None:
+    marker = Path(lookup_trap["marker"])
+    try:
+        for opts in [(), ("--pid",), ("--fakeroot",), ("--writable-tmpfs",)]:
+            marker.write_text("")
+            marker.chmod(0o666)
+            r = sifpy("exec", *opts, str(lookup_trap["sif"]), "true")
+            assert r.returncode == 0, (opts, r.stderr)
+            assert marker.read_text() == "", (opts, marker.read_text())
+        # The trap is in place where sifpy's process would look (its python3's path).
+        shadows = " ".join(f"{d}/json.py {d}/traceback.py" for d in lookup_trap["dirs"])
+        r = sifpy("exec", str(lookup_trap["sif"]), "sh", "-c",
+                  f"cat /etc/nsswitch.conf; ls /lib/x86_64-linux-gnu/libnss_evil.so.2 {shadows}")  # fmt: skip
+        assert r.returncode == 0 and "passwd: evil" in r.stdout, r.stderr
+    finally:
+        marker.unlink(missing_ok=True)
