@@ -249,7 +249,11 @@ def test_background_job_ends_with_the_container(sifpy: Sifpy) -> None:
     assert _background_left(sifpy, (), f"97.{os.getpid()}2") == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP, signal.SIGWINCH, signal.SIGUSR1])
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGINT, signal.SIGHUP, signal.SIGWINCH, signal.SIGUSR1],
+    ids=lambda s: signal.Signals(s).name,
+)
 def test_signals_reach_a_trap_in_the_container(sifpy: Sifpy, sig: int) -> None:
     name = signal.Signals(sig).name[3:]
     script = f"trap 'echo got-{name}; exit 7' {name}; echo ready; while :; do sleep 0.1; done"
