@@ -1,17 +1,26 @@
 """bench/exec: start-up cost of ``sifpy exec IMG /bin/true`` against Charliecloud's ch-run.
 
+The baseline is ch-run as its users run it: ``ch-run IMG.sqfs -- /bin/true``, which mounts
+the squashfs itself with the SquashFUSE library linked into ch-run (``ldd /usr/bin/ch-run``
+shows libsquashfuse_ll; ``ch-run -vv`` logs ch_fuse.c mounting and unmounting), in the
+same process, with no FUSE server to exec. Two more ch-run lines are printed for
+reference only: wrapped in an external ``squashfuse_ll`` mount and ``fusermount3 -u``
+(what an earlier version of this bench used as its baseline), and on a squashfs mounted
+once beforehand (ch-run's lower bound).
+
 ``sifpy`` is the program ``make venv`` installs (.venv/bin/sifpy): the starter, compiled
 from sifpy/cli/starter.c, when a C compiler was there. For reference the same start also
 runs through the Python-only launcher script (what is installed without a compiler).
 
-Both run the same busybox squashfs, in the same run, as the same unprivileged user (when
-started as root: ``--user``, default ``sifpytest`` if it exists, else ``nobody``), so both
-mount it with squashfuse_ll. ch-run (Debian's 0.31 has no built-in SquashFUSE) is timed two
-ways: as mount + run + unmount (the same work sifpy does on every start; the target's
-baseline) and on the squashfs mounted once beforehand (its lower bound). When started as
-root, sifpy is also timed as root (the kernel squashfs driver, no FUSE). Runs alternate
-between the commands, so that drift in the machine's load hits all of them alike.
-Prints the ratios and writes them to bench/results/exec.txt.
+Every command runs the same busybox squashfs (sifpy: the same bytes as a SIF), in the same
+run, as the same unprivileged user (when started as root: ``--user``, default
+``sifpytest`` if it exists, else ``nobody``). When started as root, sifpy is also timed as
+root (the kernel squashfs driver, no FUSE). Runs alternate between the commands, so that
+drift in the machine's load hits all of them alike. Besides the wall time, the CPU time
+(user + system) of each start is measured over the whole process tree, FUSE servers that
+outlive their parent included: this process is a child subreaper, so every descendant is
+reaped here and counted in RUSAGE_CHILDREN. Prints the ratios and writes them, with the
+commands, commit and CPU, to bench/results/exec.txt.
 
     .venv/bin/python bench/exec.py [--runs N] [--user NAME]
 """
@@ -19,8 +28,11 @@ Prints the ratios and writes them to bench/results/exec.txt.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import pwd
+import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -29,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _report import report
+from _report import provenance, report
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -46,18 +58,59 @@ def busybox_root(root: Path) -> None:
         (root / "etc" / f).touch()
 
 
-def timed(cmds: dict[str, list[str]], runs: int, env: dict[str, str]) -> dict[str, list[float]]:
-    """Time each command ``runs`` times, alternating between them."""
+def _children() -> set[int]:
+    return {int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == os.getpid()}
+
+
+def _reap_all(keep: frozenset[int] = frozenset()) -> None:
+    """Reap every descendant left over (a FUSE server exits once unmounted), but ``keep``."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            left = _children() - keep
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                sys.exit(f"bench/exec: descendants did not exit within 5 s: {sorted(left)}")
+            time.sleep(0.001)
+
+
+def _ppid(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return -1
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def timed(
+    cmds: dict[str, list[str]], runs: int, env: dict[str, str], keep: frozenset[int] = frozenset()
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Time each command ``runs`` times, alternating between them: wall and CPU seconds."""
     for argv in cmds.values():  # warm-up: page cache, Python's bytecode cache
         for _ in range(3):
             subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
-    out: dict[str, list[float]] = {k: [] for k in cmds}
+            _reap_all(keep)
+    wall: dict[str, list[float]] = {k: [] for k in cmds}
+    cpu: dict[str, list[float]] = {k: [] for k in cmds}
     for _ in range(runs):
         for k, argv in cmds.items():
+            c = _cpu()
             t = time.perf_counter()
             subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
-            out[k].append(time.perf_counter() - t)
-    return out
+            wall[k].append(time.perf_counter() - t)
+            _reap_all(keep)
+            cpu[k].append(_cpu() - c)
+    return wall, cpu
 
 
 def main() -> int:
@@ -68,6 +121,9 @@ def main() -> int:
     for tool in ("ch-run", "squashfuse_ll", "mksquashfs", "fusermount3", "setpriv"):
         if not shutil.which(tool):
             sys.exit(f"bench/exec needs {tool} (apt-get install charliecloud-runtime squashfuse)")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER: count orphaned servers
+        sys.exit("bench/exec: can't become a child subreaper")
     sys.path.insert(0, str(REPO))
     from sifpy.sif import ObjectInput, create
     from sifpy.sif import format as F
@@ -115,39 +171,48 @@ def main() -> int:
         sifpy = [str(program), "exec", str(sif), "/bin/true"]
         full = ["sh", "-c", f"squashfuse_ll {sqfs} {mnt} && ch-run {mnt} -- /bin/true;"
                 f" fusermount3 -u {mnt}"]  # fmt: skip
+        base_name = "ch-run IMG.sqfs (its own SquashFUSE)"
         cmds = {
             "sifpy exec": as_user + sifpy,
-            "ch-run (mount+run+unmount)": as_user + full,
+            base_name: [*as_user, "ch-run", str(sqfs), "--", "/bin/true"],
             "sifpy exec, Python only": [*as_user, str(script), *sifpy[1:]],
+            "ch-run, external squashfuse_ll mount": as_user + full,
         }
         if root:
             cmds["sifpy exec as root (kernel)"] = sifpy
-        results = timed(cmds, a.runs, env)
+        wall, cpu = timed(cmds, a.runs, env)
         subprocess.run([*as_user, "squashfuse_ll", str(sqfs), str(mnt)], check=True, env=env)
         pre = {"ch-run (pre-mounted)": [*as_user, "ch-run", str(mnt), "--", "/bin/true"]}
         try:
-            results.update(timed(pre, a.runs, env))
+            w, c = timed(pre, a.runs, env, frozenset(_children()))  # the mount's server
+            wall.update(w)
+            cpu.update(c)
         finally:
             subprocess.run([*as_user, "fusermount3", "-u", str(mnt)], check=True, env=env)
-    med = {k: statistics.median(v) for k, v in results.items()}
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    mcpu = {k: statistics.median(v) for k, v in cpu.items()}
     base = med["sifpy exec"]
     lines = [
         f"bench/exec: median of {a.runs} alternating runs, /bin/true in a busybox squashfs, "
-        f"as {user.pw_name} (uid {user.pw_uid}); {os.cpu_count()} CPUs; "
-        f".venv/bin/sifpy is the {kind}"
+        f"as {user.pw_name} (uid {user.pw_uid}); .venv/bin/sifpy is the {kind}",
+        f"measured on: {provenance()}",
+        f"{'':<40} {'wall':>8} {'CPU (user+sys, whole tree)':>28}",
     ]
-    lines += [f"  {k:<30} {v * 1000:7.1f} ms" for k, v in med.items()]
+    lines += [f"  {k:<38} {v * 1000:6.1f} ms {mcpu[k] * 1000:16.1f} ms" for k, v in med.items()]
     for k, v in med.items():
         if k.startswith("ch-run"):
-            lines.append(f"ratio sifpy / {k}: {base / v:.2f}x")
-    ratio = med["sifpy exec, Python only"] / med["ch-run (mount+run+unmount)"]
-    lines.append(f"ratio sifpy, Python only / ch-run (mount+run+unmount): {ratio:.2f}x")
-    if "sifpy exec as root (kernel)" in med:
-        ratio = med["sifpy exec as root (kernel)"] / med["ch-run (mount+run+unmount)"]
-        lines.append(f"ratio sifpy as root (kernel) / ch-run (mount+run+unmount): {ratio:.2f}x")
-    target = base / med["ch-run (mount+run+unmount)"]
-    lines.append(f"target <= 1.25x (sifpy / ch-run mount+run+unmount): {target:.2f}x, "
+            lines.append(f"ratio sifpy / {k}: {base / v:.2f}x wall, "
+                         f"{mcpu['sifpy exec'] / mcpu[k]:.2f}x CPU")  # fmt: skip
+    for k in ("sifpy exec, Python only", "sifpy exec as root (kernel)"):
+        if k in med:
+            lines.append(f"ratio {k} / {base_name}: {med[k] / med[base_name]:.2f}x")
+    target = base / med[base_name]
+    lines.append(f"target <= 1.25x (sifpy exec / {base_name}): {target:.2f}x, "
                  f"{'met' if target <= 1.25 else 'NOT met'}")  # fmt: skip
+    lines.append("commands (run as the user above through setpriv, except 'as root'):")
+    for k, v in {**cmds, **pre}.items():
+        shown = v[len(as_user) :] if v[: len(as_user)] == as_user else v
+        lines.append(f"  {k}: {shlex.join(shown)}")
     text = "\n".join(lines) + "\n"
     report("exec", text)
     return 0

@@ -150,7 +150,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    from sifpy.oci.stream import tar2sqfs_argv
+    from sifpy.rootfs.stream import tar2sqfs_argv
     from sifpy.squashfs.pack import DEFAULT_COMPRESSION, compression_args
 
     os.environ.pop("SIFPY_COMPRESSION", None)  # every side uses sifpy's default

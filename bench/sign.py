@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from sifpy.sif import ObjectInput, SifImage, create
 from sifpy.sif import format as F
-from sifpy.sign import DsseSigner, TrustedKeys, sign_image, verify_image
+from sifpy.sign.sign import DsseSigner, sign_image
+from sifpy.sign.verify import TrustedKeys, verify_image
 
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 

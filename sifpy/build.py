@@ -1,7 +1,7 @@
 """``sifpy build``: from a definition file (or an image) to a SIF or a sandbox.
 
 The only code that knows the order of build stages. Per stage, Apptainer's order
-(internal/pkg/build/build.go ``Full``, apptainer.md 1.3):
+(internal/pkg/build/build.go ``Full``):
 
 1. bootstrap agent (:mod:`sifpy.rootfs.bootstrap`), then the base environment and the
    Docker/OCI config as metadata (:mod:`sifpy.rootfs.metadata`);
@@ -31,7 +31,6 @@ import errno
 import fcntl
 import glob
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -48,6 +47,7 @@ from sifpy.rootfs.bootstrap import bootstrap
 from sifpy.rootfs.bootstrap import files as F
 from sifpy.rootfs.bootstrap.local import is_sif
 from sifpy.util import log
+from sifpy.util.fs import rmtree
 
 SECTIONS = frozenset({"all", "none", "setup", "post", "files", "environment", "test", "labels"})
 WORK_PREFIX = ".sifpy-build-"
@@ -57,7 +57,7 @@ _STALE_UNLOCKED_AGE = 3600.0
 
 @dataclass
 class BuildOptions:
-    """The ``sifpy build`` flags (apptainer.md 4.3)."""
+    """The ``sifpy build`` flags (Apptainer's cmd/internal/cli/build.go)."""
 
     sandbox: bool = False
     force: bool = False
@@ -78,22 +78,6 @@ class BuildOptions:
 # --- the private work directory ---------------------------------------------------------
 
 
-def _rmtree(path: str) -> None:
-    """Remove a tree the builder owns, even with read-only directories inside."""
-
-    def retry(func: object, p: str, exc: object) -> None:
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(p), 0o700)
-            if os.path.isdir(p) and not os.path.islink(p):
-                os.chmod(p, 0o700)
-                shutil.rmtree(p, onerror=retry)
-            else:
-                os.unlink(p)
-
-    if os.path.lexists(path):
-        shutil.rmtree(path, onerror=retry)
-
-
 def clean_stale(parent: str) -> None:
     """Remove work directories of dead builds in ``parent`` (see the module docstring)."""
     me = os.geteuid()
@@ -105,7 +89,7 @@ def clean_stale(parent: str) -> None:
             fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             if time.time() - os.lstat(path).st_mtime > _STALE_UNLOCKED_AGE:
-                _rmtree(path)
+                rmtree(path)
             continue
         except OSError:
             continue
@@ -116,7 +100,7 @@ def clean_stale(parent: str) -> None:
         finally:
             os.close(fd)
         log.verbose(f"removing the leftovers of a killed build: {path}")
-        _rmtree(path)
+        rmtree(path)
 
 
 class Workspace:
@@ -137,7 +121,7 @@ class Workspace:
         os.mkdir(self.scratch, 0o700)
 
     def close(self) -> None:
-        _rmtree(self.path)
+        rmtree(self.path)
         os.close(self.lock)
 
 
@@ -296,7 +280,7 @@ def _run_post(st: _Stage, script: str, argv: list[str]) -> None:
         F.write_file(rfd, "/.post.script", script, 0o755)
         F.write_file(rfd, metadata.BUILD_LABELS, "", 0o644)
         # apt drops privileges to _apt, which a one-id user namespace can't; Charliecloud
-        # and enroot set apt's sandbox user to root (peers.md section 0.3).
+        # and enroot set apt's sandbox user to root (APT::Sandbox::User).
         apt_conf = _isdir(rfd, "/etc/apt/apt.conf.d") and F.read_file(rfd, APT_SANDBOX_CONF) is None
         if apt_conf:
             F.write_file(rfd, APT_SANDBOX_CONF, 'APT::Sandbox::User "root";\n', 0o644)
@@ -313,7 +297,7 @@ def _run_post(st: _Stage, script: str, argv: list[str]) -> None:
 
 
 def _isdir(root_fd: int, path: str) -> bool:
-    from sifpy.rootfs._walk import PathError, open_dir
+    from sifpy.util.paths import PathError, open_dir
 
     try:
         fd, _ = open_dir(root_fd, [p for p in path.split("/") if p], create=False)

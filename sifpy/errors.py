@@ -2,16 +2,14 @@
 
 Library code raises these; only :mod:`sifpy.cli` catches them, prints ``error:`` and
 ``hint:`` lines to stderr and exits. Messages follow Charliecloud's grammar: lowercase,
-``can't VERB: OBJECT: reason``. This module imports nothing from sifpy but the lean
-enum of :mod:`sifpy.util.lean` (it is on the path of every ``sifpy exec``).
+``can't VERB: OBJECT: reason``. This module imports nothing (it is on the path of every
+``sifpy exec``, so the exit statuses are plain int constants, not an ``enum``).
 """
 
 from __future__ import annotations
 
-from sifpy.util.lean import IntEnum
 
-
-class ExitStatus(IntEnum):
+class ExitStatus:
     """Exit statuses of sifpy itself (docker's convention for exec/run)."""
 
     OK = 0
@@ -95,6 +93,10 @@ class RootfsError(BuildError):
 
 class RegistryError(SifpyError):
     """A registry answered badly, or could not be reached."""
+
+
+class CacheError(SifpyError):
+    """The image cache can't be used safely (another user could change it) or written."""
 
 
 class RuntimeSetupError(SifpyError):

@@ -86,10 +86,10 @@ def test_exec_path_imports_nothing_heavy() -> None:
     Run without site, so that nothing a .pth file imports hides a regression."""
     code = (
         f"import sys; sys.path.insert(0, {str(REPO)!r}); "
-        "import sifpy.cli.exec, sifpy.sif.image, sifpy.policy, sifpy.runtime.env; "
+        "import sifpy.cli.exec, sifpy.sif.image, sifpy.sign.policy, sifpy.runtime.env; "
         "heavy = {'requests', 'rich', 'cryptography', 'construct', 'PySquashfsImage', "
         "'dataclasses', 'json', 'sifpy.sif.write', 'sifpy.build', 'sifpy.deffile', "
-        "'sifpy.oci', 'sifpy.sign', 'sifpy.rootfs', 'typing', 'enum', 're', 'contextlib', "
+        "'sifpy.oci', 'sifpy.sign.verify', 'sifpy.sign.sign', 'sifpy.rootfs', 'typing', 'enum', 're', 'contextlib', "
         "'collections', 'functools', 'ctypes', 'signal', 'inspect', 'argparse', 'importlib', "
         "'subprocess', 'types'} & set(sys.modules); print(sorted(heavy))"
     )

@@ -1,7 +1,7 @@
 """Hostile layers in an oci-archive never change anything outside the image being built.
 
 The build either neutralises the entry or fails with a clear error; a victim directory
-beside the build is compared before and after (security.md section 6, tar rows).
+beside the build is compared before and after (docs/security.md, the tar rows).
 """
 
 from __future__ import annotations

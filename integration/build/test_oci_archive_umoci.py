@@ -12,7 +12,7 @@ from pathlib import Path
 from integration.test_unpack_umoci import describe, make_image, run
 from tests.conftest import need_tool
 
-# What every sifpy/Apptainer build adds to the image's own tree (apptainer.md 2.1).
+# What every sifpy/Apptainer build adds to the image's own tree (base_environment.go).
 BUILD_ADDS = {".singularity.d", "environment", "singularity", "dev", "proc", "sys", "tmp",
               "home", "root", "var", "etc", ".exec", ".run", ".shell", ".test"}  # fmt: skip
 

@@ -9,7 +9,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from sifpy.oci.config import MOUNT_POINTS
+from sifpy.rootfs.imageconfig import MOUNT_POINTS
 from sifpy.sif import SifImage
 from sifpy.sif import format as F
 from tests.conftest import need_tool

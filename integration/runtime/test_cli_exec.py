@@ -116,6 +116,24 @@ def test_env_end_to_end(sifpy: Sifpy, workdir: Path) -> None:
     assert "HOSTVAR=" not in r.stdout and "LANG=C" in r.stdout
 
 
+def test_no_eval_covers_env_file(sifpy: Sifpy, workdir: Path) -> None:
+    """``--no-eval --env-file F``: the ``$(...)`` in F runs nowhere and X is its literal
+    text; without ``--no-eval`` F is shell code, as in Apptainer."""
+    marker = Path("/tmp") / f"sifpy-envfile-marker-{os.getpid()}"  # the container shares /tmp
+    envfile = workdir / "env-cmd.txt"
+    envfile.write_text(f"X=$(touch {marker})\n")
+    envfile.chmod(0o644)
+    try:
+        r = sifpy.exec("sh", "-c", 'printf %s "$X"', opts=("--no-eval", "--env-file", str(envfile)))
+        assert (r.returncode, r.stdout) == (0, f"$(touch {marker})"), r.stderr
+        assert not marker.exists()
+        r = sifpy.exec("sh", "-c", 'printf %s "$X"', opts=("--env-file", str(envfile)))
+        assert (r.returncode, r.stdout) == (0, ""), r.stderr
+        assert marker.exists()
+    finally:
+        marker.unlink(missing_ok=True)
+
+
 def test_every_exit_status_passes_through(sifpy: Sifpy) -> None:
     def status(code: int) -> tuple[int, int]:
         return code, sifpy.exec("sh", "-c", f"exit {code}").returncode
@@ -319,3 +337,164 @@ def test_corrupt_squashfs_is_125_and_leaves_nothing(sifpy: Sifpy, workdir: Path)
     assert lines[-2].startswith("error: can't mount: squashfs at offset "), r.stderr
     assert lines[-1].startswith("hint: ") and "Traceback" not in r.stderr
     assert user_processes(sifpy.runner.user.uid, "squashfuse_ll") == []
+
+
+def _bad_descriptor_images(plain: dict[str, Any], workdir: Path) -> dict[str, tuple[Path, str]]:
+    """Broken copies of a runnable image (the plain busybox squashfs, primary, between a
+    definition file and a second, non-primary ext3 partition), byte-mutated: name -> (path,
+    a phrase the error must contain)."""
+    from sifpy.sif import ObjectInput, create
+    from sifpy.sif import format as F
+    from tests.sif.mutate import D_ID, D_OFFSET, D_PARTTYPE, D_SIZE, descr_off, set_q, set_u32
+
+    with open(plain["sif"], "rb") as f:
+        f.seek(plain["offset"])
+        squashfs = f.read(plain["size"])
+    good = workdir / "three-objects.sif"
+    create(
+        good,
+        [
+            ObjectInput(F.DataType.DEFFILE, b"Bootstrap: scratch\n"),
+            ObjectInput.partition(squashfs, F.FSType.SQUASH, F.PartType.PRIMSYS, "amd64"),
+            ObjectInput.partition(b"\0" * 4096, F.FSType.EXT3, F.PartType.SYSTEM, "amd64"),
+        ],
+    )
+    data = good.read_bytes()
+    squash, ext3 = descr_off(1, 0), descr_off(2, 0)
+    int64_max = (1 << 63) - 1
+    cases = {
+        "over-the-descriptors": (set_q(data, squash + D_OFFSET, 4096), "overlaps the header"),
+        "over-the-header": (set_q(data, squash + D_OFFSET, 0), "overlaps the header"),
+        "size-overflows": (set_q(data, squash + D_SIZE, int64_max), "outside the file"),
+        "offset-overflows": (set_q(data, squash + D_OFFSET, int64_max - 8), "outside the file"),
+        "second-primary-ext3": (
+            set_u32(data, ext3 + D_PARTTYPE, F.PartType.PRIMSYS),
+            "2 primary partitions",
+        ),
+        # The partition the starter serves is sound; Python then refuses the table.
+        "duplicate-id": (set_u32(data, ext3 + D_ID, 2), "duplicate object id 2"),
+    }
+    out = {}
+    for name, (mutated, phrase) in cases.items():
+        path = workdir / f"bad-{name}.sif"
+        path.write_bytes(mutated)
+        path.chmod(0o644)
+        out[name] = (path, phrase)
+    return out
+
+
+BAD_DESCRIPTORS = [
+    "over-the-descriptors",
+    "over-the-header",
+    "size-overflows",
+    "offset-overflows",
+    "second-primary-ext3",
+    "duplicate-id",
+]
+
+
+@pytest.mark.parametrize("case", BAD_DESCRIPTORS)
+def test_bad_descriptor_is_125_with_one_error_line(
+    sifpy: Sifpy, images: dict[str, Any], workdir: Path, case: str
+) -> None:
+    """A SIF whose primary partition lies over the header or the descriptor table, whose
+    offset + size overflows 64 bits, that has a second (ext3) primary partition, or whose
+    table is otherwise invalid: through Python and through the starter, one ``error:`` line
+    (and its hint), status 125, no traceback, no server left (``no_leftovers``); the starter
+    does not serve a partition it can't check (nothing mounted before Python refuses it)."""
+    path, phrase = _bad_descriptor_images(images["plain"], workdir)[case]
+    r = sifpy("-v", "exec", str(path), "true", timeout=30)
+    assert r.returncode == 125, r.stderr
+    errors = [line for line in r.stderr.splitlines() if not line.startswith("note: ")]
+    assert errors[0].startswith("error: ") and phrase in errors[0], r.stderr
+    assert errors[1:] in ([], [errors[-1]]) and all(
+        line.startswith("hint: ") for line in errors[1:]
+    ), r.stderr
+    if case != "duplicate-id":
+        assert "starter entered" not in r.stderr, r.stderr
+
+
+def test_fifo_as_image_returns_at_once(sifpy: Sifpy, workdir: Path) -> None:
+    """A FIFO given as the image (nobody writes to it) must not block the open: 125 at once,
+    through Python and through the starter."""
+    fifo = workdir / f"image-fifo-{len(sifpy.program)}"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+        fifo.chmod(0o666)
+    started = time.monotonic()
+    r = sifpy("exec", str(fifo), "true", timeout=20)
+    assert r.returncode == 125, r.stderr
+    assert r.stderr.startswith("error: can't open image: ") and "not a regular file" in r.stderr
+    assert time.monotonic() - started < 10
+
+
+def _caps(pid: int) -> dict[str, int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return {
+        key: int(value, 16)
+        for key, _, value in (line.partition(":\t") for line in status.splitlines())
+        if key.startswith("Cap")
+    }
+
+
+@pytest.mark.parametrize("opts", [(), ("--fakeroot",)])
+def test_squashfuse_runs_without_capabilities(sifpy: Sifpy, opts: tuple[str, ...]) -> None:
+    """squashfuse parses the (untrusted) image: while a container runs, the server has no
+    capability at all in its namespace (none effective, permitted, inheritable or ambient,
+    an empty bounding set), even when sifpy is uid 0 there (``--fakeroot``)."""
+    p = sifpy.runner.popen(
+        [*sifpy.program, "exec", *opts, sifpy.image, "sh", "-c", "echo up; exec sleep 30"],
+        stdout=subprocess.PIPE,
+        cwd=sifpy.cwd,
+    )
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "up"
+        # Ours: sifpy's child (the starter's, or Python's); others may run at the same time.
+        servers = [
+            pid
+            for pid in user_processes(sifpy.runner.user.uid, "squashfuse_ll")
+            if f"\nPPid:\t{p.pid}\n" in Path(f"/proc/{pid}/status").read_text()
+        ]
+        assert len(servers) == 1, servers
+        caps = _caps(servers[0])
+        assert caps == {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapBnd": 0, "CapAmb": 0}, caps
+    finally:
+        p.kill()
+        p.wait()
+        deadline = time.time() + 10
+        uid = sifpy.runner.user.uid
+        while time.time() < deadline and (
+            user_processes(uid, "squashfuse_ll") or user_processes(uid, "sleep")
+        ):
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def wide_image(workdir: Path) -> str:
+    """A busybox image with 3,000 more top-level entries (files and directories)."""
+    from integration.runtime.conftest import busybox_rootfs, make_sif
+
+    def many(root: Path) -> None:
+        for i in range(1500):
+            (root / f"f{i}").write_text("x")
+            (root / f"d{i}").mkdir()
+
+    rootfs = busybox_rootfs(workdir / "wide-rootfs", many)
+    return str(make_sif(rootfs, workdir / "wide.sif")["sif"])
+
+
+def test_too_many_top_level_entries_is_refused_with_a_hint(sifpy: Sifpy, wide_image: str) -> None:
+    """3,000 top-level entries would cost 3,000 binds on every start (and more than
+    fs.mount-max fail): refused before any is made, 125, one message, a hint that works
+    (--writable-tmpfs: the image is the root, under an overlay, no bind per entry)."""
+    started = time.monotonic()
+    r = sifpy("exec", wide_image, "true")
+    assert r.returncode == 125, r.stderr
+    assert time.monotonic() - started < 10
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("error: can't assemble the container root: / of the image has")
+    assert "more than the 1000" in lines[0] and "Traceback" not in r.stderr
+    assert lines[1].startswith("hint: ") and "--writable-tmpfs" in lines[1], r.stderr
+    r = sifpy("exec", "--writable-tmpfs", wide_image, "sh", "-c", "ls / | wc -l")
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) > 3000

@@ -1,4 +1,4 @@
-"""Each way of mounting a SIF image (issue 5): squashfuse_ll, the kernel's squashfs as root, the
+"""Each way of mounting a SIF image: squashfuse_ll, the kernel's squashfs as root, the
 pure-Python FUSE server and extraction, run against one image with files that span several
 squashfs blocks, a fragment tail, a sparse region, symlinks and hard links."""
 

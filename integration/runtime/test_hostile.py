@@ -1,4 +1,4 @@
-"""Hostile images and hostile environments (issue 5; security.md section 5): an image whose
+"""Hostile images and hostile environments (docs/security.md): an image whose
 ``/proc``, ``/dev`` and ``/sys`` are symlinks to host paths, and ``LD_PRELOAD``/``PATH`` from
 the caller or from the image's environment scripts aimed at the runtime's own helpers
 (squashfuse_ll, unsquashfs, fuse-overlayfs). The host must be unchanged, and the helpers

@@ -1,5 +1,5 @@
 """``--pid`` (an init as PID 1), ``--ipc``, ``--writable-tmpfs`` and ``--overlay``, ``--no-mount``,
-``--workdir`` and ``--mount`` (issue 5), as the unprivileged test user."""
+``--workdir`` and ``--mount``, as the unprivileged test user."""
 
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from integration.oci.conftest import Registry, registry
 from integration.sign.conftest import FPR
-from sifpy.sign import PgpSigner, sign_image
 from sifpy.sign.keyring import Keyring
+from sifpy.sign.sign import PgpSigner, sign_image
 
 __all__ = ["registry"]  # the session fixture, for this module too
 

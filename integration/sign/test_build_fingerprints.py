@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from integration.sign.conftest import FPR
-from sifpy.sign import PgpSigner, sign_image
 from sifpy.sign.keyring import Keyring
+from sifpy.sign.sign import PgpSigner, sign_image
 
 
 def build(deffile: Path, out: Path) -> subprocess.CompletedProcess[str]:

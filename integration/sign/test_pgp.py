@@ -11,10 +11,11 @@ import pytest
 from sifpy.cli import main
 from sifpy.sif import ObjectInput, SifImage, add_object
 from sifpy.sif import format as F
-from sifpy.sign import PgpSigner, TrustedKeys, sign_image, verify_image
 from sifpy.sign import digest as D
 from sifpy.sign.keyring import Keyring
 from sifpy.sign.pgp import run_gpg
+from sifpy.sign.sign import PgpSigner, sign_image
+from sifpy.sign.verify import TrustedKeys, verify_image
 from tests.sign.conftest import make_image, rewrite_descriptor
 
 from .conftest import FPR

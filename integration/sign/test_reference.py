@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from sifpy.sif import SifImage
-from sifpy.sign import PgpSigner, TrustedKeys, sign_image, verify_image
 from sifpy.sign.keyring import Keyring
 from sifpy.sign.pgp import parse_clearsigned
+from sifpy.sign.sign import PgpSigner, sign_image
+from sifpy.sign.verify import TrustedKeys, verify_image
 from tests.conftest import reference_images
 
 from .conftest import FPR

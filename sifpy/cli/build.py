@@ -1,6 +1,6 @@
 """``sifpy build``: build a SIF (or a sandbox) from a definition file or another image.
 
-Apptainer's flags (apptainer.md 4.3)::
+Apptainer's flags (cmd/internal/cli/build.go)::
 
     sifpy build [--sandbox] [--force] [--update] [--notest] [--section S[,S]] [--tmpdir D]
                 [--build-arg K=V]... [--build-arg-file F] [--warn-unused-build-args]

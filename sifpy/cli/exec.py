@@ -105,10 +105,13 @@ OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
             "action": "append",
             "default": [],
             "metavar": "FILE",
-            "help": "variables from a file (shell syntax)",
+            "help": "variables from a file (shell syntax; NAME=VALUE literals with --no-eval)",
         },
     ),
-    (("--no-eval",), {"action": "store_true", "help": "don't shell-evaluate injected variables"}),
+    (
+        ("--no-eval",),
+        {"action": "store_true", "help": "don't shell-evaluate injected variables or --env-file"},
+    ),
     (("--pwd",), {"metavar": "DIR", "help": "initial working directory in the container"}),
     (("-p", "--pid"), {"action": "store_true", "help": "run in a new PID namespace"}),
     (
@@ -280,11 +283,21 @@ def open_image(
     and the fd that must stay open. ``fd``: the image, already open (the starter's)."""
     if fd < 0:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO (or a device) given as the image must not block;
+            # it is no image, refused below.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise ImageError(f"can't open image: {path}: {exc.strerror}") from exc
     st = os.fstat(fd)
-    from sifpy import policy
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        os.close(fd)
+        raise ImageError(
+            f"can't open image: {path}: not a regular file or directory",
+            hint="give a SIF file or a sandbox directory",
+        )
+    if stat.S_ISREG(st.st_mode):
+        os.set_blocking(fd, True)  # squashfuse shares this open file
+    from sifpy.sign import policy
 
     rules = policy.load()
     if stat.S_ISDIR(st.st_mode):
@@ -350,7 +363,9 @@ def _main(argv: list[str], prog: str) -> int:
             image, fd = open_image(a.image, a.verify or bool(a.verify_key), a.verify_key)
         else:  # the file served is the file validated and run
             log.verbose("note: the starter entered the namespaces and served the image")
-            image, fd = open_image(a.image, False, None, fd)
+            # open_image owns the fd from here: it closes it when it fails.
+            taken, fd = fd, -1
+            image, fd = open_image(a.image, False, None, taken)
             if served.offset != getattr(image, "offset", None) or served.fakeroot != a.fakeroot:
                 raise RuntimeSetupError("can't start container: the starter served another image")
         if a.writable and not isinstance(image, Sandbox):
@@ -417,7 +432,7 @@ def _run(
     env = renv.process_env(
         host=renv.host_env(environ, a.cleanenv),
         injected=renv.injected_env(environ, env_opts),
-        env_file=renv.read_env_files(a.env_file),
+        env_file=renv.read_env_files(a.env_file, a.no_eval),
         late=env_opts,
         no_eval=a.no_eval,
         home=home_dest or ident.home,

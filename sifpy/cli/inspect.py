@@ -10,7 +10,7 @@ import sys
 
 from sifpy.cli._args import ArgumentParser
 from sifpy.errors import ImageError
-from sifpy.imagefiles import ImageFiles, open_image_files
+from sifpy.squashfs.read import ImageFiles, open_image_files
 
 # attribute -> (option, path in /.singularity.d, path in /scif/apps/<app>/scif)
 FILES = {

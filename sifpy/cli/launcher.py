@@ -72,10 +72,10 @@ def starter_config(python: str, boot: str) -> str:
     """``starter_config.h``: what the starter must agree on with the Python side (the SIF
     layout included: it finds the primary partition itself)."""
     from sifpy.cli.exec import OPTIONS
-    from sifpy.policy import SYSTEM_CONFIG
     from sifpy.runtime import mount, start
     from sifpy.runtime.action import action_argv
     from sifpy.sif import format as F
+    from sifpy.sign.policy import SYSTEM_CONFIG
 
     # Options whose start the starter leaves to Python: it never verifies, unsquashes or
     # runs a sandbox.

@@ -51,7 +51,7 @@ def main(argv: list[str], prog: str = "sifpy pull") -> int:
     ref = parse_reference(a.image)
     platform = parse_platform(a.platform, a.arch)
     options = ClientOptions(insecure=a.insecure, ca_cert=a.ca_cert)
-    from sifpy.oci.pull import pull
+    from sifpy.pull import pull
 
     log.info(f"pulling {ref} ({platform})")
     # Plain lines go through log.info, so -q silences them; a bar only on a terminal.

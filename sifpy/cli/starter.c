@@ -194,7 +194,11 @@ static int64_t le64(const unsigned char *p)
 
 /* The primary system squashfs partition of a SIF file (the layout comes from
  * sifpy.sif.format, through starter_config.h); the Python side validates the whole file
- * again before anything runs. */
+ * again before anything runs. Anything this does not serve goes to Python, which reports it:
+ * so it refuses what sifpy.sif.image refuses of the partition it would mount (the image's
+ * bytes are the attacker's): more than one primary partition of any type, one that isn't
+ * squashfs, data outside the file (offset + size can overflow: checked, never computed
+ * unchecked) or over the header and descriptor table. */
 static int primary_partition(int fd, off_t file_size, int64_t *offset, int64_t *size)
 {
     unsigned char hdr[SIF_HEADER_SIZE];
@@ -207,27 +211,49 @@ static int primary_partition(int fd, off_t file_size, int64_t *offset, int64_t *
     if (total <= 0 || total > 4096 || desc_off < SIF_HEADER_SIZE || desc_off > file_size)
         return 0;
     size_t len = (size_t)total * SIF_DESCRIPTOR_SIZE;
+    int64_t desc_end = desc_off + (int64_t)len; /* both bounded above: no overflow */
     unsigned char *desc = malloc(len);
     if (desc == NULL || pread(fd, desc, len, desc_off) != (ssize_t)len) {
         free(desc);
         return 0;
     }
-    int found = 0;
+    int found = 0, squashfs = 0;
     for (int64_t i = 0; i < total; i++) {
         const unsigned char *d = desc + i * SIF_DESCRIPTOR_SIZE;
         const unsigned char *extra = d + SIF_EXTRA_AT;
         if (d[SIF_USED_AT] == 0 || le32(d) != SIF_PARTITION)
             continue;
-        if (le32(extra + SIF_FSTYPE_AT) != SIF_SQUASH)
-            continue;
         if (le32(extra + SIF_PARTTYPE_AT) != SIF_PRIMSYS)
             continue;
         found++;
+        squashfs = le32(extra + SIF_FSTYPE_AT) == SIF_SQUASH;
         *offset = le64(d + SIF_OFFSET_AT);
         *size = le64(d + SIF_SIZE_AT);
     }
     free(desc);
-    return found == 1 && *offset >= 0 && *size >= 0 && *offset + *size <= file_size;
+    int64_t end;
+    if (found != 1 || !squashfs || *offset < 0 || *size < 0 ||
+        __builtin_add_overflow(*offset, *size, &end) || end > file_size)
+        return 0;
+    /* An empty object may sit anywhere; data may not cover the header or the table. */
+    return *size == 0 || (*offset >= SIF_HEADER_SIZE && !(*offset < desc_end && desc_off < end));
+}
+
+/* In the FUSE server's child, before it execs squashfuse: no capability at all, and none
+ * to gain at exec (even as uid 0 of the namespace, with --fakeroot). squashfuse parses the
+ * image, which is untrusted input; it needs no privilege to serve the fds it is given. The
+ * starter raised the ambient set for Python's sake (see serve): that must not reach it. */
+static void drop_all_caps(void)
+{
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct none[2];
+    memset(none, 0, sizeof none);
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0)
+        _exit(1);
+    for (unsigned long cap = 0; prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0; cap++)
+        ; /* until EINVAL: past the kernel's last capability */
+    if (errno != EINVAL || capset(&hdr, none) != 0)
+        _exit(1);
 }
 
 static void write_file(const char *path, const char *data)
@@ -315,8 +341,11 @@ static int serve(const struct start *s)
     uid_t uid = getuid();
     gid_t gid = getgid();
 
-    if (uid == 0 || getenv("SIFPY_CONFIG") != NULL || access(SIFPY_SYSTEM_CONFIG, F_OK) == 0)
-        return 0; /* root's own paths; a site policy may require verification first */
+    /* Root's own paths; a policy may require verification first (a system file that can't
+     * be looked up at all, EACCES included, counts as present: Python decides). */
+    if (uid == 0 || getenv("SIFPY_CONFIG") != NULL || access(SIFPY_SYSTEM_CONFIG, F_OK) == 0 ||
+        errno != ENOENT)
+        return 0;
     if (access("/dev/fuse", R_OK | W_OK) != 0 || !find_program(SIFPY_SQUASHFUSE, program))
         return 0;
     int probe = (int)syscall(SYS_fsopen, "fuse", FSOPEN_CLOEXEC_);
@@ -324,11 +353,13 @@ static int serve(const struct start *s)
         close(probe);
     else if (errno == ENOSYS)
         return 0;
-    int image = open(s->image, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: a FIFO (or a device) given as the image must not block the open; it is
+     * no regular file, so Python reports it. */
+    int image = open(s->image, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (image < 0)
         return 0;
     if (fstat(image, &st) != 0 || !S_ISREG(st.st_mode) ||
-        !primary_partition(image, st.st_size, &offset, &size) ||
+        fcntl(image, F_SETFL, 0) != 0 || !primary_partition(image, st.st_size, &offset, &size) ||
         unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0) {
         close(image);
         return 0;
@@ -389,6 +420,7 @@ static int serve(const struct start *s)
         int fds[2] = {image, fuse};
         char opt[64];
         become_helper(me, fds, 2);
+        drop_all_caps();
         snprintf(opt, sizeof opt, "offset=%lld", (long long)offset);
         char *env[] = {"PATH=" SIFPY_SYSTEM_DIRS, "LC_ALL=C", NULL};
         char *args[] = {program, "-f", "-o", opt, "/proc/self/fd/3", "/dev/fd/4", NULL, NULL};

@@ -309,7 +309,7 @@ def pull(
     progress: Progress | None = None,
 ) -> str:
     """Pull the SIF artifact ``ref`` into ``out``; return the SIF blob's digest."""
-    from sifpy.oci.pull import _install_copy, output_path
+    from sifpy.oci.cache import install_copy, output_path
 
     out_path = output_path(out, force)
     cache = cache or Cache()
@@ -338,7 +338,7 @@ def pull(
     if not _is_sif(blob):
         raise RegistryError(f"can't pull oras://{ref}: the artifact is not a SIF image")
     try:
-        _install_copy(blob, out_path)
+        install_copy(blob, out_path)
     except OSError as exc:
         raise SifpyError(f"can't write {out_path}: {exc.strerror or exc}") from exc
     cache.record(

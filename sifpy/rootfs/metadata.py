@@ -1,6 +1,7 @@
 """Apptainer's in-image metadata: the ``/.singularity.d`` tree, labels, SCIF apps.
 
-Layout and contents follow Apptainer exactly (apptainer.md section 2), so images built by
+Layout and contents follow Apptainer exactly (its
+internal/pkg/build/sources/base_environment.go), so images built by
 sifpy run under Apptainer and the other way round:
 
 * :func:`base_environment` is what every bootstrap creates
@@ -10,7 +11,7 @@ sifpy run under Apptainer and the other way round:
   ``/etc/resolv.conf``, and the root links (``/singularity``, ``/environment``, ``/.run`` ...).
 * :func:`oci_config` turns a Docker/OCI image config into ``10-docker2singularity.sh``, an
   ENTRYPOINT/CMD runscript and ``labels.json`` (conveyorPacker_oci.go); the shell text comes
-  from :mod:`sifpy.oci.config`, shared with ``sifpy pull``.
+  from :mod:`sifpy.rootfs.imageconfig`, shared with ``sifpy pull``.
 * :func:`install_apps` creates the SCIF ``/scif/apps/<app>`` tree (internal/pkg/build/apps).
 * :func:`insert` writes the definition file's sections after ``%post``
   (internal/pkg/build/metadata.go and stage.go) and merges the labels.
@@ -32,9 +33,9 @@ from typing import Any
 
 from sifpy import __version__
 from sifpy.deffile import Stage
-from sifpy.oci.config import ENV_99 as ENV_99_BASE  # pulled images get the same file
-from sifpy.rootfs._walk import PathError, lstat_at, open_dir
 from sifpy.rootfs.bootstrap import files as F
+from sifpy.rootfs.imageconfig import ENV_99 as ENV_99_BASE  # pulled images get the same file
+from sifpy.util.paths import PathError, lstat_at, open_dir
 
 SD = "/.singularity.d"
 ENV_DIR = f"{SD}/env"
@@ -201,7 +202,7 @@ def write_labels(root_fd: int, labels: Mapping[str, str], path: str = LABELS) ->
 
 def oci_config(root: str | os.PathLike[str], config: Mapping[str, Any]) -> None:
     """Metadata from a Docker/OCI image config (the whole config JSON, ``config`` inside)."""
-    from sifpy.oci.config import env_script, runscript
+    from sifpy.rootfs.imageconfig import env_script, runscript
 
     section = config.get("config")
     cfg: Mapping[str, Any] = section if isinstance(section, dict) else {}
@@ -364,7 +365,7 @@ def merge_labels(
     *,
     force: bool,
 ) -> tuple[dict[str, str], list[str]]:
-    """Apptainer's label merge (apptainer.md 2.2); returns the labels and the names of
+    """Apptainer's label merge (internal/pkg/build/metadata.go); returns the labels and the names of
     ``%labels`` entries dropped because they already existed (without ``--force``).
 
     Order: the image's labels, then ``NAME value`` lines written to ``$APPTAINER_LABELS``

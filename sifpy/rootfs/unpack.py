@@ -9,11 +9,11 @@ removes the directory tree). Symlinks are stored as they are and never followed 
 writing; hardlinks link to an entry already in the rootfs (this or an earlier layer).
 
 Nothing is ever written outside ``rootfs``. Each path is opened component by component
-from a descriptor of the rootfs with ``O_NOFOLLOW`` (see :mod:`sifpy.rootfs._walk`);
+from a descriptor of the rootfs with ``O_NOFOLLOW`` (see :mod:`sifpy.util.paths`);
 a symlink met on the way is resolved by us with chroot semantics, so ``l -> /etc``
 planted by this or any earlier layer leads to ``rootfs/etc``, never to the host's.
 ``tarfile.extractall`` and its filters are not used: they are not the boundary
-(security.md section 1a).
+(the attack table is in docs/security.md).
 
 The rule for hostile or odd entries: what legitimate tools emit in another spelling
 is normalised; what only an attacker or a corrupt archive produces fails the whole
@@ -43,6 +43,7 @@ character or block device                              skipped with a warning
 FIFO                                                   created with mkfifo
 unknown entry type                                     skipped with a warning
 malformed tar or compressed stream                     RootfsError
+more than ``$SIFPY_MAX_UNPACKED``; disk nearly full    RootfsError (:mod:`.limits`)
 =====================================================  ==================================
 
 Ownership and modes: as real root (euid 0 in the initial user namespace) numeric uid
@@ -70,9 +71,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from sifpy.errors import RootfsError
-from sifpy.rootfs._compress import open_tar_stream
-from sifpy.rootfs._walk import PathError, lstat_at, open_dir
+from sifpy.rootfs.compress import open_tar_stream
+from sifpy.rootfs.limits import Budget
 from sifpy.util import log
+from sifpy.util.paths import PathError, lstat_at, open_dir
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..opq"  # what follows WHITEOUT in ".wh..wh..opq"
@@ -90,20 +92,30 @@ class _BadEntry(Exception):
 
 
 def apply_layers(rootfs: str | Path, layers: Iterable[str | Path | BinaryIO]) -> None:
-    """Apply each layer onto ``rootfs`` in order (lowest first)."""
+    """Apply each layer onto ``rootfs`` in order (lowest first), all within one
+    :class:`~sifpy.rootfs.limits.Budget`."""
+    budget = Budget(rootfs)
     for layer in layers:
-        apply_layer(rootfs, layer)
+        apply_layer(rootfs, layer, budget=budget)
 
 
 def apply_layer(
-    rootfs: str | Path, layer: str | Path | BinaryIO, *, compression: str = "auto"
+    rootfs: str | Path,
+    layer: str | Path | BinaryIO,
+    *,
+    compression: str = "auto",
+    budget: Budget | None = None,
 ) -> None:
     """Apply one layer tar (a path or a binary stream) onto the directory ``rootfs``.
 
     ``compression`` is ``"auto"`` (magic bytes decide), ``"gzip"``, ``"zstd"`` or
-    ``"none"``. Raises :class:`~sifpy.errors.RootfsError` for a malformed or hostile
-    layer; entries already applied stay applied (build into a scratch directory).
+    ``"none"``. ``budget``: the image's, shared by its layers (else this layer's own);
+    every entry's uncompressed bytes count against it before they are written (see
+    :mod:`sifpy.rootfs.limits`). Raises :class:`~sifpy.errors.RootfsError` for a malformed,
+    hostile or too large layer; entries already applied stay applied (build into a scratch
+    directory).
     """
+    budget = budget or Budget(rootfs)
     label = str(layer) if isinstance(layer, str | Path) else getattr(layer, "name", "<stream>")
     root_fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     entry = "<header>"
@@ -113,8 +125,12 @@ def apply_layer(
             tarfile.open(fileobj=stream, mode="r|") as tar,
         ):
             applier = _Applier(root_fd, tar, privileged=_real_root())
+            pos = 0  # the uncompressed tar read so far, headers and data
             for member in tar:
                 entry = member.name
+                end = member.offset_data + member.size
+                budget.add(end - pos, label)
+                pos = end
                 applier.apply(member)
             entry = "<end>"
             applier.finish()

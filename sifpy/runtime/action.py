@@ -1,6 +1,7 @@
 """The action script: what runs first inside the container, as ``/bin/sh -c SCRIPT ACTION ARGS``.
 
-It follows Apptainer's action-script algorithm (apptainer.md 2.3) in POSIX sh, so that it
+It follows Apptainer's action-script algorithm (its
+internal/pkg/util/fs/files/action_script.sh) in POSIX sh, so that it
 works with any image shell (dash, busybox ash, bash): source ``/.singularity.d/env/*.sh``
 in lexical order with the PATH fix-ups, inject ``--env``/``--env-file``/``SIFPYENV_``
 values after ``99-base.sh``, apply the ``SING_USER_DEFINED_*PATH`` forms, restore host

@@ -1,4 +1,4 @@
-"""How the image's squashfs becomes a directory, and how an overlay goes over it (issue 5).
+"""How the image's squashfs becomes a directory, and how an overlay goes over it.
 
 Four mount drivers, chosen by :func:`choose` (``LaunchOptions.mount_driver``):
 

@@ -1,16 +1,19 @@
-"""The container's environment, by Apptainer's rules (apptainer.md 2.3 and 2.4).
+"""The container's environment, by Apptainer's rules (github.com/apptainer/apptainer:
+internal/pkg/util/fs/files/action_script.sh and internal/pkg/util/env/create.go).
 
 Python decides *which* values travel; the action script (:mod:`.action`), run by the
 image's ``/bin/sh``, sources the image's ``/.singularity.d/env/*.sh`` and applies them in
 Apptainer's order. Highest wins:
 
-1. ``--env K=V``; 2. ``--env-file`` (evaluated by the shell); 3. ``SIFPYENV_K`` /
-``APPTAINERENV_K`` / ``SINGULARITYENV_K`` from the host; 4. the image's env scripts;
+1. ``--env K=V``; 2. ``--env-file`` (evaluated by the shell, unless ``no_eval``);
+3. ``SIFPYENV_K`` / ``APPTAINERENV_K`` / ``SINGULARITYENV_K`` from the host; 4. the image's
+env scripts;
 5. host variables, only where still unset after all of the above.
 
 Host values never pass through a shell evaluation: they travel as ``__SIFPY_H_<K>`` and
 are copied with ``export K="${__SIFPY_H_K}"``. Injected values (1 and 3) are evaluated
-once, as Apptainer does, unless ``no_eval``.
+once, as Apptainer does, unless ``no_eval``; with ``no_eval`` the env file is read as
+literal ``NAME=VALUE`` lines (:func:`read_env_files`).
 """
 
 from __future__ import annotations
@@ -152,16 +155,45 @@ def process_env(
     return env
 
 
-def read_env_files(paths: Iterable[str]) -> str | None:
-    """The concatenated text of ``--env-file`` files (later files win when sourced)."""
+def read_env_files(paths: Iterable[str], no_eval: bool = False) -> str | None:
+    """The concatenated text of ``--env-file`` files (later files win when sourced).
+
+    With ``no_eval`` each file is read as literal ``NAME=VALUE`` lines and turned into
+    single-quoted assignments, so the action script's ``eval`` of the text runs nothing:
+    ``--no-eval`` must cover every injected value, the env file's included.
+    """
     texts = []
     for path in paths:
         try:
             with open(path, encoding="utf-8") as f:
-                texts.append(f.read())
+                text = f.read()
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"can't read env file: {path}: {exc}") from exc
+        texts.append(_literal_env_file(path, text) if no_eval else text)
     return "\n".join(texts) if texts else None
+
+
+def _literal_env_file(path: str, text: str) -> str:
+    """``NAME=VALUE`` lines (``#`` comments, blank lines and a leading ``export`` allowed;
+    one pair of surrounding quotes dropped, as systemd's EnvironmentFile= does) as shell
+    assignments that expand nothing."""
+    out = []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export") and line[6:7].isspace():
+            line = line[6:].lstrip()
+        name, sep, value = line.partition("=")
+        if not sep or not is_name(name):
+            raise UsageError(
+                f"can't read env file: {path}:{n}: expected NAME=VALUE",
+                hint="with --no-eval an env file holds literal NAME=VALUE lines, no shell code",
+            )
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out.append(f"{name}='" + value.replace("'", "'\\''") + "'")
+    return "\n".join(out)
 
 
 def runtime_vars(image: str, action: str, app: str | None, binds: str) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """A read-only FUSE server for a squashfs partition in pure Python (pyfuse3 + PySquashfsImage).
 
-The fallback mount for machines without squashfuse (issue 5, item 2). It runs like
+The fallback mount for machines without squashfuse . It runs like
 squashfuse: a child of the monitor, handed the image fd and an already-mounted FUSE
 connection (``/dev/fd/N``, which libfuse >= 3.3 takes as is), killed when the container ends.
 

@@ -153,7 +153,7 @@ def serve(
     enter(fakeroot)
     argv = mount.squashfuse_argv(program, image.offset, FUSE_SINGLE_THREAD)
     mount_fd, pid = mount.fuse_serve(
-        "squashfuse", [image_fd], lambda: mount.exec_helper(argv), True
+        "squashfuse", [image_fd], lambda: mount.exec_helper(argv, True), True
     )
     if prefetch:
         mount.prefetch(os.dup(mount_fd), prefetch, DEFAULT_PATH)

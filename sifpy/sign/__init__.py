@@ -5,19 +5,9 @@
 * :mod:`.dsse`: DSSE envelopes with PEM keys (ECDSA, Ed25519, RSA) via ``cryptography``;
 * :mod:`.keyring`: the user's keyring (``~/.sifpy/keys``) and Apptainer's public keyring;
 * :mod:`.sign`: adding signatures (:func:`sign_image`);
-* :mod:`.verify`: checking them (:func:`verify_image`, :func:`verify_fd` for the runtime).
+* :mod:`.verify`: checking them (:func:`verify_image`, :func:`verify_fd` for the runtime);
+* :mod:`.policy`: the administrator's verification policy that ``exec`` applies.
+
+The package imports none of them itself: ``exec`` reads the policy on its hot path and must
+not pay for ``cryptography``.
 """
-
-from sifpy.sign.sign import DsseSigner, GroupSignature, PgpSigner, sign_image
-from sifpy.sign.verify import TrustedKeys, VerifyResult, verify_fd, verify_image
-
-__all__ = [
-    "DsseSigner",
-    "GroupSignature",
-    "PgpSigner",
-    "TrustedKeys",
-    "VerifyResult",
-    "sign_image",
-    "verify_fd",
-    "verify_image",
-]

@@ -1,7 +1,7 @@
 """Integrity metadata: the digests a modern SIF signature covers, and their JSON form.
 
 Follows the reference's ``pkg/integrity`` (sylabs/sif metadata.go, digest.go) byte for byte;
-see ``shared/reference/apptainer.md`` section 3.5:
+https://github.com/sylabs/sif/blob/main/pkg/integrity/metadata.go:
 
 * header digest = H(launch script[32] | magic[10] | version[3] | UUID[16]) (sif.go
   ``GetHeaderIntegrityReader``); arch, times and table geometry are not covered;

@@ -5,7 +5,7 @@ GnuPG's ``--homedir`` so that the user's own ``~/.gnupg`` is never touched. Appt
 public keyring (``~/.apptainer/keys/pgp-public``, a plain file of OpenPGP packets; same
 for Singularity's ``~/.singularity/sypgp/pgp-public``) is read too when verifying, as
 ``apptainer verify`` does with its local keyring. No keyserver is ever consulted: which keys
-are trusted is decided here, never by the image (security.md section 3, point 9).
+are trusted is decided here, never by the image (an image can name a key, never make it trusted).
 """
 
 from __future__ import annotations

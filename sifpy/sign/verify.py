@@ -1,7 +1,7 @@
 """Verifying SIF signatures: modern (PGP clear-sign or DSSE) and, on request, legacy.
 
 The algorithm is the reference's (sylabs/sif pkg/integrity/verify.go ``Verifier.Verify``)
-with the checks of ``shared/reference/security.md`` section 3:
+with these checks, each the lesson of a published weakness:
 
 1. every non-signature object is in a group (``errNonGroupedObject``);
 2. by default every group is a task (CVE-2020-13846: "all" means all); ``group_ids`` or
@@ -424,7 +424,7 @@ def verify_fd(
 
     Modern signatures only. Raises :class:`SignatureError` unless every check passes and,
     with ``require_primary``, the primary partition is among the verified objects, so the
-    caller can mount exactly the descriptor that was verified (security.md section 3.2).
+    caller can mount exactly the descriptor that was verified (never a path re-opened later).
     Returns the result; ``result.covers(descriptor)`` re-checks a descriptor before mounting.
     """
     img = SifImage.from_fd(fd, path)

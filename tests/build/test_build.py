@@ -27,7 +27,7 @@ Stage: second
     /from-host.txt /copied.txt
 
 %setup
-    # %files from runs before %setup, host %files after it (apptainer.md 1.3).
+    # %files from runs before %setup, host %files after it (Apptainer's internal/pkg/build/build.go).
     test -f "$APPTAINER_ROOTFS/copied.txt" && echo yes > "$SIFPY_ROOTFS/setup-saw-from"
     test -f "$APPTAINER_ROOTFS/later.txt" || echo no > "$SIFPY_ROOTFS/setup-saw-host"
 

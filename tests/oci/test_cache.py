@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import threading
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
 
-from sifpy.errors import RegistryError, UsageError
+from sifpy.errors import CacheError, RegistryError, UsageError
 from sifpy.oci.cache import Cache, IndexEntry, copy_file, default_root
 
 DATA = b"layer bytes " * 1000
@@ -133,3 +135,72 @@ def test_cache_is_private_under_any_umask(tmp_path: Path) -> None:
         for name in filenames:
             assert os.stat(os.path.join(dirpath, name)).st_mode & 0o077 == 0, name
     assert path.is_file()
+
+
+# --- a cache others can change, and cached SIFs --------------------------------------
+
+MANIFEST = "sha256:" + "ab" * 32
+SIF_BYTES = b"SIF bytes " * 5000
+
+
+def store(cache: Cache, data: bytes = SIF_BYTES) -> Path:
+    return cache.store_sif(MANIFEST, lambda p: p.write_bytes(data))
+
+
+@pytest.mark.parametrize("where", ["root", "sif/sha256", "blobs", "parent"])
+def test_cache_others_can_write_is_refused(tmp_path: Path, where: str) -> None:
+    """A group- or world-writable cache (or one whose parent lets others rename it away)
+    is refused before anything in it is used: another user could have planted a SIF."""
+    cache = Cache(tmp_path / "parent" / "cache")
+    cache.root.mkdir(parents=True)
+    store(cache)
+    planted = cache.sif_path(MANIFEST)
+    {"parent": cache.root.parent, "root": cache.root}.get(where, cache.root / where).chmod(0o777)
+    for use in (
+        lambda c: c.get_sif(MANIFEST),
+        lambda c: store(c),
+        lambda c: c.has_blob(DIGEST, len(DATA)),
+        lambda c: c.ensure_blob(DIGEST, len(DATA), writer(DATA)),
+    ):
+        with pytest.raises(CacheError, match=r"^can't use cache: .*writable by other users") as e:
+            use(Cache(cache.root))
+        assert e.value.hint and "only you can write" in e.value.hint
+    assert planted.read_bytes() == SIF_BYTES  # refused, and nothing touched
+    # A sticky parent (as /tmp) is fine: others can't rename the cache away.
+    if where == "parent":
+        cache.root.parent.chmod(0o1777)
+        assert Cache(cache.root).get_sif(MANIFEST) == planted
+
+
+def test_cached_sif_is_handed_out_only_with_its_recorded_bytes(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c")
+    path = store(cache)
+    assert Cache(cache.root).get_sif(MANIFEST) == path
+    # Changed in place with the mtime put back: the ctime still tells, and the new bytes
+    # are never handed out; the entry goes, to be built again.
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(b"X")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert Cache(cache.root).get_sif(MANIFEST) is None
+    assert not path.exists() and not Path(f"{path}.json").exists()
+    # A SIF with no record (planted, or from an older sifpy) is not handed out either.
+    path.write_bytes(SIF_BYTES)
+    assert Cache(cache.root).get_sif(MANIFEST) is None and not path.exists()
+    # The same bytes under another identity (the cache was copied): re-hashed, accepted,
+    # and the record follows, so the next look is one fstat again.
+    store(cache)
+    copy = tmp_path / "copy"
+    shutil.copytree(cache.root, copy)
+    assert Cache(copy).get_sif(MANIFEST) == Cache(copy).sif_path(MANIFEST)
+    record = Path(f"{Cache(copy).sif_path(MANIFEST)}.json").read_text()
+    assert Cache(copy).get_sif(MANIFEST) is not None
+    assert Path(f"{Cache(copy).sif_path(MANIFEST)}.json").read_text() == record
+    # A symlink in place of the SIF is never followed.
+    target = tmp_path / "elsewhere.sif"
+    target.write_bytes(SIF_BYTES)
+    path = cache.sif_path(MANIFEST)
+    path.unlink()
+    path.symlink_to(target)
+    assert Cache(cache.root).get_sif(MANIFEST) is None and target.exists()

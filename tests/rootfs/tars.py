@@ -1,4 +1,4 @@
-"""Layer-tar builders and the victim oracle for the rootfs tests (security.md section 6)."""
+"""Layer-tar builders and the victim oracle for the rootfs tests (docs/security.md)."""
 
 from __future__ import annotations
 

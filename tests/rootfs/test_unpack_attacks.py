@@ -1,4 +1,4 @@
-"""Hostile layers (security.md section 6): nothing outside the rootfs may change.
+"""Hostile layers (docs/security.md): nothing outside the rootfs may change.
 
 Every case runs beside ``tmp/victim/hello`` and through :meth:`Box.attack`, which
 snapshots everything but the rootfs (and /etc/passwd) before and after. The expected

@@ -1,4 +1,4 @@
-"""Environment precedence as Apptainer's (apptainer.md 2.4), table-driven.
+"""Environment precedence as Apptainer's (internal/pkg/util/env/create.go), table-driven.
 
 The action script runs with the host's /bin/sh against an image directory
 (``__SIFPY_ROOT``), so these tests need no namespaces.
@@ -19,6 +19,7 @@ from sifpy.runtime.env import (
     injected_env,
     parse_env_option,
     process_env,
+    read_env_files,
 )
 
 
@@ -146,6 +147,40 @@ def test_cleanenv(image: Path) -> None:
 def test_no_eval(image: Path) -> None:
     env = run_env(image, {"APPTAINERENV_E": "$HOME/x"}, no_eval=True)
     assert env["E"] == "$HOME/x"
+
+
+ENV_FILE = """# a comment
+X=$(touch {marker})
+export Q='it''s'
+D="$HOME `id`"
+P=a'b'c
+E=
+"""
+
+
+@pytest.mark.parametrize("no_eval", [True, False], ids=["no-eval", "eval"])
+def test_env_file_no_eval(image: Path, tmp_path: Path, no_eval: bool) -> None:
+    """--no-eval covers --env-file: nothing in it runs and each value is its literal text;
+    without it the file is shell code, as in Apptainer."""
+    marker = tmp_path / "marker"
+    path = tmp_path / "env"
+    path.write_text(ENV_FILE.format(marker=marker))
+    text = read_env_files([str(path)], no_eval=no_eval)
+    env = run_env(image, {}, env_file=text, no_eval=no_eval)
+    if no_eval:
+        assert not marker.exists()
+        assert env["X"] == f"$(touch {marker})"
+        assert (env["Q"], env["D"], env["P"], env["E"]) == ("it''s", "$HOME `id`", "a'b'c", "")
+    else:
+        assert marker.exists() and env["X"] == "" and env["Q"] == "its"
+
+
+def test_env_file_no_eval_rejects_shell_code(tmp_path: Path) -> None:
+    path = tmp_path / "env"
+    path.write_text("A=1\ntouch /tmp/x\n")
+    with pytest.raises(UsageError, match=r"env:2: expected NAME=VALUE"):
+        read_env_files([str(path)], no_eval=True)
+    assert read_env_files([str(path)], no_eval=False) == "A=1\ntouch /tmp/x\n"
 
 
 def test_no_env_dir_uses_default_path(tmp_path: Path) -> None:

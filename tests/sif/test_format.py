@@ -61,7 +61,7 @@ def test_parse_then_build(data: st.DataObject) -> None:
 
 
 def test_known_header_bytes() -> None:
-    """Field offsets as in the reference (apptainer.md 3.1): magic at 32, version at 42."""
+    """Field offsets as in the reference (sylabs/sif pkg/sif/sif.go): magic at 32, version at 42."""
     h = F.Header(b"#!x", F.HDR_MAGIC, F.HDR_VERSION, F.ARCH_CODES["amd64"], bytes(16),
                  1, 2, 3, 4, 5, 6, 7, 8)  # fmt: skip
     raw = F.HEADER.pack(h)

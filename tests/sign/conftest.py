@@ -11,7 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from sifpy.sif import ObjectInput, SifImage, create
 from sifpy.sif import format as F
-from sifpy.sign import DsseSigner, TrustedKeys, sign_image
+from sifpy.sign.sign import DsseSigner, sign_image
+from sifpy.sign.verify import TrustedKeys
 
 PART = bytes(range(256)) * 40  # not a real squashfs: the signer does not care
 

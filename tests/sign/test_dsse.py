@@ -2,7 +2,7 @@
 
 Debian's golang-github-sylabs-sif-dev predates the reference's DSSE test images, and
 fixtures fetched from upstream are not committed here, so byte-level comparison with a
-reference DSSE image is not part of this suite (see the closing notes of issue 6)."""
+reference DSSE image is not part of this suite."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from sifpy.errors import SignatureError
 from sifpy.sif import SifImage
-from sifpy.sign import DsseSigner, TrustedKeys, dsse, sign_image, verify_image
+from sifpy.sign import dsse
+from sifpy.sign.sign import DsseSigner, sign_image
+from sifpy.sign.verify import TrustedKeys, verify_image
 from tests.sign.conftest import make_image
 
 KEYS = {

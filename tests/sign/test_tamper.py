@@ -16,8 +16,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from sifpy.errors import SignatureError
 from sifpy.sif import ObjectInput, SifImage, add_object, delete_object
 from sifpy.sif import format as F
-from sifpy.sign import DsseSigner, TrustedKeys, dsse, sign_image, verify_fd, verify_image
 from sifpy.sign import digest as D
+from sifpy.sign import dsse
+from sifpy.sign.sign import DsseSigner, sign_image
+from sifpy.sign.verify import TrustedKeys, verify_fd, verify_image
 from tests.sign.conftest import make_image, patch, rewrite_descriptor
 
 

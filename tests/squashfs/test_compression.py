@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sifpy.errors import UsageError
-from sifpy.oci import stream
+from sifpy.rootfs import stream
 from sifpy.squashfs import pack
 from sifpy.squashfs.pack import compression_args, default_compression, parse_compression
 from tests.rootfs.tars import layer, reg

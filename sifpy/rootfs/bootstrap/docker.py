@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 from sifpy.rootfs.bootstrap import Context, Result
+from sifpy.rootfs.limits import Budget
 from sifpy.rootfs.unpack import apply_layer
 from sifpy.util import log, progress
 
@@ -24,8 +25,8 @@ def _env_flag(*names: str) -> bool:
 def bootstrap(ctx: Context) -> Result:
     from sifpy.oci.auth import lookup_credentials
     from sifpy.oci.cache import Cache
+    from sifpy.oci.download import download
     from sifpy.oci.progress import layer_progress
-    from sifpy.oci.pull import download
     from sifpy.oci.reference import parse_platform, parse_reference
     from sifpy.oci.registry import ClientOptions, RegistryClient
 
@@ -45,9 +46,10 @@ def bootstrap(ctx: Context) -> Result:
         image = client.resolve(ref, platform)
         with layer_progress() as bar:
             layers = download(client, image, cache, bar)
+    budget = Budget(ctx.rootfs)  # all layers together
     with progress.step(f"applying {len(layers)} layers of {image.digest[:19]}") as bar:
         for i, layer in enumerate(layers, 1):
-            apply_layer(ctx.rootfs, layer)
+            apply_layer(ctx.rootfs, layer, budget=budget)
             bar.update(i, len(layers))
     labels = {
         "org.opencontainers.image.base.name": str(ref),

@@ -3,7 +3,7 @@
 A rootfs under construction is untrusted: an image layer or a ``%post`` script can plant
 ``/.singularity.d -> /home/me`` or ``/opt/x -> /etc``. Everything here therefore works on
 directory descriptors: parents are resolved inside the root with chroot semantics by
-:func:`sifpy.rootfs._walk.open_dir`, leaves are opened ``O_NOFOLLOW`` and created
+:func:`sifpy.util.paths.open_dir`, leaves are opened ``O_NOFOLLOW`` and created
 ``O_EXCL``, so no write ever lands outside the root (Apptainer resolves ``%files``
 destinations with securejoin for the same reason).
 
@@ -21,8 +21,8 @@ import stat
 from collections.abc import Iterator
 
 from sifpy.errors import BuildError
-from sifpy.rootfs._walk import PathError, lstat_at, open_dir
 from sifpy.util import log
+from sifpy.util.paths import PathError, lstat_at, open_dir
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 import os
 
 from sifpy.errors import BuildError, SifpyError
-from sifpy.rootfs._walk import PathError, open_dir
 from sifpy.rootfs.bootstrap import Context, Result
 from sifpy.rootfs.bootstrap import files as F
 from sifpy.util import log
+from sifpy.util.paths import PathError, open_dir
 
 HISTORY = "/.singularity.d/bootstrap_history"
 

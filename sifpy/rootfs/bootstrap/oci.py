@@ -26,6 +26,7 @@ from typing import IO, Any, BinaryIO, cast
 
 from sifpy.errors import BuildError
 from sifpy.rootfs.bootstrap import Context, Result
+from sifpy.rootfs.limits import Budget
 from sifpy.rootfs.unpack import apply_layer
 from sifpy.util import log, progress
 
@@ -165,13 +166,14 @@ def _from_oci(layout: _Layout, tag: str | None, digest: str | None, rootfs: str)
     config_desc = manifest.get("config") or {}
     config = layout.json(_blob(config_desc.get("digest")), config_desc.get("digest"))
     layers = manifest.get("layers") or []
+    budget = Budget(rootfs)  # all layers together
     with progress.step(f"applying {len(layers)} layers from {layout.path}") as bar:
         for i, desc in enumerate(layers, 1):
             name = _blob(desc.get("digest"))
             layout.verify(name, desc["digest"])
             log.verbose(f"layer {i}/{len(layers)}: {desc['digest']}")
             with layout.open(name) as f:
-                apply_layer(rootfs, cast(BinaryIO, f))
+                apply_layer(rootfs, cast(BinaryIO, f), budget=budget)
             bar.update(i, len(layers))
     labels = {}
     if isinstance(config_desc.get("digest"), str):
@@ -188,10 +190,11 @@ def _from_docker(layout: _Layout, rootfs: str) -> Result:
     entry = entries[0]
     config = layout.json(str(entry.get("Config", "")))
     layers = [str(x) for x in entry.get("Layers") or []]
+    budget = Budget(rootfs)  # all layers together
     with progress.step(f"applying {len(layers)} layers from {layout.path}") as bar:
         for i, name in enumerate(layers, 1):
             with layout.open(name) as f:
-                apply_layer(rootfs, cast(BinaryIO, f))
+                apply_layer(rootfs, cast(BinaryIO, f), budget=budget)
             bar.update(i, len(layers))
     labels = {}
     tags = entry.get("RepoTags") or []

@@ -12,8 +12,8 @@ directly. Two passes over the layer blobs:
    with chroot semantics (at most 40 links), hardlinks name an inode already in the tree,
    and everything that fails or is skipped there fails or is skipped here, with the same
    messages (``..``, NUL, over-long names, bad whiteouts, a non-directory root, device
-   nodes skipped). Apptainer's metadata (:func:`sifpy.oci.config.metadata_files`) is then
-   applied the way :func:`~sifpy.oci.config.config_to_metadata` writes it.
+   nodes skipped). Apptainer's metadata (:func:`sifpy.rootfs.imageconfig.metadata_files`) is then
+   applied the way :func:`~sifpy.rootfs.imageconfig.config_to_metadata` writes it.
 2. **Stream**: the root, every directory (parents first), symlink, FIFO and metadata file
    come from the tree; then each layer is read again in order and the regular files that
    survived are copied through, each followed by hardlink entries for its other names.
@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, NamedTuple, cast
 
 from sifpy.errors import RootfsError, ToolError
-from sifpy.oci.config import META_DIRS, MOUNT_POINTS, metadata_files
-from sifpy.oci.rawtar import NotPlain, RawTar, pipe_fd
-from sifpy.rootfs._compress import grow_pipe, open_tar_stream
-from sifpy.rootfs._walk import MAX_SYMLINKS, PathError
+from sifpy.rootfs.compress import grow_pipe, open_tar_stream
+from sifpy.rootfs.imageconfig import META_DIRS, MOUNT_POINTS, metadata_files
+from sifpy.rootfs.limits import Budget
+from sifpy.rootfs.rawtar import NotPlain, RawTar, pipe_fd
 from sifpy.rootfs.unpack import (
     _HINT,
     NAME_MAX,
@@ -63,6 +63,7 @@ from sifpy.rootfs.unpack import (
 )
 from sifpy.squashfs.pack import compression_args, default_compression, parse_compression
 from sifpy.util import log
+from sifpy.util.paths import MAX_SYMLINKS, PathError
 
 DIR, REG, SYM, FIFO = "d", "f", "l", "p"
 READ_BUF = 1 << 20
@@ -172,12 +173,18 @@ def _next(tar: tarfile.TarFile) -> tarfile.TarInfo | None:
     return m
 
 
-def index_layer(layer: LayerSource) -> list[Rec]:
-    """Pass 1 for one layer blob: its headers, in order."""
+def index_layer(layer: LayerSource, budget: Budget | None = None) -> list[Rec]:
+    """Pass 1 for one layer blob: its headers, in order; its uncompressed bytes count
+    against ``budget`` as they are read (the whole layer is decompressed here)."""
     recs: list[Rec] = []
+    pos, label = 0, _label(layer)
     try:
         with _layer_tar(layer) as tar:
             while (m := _next(tar)) is not None:
+                if budget is not None:
+                    end = m.offset_data + m.size
+                    budget.add(end - pos, label)
+                    pos = end
                 recs.append(
                     Rec(
                         len(recs),
@@ -215,7 +222,7 @@ class Merger:
 
     def resolve(self, parts: Sequence[str], *, create: bool) -> tuple[_Node, Key]:
         """The directory at ``parts``, symlinks resolved inside the tree (chroot semantics,
-        as :func:`sifpy.rootfs._walk.open_dir`); missing directories made (0755) when
+        as :func:`sifpy.util.paths.open_dir`); missing directories made (0755) when
         ``create``, else :class:`FileNotFoundError`."""
         stack: list[tuple[_Node, str]] = [(self.root, "")]
         todo = list(reversed(parts))
@@ -388,7 +395,7 @@ class Merger:
     # -- metadata -------------------------------------------------------------------
 
     def add_metadata(self, config: dict[str, Any]) -> None:
-        """Apptainer's metadata, as :func:`sifpy.oci.config.config_to_metadata` writes it."""
+        """Apptainer's metadata, as :func:`~sifpy.rootfs.imageconfig.config_to_metadata` writes."""
         for mp in MOUNT_POINTS:
             try:
                 self.resolve(mp.split("/"), create=True)
@@ -636,6 +643,7 @@ def single_pass(
     config: dict[str, Any] | None = None,
     *,
     privileged: bool | None = None,
+    budget: Budget | None = None,
 ) -> None:
     """Stream a one-layer image in a single read of its blob, when the layer is already in
     the shape the merge would produce (the usual case: a tar of a real tree).
@@ -648,7 +656,8 @@ def single_pass(
     starts over with the two-pass merge; what was written must then be discarded. At the
     end the final tree (after Apptainer's metadata) is checked against everything written,
     and what is missing (metadata, mount points) is written, then the root entry (last:
-    tars such as mmdebstrap's list ``./`` after ``./dev``).
+    tars such as mmdebstrap's list ``./`` after ``./dev``). Each member's bytes count
+    against ``budget`` before they are copied.
     """
     merger = Merger(privileged=privileged)
     out.flush()
@@ -692,6 +701,8 @@ def single_pass(
             ordinal = -1
             while (m := raw.next()) is not None:
                 ordinal += 1
+                if budget is not None:
+                    budget.add(_BLOCK + m.size, label)
                 kind = _KINDS.get(m.type, "?")
                 rec = Rec(ordinal, m.name, m.type, m.mode, m.mtime, m.linkname, kind)
                 try:
@@ -745,11 +756,13 @@ def merge(
     *,
     privileged: bool | None = None,
     threads: int = 4,
+    budget: Budget | None = None,
 ) -> Plan:
-    """Pass 1: index ``layers`` (in parallel) and merge them, with metadata for ``config``."""
+    """Pass 1: index ``layers`` (in parallel) and merge them, with metadata for ``config``;
+    all their bytes count against ``budget``."""
     merger = Merger(privileged=privileged)
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(layers)))) as pool:
-        futures = [pool.submit(index_layer, layer) for layer in layers]
+        futures = [pool.submit(index_layer, layer, budget) for layer in layers]
         for i, (layer, fut) in enumerate(zip(layers, futures, strict=True)):
             merger.apply_layer(i, fut.result(), _label(layer))
     if config is not None:
@@ -767,18 +780,21 @@ def merged_tar(
     """Write the one sanitised tar for ``layers`` (+ metadata for ``config``) to ``out``.
 
     One layer goes through :func:`single_pass` (into a buffer, since it may have to start
-    over), the others through the two-pass merge."""
+    over), the others through the two-pass merge. Capped as :mod:`sifpy.rootfs.limits`
+    says (the temporary buffer's file system keeps its reserve)."""
     if len(layers) == 1:
         with tempfile.TemporaryFile() as buf:
             try:
-                single_pass(layers[0], buf, config, privileged=privileged)
+                budget = Budget(tempfile.gettempdir())
+                single_pass(layers[0], buf, config, privileged=privileged, budget=budget)
             except NeedsMerge as exc:
                 log.debug(f"two-pass merge: {exc}")
             else:
                 buf.seek(0)
                 shutil.copyfileobj(buf, out, READ_BUF)
                 return
-    write_plan(merge(layers, config, privileged=privileged), layers, out)
+    budget = Budget(tempfile.gettempdir(), expands=False)
+    write_plan(merge(layers, config, privileged=privileged, budget=budget), layers, out)
 
 
 # --- tar2sqfs ---------------------------------------------------------------------------
@@ -858,6 +874,13 @@ def _tar2sqfs(dest: Path) -> Iterator[IO[bytes]]:
             raise ToolError("can't pack the image: tar2sqfs wrote no squashfs superblock")
 
 
+def _squashfs_budget(dest: str | os.PathLike[str]) -> Budget:
+    """The budget of a squashfs written to ``dest``: compressed, so only its file system's
+    reserve is checked, with the cap on the uncompressed bytes (which also bounds the CPU
+    time spent on them: reading stops at the cap)."""
+    return Budget(os.path.dirname(os.path.abspath(dest)), expands=False)
+
+
 def tar_to_squashfs(
     layer: LayerSource | TarStream,
     dest: str | os.PathLike[str],
@@ -866,9 +889,11 @@ def tar_to_squashfs(
     privileged: bool | None = None,
 ) -> None:
     """One layer, read once, into the squashfs ``dest``; raises :class:`NeedsMerge`
-    (``dest`` then unusable) if it needs the two-pass merge."""
+    (``dest`` then unusable) if it needs the two-pass merge. Capped as
+    :mod:`sifpy.rootfs.limits` says (the squashfs's file system keeps its reserve)."""
+    budget = _squashfs_budget(dest)
     with _tar2sqfs(Path(dest)) as pipe:
-        single_pass(layer, pipe, config, privileged=privileged)
+        single_pass(layer, pipe, config, privileged=privileged, budget=budget)
 
 
 def layers_to_squashfs(
@@ -893,7 +918,7 @@ def layers_to_squashfs(
         except NeedsMerge as exc:
             log.debug(f"two-pass merge: {exc}")
             on_indexed = None
-    plan = merge(layers, config, privileged=privileged)
+    plan = merge(layers, config, privileged=privileged, budget=_squashfs_budget(dest))
     if on_indexed is not None:
         on_indexed()
     with _tar2sqfs(Path(dest)) as pipe:

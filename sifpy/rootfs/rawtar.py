@@ -1,6 +1,6 @@
 """A small reader of plain tar streams for the one-pass pull, with file data spliced.
 
-:func:`sifpy.oci.stream.single_pass` reads a layer once, front to back, and copies every
+:func:`sifpy.rootfs.stream.single_pass` reads a layer once, front to back, and copies every
 regular file's bytes to tar2sqfs. Through :mod:`tarfile` that is ~0.4 s of CPU for a
 170 MB Debian layer (its header objects, its buffering, two copies of every byte); on a
 machine with 2 CPUs that competes with the decompressor and the compressor. This reader

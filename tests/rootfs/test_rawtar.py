@@ -1,4 +1,4 @@
-"""sifpy.oci.rawtar reads what tarfile reads, or says it can't (NotPlain): never something
+"""sifpy.rootfs.rawtar reads what tarfile reads, or says it can't (NotPlain): never something
 else. Each case is a tar made by tarfile (GNU, PAX, ustar) or by hand; the one-pass
 stream's output is the same whether file data is spliced between pipes or copied."""
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sifpy.oci import stream
-from sifpy.oci.rawtar import NotPlain, RawTar
+from sifpy.rootfs import stream
+from sifpy.rootfs.rawtar import NotPlain, RawTar
 
 MEMBERS: list[tuple[str, bytes, dict[str, object]]] = [
     ("etc", tarfile.DIRTYPE, {"mode": 0o755}),

@@ -1,4 +1,4 @@
-"""The streaming merger (:mod:`sifpy.oci.stream`) against the unpack path, entry by entry.
+"""The streaming merger (:mod:`sifpy.rootfs.stream`) against the unpack path, entry by entry.
 
 Every hostile case of ``tests/rootfs/test_unpack_attacks.py`` and a set of whiteout,
 hardlink and replacement cases run through both :func:`sifpy.rootfs.apply_layers` and
@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 
 from sifpy.errors import RootfsError
-from sifpy.oci import stream
-from sifpy.oci.config import MOUNT_POINTS
-from sifpy.rootfs import apply_layers
+from sifpy.rootfs import apply_layers, stream
+from sifpy.rootfs.imageconfig import MOUNT_POINTS
 from sifpy.rootfs.unpack import _real_root
 from tests.rootfs import test_unpack_attacks as attacks
 from tests.rootfs.tars import describe_tree, dir_, hard, layer, node, reg, sym, wh
@@ -217,7 +216,7 @@ def test_bad_whiteouts_refused(bad: str) -> None:
 
 
 def test_metadata_entries_like_config_to_metadata(tmp_path: Path) -> None:
-    from sifpy.oci.config import config_to_metadata
+    from sifpy.rootfs.imageconfig import config_to_metadata
 
     config: dict[str, object] = {
         "config": {"Env": ["A=1"], "Cmd": ["/bin/true"], "Labels": {"x": "y"}}
@@ -269,7 +268,7 @@ def test_tar2sqfs_keeps_hardlinked_symlink(tmp_path: Path) -> None:
 
 
 def test_pull_falls_back_without_tar2sqfs(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sifpy.oci import pull
+    from sifpy import pull
 
     monkeypatch.delenv("SIFPY_PULL_STREAM", raising=False)
     monkeypatch.setattr(stream, "tar2sqfs_path", lambda: None)

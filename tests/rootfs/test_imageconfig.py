@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sifpy.oci.config import config_to_metadata, env_script, runscript
+from sifpy.rootfs.imageconfig import config_to_metadata, env_script, runscript
 
 CONFIG = {
     "architecture": "amd64",

@@ -3,7 +3,7 @@
 The order is the data flow of the design notes: resolve the reference to one image
 manifest (pinned by digest for the rest of the pull), fetch the layers in parallel into
 the verified cache, merge them with Apptainer's metadata into one sanitised tar stream
-packed by ``tar2sqfs`` (:mod:`sifpy.oci.stream`, no rootfs on disk) — or, without
+packed by ``tar2sqfs`` (:mod:`sifpy.rootfs.stream`, no rootfs on disk) — or, without
 tar2sqfs, apply them with :func:`sifpy.rootfs.apply_layers` into a private temporary
 rootfs, write the metadata and pack it with ``mksquashfs`` — and write the SIF
 atomically (the final name appears only when the image is complete). A SIF built from a
@@ -12,7 +12,6 @@ manifest digest is cached, so pulling the same image again copies it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -23,21 +22,19 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
-from sifpy.errors import SifpyError, ToolError, UsageError
-from sifpy.oci import media as M
-from sifpy.oci import stream
+from sifpy.errors import SifpyError, ToolError
 from sifpy.oci.auth import lookup_credentials
-from sifpy.oci.cache import Cache, IndexEntry, copy_file
-from sifpy.oci.config import config_to_metadata
+from sifpy.oci.cache import Cache, IndexEntry, install_copy, output_path
+from sifpy.oci.download import NoProgress, Progress, download
 from sifpy.oci.reference import Platform, Reference
 from sifpy.oci.registry import ClientOptions, Image, RegistryClient
-from sifpy.rootfs import apply_layers
-from sifpy.rootfs._compress import grow_pipe, gunzip_process, gunzip_program
+from sifpy.rootfs import apply_layers, stream
+from sifpy.rootfs.compress import grow_pipe, gunzip_process, gunzip_program
+from sifpy.rootfs.imageconfig import config_to_metadata
 from sifpy.sif import ObjectInput, create
 from sifpy.sif import format as F
 from sifpy.squashfs.pack import (
@@ -47,29 +44,7 @@ from sifpy.squashfs.pack import (
     parse_compression,
 )
 from sifpy.util import log
-
-DOWNLOAD_THREADS = 4
-
-
-class Progress(Protocol):
-    """What the pull reports while downloading; the CLI draws it."""
-
-    def start(self, desc: M.Descriptor) -> None: ...
-    def update(self, desc: M.Descriptor, done: int) -> None: ...
-    def finish(self, desc: M.Descriptor, cached: bool) -> None: ...
-
-
-class NoProgress:
-    """A :class:`Progress` that reports nothing."""
-
-    def start(self, desc: M.Descriptor) -> None:
-        pass
-
-    def update(self, desc: M.Descriptor, done: int) -> None:
-        pass
-
-    def finish(self, desc: M.Descriptor, cached: bool) -> None:
-        pass
+from sifpy.util.fs import rmtree
 
 
 @dataclass(frozen=True)
@@ -79,43 +54,6 @@ class PullResult:
     path: Path
     digest: str  # the image manifest's digest
     cached: bool  # the SIF came from the cache
-
-
-def _rmtree(path: Path) -> None:
-    def fix(func: Callable[..., object], p: str, _exc: object) -> None:
-        # A directory the image made read-only: make it writable and retry once.
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(p), 0o700)
-            func(p)
-
-    shutil.rmtree(path, onerror=fix)
-
-
-def download(
-    client: RegistryClient,
-    image: Image,
-    cache: Cache,
-    progress: Progress,
-    threads: int = DOWNLOAD_THREADS,
-) -> list[Path]:
-    """Fetch every layer of ``image`` into ``cache`` in parallel; return their paths."""
-
-    def one(desc: M.Descriptor) -> Path:
-        progress.start(desc)
-
-        def fetch(out: BinaryIO) -> None:
-            client.fetch_blob(
-                image.reference.repository, desc, out, lambda n: progress.update(desc, n)
-            )
-
-        path, cached = cache.ensure_blob(desc.digest, desc.size, fetch)
-        progress.finish(desc, cached)
-        return path
-
-    unique = list({d.digest: d for d in image.layers}.values())
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(unique)))) as pool:
-        paths = dict(zip((d.digest for d in unique), pool.map(one, unique), strict=True))
-    return [paths[d.digest] for d in image.layers]
 
 
 class _Tee:
@@ -258,7 +196,7 @@ def _stream_while_downloading(
         write_sif(image, sqfs, out, platform, cache_store)
         return True
     finally:
-        _rmtree(work)
+        rmtree(work)
 
 
 def mksquashfs(rootfs: Path, dest: Path) -> None:
@@ -315,7 +253,7 @@ def build_sif(
     """Turn ``layers`` plus the image's metadata into a squashfs, then write ``out`` (and
     its cached copy, with ``cache_store``: see :func:`write_sif`).
 
-    Streaming (:mod:`sifpy.oci.stream`, tar2sqfs) writes no rootfs; otherwise the
+    Streaming (:mod:`sifpy.rootfs.stream`, tar2sqfs) writes no rootfs; otherwise the
     layers are unpacked into a temporary rootfs and packed with mksquashfs."""
     if streaming is None:
         streaming = use_streaming()
@@ -334,10 +272,10 @@ def build_sif(
             config_to_metadata(rootfs, image.config_json)
             log.verbose("creating squashfs")
             mksquashfs(rootfs, sqfs)
-            _rmtree(rootfs)  # free the space before the SIF copy
+            rmtree(rootfs)  # free the space before the SIF copy
         write_sif(image, sqfs, out, platform, cache_store)
     finally:
-        _rmtree(work)
+        rmtree(work)
 
 
 # Given a function that writes the SIF to a path, store that in the cache (Cache.store_sif).
@@ -393,30 +331,6 @@ def write_sif(
         log.warn(f"can't cache the SIF: {failed[0]}")
 
 
-def _install_copy(src: Path, out: Path) -> None:
-    """Copy ``src`` to ``out`` atomically (temp in the same directory, fsync, rename)."""
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or Path("."))
-    os.close(fd)
-    try:
-        copy_file(src, Path(name))
-        os.chmod(name, 0o755)
-        os.replace(name, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
-        raise
-
-
-def output_path(out: str | os.PathLike[str], force: bool) -> Path:
-    """The SIF a pull writes: refused when it exists (unless ``force``) or has no directory."""
-    out_path = Path(out)
-    if out_path.exists() and not force:
-        raise UsageError(f"can't pull: {out_path}: file exists", "use --force to overwrite it")
-    if not out_path.parent.is_dir() and str(out_path.parent) != "":
-        raise UsageError(f"can't pull: {out_path.parent}: no such directory")
-    return out_path
-
-
 def pull(
     ref: Reference,
     out: str | os.PathLike[str],
@@ -453,7 +367,7 @@ def pull(
         cached_sif = cache.get_sif(image.digest, variant) if use_sif_cache and not force else None
         if cached_sif is not None:
             log.verbose(f"using cached SIF {cached_sif}")
-            _install_copy(cached_sif, out_path)
+            install_copy(cached_sif, out_path)
             cache.record(entry)
             return PullResult(out_path, image.digest, True)
         store: CacheStore | None = None

@@ -1,4 +1,5 @@
-"""Turn an OCI image config into Apptainer's in-image metadata (apptainer.md 2.1, 2.5).
+"""Turn an OCI image config into Apptainer's in-image metadata (Apptainer's
+internal/pkg/build/sources/conveyorPacker_oci.go).
 
 Written into the rootfs: ``/.singularity.d/env/10-docker2singularity.sh`` (the image ENV),
 ``/.singularity.d/runscript`` (ENTRYPOINT/CMD, with Apptainer's eval and no-eval
@@ -6,7 +7,7 @@ templates), ``/.singularity.d/labels.json`` (tab-indented, as Go's ``MarshalInde
 base env scripts, and the usual mount points. The config is untrusted data: values are
 escaped for the shell, never evaluated here, and every file is written through
 descriptors that never follow a symlink the image planted (the rootfs's own symlinks are
-resolved inside the rootfs, as :mod:`sifpy.rootfs._walk` does for layers).
+resolved inside the rootfs, as :mod:`sifpy.util.paths` does for layers).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from sifpy.errors import RootfsError
-from sifpy.rootfs._walk import PathError, lstat_at, open_dir
 from sifpy.util import log
+from sifpy.util.paths import PathError, lstat_at, open_dir
 
 _ENV_NAME_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 VALUE_MAX = 1 << 20  # bound on what one env value or argv item may add to a script
@@ -51,7 +52,7 @@ def sq_quote(value: str) -> str:
 
 
 def env_script(env: list[str]) -> str:
-    """``10-docker2singularity.sh``: one export per valid ``Env`` entry (apptainer.md 2.5).
+    """``10-docker2singularity.sh``: one export per valid ``Env`` entry (conveyorPacker_oci.go).
 
     ``K=V`` becomes ``export K="${K:-"V"}"`` (the host's value wins, as in Apptainer),
     ``PATH`` is set outright, and ``K`` alone becomes ``export K="${K:-}"``.
@@ -86,7 +87,7 @@ def _args_quoted(args: list[str]) -> str:
 
 
 def runscript(entrypoint: list[str], cmd: list[str]) -> str:
-    """The OCI runscript (apptainer.md 2.5): ENTRYPOINT and CMD, eval or no-eval.
+    """The OCI runscript (conveyorPacker_oci.go): ENTRYPOINT and CMD, eval or no-eval.
 
     Without arguments: ENTRYPOINT + CMD; with arguments: ENTRYPOINT + arguments (CMD is
     replaced). ``SINGULARITY_NO_EVAL``/``APPTAINER_NO_EVAL`` use the literal items;
