@@ -3,7 +3,7 @@
 exactly, and malformed archives that must end in a typed error, quickly.
 
 Each layer goes through every code path that reads layers: :func:`apply_layer` (the
-rootfs on disk), the two-pass merge and the one-pass stream of :mod:`sifpy.oci.stream`."""
+rootfs on disk), the two-pass merge and the one-pass stream of :mod:`sifpy.rootfs.stream`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from sifpy.errors import RootfsError
-from sifpy.oci import stream
+from sifpy.rootfs import stream
 from sifpy.rootfs import apply_layer
 
 from ..conftest import need_tool
