@@ -359,3 +359,22 @@ def test_token_flow(
     assert wrong.returncode == 1 and "token server answered HTTP 401" in wrong.stderr
     assert "bad-pass-987" not in wrong.stderr
     assert not os.path.exists(tmp_path / "c.sif")
+
+
+def test_one_token_per_repository_scope(token_registry: tuple[Registry, TokenServer]) -> None:
+    """One client, two repositories: a token is asked for each repository's own scope and
+    never reused for the other; a second request in the same scope reuses its token."""
+    from sifpy.oci.auth import Credentials
+    from sifpy.oci.registry import ClientOptions, RegistryClient
+
+    reg, tokens = token_registry
+    tokens.requests.clear()
+    creds = Credentials(USER, PASSWORD)
+    with RegistryClient(reg.host, ClientOptions(insecure=True), creds) as client:
+        client.get_manifest("test/plain", "1")
+        client.get_manifest("test/multi", "1")
+        client.get_manifest("test/plain", "1")
+    assert [r["scope"] for r in tokens.requests] == [
+        "repository:test/plain:pull",
+        "repository:test/multi:pull",
+    ]

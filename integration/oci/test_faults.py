@@ -5,12 +5,14 @@ when it must, never caching wrong bytes."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import http.client
 import http.server
 import json
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,12 @@ class Faults:
     corrupt: set[str] = field(default_factory=set)  # digests whose bytes are altered
     range_mode: str = "pass"  # pass | ignore (answer 200) | wrong (206 from byte 0)
     huge_manifest: bool = False
+    trailing: set[str] = field(default_factory=set)  # digests served with junk appended
+    gzip_encoded: set[str] = field(default_factory=set)  # served Content-Encoding: gzip
+    respaced_manifests: bool = False  # manifests re-serialised (same JSON, other bytes)
+    redirect_loop: bool = False  # every blob GET answers 307 to itself
     log: list[tuple[str, str, str, int]] = field(default_factory=list)
+    stamps: list[float] = field(default_factory=list)  # time.monotonic() of each log entry
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -57,6 +64,7 @@ def _proxy_handler(upstream: str, faults: Faults) -> type[http.server.BaseHTTPRe
             path = self.path
             rng = self.headers.get("Range", "")
             with faults.lock:
+                faults.stamps.append(time.monotonic())
                 for part, queue in faults.statuses.items():
                     if part in path and queue:
                         status = queue.pop(0)
@@ -64,6 +72,10 @@ def _proxy_handler(upstream: str, faults: Faults) -> type[http.server.BaseHTTPRe
                         extra = {"Retry-After": "1"} if status == 429 else {}
                         self.answer(status, extra, b'{"errors":[{"code":"INJECTED"}]}')
                         return
+            if faults.redirect_loop and "/blobs/" in path:
+                faults.log.append((self.command, path, rng, 307))
+                self.answer(307, {"Location": f"http://{self.headers['Host']}{path}"}, b"")
+                return
             if faults.huge_manifest and "/manifests/" in path:
                 body = b'{"schemaVersion": 2, "pad": "' + b"x" * (5 << 20) + b'"}'
                 faults.log.append((self.command, path, rng, 200))
@@ -89,6 +101,13 @@ def _proxy_handler(upstream: str, faults: Faults) -> type[http.server.BaseHTTPRe
             conn.close()
             if digest in faults.corrupt and body:
                 body = bytes([body[0] ^ 0xFF]) + body[1:]
+            if digest in faults.trailing and body and self.command == "GET":
+                body += b"trailing junk after the blob"
+            if digest in faults.gzip_encoded and body and self.command == "GET":
+                body = gzip.compress(body)
+                out["Content-Encoding"] = "gzip"
+            if faults.respaced_manifests and "/manifests/" in path and body:
+                body = json.dumps(json.loads(body), indent=7).encode()
             if rng and faults.range_mode == "wrong" and status == 200:
                 # Claims the asked range but sends the blob from byte 0: must not be spliced.
                 start = int(rng.split("=")[1].split("-")[0])
@@ -226,3 +245,87 @@ def test_huge_manifest_is_refused(proxy: Proxy, sifpy: SifpyEnv, tmp_path: Path)
     out = pull(sifpy, proxy, tmp_path / "a.sif", check=False)
     assert out.startswith("rc=1") and "limit" in out
     assert not (tmp_path / "a.sif").exists()
+
+
+def manifest_digest(registry: Registry, key: str = "test/plain:1") -> str:
+    layout, tag = registry.layouts[key]
+    index = json.loads((layout / "index.json").read_text())
+    (m,) = [
+        m
+        for m in index["manifests"]
+        if m["annotations"]["org.opencontainers.image.ref.name"] == tag
+    ]
+    return str(m["digest"])
+
+
+def _nothing_cached(sifpy: SifpyEnv, digest: str) -> None:
+    blobs = sifpy.cache / "blobs/sha256"
+    assert not (blobs / digest[7:]).exists()
+    assert (
+        not blobs.is_dir() or [p.name for p in blobs.iterdir() if p.name.startswith(".tmp")] == []
+    )
+
+
+def test_trailing_bytes_after_the_blob_are_refused(
+    registry: Registry, proxy: Proxy, sifpy: SifpyEnv, tmp_path: Path
+) -> None:
+    # umoci's descriptor size hardening: bytes beyond the descriptor's size are an error,
+    # even though the first ``size`` bytes hash right.
+    digest = layer_digest(registry)
+    proxy.faults.trailing.add(digest)
+    out = pull(sifpy, proxy, tmp_path / "a.sif", check=False)
+    assert out.startswith("rc=1") and "digest mismatch (more than" in out, out
+    assert not (tmp_path / "a.sif").exists()
+    _nothing_cached(sifpy, digest)
+
+
+def test_content_encoding_is_not_decoded(
+    registry: Registry, proxy: Proxy, sifpy: SifpyEnv, tmp_path: Path
+) -> None:
+    # The bytes hashed are the bytes on the wire (Accept-Encoding: identity, no decoding):
+    # a gzip Content-Encoding over the blob is wrong bytes, not a blob to inflate.
+    digest = layer_digest(registry)
+    proxy.faults.gzip_encoded.add(digest)
+    out = pull(sifpy, proxy, tmp_path / "a.sif", check=False)
+    assert out.startswith("rc=1") and "digest mismatch" in out, out
+    assert not (tmp_path / "a.sif").exists()
+    _nothing_cached(sifpy, digest)
+
+
+def test_reserialised_manifest_fails_a_pull_by_digest(
+    registry: Registry, proxy: Proxy, sifpy: SifpyEnv, tmp_path: Path
+) -> None:
+    # The digest is over the raw bytes, not over the JSON they parse to.
+    proxy.faults.respaced_manifests = True
+    ref = f"docker://{proxy.host}/test/plain@{manifest_digest(registry)}"
+    proc = sifpy.run("pull", "--insecure", tmp_path / "a.sif", ref, check=False)
+    assert proc.returncode == 1 and "digest mismatch" in proc.stderr, proc.stderr
+    assert not (tmp_path / "a.sif").exists()
+    # By tag there is no digest to hold it to: the same bytes pull fine.
+    pull(sifpy, proxy, tmp_path / "b.sif")
+
+
+def test_redirect_loop_is_bounded(proxy: Proxy, registry: Registry) -> None:
+    from sifpy.oci.media import Descriptor
+
+    layout, _ = registry.layouts["test/plain:1"]
+    manifest = json.loads((layout / "blobs/sha256" / manifest_digest(registry)[7:]).read_text())
+    config = Descriptor.from_json(manifest["config"], "config")
+    proxy.faults.redirect_loop = True
+    opts = ClientOptions(insecure=True, retries=0, backoff=0.01)
+    with (
+        RegistryClient(proxy.host, opts) as client,
+        pytest.raises(RegistryError, match="more than 10 redirects"),
+    ):
+        client.get_blob_bytes("test/plain", config, 1 << 20)
+    assert [e[3] for e in proxy.faults.log].count(307) == 11
+
+
+def test_retry_after_is_honoured(proxy: Proxy) -> None:
+    proxy.faults.statuses = {"/manifests/": [429]}  # answered with Retry-After: 1
+    opts = ClientOptions(insecure=True, retries=2, backoff=0.01)
+    with RegistryClient(proxy.host, opts) as client:
+        client.get_manifest("test/plain", "1")
+    statuses = [e[3] for e in proxy.faults.log]
+    assert statuses[:2] == [429, 200], statuses
+    assert proxy.faults.stamps[1] - proxy.faults.stamps[0] >= 0.9

@@ -210,6 +210,8 @@ class RawTar:
                 link = pax["linkpath"]
             if "size" in pax:
                 size = _pax_number(pax["size"], int)
+                if size < 0:  # tarfile's reading of it is the one to keep
+                    raise NotPlain("negative pax size")
             if "mtime" in pax:
                 mtime = _pax_number(pax["mtime"], float)
         if kind not in REGULAR and size:

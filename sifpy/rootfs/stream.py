@@ -196,7 +196,8 @@ def index_layer(layer: LayerSource, budget: Budget | None = None) -> list[Rec]:
                         _KINDS.get(m.type, "?"),
                     )
                 )
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+    except (tarfile.TarError, EOFError, OSError, ValueError, OverflowError) as exc:
+        # OverflowError: int() of an infinite PAX mtime ("-1e400").
         raise RootfsError(f"can't read layer: {_label(layer)}: {exc}", _HINT) from exc
     return recs
 

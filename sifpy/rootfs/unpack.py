@@ -206,6 +206,10 @@ class _Applier:
         self.dir_mtimes: dict[Key, float] = {}
 
     def apply(self, m: tarfile.TarInfo) -> None:
+        # A PAX mtime is any decimal ("-1e400", "nan"): utime() would raise OverflowError
+        # or ValueError. 2**62 s is far inside time_t and far beyond any real date.
+        if not abs(m.mtime) < 2**62:
+            raise _BadEntry(f"timestamp out of range: {m.mtime}")
         parts = _clean(m.name)
         if not parts:
             self._root(m)

@@ -43,7 +43,14 @@ ALWAYS_FORWARDED = frozenset(
         for v in (p, p.upper())
     ]
 )
-NEVER_FORWARDED = frozenset({"HOME", "PATH", "LD_LIBRARY_PATH", "PWD", "OLDPWD", "SHLVL", "_"})
+# Apptainer's alwaysOmitKeys (HOME, PATH, LD_LIBRARY_PATH), plus the loader's and
+# Python's code-injection variables: they name host files that the image's programs would
+# load (a same-named file in the image, or a host Python's stdlib for another Python).
+# Set them in the container with SIFPYENV_<NAME> or --env when they are wanted.
+NEVER_FORWARDED = frozenset(
+    {"HOME", "PATH", "LD_LIBRARY_PATH", "PWD", "OLDPWD", "SHLVL", "_"}
+    | {"LD_PRELOAD", "LD_AUDIT", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP"}
+)
 RUNTIME_PREFIXES = ("APPTAINER_", "SINGULARITY_", "SIFPY_")
 # Host prefixes that inject into the container, lowest priority first.
 INJECT_PREFIXES = ("SINGULARITYENV_", "APPTAINERENV_", "SIFPYENV_")

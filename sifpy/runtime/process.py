@@ -628,9 +628,19 @@ def _enter_cwd(spec: LaunchSpec, ident: Identity) -> str:
             os.chdir(cand)
         except OSError:
             continue
-        # runc verifyCwd (CVE-2024-21626): the cwd must be reachable from the new root.
-        if os.getcwd().startswith("/"):
-            return cand
+        # runc verifyCwd (CVE-2024-21626): the cwd must be reachable from the new root. A
+        # path through an open directory fd (--pwd /proc/self/fd/N) can chdir outside it;
+        # glibc's getcwd then fails with ENOENT (the kernel says "(unreachable)").
+        try:
+            inside = os.getcwd().startswith("/")
+        except OSError:
+            inside = False
+        if not inside:
+            raise RuntimeSetupError(
+                f"can't chdir: {cand}: outside the container",
+                "give a working directory inside the container (--pwd)",
+            )
+        return cand
     raise RuntimeSetupError(f"can't chdir: {spec.cwd}: not reachable in the container")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sifpy.build import WORK_PREFIX, BuildOptions, Workspace, build, clean_stale
-from sifpy.errors import BuildError, DefFileError, UsageError
+from sifpy.errors import BuildError, DefFileError, SifpyError, UsageError
 from tests.conftest import need_tool
 
 ORDER_DEF = """\
@@ -174,3 +174,45 @@ def test_stale_workspaces_are_cleaned(tmp_path: Path) -> None:
     assert live.exists() and not dead.exists()
     ws.close()
     assert not live.exists()
+
+
+@pytest.mark.parametrize("how", ["signal", "status"])
+def test_failed_mksquashfs_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """mksquashfs killed by a signal (or failing) half way through writing: the build
+    fails with the reason, no SIF is at the destination, the work directory is gone."""
+    real = need_tool("mksquashfs")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    end = "kill -KILL $$" if how == "signal" else "exit 3"
+    (fake / "mksquashfs").write_text(
+        f'#!/bin/sh\n"{real}" "$@" >/dev/null 2>&1\nhead -c 100 /dev/zero > "$2"\n{end}\n'
+    )
+    (fake / "mksquashfs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "hello.sif"
+    recipe = Path(__file__).parents[2] / "recipes/busybox-hello.def"
+    with pytest.raises(SifpyError) as exc:
+        build(str(out), str(recipe), BuildOptions(compression="gzip"))
+    want = "killed by signal 9)" if how == "signal" else "exit status 3)"
+    assert str(exc.value).startswith("can't create squashfs: mksquashfs failed (")
+    assert str(exc.value).endswith(want), str(exc.value)
+    assert os.listdir(out_dir) == []
+
+
+def test_workspace_is_private_under_any_umask(tmp_path: Path) -> None:
+    # CVE-2020-25039 class: the build's directories are 0700 whatever the umask says.
+    old = os.umask(0)
+    try:
+        ws = Workspace(str(tmp_path))
+    finally:
+        os.umask(old)
+    try:
+        for path in (ws.path, ws.scratch):
+            st = os.stat(path)
+            assert (st.st_mode & 0o777, st.st_uid) == (0o700, os.getuid()), path
+    finally:
+        ws.close()

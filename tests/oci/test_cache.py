@@ -119,6 +119,24 @@ def test_index_and_clean(tmp_path: Path) -> None:
     assert cache.entries() == [] and cache.get_sif(DIGEST) is None
 
 
+def test_cache_is_private_under_any_umask(tmp_path: Path) -> None:
+    # CVE-2019-19724 class: every directory the cache makes is 0700 and every file 0600,
+    # whatever the caller's umask.
+    import os
+
+    old = os.umask(0)
+    try:
+        cache = Cache(tmp_path / "c")
+        path, _ = cache.ensure_blob(DIGEST, len(DATA), writer(DATA))  # type: ignore[arg-type]
+    finally:
+        os.umask(old)
+    for dirpath, _dirnames, filenames in os.walk(tmp_path / "c"):
+        assert os.stat(dirpath).st_mode & 0o777 == 0o700, dirpath
+        for name in filenames:
+            assert os.stat(os.path.join(dirpath, name)).st_mode & 0o077 == 0, name
+    assert path.is_file()
+
+
 # --- a cache others can change, and cached SIFs --------------------------------------
 
 MANIFEST = "sha256:" + "ab" * 32

@@ -237,3 +237,24 @@ def test_verify_fd_requires_signed_primary(
             verify_fd(fd, trusted, object_ids=[3])
     finally:
         os.close(fd)
+
+
+def test_added_group_with_a_second_primary_partition(signed: Path, trusted: TrustedKeys) -> None:
+    """A new (unsigned) group holding another squashfs PrimSys partition (sifpy's own add
+    refuses a second primary, so it is added as data and its descriptor edited): the whole
+    image fails verification, and ``exec --verify-key`` refuses before mounting."""
+    new = add_object(
+        signed,
+        ObjectInput.partition(b"hsqs" + bytes(4092), F.FSType.SQUASH, F.PartType.DATA,
+                              "amd64", group_id=3),
+    )  # fmt: skip
+    with SifImage.open(signed) as img:
+        extra = img.get(new).partition()._replace(parttype=F.PartType.PRIMSYS)
+        raw_extra = img.get(new).raw.extra
+    packed = F.PARTITION_EXTRA.pack(extra)
+    rewrite_descriptor(signed, new, extra=packed + raw_extra[len(packed) :])
+    with SifImage.open(signed) as img:
+        prims = [d for d in img.find(F.DataType.PARTITION)
+                 if d.partition().parttype == F.PartType.PRIMSYS]  # fmt: skip
+        assert len(prims) == 2
+    assert_fails(signed, trusted, "signature not found for object group 3")
