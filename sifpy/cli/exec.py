@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from sifpy.cli._args import ArgumentParser
+    from sifpy.runtime.gpu import Injection
 else:
     SimpleNamespace = type(sys.implementation)  # what types.py does, without importing it
 
@@ -134,6 +135,21 @@ OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("-w", "--writable"), {"action": "store_true", "help": "writable sandbox directory"}),
     (("--app",), {"metavar": "NAME", "help": "run a SCIF app"}),
     (("-s", "--shell"), {"metavar": "PATH", "help": "the shell for 'shell'"}),
+    (("--nv",), {"action": "store_true", "help": "bind the host's NVIDIA driver (GPU)"}),
+    (
+        ("--nvccli",),
+        {"action": "store_true", "help": "--nv, with the files nvidia-container-cli lists"},
+    ),
+    (("--rocm",), {"action": "store_true", "help": "bind the host's AMD ROCm driver (GPU)"}),
+    (
+        ("--device",),
+        {
+            "action": "append",
+            "default": [],
+            "metavar": "VENDOR/CLASS=NAME",
+            "help": "a CDI device (repeatable; NAME may be 'all'); see `sifpy cdi list`",
+        },
+    ),
     (
         ("--verify",),
         {"action": "store_true", "help": "refuse to run unless the image's signatures verify"},
@@ -328,6 +344,32 @@ def open_image(
     return SifPartition(f"/proc/self/fd/{fd}", part.offset, part.size), fd
 
 
+def devices(a: Any) -> Injection:
+    """What ``--nv``, ``--nvccli``, ``--rocm`` and ``--device`` bind from the host (warnings
+    printed here); the settings come from sifpy.conf."""
+    from sifpy.runtime import gpu
+    from sifpy.sign import policy
+
+    rules = policy.load()
+    inject = gpu.Injection()
+    if a.nvccli:
+        inject.merge(gpu.nvccli(a.contain or a.containall))
+    elif a.nv:
+        inject.merge(gpu.nvidia(rules.device_setting("nvliblist")))
+    if a.rocm:
+        inject.merge(gpu.rocm(rules.device_setting("rocmliblist")))
+    if a.device:
+        from sifpy.runtime import cdi
+
+        dirs = os.environ.get("SIFPY_CDI_SPEC_DIRS") or rules.device_setting("cdi spec dirs")
+        registry = cdi.Registry.load(dirs.split(":") if dirs else None)
+        inject.merge(registry.inject(a.device))
+    for message in inject.warnings:
+        log.warn(message)
+    inject.warnings.clear()
+    return inject
+
+
 def main(argv: list[str], prog: str = "sifpy exec") -> int:
     try:
         return _main(argv, prog)
@@ -379,9 +421,11 @@ def _main(argv: list[str], prog: str) -> int:
         # The action script's shell, then the command: both start cold on a fresh mount.
         prefetch = (command[0], *args[:1]) if action == "exec" else (command[0],)
         driver = "unsquash" if a.unsquash else a.mount_driver
+        # Before serve(): nvidia-container-cli runs on the host, outside the namespaces.
+        inject = devices(a) if a.nv or a.nvccli or a.rocm or a.device else None
         if served is None and isinstance(image, SifPartition):
             served = start.serve(image, fd, a.fakeroot, driver, prefetch)
-        return _run(action, a, ident, image, served, command, prefetch, driver)
+        return _run(action, a, ident, image, served, command, prefetch, driver, inject)
     finally:
         if served is not None:
             served.stop()
@@ -398,6 +442,7 @@ def _run(
     command: list[str],
     prefetch: tuple[str, ...],
     driver: str,
+    inject: Injection | None = None,
 ) -> int:
     """Everything computed while squashfuse starts and reads ahead: the rest of the
     runtime, the environment, the launch."""
@@ -429,9 +474,16 @@ def _run(
     )
     if a.shell:
         runtime["SINGULARITY_SHELL"] = runtime["APPTAINER_SHELL"] = a.shell
+    injected = renv.injected_env(environ, env_opts)
+    if inject is not None:  # the devices' variables and PATH, under the user's own
+        injected = {**inject.env, **injected}
+        if inject.path:
+            mine = ":".join(inject.path)
+            user = injected.get("PREPEND_PATH")
+            injected["PREPEND_PATH"] = f"{user}:{mine}" if user else mine
     env = renv.process_env(
         host=renv.host_env(environ, a.cleanenv),
-        injected=renv.injected_env(environ, env_opts),
+        injected=injected,
         env_file=renv.read_env_files(a.env_file, a.no_eval),
         late=env_opts,
         no_eval=a.no_eval,
@@ -461,6 +513,7 @@ def _run(
             no_home=a.no_home,
             identity=ident,
             prefetch=prefetch,
+            inject=inject,
         ),
     )
     return launch(spec, inline=True, served=served)

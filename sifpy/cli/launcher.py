@@ -80,7 +80,8 @@ def starter_config(python: str, boot: str) -> str:
 
     # Options whose start the starter leaves to Python: it never verifies, unsquashes or
     # runs a sandbox.
-    kinds = {"fakeroot": "OPT_FAKEROOT", "mount_driver": "OPT_DRIVER"}
+    # nvidia-container-cli must run on the host, before the namespaces are entered.
+    kinds = {"fakeroot": "OPT_FAKEROOT", "mount_driver": "OPT_DRIVER", "nvccli": "OPT_NO_EARLY"}
     kinds |= dict.fromkeys(("unsquash", "verify", "verify_key", "writable"), "OPT_NO_EARLY")
     rows = []
     for flags, kw in OPTIONS:

@@ -157,6 +157,10 @@ def plan(spec: LaunchSpec, ident: Identity) -> list[Mount]:
             plan.append(
                 Mount(f"/etc/{name}", "file", data=name, readonly=True, is_dir=False, nofollow=True)
             )
+    if opts.inject is not None:  # --nv, --rocm, --device: before the user's binds
+        from sifpy.runtime import gpu
+
+        plan += gpu.mounts(opts.inject, dev_is_host=not opts.contain and "dev" not in skip)
     for src, dest, readonly in spec.binds:
         if not dest.startswith("/"):
             raise RuntimeSetupError(f"can't bind: {src}: destination {dest} is not absolute")

@@ -58,6 +58,8 @@ if TYPE_CHECKING:
     import signal
     from collections.abc import Sequence
     from typing import Any, NoReturn
+
+    from sifpy.runtime.gpu import Injection
 else:
     import _signal as signal  # the signal module builds enums (~4 ms)
 
@@ -140,6 +142,7 @@ class LaunchOptions(NamedTuple):
     # A build's %post: Docker's default capabilities, no new user namespace, /sys read-only,
     # copies of the host's /etc files instead of binds (see DOCKER_CAPS, seccomp, plan).
     confine: bool = False
+    inject: Injection | None = None  # GPU/CDI devices and driver files (runtime.gpu)
 
 
 class LaunchSpec(NamedTuple):
@@ -590,6 +593,12 @@ def _container(
         if os.getppid() not in (parent, 0):
             os._exit(ExitStatus.LAUNCH_FAILED)
         root = _assemble(spec, ident, plan, cwd_fd)
+        hooks = spec.options.inject.hooks if spec.options.inject is not None else []
+        if hooks:  # CDI's OCI hooks (runtime.hooks): the root is complete, not yet entered
+            from sifpy.runtime import hooks as hooks_
+
+            hooks_.write_bundle(f"{_SESSION}/bundle", root, spec.argv, spec.env)
+            hooks_.run(hooks, hooks_.BEFORE_PIVOT, f"{_SESSION}/bundle", "creating")
         # A mount namespace of our own (a copy, binds included) before pivot_root, which
         # re-roots *every* process of the namespace that shares the old root: the monitor
         # and its FUSE servers must keep the host's root (fuse-overlayfs reaches its layers
@@ -603,6 +612,8 @@ def _container(
         ns.umount2(".", ns.MNT_DETACH)
         os.chdir("/")
         cwd = _enter_cwd(spec, ident)
+        if hooks:
+            hooks_.run(hooks, ("startContainer",), "/", "created")
         ns.set_no_new_privs()
         if spec.options.confine:
             ns.limit_caps(DOCKER_CAPS)

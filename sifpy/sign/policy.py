@@ -8,6 +8,13 @@ An administrator makes verification mandatory in ``/etc/sifpy/sifpy.conf``, one
     trusted keyring = /etc/sifpy/site.gpg  # OpenPGP public keys (repeatable)
     trusted fingerprint = 12045C8C...  # accept only these PGP signers (repeatable)
 
+The same files hold the GPU and device settings (where a user's file wins: they grant
+nothing a bind could not)::
+
+    nvliblist = /etc/sifpy/nvliblist.conf    # --nv's list (default: the one shipped)
+    rocmliblist = /etc/sifpy/rocmliblist.conf
+    cdi spec dirs = /etc/cdi:/var/run/cdi    # where --device looks for CDI specs
+
 The system file is the floor. A user's file (``$SIFPY_CONFIG``, same syntax) and
 ``--verify`` may only add requirements: ``verify = required`` in either side requires
 verification; a user's ``verify = optional`` lowers nothing; while the system file requires
@@ -29,7 +36,11 @@ import stat
 from sifpy.errors import SifpyError, SignatureError
 
 SYSTEM_CONFIG = "/etc/sifpy/sifpy.conf"
-_HINT = "settings: verify, trusted key, trusted keyring, trusted fingerprint (see the README)"
+_HINT = (
+    "settings: verify, trusted key, trusted keyring, trusted fingerprint, nvliblist, "
+    "rocmliblist, cdi spec dirs (see the README)"
+)
+DEVICE_SETTINGS = ("nvliblist", "rocmliblist", "cdi spec dirs")
 
 
 class Rules:
@@ -41,6 +52,9 @@ class Rules:
         self.keys: list[str] = []
         self.keyrings: list[str] = []
         self.fingerprints: set[str] = set()
+        # Device settings (not policy: a user's file overrides the system's):
+        # nvliblist, rocmliblist (paths), cdi spec dirs (colon-separated directories).
+        self.devices: dict[str, str] = {}
 
 
 class Policy:
@@ -49,6 +63,10 @@ class Policy:
     def __init__(self) -> None:
         self.system = Rules()
         self.user = Rules()
+
+    def device_setting(self, key: str) -> str | None:
+        """A device setting (:data:`DEVICE_SETTINGS`): the user's file wins."""
+        return self.user.devices.get(key) or self.system.devices.get(key)
 
     @property
     def verify_required(self) -> bool:
@@ -99,6 +117,8 @@ def _read(path: str, rules: Rules, missing_ok: bool) -> None:
             rules.keys.append(value)
         elif key == "trusted keyring":
             rules.keyrings.append(value)
+        elif key in DEVICE_SETTINGS:
+            rules.devices[key] = value
         elif key == "trusted fingerprint":
             rules.fingerprints.add(value.replace(" ", "").upper())
         else:
