@@ -429,6 +429,9 @@ def _set_up(
             own_fd = os.open(image.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     cwd_fd = plan_.pin(spec.cwd, "cwd") if os.path.isdir(spec.cwd) else -1
     plan = plan_.plan(spec, ident)
+    if opts.inject is not None and opts.inject.hooks:
+        # Imported now: the session tmpfs may cover the package's directory (under /tmp).
+        from sifpy.runtime import hooks  # noqa: F401
     overlay_fd = plan_.pin(opts.overlay, "--overlay") if opts.overlay else -1
     if isinstance(image, SifPartition) and driver.name == "python":
         serve = drivers.python_server(image_fd, image.offset)
