@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "push": ("sifpy.cli.push", "push a SIF file to an OCI registry (oras://)"),
     "cache": ("sifpy.cli.cache", "list, verify and clean the image cache"),
     "registry": ("sifpy.cli.registry", "log in to and out of OCI registries"),
+    "cdi": ("sifpy.cli.cdi", "list the CDI devices that --device can use"),
 }
 
 _USAGE = """\

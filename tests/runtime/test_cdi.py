@@ -187,3 +187,27 @@ def test_unsupported_mount_type_and_hook_stage(tmp_path: Path) -> None:
     )
     with pytest.raises(RuntimeSetupError, match="stage poststop is not supported"):
         cdi.Registry.load([str(tmp_path)]).inject(["example.com/gpu=dev0"])
+
+
+def test_cdi_list_command(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    write(
+        tmp_path,
+        "a.json",
+        spec(
+            "0.3.0",
+            devices=[{"name": "a", "containerEdits": {}}, {"name": "b", "containerEdits": {}}],
+        ),
+    )
+    write(tmp_path, "bad.json", {"cdiVersion": "9"})
+    res = subprocess.run(
+        [sys.executable, "-m", "sifpy", "cdi", "list"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SIFPY_CDI_SPEC_DIRS": str(tmp_path)},
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [f"example.com/gpu={n}\t{tmp_path}/a.json" for n in "ab"]
+    assert f"{tmp_path}/bad.json: cdiVersion: unsupported version '9'" in res.stderr
