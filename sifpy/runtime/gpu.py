@@ -30,7 +30,7 @@ import glob
 import os
 import struct
 
-from sifpy.errors import RuntimeSetupError
+from sifpy.errors import RuntimeSetupError, SifpyError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -283,7 +283,7 @@ def nvccli(
     selects the GPUs (``all`` by default; under ``--contain`` it must be set, or the
     container gets no GPU), and it is passed on to the container.
     """
-    import subprocess
+    from sifpy.util.proc import PIPE, TimeoutExpired, run
 
     environ = dict(os.environ) if environ is None else environ
     inj = Injection()
@@ -305,8 +305,8 @@ def nvccli(
     if visible and visible not in ("none", "void"):
         argv.append(f"--device={visible}")
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        done = run(argv, "list the driver's files", stdout=PIPE, text=True, timeout=60, ok=None)
+    except (SifpyError, TimeoutExpired) as exc:
         raise RuntimeSetupError(f"can't run nvidia-container-cli: {exc}") from exc
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
-from sifpy.errors import RuntimeSetupError
+from sifpy.errors import RuntimeSetupError, ToolError
+from sifpy.util.proc import PIPE, TimeoutExpired
+from sifpy.util.proc import run as run_program
 
 BEFORE_PIVOT = ("createRuntime", "createContainer", "prestart")
 OCI_VERSION = "1.0.2"
@@ -56,24 +57,23 @@ def run(hooks: list[dict[str, object]], stages: tuple[str, ...], bundle: str, st
         argv = [str(a) for a in hook["args"]]  # type: ignore[attr-defined]
         env = dict(e.partition("=")[::2] for e in hook["env"])  # type: ignore[attr-defined]
         try:
-            done = subprocess.run(
+            done = run_program(
                 argv,
+                f"run {hook['stage']} hook",
                 executable=path,
                 input=state,
                 env=env,
-                capture_output=True,
+                stdout=PIPE,
                 text=True,
                 timeout=int(hook["timeout"]),  # type: ignore[call-overload]
-                check=False,
+                ok=None,
             )
-        except subprocess.TimeoutExpired as exc:
+        except TimeoutExpired as exc:
             raise RuntimeSetupError(
                 f"can't run {hook['stage']} hook: {path}: timed out after {exc.timeout} s"
             ) from exc
-        except OSError as exc:
-            raise RuntimeSetupError(
-                f"can't run {hook['stage']} hook: {path}: {exc.strerror}"
-            ) from exc
+        except ToolError as exc:
+            raise RuntimeSetupError(exc.message, exc.hint) from exc
         if done.returncode != 0:
             tail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
             raise RuntimeSetupError(f"can't run {hook['stage']} hook: {path}: {tail[0]}")

@@ -115,6 +115,7 @@ def run(
     stderr: int | IO[Any] | None = PIPE,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
+    executable: str | None = None,
     pass_fds: Sequence[int] = (),
     preexec_fn: Callable[[], object] | None = None,
     timeout: float | None = None,
@@ -124,8 +125,9 @@ def run(
     hint: str | None = None,
     redact: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[Any]:
-    """Run ``argv`` to completion. An exit status outside ``ok`` (None: any is fine) raises
-    ``error`` with ``what`` and the stderr tail; a missing program raises ToolError."""
+    """Run ``argv`` to completion (``executable``, when given, is the program and ``argv[0]``
+    only its name). An exit status outside ``ok`` (None: any is fine) raises ``error`` with
+    ``what`` and the stderr tail; a missing program raises ToolError."""
     argv = [os.fspath(a) for a in argv]
     log.verbose("+ " + quoted(argv, redact))
     try:
@@ -137,6 +139,7 @@ def run(
             stderr=stderr,
             env=env,
             cwd=cwd,
+            executable=executable,
             pass_fds=tuple(pass_fds),
             preexec_fn=preexec_fn,
             timeout=timeout,
