@@ -7,6 +7,8 @@ sifpy/cli/starter.c), which must not be told apart by anything a container sees.
 from __future__ import annotations
 
 import os
+import select
+import shlex
 import signal
 import subprocess
 import time
@@ -248,6 +250,48 @@ def test_error_after_the_image_is_served_stops_its_server(sifpy: Sifpy) -> None:
     assert r.returncode == 125 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
     assert "/nonexistent/env" in r.stderr
     assert user_processes(sifpy.runner.user.uid, "squashfuse_ll") == []
+
+
+@pytest.mark.parametrize("opts", [(), ("--contain", "--pid")])
+def test_passed_fds_reach_the_command(sifpy: Sifpy, workdir: Path, opts: tuple[str, ...]) -> None:
+    """The command inherits every fd the caller passed, at the same number (an MPI
+    launcher's PMI socket, named by PMI_FD), and none of sifpy's own (image, mount, pipes):
+    the shell in the container holds exactly 0, 1, 2, 3 and 7."""
+    tag = f"{Path(sifpy.program[-1]).name}-{len(opts)}"
+    src, rw = workdir / f"fd3-{tag}.txt", workdir / f"fd7-{tag}.txt"
+    src.write_text("passed as 3\n")
+    rw.write_text("")
+    src.chmod(0o644)
+    rw.chmod(0o666)
+    probe = 'read line <&3; echo "$line"; echo written >&7; exec ls -l /proc/self/fd'
+    argv = [*sifpy.program, "exec", *opts, sifpy.image, "sh", "-c", probe]
+    redirect = f'exec "$@" 3<{shlex.quote(str(src))} 7<>{shlex.quote(str(rw))}'
+    r = sifpy.runner(["sh", "-c", redirect, "sh", *argv], cwd=sifpy.cwd)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "passed as 3"
+    # `N -> target` for each fd inherited; ls's own (the directory it lists) has no target.
+    entries = [ln for ln in lines[1:] if ln.startswith("l")]
+    named = sorted(int(ln.split(" -> ")[0].split()[-1]) for ln in entries if " -> " in ln)
+    assert named == [0, 1, 2, 3, 7] and len(entries) == 6, r.stdout
+    assert rw.read_text() == "written\n"
+
+
+def test_only_the_command_holds_a_passed_fd(sifpy: Sifpy) -> None:
+    """sifpy keeps no copy of a passed fd (nor do its FUSE server and helpers): when the
+    command closes a pipe's write end, the reader sees end-of-file while it still runs."""
+    r, w = os.pipe()
+    argv = [*sifpy.program, "exec", sifpy.image, "sh", "-c", f"exec {w}>&-; read x"]
+    proc = sifpy.runner.popen(argv, pass_fds=(w,), cwd=sifpy.cwd, stdin=subprocess.PIPE)
+    os.close(w)
+    try:
+        assert select.select([r], [], [], 30)[0], "a copy of the write end is still open"
+        assert os.read(r, 1) == b""
+        assert proc.poll() is None  # the command is still waiting for its stdin
+    finally:
+        os.close(r)
+        proc.communicate("go\n", timeout=30)
+    assert proc.returncode == 0
 
 
 def test_starter_serves_before_python(sifpy: Sifpy) -> None:

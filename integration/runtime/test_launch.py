@@ -78,11 +78,16 @@ def test_writable_sandbox(
 # --- process state at exec -----------------------------------------------------------------
 
 
-def test_only_fds_0_1_2_are_open(sif: Launcher) -> None:
-    out = _ok(sif(["ls", "/proc/self/fd"]))
-    # ls itself holds one more fd: the directory it is listing.
+@pytest.mark.parametrize("pass_fds", [[], [5]])
+def test_only_fds_0_1_2_and_passed_are_open(sif: Launcher, pass_fds: list[int]) -> None:
+    """The command gets 0, 1, 2 and ``pass_fds``: not the caller's other fds (its fd 5 when
+    not passed), nor any of the runtime's own."""
+    cfg = sif.cfg(["ls", "/proc/self/fd"], options={"pass_fds": pass_fds})
+    argv = ["sh", "-c", 'exec "$@" 5</etc/hostname', "sh", "/usr/bin/python3", sif.driver, cfg]
+    out = _ok(sif.runner(argv))
+    # ls itself holds one more fd: the directory it is listing (the lowest free, 3).
     fds = sorted(int(x) for x in out.split())
-    assert fds[:3] == [0, 1, 2] and len(fds) == 4
+    assert fds == [0, 1, 2, 3, *pass_fds]
 
 
 def test_no_new_privs_and_clean_signal_state(sif: Launcher) -> None:

@@ -397,6 +397,7 @@ def _main(argv: list[str], prog: str) -> int:
     _std_fds()
     # The image the starter (starter.c) served before Python started, if it did.
     served, fd, caller = start.adopt() or (None, -1, None)
+    passed = start.passed_fds()  # before sifpy opens anything of its own
     try:
         a = fast_parse(action, argv) or build_parser(action, prog).parse_args(argv)
         # Before serve(): with --fakeroot, getuid() says 0 once the namespace is entered.
@@ -425,7 +426,7 @@ def _main(argv: list[str], prog: str) -> int:
         inject = devices(a) if a.nv or a.nvccli or a.rocm or a.device else None
         if served is None and isinstance(image, SifPartition):
             served = start.serve(image, fd, a.fakeroot, driver, prefetch)
-        return _run(action, a, ident, image, served, command, prefetch, driver, inject)
+        return _run(action, a, ident, image, served, command, prefetch, driver, inject, passed)
     finally:
         if served is not None:
             served.stop()
@@ -443,6 +444,7 @@ def _run(
     prefetch: tuple[str, ...],
     driver: str,
     inject: Injection | None = None,
+    passed: tuple[int, ...] = (),
 ) -> int:
     """Everything computed while squashfuse starts and reads ahead: the rest of the
     runtime, the environment, the launch."""
@@ -514,6 +516,7 @@ def _run(
             identity=ident,
             prefetch=prefetch,
             inject=inject,
+            pass_fds=passed,
         ),
     )
     return launch(spec, inline=True, served=served)

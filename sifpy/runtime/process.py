@@ -143,6 +143,11 @@ class LaunchOptions(NamedTuple):
     # copies of the host's /etc files instead of binds (see DOCKER_CAPS, seccomp, plan).
     confine: bool = False
     inject: Injection | None = None  # GPU/CDI devices and driver files (runtime.gpu)
+    # fds above 2 the command inherits at the same numbers (subprocess's pass_fds): the
+    # caller's, such as an MPI launcher's PMI socket. Every other fd is closed at exec, and
+    # the monitor closes its copies once the container has them (a pipe's reader then sees
+    # end-of-file when the command closes it).
+    pass_fds: tuple[int, ...] = ()
 
 
 class LaunchSpec(NamedTuple):
@@ -478,6 +483,9 @@ def _set_up(
     for fd in [m.fd for m in plan] + [cwd_fd, overlay_fd]:
         if fd >= 0:
             os.close(fd)
+    for fd in opts.pass_fds:
+        if fd > 2:
+            os.close(fd)
     return pid, own_fd
 
 
@@ -630,7 +638,8 @@ def _container(
         _report(report, ExitStatus.LAUNCH_FAILED, f"can't set up container: {exc!r}")
         os._exit(ExitStatus.LAUNCH_FAILED)
     del cwd
-    _exec(spec.argv, spec.env, report, spec.options.pid_ns and not spec.options.no_init)
+    opts = spec.options
+    _exec(spec.argv, spec.env, report, opts.pid_ns and not opts.no_init, opts.pass_fds)
 
 
 def _enter_cwd(spec: LaunchSpec, ident: Identity) -> str:
@@ -871,11 +880,18 @@ def _field(line: str, i: int) -> str:
     return parts[i] if len(parts) > i else ""
 
 
-def _exec(argv: list[str], env: dict[str, str], report: int, init: bool = False) -> NoReturn:
+def _exec(
+    argv: list[str],
+    env: dict[str, str],
+    report: int,
+    init: bool = False,
+    pass_fds: Sequence[int] = (),
+) -> NoReturn:
     """Exec the command with a clean process state, or report why not (126/127).
 
-    With ``init`` (``--pid``), fork first: this process stays PID 1 of the new namespace
-    (:func:`_init`) and the command runs as its child.
+    It gets 0, 1, 2 and ``pass_fds``; every other fd is closed. With ``init`` (``--pid``),
+    fork first: this process stays PID 1 of the new namespace (:func:`_init`) and the
+    command runs as its child.
     """
     try:
         for fd in (0, 1, 2):  # the command gets exactly 0, 1, 2: open them if the caller didn't
@@ -883,12 +899,22 @@ def _exec(argv: list[str], env: dict[str, str], report: int, init: bool = False)
                 os.fstat(fd)
             except OSError:
                 os.dup2(os.open("/dev/null", os.O_RDWR), fd)
-        # Close everything else but the report pipe (close-on-exec): PEP 446 does not cover
-        # fds that C code or set_inheritable() made inheritable. closerange uses close_range(2).
-        os.closerange(3, report)
-        os.closerange(report + 1, mount.max_fd())
+        # Close everything else but the report pipe (close-on-exec) and the passed fds:
+        # PEP 446 does not cover fds that C code or set_inheritable() made inheritable.
+        # closerange uses close_range(2), one call per gap.
+        pass_fds = [fd for fd in pass_fds if fd > 2]
+        keep = sorted({report, *pass_fds})
+        low = 3
+        for fd in keep:
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, mount.max_fd())
+        for fd in pass_fds:
+            os.set_inheritable(fd, True)
         child = os.fork() if init else 0
         if child != 0:
+            for fd in pass_fds:  # only the command holds them (see LaunchOptions.pass_fds)
+                os.close(fd)
             _init(child)
         # Python ignores SIGPIPE (and SIG_IGN survives execve): `yes | head` would spin.
         for sig in range(1, signal.NSIG):

@@ -82,6 +82,29 @@ def host_identity(uid: int | None = None, gid: int | None = None) -> Identity:
     return Identity(uid, gid, name, group, gecos, home, shell)
 
 
+def passed_fds() -> tuple[int, ...]:
+    """The fds above 2 that this process's caller passed to it: open and inheritable. The
+    command inherits exactly these, as from any other program (Apptainer, Charliecloud and
+    runc keep them too): MPI launchers hand each rank its PMI socket this way (``PMI_FD``).
+
+    Call it before anything inheritable is opened; every fd sifpy opens itself is
+    close-on-exec (PEP 446), and the starter's are again once :func:`adopt` took them.
+    """
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:  # no /proc: probe the usual range instead
+        names = [str(fd) for fd in range(3, 1024)]
+    fds = []
+    for name in names:
+        fd = int(name)
+        try:
+            if fd > 2 and os.get_inheritable(fd):
+                fds.append(fd)
+        except OSError:  # listdir's own fd, closed by now, or none at all
+            pass
+    return tuple(sorted(fds))
+
+
 def enter(fakeroot: bool, flags: int = 0, handshake: Callable[[], None] | None = None) -> None:
     """Unshare the user and mount namespaces (and ``flags``), map the caller's ids (to 0 with
     ``fakeroot``; ``handshake`` instead when another process writes the maps), set
