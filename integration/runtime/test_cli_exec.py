@@ -294,6 +294,33 @@ def test_only_the_command_holds_a_passed_fd(sifpy: Sifpy) -> None:
     assert proc.returncode == 0
 
 
+@pytest.mark.parametrize("opts", [(), ("--contain",)])
+def test_device_binds_keep_device_access(
+    sifpy: Sifpy, workdir: Path, opts: tuple[str, ...]
+) -> None:
+    """A bind of a host device node is usable (not nodev), whether its mount point exists
+    (/dev/zero) or is created in the container's own /dev (/dev/sifpy-null, /dev/x/zero);
+    other binds stay nodev."""
+    data = workdir / "binddata"
+    data.mkdir(exist_ok=True)
+    probe = (
+        "head -c 4 /dev/zero | od -An -tx1; head -c 4 /dev/x/zero | od -An -tx1; "
+        "echo discarded > /dev/sifpy-null && cat /dev/sifpy-null; exec 3<>/dev/fuse && "
+        "echo fuse opened; grep -E ' /(dev/zero|dev/x/zero|dev/fuse|data) ' /proc/self/mountinfo"
+    )
+    binds = ("/dev/zero", "/dev/zero:/dev/x/zero", "/dev/null:/dev/sifpy-null", "/dev/fuse")
+    binds += (f"{data}:/data",)
+    r = sifpy.exec("sh", "-c", probe, opts=(*opts, *(o for b in binds for o in ("-B", b))))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[:3] == [" 00 00 00 00", " 00 00 00 00", "fuse opened"], r.stdout
+    options = {ln.split()[4]: ln.split()[5].split(",") for ln in lines[3:]}
+    assert sorted(options) == ["/data", "/dev/fuse", "/dev/x/zero", "/dev/zero"], r.stdout
+    assert all("nodev" not in o and "nosuid" in o for d, o in options.items() if d != "/data")
+    assert "nodev" in options["/data"]
+    assert not os.path.exists("/dev/sifpy-null") and not os.path.exists("/dev/x")
+
+
 def test_starter_serves_before_python(sifpy: Sifpy) -> None:
     """Through the starter, the image is served before Python starts (its note with -v);
     through python3 -m sifpy, Python serves it."""

@@ -374,7 +374,7 @@ def mounts(inj: Injection, dev_is_host: bool) -> list[Mount]:
                     "host's, which has no such node",
                     hint="add --contain (a minimal /dev the device is bound into)",
                 )
-        plan.append(Mount(dest, "bind", fd, harden=False, is_dir=False))
+        plan.append(Mount(dest, "bind", fd, is_dir=False, devices=True))  # nosuid, not nodev
     for host, dest, readonly in inj.binds:
         fd = pin(host, "GPU file")
         is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)

@@ -289,9 +289,10 @@ def bind(
     harden: bool = True,
     what: str = "",
     mounted: str | None = None,
+    nodev: bool = True,
 ) -> None:
     """Recursively bind ``source`` on ``target``; then, if ``harden``, remount it nosuid,
-    nodev (and read-only if asked).
+    nodev (without ``nodev``: keeping device access) and read-only if asked.
 
     Both may be ``/proc/self/fd/N`` paths. Recursive because, in a user namespace, the kernel
     refuses a non-recursive bind of a tree with locked submounts. The remount must repeat every
@@ -305,15 +306,17 @@ def bind(
     """
     ns.mount(source, target, None, ns.MS_BIND | ns.MS_REC, what=what or target)
     if harden:
-        remount(mounted or target, readonly, what or target)
+        remount(mounted or target, readonly, what or target, nodev)
 
 
-def remount(path: str, readonly: bool, what: str = "") -> None:
-    """Remount the mount at ``path`` nosuid, nodev (and read-only if asked), keeping every
+def remount(path: str, readonly: bool, what: str = "", nodev: bool = True) -> None:
+    """Remount the mount at ``path`` nosuid, nodev (unless not ``nodev``: device nodes such
+    as /dev/infiniband/* or /dev/nvidia* stay usable) and read-only if asked, keeping every
     flag the kernel may have locked on it."""
-    flags = ns.MS_BIND | ns.MS_REMOUNT | ns.MS_NOSUID | ns.MS_NODEV
+    flags = ns.MS_BIND | ns.MS_REMOUNT | ns.MS_NOSUID | (ns.MS_NODEV if nodev else 0)
     have = os.statvfs(path).f_flag
     for st_flag, ms_flag in (
+        (os.ST_NODEV, ns.MS_NODEV),
         (os.ST_RDONLY, ns.MS_RDONLY),
         (os.ST_NOEXEC, ns.MS_NOEXEC),
         (os.ST_NOATIME, ns.MS_NOATIME),

@@ -17,6 +17,8 @@ from sifpy.errors import RuntimeSetupError
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from sifpy.runtime.process import LaunchSpec
     from sifpy.runtime.start import Identity
 
@@ -35,6 +37,7 @@ class Mount:
     __slots__ = (
         "data",
         "dest",
+        "devices",
         "fd",
         "harden",
         "is_dir",
@@ -55,10 +58,11 @@ class Mount:
         is_dir: bool = True,
         nofollow: bool = False,  # an image symlink at dest is replaced, never followed
         recursive: bool = False,  # with readonly: its submounts read-only too
+        devices: bool = False,  # hardened without nodev: a bind of host device nodes
     ) -> None:
         self.dest, self.kind, self.fd, self.data = dest, kind, fd, data
         self.readonly, self.harden, self.is_dir = readonly, harden, is_dir
-        self.nofollow, self.recursive = nofollow, recursive
+        self.nofollow, self.recursive, self.devices = nofollow, recursive, devices
 
     def __repr__(self) -> str:
         return f"Mount({self.dest!r}, {self.kind!r}, fd={self.fd}, data={self.data!r})"
@@ -110,6 +114,8 @@ def plan(spec: LaunchSpec, ident: Identity) -> list[Mount]:
             plan.append(Mount("/dev/pts", "devpts", pin("/dev/pts", "/dev/pts")))
             links.insert(0, ("ptmx", "pts/ptmx"))
         plan += [Mount(f"/dev/{name}", "symlink", data=target) for name, target in links]
+    elif _missing_in_host_dev(spec.binds):
+        plan += _own_dev()
     else:
         plan.append(Mount("/dev", "bind", pin("/dev", "/dev"), harden=False))
     if "proc" in skip:
@@ -165,6 +171,42 @@ def plan(spec: LaunchSpec, ident: Identity) -> list[Mount]:
         if not dest.startswith("/"):
             raise RuntimeSetupError(f"can't bind: {src}: destination {dest} is not absolute")
         fd = pin(src, src)
-        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
-        plan.append(Mount(dest, "bind", fd, readonly=readonly, is_dir=is_dir))
+        mode = os.fstat(fd).st_mode
+        # Device nodes (and directories of them, under the host's /dev) keep device access,
+        # as Apptainer's do: interconnects and GPUs are reached through them. No device
+        # node can be made by the user (mknod needs CAP_MKNOD in the initial namespace),
+        # and a host mount's own nodev is locked and kept (mount.remount).
+        devices = stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or _under_dev(os.path.realpath(src))
+        plan.append(
+            Mount(dest, "bind", fd, readonly=readonly, is_dir=stat.S_ISDIR(mode), devices=devices)
+        )
+    return plan
+
+
+def _under_dev(path: str) -> bool:
+    return path == "/dev" or path.startswith("/dev/")
+
+
+def _missing_in_host_dev(binds: Sequence[tuple[str, str, bool]]) -> bool:
+    """Whether a bind's destination is in /dev but missing there: the host's /dev, which the
+    container shares by default, is no place to create it."""
+    for _src, dest, _ro in binds:
+        path = os.path.normpath(dest)
+        if _under_dev(path) and path != "/dev" and not os.path.lexists(path):
+            return True
+    return False
+
+
+def _own_dev() -> list[Mount]:
+    """/dev as the container's own tmpfs, holding binds of every entry of the host's (and its
+    symlinks): mount points can then be created in it."""
+    plan = [Mount("/dev", "tmpfs", data="mode=0755")]
+    for name in sorted(os.listdir("/dev")):
+        path = f"/dev/{name}"
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            plan.append(Mount(path, "symlink", data=os.readlink(path)))
+            continue
+        fd = pin(path, "/dev")
+        plan.append(Mount(path, "bind", fd, harden=False, is_dir=stat.S_ISDIR(st.st_mode)))
     return plan

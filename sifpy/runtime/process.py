@@ -773,7 +773,9 @@ def _apply(root_fd: int, m: plan_.Mount, writable: set[int], ephemeral: bool = T
             target = mount.fd_path(tfd)
             over = mount.fd_path(res.parent_fd, res.name)  # crosses into the new mount
             if m.kind == "bind":
-                mount.bind(mount.fd_path(m.fd), target, m.readonly, m.harden, m.dest, over)
+                mount.bind(
+                    mount.fd_path(m.fd), target, m.readonly, m.harden, m.dest, over, not m.devices
+                )
                 if m.readonly and m.recursive:
                     # Without mount_setattr (Linux < 5.12) only the top is read-only; a
                     # confined payload still can't remount (no CAP_SYS_ADMIN).
