@@ -31,7 +31,7 @@ from sifpy.oci.cache import Cache, IndexEntry, install_copy, output_path
 from sifpy.oci.download import NoProgress, Progress, download
 from sifpy.oci.reference import Platform, Reference
 from sifpy.oci.registry import ClientOptions, Image, RegistryClient
-from sifpy.rootfs import apply_layers, stream
+from sifpy.rootfs import apply_layers, merge, stream
 from sifpy.rootfs.compress import grow_pipe, gunzip_process, gunzip_program
 from sifpy.rootfs.imageconfig import config_to_metadata
 from sifpy.sif import ObjectInput, create
@@ -177,7 +177,7 @@ def _stream_while_downloading(
                 os.close(r)
                 r = -1
                 sqfs = work / "rootfs.sqfs"
-                stream.tar_to_squashfs(stream.TarStream(tar, desc.digest), sqfs, image.config_json)
+                stream.tar_to_squashfs(merge.TarStream(tar, desc.digest), sqfs, image.config_json)
         except (stream.NeedsMerge, SifpyError) as exc:
             why = exc
         finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sifpy.rootfs import stream
+from sifpy.rootfs import merge, stream
 from sifpy.rootfs.rawtar import NotPlain, RawTar
 
 MEMBERS: list[tuple[str, bytes, dict[str, object]]] = [
@@ -171,7 +171,7 @@ def test_spliced_output_is_the_copied_output(tmp_path: Path) -> None:
     for t in threads:
         t.start()
     with os.fdopen(r_in, "rb") as src, os.fdopen(w_out, "wb") as dst:
-        stream.single_pass(stream.TarStream(src, "pipe"), dst, {"config": {"Env": ["A=1"]}})
+        stream.single_pass(merge.TarStream(src, "pipe"), dst, {"config": {"Env": ["A=1"]}})
     for t in threads:
         t.join()
     assert b"".join(chunks) == copied.getvalue()

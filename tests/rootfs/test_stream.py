@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from sifpy.errors import RootfsError
-from sifpy.rootfs import apply_layers, stream
+from sifpy.rootfs import apply_layers, stream, tarwrite
 from sifpy.rootfs.imageconfig import MOUNT_POINTS
 from sifpy.rootfs.unpack import _real_root
 from tests.rootfs import test_unpack_attacks as attacks
@@ -307,7 +307,7 @@ def test_single_pass_equals_two_passes(case: str) -> None:
     it can't be (and the caller starts over); never a different tree."""
     blob = layer(*SINGLE[case])
     two = io.BytesIO()
-    stream.write_plan(stream.merge([io.BytesIO(blob)], CONFIG), [io.BytesIO(blob)], two)
+    tarwrite.write_plan(stream.merge([io.BytesIO(blob)], CONFIG), [io.BytesIO(blob)], two)
     one = io.BytesIO()
     try:
         stream.single_pass(io.BytesIO(blob), one, CONFIG)
@@ -357,5 +357,5 @@ def test_fast_headers_are_tarfiles(name: str) -> None:
                         ti.uname = ti.gname = ""
                         want = ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
                         out = io.BytesIO()
-                        stream.TarWriter(out).header(name, kind, mode, mtime, size, link)
+                        tarwrite.TarWriter(out).header(name, kind, mode, mtime, size, link)
                         assert out.getvalue() == want
