@@ -117,6 +117,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--user", help="run as this user when started as root")
+    ap.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=PROGRAM",
+        help="also time another sifpy program (e.g. an earlier commit's .venv/bin/sifpy)",
+    )
     a = ap.parse_args()
     for tool in ("ch-run", "squashfuse_ll", "mksquashfs", "fusermount3", "setpriv"):
         if not shutil.which(tool):
@@ -180,6 +187,9 @@ def main() -> int:
         }
         if root:
             cmds["sifpy exec as root (kernel)"] = sifpy
+        for spec in a.compare:
+            name, _, other = spec.partition("=")
+            cmds[f"sifpy exec, {name}"] = [*as_user, other, *sifpy[1:]]
         wall, cpu = timed(cmds, a.runs, env)
         subprocess.run([*as_user, "squashfuse_ll", str(sqfs), str(mnt)], check=True, env=env)
         pre = {"ch-run (pre-mounted)": [*as_user, "ch-run", str(mnt), "--", "/bin/true"]}
@@ -203,7 +213,9 @@ def main() -> int:
         if k.startswith("ch-run"):
             lines.append(f"ratio sifpy / {k}: {base / v:.2f}x wall, "
                          f"{mcpu['sifpy exec'] / mcpu[k]:.2f}x CPU")  # fmt: skip
-    for k in ("sifpy exec, Python only", "sifpy exec as root (kernel)"):
+    for k in ["sifpy exec, Python only", "sifpy exec as root (kernel)"] + [
+        f"sifpy exec, {c.partition('=')[0]}" for c in a.compare
+    ]:
         if k in med:
             lines.append(f"ratio {k} / {base_name}: {med[k] / med[base_name]:.2f}x")
     target = base / med[base_name]
