@@ -12,8 +12,12 @@ env scripts;
 
 Host values never pass through a shell evaluation: they travel as ``__SIFPY_H_<K>`` and
 are copied with ``export K="${__SIFPY_H_K}"``. Injected values (1 and 3) are evaluated
-once, as Apptainer does, unless ``no_eval``; with ``no_eval`` the env file is read as
-literal ``NAME=VALUE`` lines (:func:`read_env_files`).
+once, as Apptainer does (``export K="VALUE"`` with only ``"`` escaped: ``\\$UID`` stays
+``$UID``), unless ``no_eval``. The env file is evaluated first, and each variable it sets
+is then injected like an ``APPTAINERENV_`` one (evaluated again, ``PATH`` forms,
+``LD_LIBRARY_PATH`` suffix), which is how ``PATH="\\$PATH:/foo"`` in a file reaches the
+image's PATH in Apptainer. With ``no_eval`` the env file is read as literal ``NAME=VALUE``
+lines (:func:`read_env_files`).
 """
 
 from __future__ import annotations
@@ -61,22 +65,43 @@ PATH_FORMS = {
     "PREPEND_PATH": "SING_USER_DEFINED_PREPEND_PATH",
     "APPEND_PATH": "SING_USER_DEFINED_APPEND_PATH",
 }
+# Apptainer appends this to an injected non-empty LD_LIBRARY_PATH (process_linux.go,
+# injectEnvHandler), so that libraries bound there (GPU drivers) are always found.
+LIBS_DIR = "/.singularity.d/libs"
+# What an env file may not set: Apptainer drops the shell's read-only variables from the
+# evaluated file (env.ReadOnlyVars, github.com/sylabs/singularity/issues/1263).
+READONLY_VARS = frozenset({"EUID", "GID", "HOME", "IFS", "OPTIND", "PWD", "UID"})
 
 
-def host_env(environ: Mapping[str, str], cleanenv: bool) -> dict[str, str]:
-    """Host variables the container may inherit (where the image leaves them unset)."""
+def host_env(
+    environ: Mapping[str, str], cleanenv: bool, no_env: Iterable[str] = ()
+) -> dict[str, str]:
+    """Host variables the container may inherit (where the image leaves them unset).
+
+    ``no_env``: names never inherited (``--no-env``); they can still be injected
+    (``APPTAINERENV_K``, ``--env``), as Apptainer permits."""
     if cleanenv:
         env = {k: v for k, v in environ.items() if k in ALWAYS_FORWARDED}
         env["LANG"] = "C"
-        return env
-    return {
-        k: v
-        for k, v in environ.items()
-        if is_name(k)
-        and k not in NEVER_FORWARDED
-        and not k.startswith(RUNTIME_PREFIXES + INJECT_PREFIXES)
-        and not k.startswith("__SIFPY_")
-    }
+    else:
+        env = {
+            k: v
+            for k, v in environ.items()
+            if is_name(k)
+            and k not in NEVER_FORWARDED
+            and not k.startswith(RUNTIME_PREFIXES + INJECT_PREFIXES)
+            and not k.startswith("__SIFPY_")
+        }
+    for name in no_env:
+        env.pop(name, None)
+    return env
+
+
+def parse_no_env(values: Iterable[str], environ: Mapping[str, str]) -> list[str]:
+    """``--no-env A,B`` (repeatable) and ``$APPTAINER_NOENV`` / ``$SINGULARITY_NOENV`` /
+    ``$SIFPY_NOENV``: the names not to inherit from the host."""
+    specs = [*values, *(environ.get(p + "NOENV", "") for p in RUNTIME_PREFIXES)]
+    return [n.strip() for spec in specs for n in spec.split(",") if n.strip()]
 
 
 def parse_env_option(values: Iterable[str]) -> dict[str, str]:
@@ -113,8 +138,31 @@ def injected_env(environ: Mapping[str, str], env_opts: Mapping[str, str]) -> dic
 
 
 def _escape_for_eval(value: str) -> str:
-    """Quote for ``eval "export K=\\"...\\""``: ``$`` and backquotes still expand once."""
-    return value.replace("\\", "\\\\").replace('"', '\\"')
+    """Quote for ``eval "export K=\\"...\\""`` as Apptainer does (shell.EscapeDoubleQuotes:
+    only ``"`` is escaped): ``$``, backquotes and backslashes keep their meaning inside
+    double quotes, so ``\\$UID`` gives ``$UID`` and ``$UID`` the uid. A trailing odd
+    backslash, which would escape the closing quote (a syntax error in Apptainer), is
+    doubled."""
+    value = value.replace('"', '\\"')
+    if (len(value) - len(value.rstrip("\\"))) % 2:
+        value += "\\"
+    return value
+
+
+def env_file_names(text: str) -> list[str]:
+    """The variables an env file assigns (``NAME=`` at the start of a word), in order:
+    the action script injects those the file's evaluation changed. Names a shell keeps
+    read-only, and those never injectable, are left out, as Apptainer does."""
+    import re  # only with --env-file
+
+    names: dict[str, None] = {}
+    for name in re.findall(r"(?:^|[\s;&|(`])(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=", text):
+        if name in READONLY_VARS or name in NOT_INJECTABLE or name.startswith("__SIFPY"):
+            continue
+        if name.endswith(("SHELL", "APPNAME")):
+            continue
+        names[name] = None
+    return list(names)
 
 
 def process_env(
@@ -126,8 +174,12 @@ def process_env(
     no_eval: bool,
     home: str,
     runtime: Mapping[str, str],
+    uid: int | None = None,
 ) -> dict[str, str]:
     """The environment the action script starts with (see :mod:`.action`).
+
+    ``uid``: the uid inside the container, the shell's ``$UID`` where the image's shell
+    does not define it (Apptainer's interpreter does, and injected values may use it).
 
     ``injected`` is the merged result of :func:`injected_env`; names in ``late`` (the
     ``--env`` options) are applied after the env file, the rest before it.
@@ -139,19 +191,26 @@ def process_env(
     for k, v in host.items():
         env[f"__SIFPY_H_{k}"] = v
     env["__SIFPY_HOST_NAMES"] = " ".join(host)
-    user = dict(injected)
-    for form, target in PATH_FORMS.items():
-        if form in user:
-            env[target] = user.pop(form)
+    # The PATH forms become SING_USER_DEFINED_* variables, injected (evaluated) like the
+    # others, so "$PATH" in them is the image's PATH at that point; the action script
+    # applies them after the image's scripts (Apptainer's runtime_vars.sh).
+    user: dict[str, str] = {}
+    for k, v in injected.items():
+        if k == "LD_LIBRARY_PATH" and v:
+            v = f"{v}:{LIBS_DIR}"
+        user[PATH_FORMS.get(k, k)] = v
     for k, v in user.items():
         env[f"__SIFPY_U_{k}"] = v if no_eval else _escape_for_eval(v)
-    late_names = [k for k in late if k in user]
+    late_names = [PATH_FORMS.get(k, k) for k in late if k in injected]
     env["__SIFPY_USER_NAMES"] = " ".join(k for k in user if k not in late_names)
     env["__SIFPY_LATE_NAMES"] = " ".join(late_names)
     if no_eval:
         env["__SIFPY_NO_EVAL"] = "1"
     if env_file is not None:
         env["__SIFPY_ENV_FILE"] = env_file
+        env["__SIFPY_FILE_NAMES"] = " ".join(env_file_names(env_file))
+    if uid is not None:
+        env["__SIFPY_UID"] = str(uid)
     return env
 
 
