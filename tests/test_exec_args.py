@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sifpy.cli.exec import build_parser, fast_parse
+from sifpy.cli.exec import _check_duration, build_parser, fast_parse, parse_binds, parse_mounts
 from sifpy.errors import UsageError
 
 CASES = [
@@ -19,6 +19,9 @@ CASES = [
     ("exec", ["-f", "-w", "--writable-tmpfs", "--app", "a", "-s", "/bin/zsh", "img", "c"]),
     ("exec", ["--verify", "--verify-key", "k.pem", "img", "c"]),
     ("exec", ["--", "img", "cmd"]),
+    # Apptainer's spellings: --cwd (alias of --pwd), --no-pid, --no-env, --runscript-timeout
+    ("exec", ["--cwd", "/w", "-C", "--no-pid", "--no-env", "A,B", "img", "c"]),
+    ("run", ["--runscript-timeout", "1m", "--pwd=/x", "img"]),
     ("run", ["img.sif"]),
     ("run", ["img.sif", "a", "-b", "--cleanenv"]),
     ("shell", ["-c", "img"]),
@@ -62,3 +65,61 @@ def test_unusual_input_goes_to_argparse(action: str, argv: list[str]) -> None:
     if "--help" not in argv:
         with pytest.raises(UsageError):
             build_parser(action, f"sifpy {action}").parse_args(argv)
+
+
+# Bind specs as Apptainer's ParseBindPath reads them (pkg/runtime/engine/apptainer/config/
+# bind.go), the cases of e2e/actions/actions.go actionBinds "BindFileWithComma*" and
+# "BindFileWithColon*" included: (spec, binds)
+BIND_SPECS = [
+    ("/a", [("/a", "/a", False)]),
+    ("/a:/b", [("/a", "/b", False)]),
+    ("/a:/b:ro", [("/a", "/b", True)]),
+    ("/a:/b:ro,/c", [("/a", "/b", True), ("/c", "/c", False)]),
+    ("/a:/b:ro,rw", [("/a", "/b", False)]),
+    ("/d/file\\,comma:/canary/file", [("/d/file,comma", "/canary/file", False)]),
+    ("/d/file\\:colon:/canary/file", [("/d/file:colon", "/canary/file", False)]),
+    ("/a:/dst\\,x", [("/a", "/dst,x", False)]),
+    # BindFileWithCommaKO: unescaped, the comma starts a second bind ("comma:/canary/file").
+    ("/d/file,/e:/f", [("/d/file", "/d/file", False), ("/e", "/f", False)]),
+]
+
+
+@pytest.mark.parametrize(("spec", "want"), BIND_SPECS, ids=[s for s, _ in BIND_SPECS])
+def test_parse_binds_as_apptainer(spec: str, want: list[tuple[str, str, bool]]) -> None:
+    assert parse_binds([spec]) == want
+
+
+@pytest.mark.parametrize("spec", ["/a:/b:/c:/d", "/a:relative", "/a:/b:rx", ":/b"])
+def test_parse_binds_refuses(spec: str) -> None:
+    with pytest.raises(UsageError):
+        parse_binds([spec])
+
+
+# --mount as Apptainer reads it: e2e/actions/actions.go actionBinds "MountSingle" and
+# "MountNested" (no type=: a bind), issue3501 (nonested).
+MOUNT_SPECS = [
+    ("type=bind,source=/a,destination=/b", ("/a", "/b", False, False)),
+    ("source=/a,destination=/b", ("/a", "/b", False, False)),
+    ("src=/a,dst=/b,ro", ("/a", "/b", True, False)),
+    ("type=bind,source=/a,destination=/hidden,nonested", ("/a", "/hidden", False, True)),
+]
+
+
+@pytest.mark.parametrize(("spec", "want"), MOUNT_SPECS, ids=[s for s, _ in MOUNT_SPECS])
+def test_parse_mounts_as_apptainer(spec: str, want: tuple[str, str, bool, bool]) -> None:
+    assert parse_mounts([spec]) == [want]
+
+
+def test_parse_mounts_refuses_other_types() -> None:
+    with pytest.raises(UsageError):
+        parse_mounts(["type=tmpfs,destination=/b"])
+
+
+@pytest.mark.parametrize(("value", "ok"), [("1m", True), ("30s", True), ("1h30m", True),
+                                           ("1.5s", True), ("10", False), ("soon", False)])  # fmt: skip
+def test_runscript_timeout_is_a_go_duration(value: str, ok: bool) -> None:
+    if ok:
+        _check_duration(value)
+    else:
+        with pytest.raises(UsageError):
+            _check_duration(value)

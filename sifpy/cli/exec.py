@@ -113,8 +113,25 @@ OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         ("--no-eval",),
         {"action": "store_true", "help": "don't shell-evaluate injected variables or --env-file"},
     ),
-    (("--pwd",), {"metavar": "DIR", "help": "initial working directory in the container"}),
+    (
+        ("--no-env",),
+        {
+            "action": "append",
+            "default": [],
+            "metavar": "NAME[,NAME]",
+            "help": "don't pass these host variables (also $APPTAINER_NOENV, $SIFPY_NOENV)",
+        },
+    ),
+    (
+        ("--cwd", "--pwd"),
+        {
+            "dest": "pwd",  # argparse's default would be the first flag's name
+            "metavar": "DIR",
+            "help": "initial working directory in the container (must exist)",
+        },
+    ),
     (("-p", "--pid"), {"action": "store_true", "help": "run in a new PID namespace"}),
+    (("--no-pid",), {"action": "store_true", "help": "no new PID namespace (with --containall)"}),
     (
         ("--no-init",),
         {"action": "store_true", "help": "with --pid: no init process, the command is PID 1"},
@@ -131,7 +148,17 @@ OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         ("--mount-driver",),
         {"default": "auto", "choices": DRIVERS, "help": "how to mount a SIF image (default: auto)"},
     ),
-    (("-f", "--fakeroot"), {"action": "store_true", "help": "run as uid 0 in the container"}),
+    (
+        ("--runscript-timeout",),
+        {
+            "metavar": "DURATION",
+            "help": "accepted for Apptainer's scripts (e.g. 1m, 30s); sifpy sets no timeout",
+        },
+    ),
+    (
+        ("-f", "--fakeroot"),
+        {"action": "store_true", "help": "run as uid 0 in the container, with HOME=/root"},
+    ),
     (("-w", "--writable"), {"action": "store_true", "help": "writable sandbox directory"}),
     (("--app",), {"metavar": "NAME", "help": "run a SCIF app"}),
     (("-s", "--shell"), {"metavar": "PATH", "help": "the shell for 'shell'"}),
@@ -240,28 +267,68 @@ def fast_parse(action: str, argv: list[str]) -> SimpleNamespace | None:
     return ns
 
 
+_BIND_OPTIONS = ("ro", "rw")
+
+
+def _split_unescaped(text: str, sep: str) -> list[str]:
+    """Split at each ``sep`` not preceded by a backslash (Apptainer's ``\\,`` and ``\\:``)."""
+    parts, cur, i = [], "", 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in ",:":
+            cur += text[i : i + 2]
+            i += 2
+            continue
+        if text[i] == sep:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += text[i]
+        i += 1
+    parts.append(cur)
+    return parts
+
+
+def _unescape(text: str) -> str:
+    return text.replace("\\,", ",").replace("\\:", ":")
+
+
 def parse_binds(specs: list[str]) -> list[tuple[str, str, bool]]:
-    """``src[:dest[:ro|rw]]`` items, comma separated; dest defaults to src."""
-    binds = []
+    """``src[:dest[:opts]]`` items, comma separated, as Apptainer's ParseBindPath reads them:
+    dest defaults to src; ``\\,`` and ``\\:`` are a literal comma and colon; options are
+    ``ro`` / ``rw``, and after a bind with options a comma may also start another option
+    (``/a:/b:ro,rw``)."""
+    items: list[list[str]] = []
     for spec in specs:
-        for item in filter(None, spec.split(",")):
-            parts = item.split(":")
-            if len(parts) > 3 or not parts[0]:
-                raise UsageError(f"invalid bind: {item!r}", hint="use SRC[:DEST[:ro|rw]]")
-            src = parts[0]
-            dest = parts[1] if len(parts) > 1 and parts[1] else src
-            mode = parts[2] if len(parts) > 2 else "rw"
-            if mode not in ("ro", "rw"):
-                raise UsageError(f"invalid bind option {mode!r} in {item!r}", hint="use ro or rw")
-            if not dest.startswith("/"):
-                raise UsageError(f"bind destination must be absolute: {item!r}")
-            binds.append((os.path.abspath(src), os.path.normpath(dest), mode == "ro"))
+        for token in _split_unescaped(spec, ","):
+            token = token.strip()
+            if not token:
+                continue
+            if token in _BIND_OPTIONS and items and len(items[-1]) == 3:
+                items[-1][2] += "," + token
+                continue
+            items.append(_split_unescaped(token, ":"))
+    binds = []
+    for parts in items:
+        item = ":".join(parts)
+        if len(parts) > 3 or not parts[0]:
+            raise UsageError(f"invalid bind: {item!r}", hint="use SRC[:DEST[:ro|rw]]")
+        src = _unescape(parts[0])
+        dest = _unescape(parts[1]) if len(parts) > 1 and parts[1] else src
+        readonly = False
+        for opt in parts[2].split(",") if len(parts) > 2 else []:
+            if opt not in _BIND_OPTIONS:
+                raise UsageError(f"invalid bind option {opt!r} in {item!r}", hint="use ro or rw")
+            readonly = opt == "ro"
+        if not dest.startswith("/"):
+            raise UsageError(f"bind destination must be absolute: {item!r}")
+        binds.append((os.path.abspath(src), os.path.normpath(dest), readonly))
     return binds
 
 
-def parse_mounts(specs: list[str]) -> list[tuple[str, str, bool]]:
-    """Docker-style ``type=bind,source=S,destination=D[,ro|readonly[=true|false]]`` specs
-    (one per item, CSV-quoted as Apptainer reads them)."""
+def parse_mounts(specs: list[str]) -> list[tuple[str, str, bool, bool]]:
+    """Docker-style ``[type=bind,]source=S,destination=D[,ro|readonly[=true|false]]
+    [,nonested]`` specs (one per item, CSV-quoted as Apptainer reads them): (src, dest,
+    readonly, nonested). Without ``type=`` a mount is a bind, as in Docker and Apptainer."""
     if not specs:
         return []
     import csv  # only when --mount is used
@@ -273,10 +340,11 @@ def parse_mounts(specs: list[str]) -> list[tuple[str, str, bool]]:
             for field in row:
                 key, eq, value = field.strip().partition("=")
                 fields[key] = value if eq else "true"
-        kind = fields.pop("type", "")
+        kind = fields.pop("type", "bind")
         src = fields.pop("source", "") or fields.pop("src", "")
         dst = fields.pop("destination", "") or fields.pop("dst", "") or fields.pop("target", "")
         ro = fields.pop("ro", "") or fields.pop("readonly", "") or "false"
+        no_nest = fields.pop("nonested", "false")
         for key in ("src", "dst", "target", "readonly"):
             fields.pop(key, None)
         if fields.pop("rw", "false") in ("true", "1"):
@@ -286,10 +354,29 @@ def parse_mounts(specs: list[str]) -> list[tuple[str, str, bool]]:
             raise UsageError(
                 f"invalid --mount: {spec!r}", hint=f"use type=bind,src=PATH,dst=/PATH[,ro]{extra}"
             )
-        if ro not in ("true", "false", "1", "0"):
+        if ro not in ("true", "false", "1", "0") or no_nest not in ("true", "false", "1", "0"):
             raise UsageError(f"invalid --mount: {spec!r}: ro={ro}", hint="use ro or ro=true")
-        binds.append((os.path.abspath(src), os.path.normpath(dst), ro in ("true", "1")))
+        binds.append(
+            (
+                os.path.abspath(src),
+                os.path.normpath(dst),
+                ro in ("true", "1"),
+                no_nest in ("true", "1"),
+            )
+        )
     return binds
+
+
+def _check_duration(value: str) -> None:
+    """A Go duration (``1m``, ``30s``, ``1h30m``, ``1.5s``) as Apptainer's
+    ``--runscript-timeout`` takes it; anything else is refused, as there."""
+    import re
+
+    unit = r"(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h)"
+    if not re.fullmatch(rf"[+-]?(?:{unit})+|0", value):
+        raise UsageError(
+            f"invalid --runscript-timeout: {value!r}", hint="use a duration such as 30s or 1m"
+        )
 
 
 def open_image(
@@ -453,27 +540,36 @@ def _run(
 
     if a.containall:
         a.contain = a.cleanenv = a.pid = a.ipc = True
+    if a.no_pid:
+        a.pid = False
+    if a.runscript_timeout is not None:
+        _check_duration(a.runscript_timeout)
     environ = os.environ
+    # Apptainer's order: the options' binds first, then $APPTAINER_BIND's.
     bind_specs = [environ[v] for v in ("APPTAINER_BIND", "SIFPY_BIND") if environ.get(v)]
-    binds = parse_binds(bind_specs + a.bind)
+    binds = parse_binds(a.bind + bind_specs)
     mount_specs = [
         line
         for v in ("APPTAINER_MOUNT", "SIFPY_MOUNT")
         for line in environ.get(v, "").split("\n")
         if line.strip()
     ]
-    binds += parse_mounts(mount_specs + a.mount)
+    mounts = parse_mounts(a.mount + mount_specs)
+    # $APPTAINER_BIND in the container: the destinations, for nested containers to bind
+    # again (Apptainer's setBinds), less the --mount ones marked nonested.
+    nested = [d for _, d, _ in binds] + [d for _, d, _, no_nest in mounts if not no_nest]
+    binds += [(s, d, ro) for s, d, ro, _ in mounts]
     no_mount = tuple(n.strip() for item in a.no_mount for n in item.split(",") if n.strip())
     home_src = home_dest = None
     if a.home:
         home_src, _, home_dest = a.home.partition(":")
         home_src = os.path.abspath(home_src)
         home_dest = home_dest or home_src
-    cwd = a.pwd or os.getcwd()
+    elif a.fakeroot:
+        # Apptainer's setHome: with --fakeroot the caller's home is root's, at /root.
+        home_src, home_dest = ident.home, "/root"
     env_opts = renv.parse_env_option(a.env)
-    runtime = renv.runtime_vars(
-        os.path.abspath(a.image), action, a.app, ",".join(f"{s}:{d}" for s, d, _ in binds)
-    )
+    runtime = renv.runtime_vars(os.path.abspath(a.image), action, a.app, ",".join(nested))
     if a.shell:
         runtime["SINGULARITY_SHELL"] = runtime["APPTAINER_SHELL"] = a.shell
     injected = renv.injected_env(environ, env_opts)
@@ -484,19 +580,20 @@ def _run(
             user = injected.get("PREPEND_PATH")
             injected["PREPEND_PATH"] = f"{user}:{mine}" if user else mine
     env = renv.process_env(
-        host=renv.host_env(environ, a.cleanenv),
+        host=renv.host_env(environ, a.cleanenv, renv.parse_no_env(a.no_env, environ)),
         injected=injected,
         env_file=renv.read_env_files(a.env_file, a.no_eval),
         late=env_opts,
         no_eval=a.no_eval,
         home=home_dest or ident.home,
         runtime=runtime,
+        uid=0 if a.fakeroot else ident.uid,
     )
     spec = LaunchSpec(
         image=image,
         argv=command,
         env=env,
-        cwd=cwd,
+        cwd=os.getcwd(),
         binds=binds,
         options=LaunchOptions(
             fakeroot=a.fakeroot,
@@ -517,6 +614,7 @@ def _run(
             prefetch=prefetch,
             inject=inject,
             pass_fds=passed,
+            pwd=a.pwd,
         ),
     )
     return launch(spec, inline=True, served=served)

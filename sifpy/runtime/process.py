@@ -148,6 +148,9 @@ class LaunchOptions(NamedTuple):
     # the monitor closes its copies once the container has them (a pipe's reader then sees
     # end-of-file when the command closes it).
     pass_fds: tuple[int, ...] = ()
+    # --pwd/--cwd: the working directory inside the container; it must exist there (an
+    # error, as Apptainer's "failed to set working directory", not a fallback to home).
+    pwd: str | None = None
 
 
 class LaunchSpec(NamedTuple):
@@ -644,12 +647,18 @@ def _container(
 
 def _enter_cwd(spec: LaunchSpec, ident: Identity) -> str:
     # Inside the new root every lookup is confined by the kernel; fall back like Apptainer
-    # (cwd not shared with --contain): home, then /.
+    # (cwd not shared with --contain): home, then /. A --pwd has no fallback.
     home = spec.options.home_dest or spec.options.home or ident.home
-    for cand in (spec.cwd, home, "/"):
+    pwd = spec.options.pwd
+    for cand in (pwd,) if pwd else (spec.cwd, home, "/"):
         try:
             os.chdir(cand)
-        except OSError:
+        except OSError as exc:
+            if pwd:
+                raise RuntimeSetupError(
+                    f"can't chdir: {pwd}: {exc.strerror}",
+                    "give --pwd a directory that exists in the container",
+                ) from exc
             continue
         # runc verifyCwd (CVE-2024-21626): the cwd must be reachable from the new root. A
         # path through an open directory fd (--pwd /proc/self/fd/N) can chdir outside it;
