@@ -403,11 +403,17 @@ def resolve(
                         f"can't create mount point: {path}: {comp} is missing in {where}, "
                         "which is read-only or not the container's own"
                     ) from None
-                if not todo and create == "file":
-                    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-                    os.close(os.open(comp, flags, 0o644, dir_fd=cur))
-                else:
-                    os.mkdir(comp, 0o755, dir_fd=cur)
+                try:
+                    if not todo and create == "file":
+                        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                        os.close(os.open(comp, flags, 0o644, dir_fd=cur))
+                    else:
+                        os.mkdir(comp, 0o755, dir_fd=cur)
+                except OSError as exc:  # in a host directory: the user's permissions apply
+                    where = "/" + "/".join(parts)
+                    raise RuntimeSetupError(
+                        f"can't create mount point: {path}: {comp} in {where}: {exc.strerror}"
+                    ) from exc
                 st = os.stat(comp, dir_fd=cur, follow_symlinks=False)
             if stat.S_ISLNK(st.st_mode) and (todo or follow_last):
                 hops += 1

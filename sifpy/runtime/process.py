@@ -688,7 +688,9 @@ def _assemble(spec: LaunchSpec, ident: Identity, plan: list[plan_.Mount], cwd_fd
     # The cwd is shared unless --contain, or it is already visible (under another mount),
     # or the image has it (image content wins: a host cwd of /usr must not cover /usr).
     shown = any(_under(spec.cwd, m.dest) for m in plan if m.kind in ("bind", "tmpfs"))
-    share_cwd = not opts.contain and "cwd" not in opts.no_mount
+    # With --writable the cwd is not shared where the sandbox lacks it (Apptainer skips the
+    # mount rather than leave a directory behind in the sandbox).
+    share_cwd = not opts.contain and "cwd" not in opts.no_mount and not opts.writable
     if cwd_fd >= 0 and share_cwd and spec.cwd != "/" and not shown:
         res = mount.resolve(image_fd, spec.cwd, reserved_stop=True)
         res.close()
@@ -714,8 +716,14 @@ def _assemble(spec: LaunchSpec, ident: Identity, plan: list[plan_.Mount], cwd_fd
     # Replacing an image's entry is for roots that vanish with the container (the tmpfs
     # underlay, --writable-tmpfs), not for the user's sandbox or --overlay directory.
     ephemeral = not opts.writable and not opts.overlay
+    # A --writable sandbox is the user's: a missing destination of theirs is an error, one
+    # of the runtime's optional files is skipped (Apptainer's mountGeneric: "destination
+    # doesn't exist in container", "Skipping mount"), nothing is created in it for them.
+    sandbox = next(iter(writable)) if opts.writable else None
+    user = frozenset(d for _, d, _ in spec.binds)
+    host_dirs: set[int] = set()
     for m in plan:
-        _apply(root_fd, m, writable, ephemeral)
+        _apply(root_fd, m, writable, ephemeral, host_dirs, sandbox, m.dest in user)
     os.close(root_fd)
     if not opts.writable and not overlay:
         mount.remount(root, readonly=True, what="container root")
@@ -745,11 +753,55 @@ def _reserve_dirs(root: str) -> None:
                 ) from exc
 
 
-def _apply(root_fd: int, m: plan_.Mount, writable: set[int], ephemeral: bool = True) -> None:
+# What Apptainer skips, rather than fail, when its destination is missing in a --writable
+# sandbox (the system binds, the generated files, /tmp and /var/tmp).
+_OPTIONAL_IN_SANDBOX = frozenset(
+    {"/etc/hosts", "/etc/localtime", "/etc/resolv.conf", "/etc/passwd", "/etc/group"}
+    | {"/tmp", "/var/tmp"}
+)
+
+
+def _host_dir_bind(m: plan_.Mount) -> bool:
+    """A writable bind of a host directory other than the kernel's (/dev, /proc, /sys): a
+    missing mount point under it is created there, on the host, as the user (Apptainer
+    creates one in a nested bind, a custom --home, --workdir's /tmp and /var/tmp)."""
+    if m.kind != "bind" or not m.is_dir or m.readonly or not m.harden:
+        return False
+    return not any(_under(m.dest, d) for d in ("/dev", "/proc", "/sys"))
+
+
+def _apply(
+    root_fd: int,
+    m: plan_.Mount,
+    writable: set[int],
+    ephemeral: bool = True,
+    host_dirs: set[int] | None = None,
+    sandbox: int | None = None,
+    user: bool = False,
+) -> None:
     """Make one mount of the plan, its destination resolved inside the root.
 
     A ``nofollow`` destination that is a symlink in the image is replaced by an empty file
-    (in a writable, ``ephemeral`` root) and the mount lands on that, never on the target."""
+    (in a writable, ``ephemeral`` root) and the mount lands on that, never on the target.
+    Missing mount points are created in the container's own mounts (``writable``) and in
+    host directories bound writable (``host_dirs``, to which a bind of one is added); in the
+    ``--writable`` sandbox (mount id ``sandbox``) only for the runtime's own mounts."""
+    host_dirs = set() if host_dirs is None else host_dirs
+    allowed = frozenset(writable | host_dirs)
+    if sandbox is not None and (user or m.dest in _OPTIONAL_IN_SANDBOX):
+        probe = mount.resolve(root_fd, m.dest, follow_last=not m.nofollow)
+        try:
+            in_sandbox = bool(probe.missing) and mount.mount_id(probe.parent_fd) == sandbox
+        finally:
+            probe.close()
+        if in_sandbox and not user:
+            return
+        if in_sandbox:
+            raise RuntimeSetupError(
+                f"can't mount: {m.dest}: destination doesn't exist in the container",
+                f"sifpy never creates mount points in a --writable sandbox: create {m.dest} "
+                "in it first, or run without --writable",
+            )
     if m.kind == "symlink":
         parent, name = m.dest.rsplit("/", 1)
         res = mount.resolve(root_fd, parent or "/", "dir", frozenset(writable))
@@ -766,7 +818,7 @@ def _apply(root_fd: int, m: plan_.Mount, writable: set[int], ephemeral: bool = T
             res.close()
         return
     kind = "dir" if m.is_dir else "file"
-    res = mount.resolve(root_fd, m.dest, kind, frozenset(writable), follow_last=not m.nofollow)
+    res = mount.resolve(root_fd, m.dest, kind, allowed, follow_last=not m.nofollow)
     try:
         if not res.name:
             raise RuntimeSetupError(f"can't mount: {m.dest}: that is the container root")
@@ -802,9 +854,9 @@ def _apply(root_fd: int, m: plan_.Mount, writable: set[int], ephemeral: bool = T
                     ns.mount("devpts", target, "devpts", flags, "newinstance,ptmxmode=0666")
                 except RuntimeSetupError:
                     mount.bind(mount.fd_path(m.fd), target, harden=False, what=m.dest)
-            if m.kind in ("tmpfs", "devpts"):
+            if m.kind in ("tmpfs", "devpts") or _host_dir_bind(m):
                 new = os.open(res.name, os.O_PATH | os.O_NOFOLLOW, dir_fd=res.parent_fd)
-                writable.add(mount.mount_id(new))
+                (writable if m.kind != "bind" else host_dirs).add(mount.mount_id(new))
                 os.close(new)
         finally:
             os.close(tfd)
