@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 from integration.conftest import UserRunner
-from integration.runtime.test_apptainer_image import _chmod_scripts, apptainer_layout
 from integration.runtime.conftest import busybox_rootfs
+from integration.runtime.test_apptainer_image import _chmod_scripts, apptainer_layout
 from tests.runtime.test_env_apptainer import (
     CUSTOM_PATH,
     DEFAULT_PATH,
