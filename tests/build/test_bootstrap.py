@@ -48,7 +48,10 @@ def _check_tree(out: Path) -> None:
     assert labels["l"] == "v"
 
 
-@pytest.mark.parametrize("form", ["dir", "dir:tag", "digest", "archive"])
+# "archive:tag": Apptainer hands From: to containers/image, which splits an oci-archive
+# reference at the first colon (oci/archive/oci_transport.go: img.tar:v1 is the archive
+# img.tar and the tag v1).
+@pytest.mark.parametrize("form", ["dir", "dir:tag", "digest", "archive", "archive:tag"])
 def test_oci_sources(tmp_path: Path, form: str) -> None:
     layout = oci_layout(tmp_path / "layout", [LAYER1, LAYER2], CONFIG, tag="v1")
     agent, source = "oci", str(layout)
@@ -57,8 +60,9 @@ def test_oci_sources(tmp_path: Path, form: str) -> None:
     elif form == "digest":
         index = json.loads((layout / "index.json").read_text())
         source += "@" + index["manifests"][0]["digest"]
-    elif form == "archive":
+    elif form.startswith("archive"):
         agent, source = "oci-archive", str(tar_dir(layout, tmp_path / "img.tar"))
+        source += ":v1" if form == "archive:tag" else ""
     out = tmp_path / "out"
     build(str(out), str(_def(tmp_path, agent, source)), BuildOptions(sandbox=True))
     _check_tree(out)
@@ -66,10 +70,13 @@ def test_oci_sources(tmp_path: Path, form: str) -> None:
     assert labels["org.opencontainers.image.base.digest"].startswith("sha256:")
 
 
-def test_docker_archive(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ref", ["", ":demo:1", ":@0"])
+def test_docker_archive(tmp_path: Path, ref: str) -> None:
+    """docker-archive:path[:name:tag|:@N] as containers/image reads it."""
     archive = docker_archive(tmp_path / "d.tar", [LAYER1, LAYER2], CONFIG)
     out = tmp_path / "out"
-    build(str(out), str(_def(tmp_path, "docker-archive", str(archive))), BuildOptions(sandbox=True))
+    deffile = _def(tmp_path, "docker-archive", str(archive) + ref)
+    build(str(out), str(deffile), BuildOptions(sandbox=True))
     _check_tree(out)
     labels = json.loads((out / ".singularity.d/labels.json").read_text())
     assert labels["org.opencontainers.image.base.name"] == "demo:1"
@@ -140,6 +147,16 @@ def test_split_ref() -> None:
     assert oci.split_ref("/no/such:tag") == ("/no/such", "tag", None)
     assert oci.split_ref("/x@sha256:ab") == ("/x", None, "sha256:ab")
     assert oci.split_ref("/no/such") == ("/no/such", None, None)
+    # The first colon ends the path, as in containers/image.
+    assert oci.split_ref("img.tar:v2") == ("img.tar", "v2", None)
+    assert oci.split_ref("d.tar:busybox:latest") == ("d.tar", "busybox:latest", None)
+
+
+def test_docker_archive_unknown_tag(tmp_path: Path) -> None:
+    archive = docker_archive(tmp_path / "d.tar", [LAYER1], CONFIG)
+    deffile = _def(tmp_path, "docker-archive", f"{archive}:other:2")
+    with pytest.raises(BuildError, match="can't find other:2"):
+        build(str(tmp_path / "out"), str(deffile), BuildOptions(sandbox=True))
 
 
 def test_host_mirror(tmp_path: Path) -> None:

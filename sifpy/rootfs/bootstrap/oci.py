@@ -2,7 +2,8 @@
 
 * ``oci``: an OCI image layout directory (image-spec ``image-layout.md``), ``From:
   dir[:tag]`` or ``From: dir@sha256:...``; without a tag the layout must hold one image.
-* ``oci-archive``: a tar of such a layout (``skopeo copy ... oci-archive:x.tar``).
+* ``oci-archive``: a tar of such a layout (``skopeo copy ... oci-archive:x.tar``), ``From:
+  x.tar[:tag]`` likewise (:func:`split_ref`: the path ends at the first colon).
 * ``docker-archive``: a ``docker save`` tar (``manifest.json``: Config + Layers); Docker
   25+ tars are also OCI layouts and are read as such.
 
@@ -108,16 +109,18 @@ def _blob(digest: object) -> str:
 
 
 def split_ref(source: str) -> tuple[str, str | None, str | None]:
-    """``dir[:tag]`` or ``dir@sha256:...`` -> (path, tag, digest)."""
-    if "@" in source:
-        path, digest = source.rsplit("@", 1)
+    """``path[:tag]`` or ``path@sha256:...`` -> (path, tag, digest).
+
+    As containers/image's local transports (``oci:``, ``oci-archive:``,
+    ``docker-archive:``) read a reference, the path ends at the *first* colon:
+    ``img.tar:v2`` is the archive ``img.tar``, tag ``v2`` (so a path holding a colon can't
+    be named, there as here). ``@sha256:...`` names a manifest by digest instead.
+    """
+    path, at, digest = source.rpartition("@")
+    if at and digest.startswith("sha256:") and ":" not in path:
         return path, None, digest
-    if os.path.exists(source):
-        return source, None, None
-    path, sep, tag = source.rpartition(":")
-    if sep and path and "/" not in tag:
-        return path, tag, None
-    return source, None, None
+    path, _, tag = source.partition(":")
+    return path, tag or None, None
 
 
 def _platform_ok(desc: dict[str, Any]) -> bool:
@@ -181,13 +184,22 @@ def _from_oci(layout: _Layout, tag: str | None, digest: str | None, rootfs: str)
     return Result(config=config if isinstance(config, dict) else {}, labels=labels)
 
 
-def _from_docker(layout: _Layout, rootfs: str) -> Result:
+def _from_docker(layout: _Layout, rootfs: str, ref: str | None = None) -> Result:
     entries = layout.json("manifest.json")
     if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict):
         raise BuildError(f"can't read docker archive {layout.path}: bad manifest.json")
-    if len(entries) > 1:
-        log.warn(f"{layout.path} holds {len(entries)} images; using the first")
     entry = entries[0]
+    if ref is not None:
+        # containers/image's docker-archive: path:name:tag (a RepoTags entry) or path:@N.
+        if ref.startswith("@") and ref[1:].isdigit() and int(ref[1:]) < len(entries):
+            entry = entries[int(ref[1:])]
+        else:
+            found = [e for e in entries if isinstance(e, dict) and ref in (e.get("RepoTags") or [])]
+            if not found:
+                raise BuildError(f"can't find {ref} in {layout.path}")
+            entry = found[0]
+    elif len(entries) > 1:
+        log.warn(f"{layout.path} holds {len(entries)} images; using the first")
     config = layout.json(str(entry.get("Config", "")))
     layers = [str(x) for x in entry.get("Layers") or []]
     budget = Budget(rootfs)  # all layers together
@@ -207,7 +219,7 @@ def bootstrap(ctx: Context) -> Result:
     """Fill ``ctx.rootfs`` from the layout or archive named by ``From:``."""
     agent = (ctx.stage.bootstrap or "").lower()
     source = ctx.require("from")
-    path, tag, digest = split_ref(source) if agent == "oci" else (source, None, None)
+    path, tag, digest = split_ref(source)
     if not os.path.exists(path):
         raise BuildError(f"can't bootstrap from {agent}: {path}: no such file or directory")
     layout = _Layout(path)
@@ -217,7 +229,9 @@ def bootstrap(ctx: Context) -> Result:
         ):
             return _from_oci(layout, tag, digest, ctx.rootfs)
         if agent == "docker-archive" and layout.has("manifest.json"):
-            return _from_docker(layout, ctx.rootfs)
+            if digest is not None:
+                raise BuildError(f"can't bootstrap from {agent}: {source}: no digest references")
+            return _from_docker(layout, ctx.rootfs, tag)
         raise BuildError(f"can't bootstrap from {agent}: {path} is not an image layout or archive")
     finally:
         layout.close()
