@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from integration.build.conftest import Builder
 from integration.test_unpack_umoci import describe, make_image, run
 from tests.conftest import need_tool
 
@@ -40,3 +41,22 @@ def test_oci_archive_builds_the_umoci_tree(tmp_path: Path) -> None:
     assert sorted(p for p in got if p.startswith("opq/")) == ["opq/after", "opq/before"]
     assert got["hl-lower"][3] == got["usr/bin/tool"][3] is not None
     assert got["hl-symlink"][0] == stat.S_IFLNK
+
+
+def test_oci_archive_with_a_tag_as_the_user(tmp_path: Path, user_builder: Builder) -> None:
+    """``From: image.tar:t`` names the archive image.tar and its tag t, as Apptainer's
+    containers/image splits it (at the first colon); built by the unprivileged user."""
+    umoci, skopeo = need_tool("umoci"), need_tool("skopeo")
+    image = make_image(tmp_path, umoci)
+    archive = user_builder.out / "tagged.tar"
+    run(skopeo, "copy", f"oci:{image}:t", f"oci-archive:{archive}:t")
+    archive.chmod(0o644)
+    for tag, ok in (("t", True), ("other", False)):
+        deffile = user_builder.out / f"tagged-{tag}.def"
+        deffile.write_text(f"Bootstrap: oci-archive\nFrom: {archive}:{tag}\n")
+        deffile.chmod(0o644)
+        r = user_builder.run(["build", "--force", "--sandbox", f"tagged-{tag}", str(deffile)])
+        assert (r.returncode == 0) == ok, r.stdout + r.stderr
+        if not ok:
+            assert f"can't find tag {tag}" in r.stderr
+    assert (user_builder.out / "tagged-t" / "usr/bin/tool").exists()
