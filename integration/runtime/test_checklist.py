@@ -79,8 +79,9 @@ def test_payload_signal_state_is_clean(sifpy: Sifpy) -> None:
 @pytest.mark.parametrize("fd", range(3, 12))
 def test_pwd_through_proc_self_fd_never_leaves_the_root(sifpy: Sifpy, fd: int) -> None:
     # CVE-2024-21626: a cwd through a directory fd the runtime holds lies outside the new
-    # root. Either sifpy refuses (125, one clear message, as runc does) or the command
-    # starts inside the container.
+    # root. Either sifpy refuses (125, one clear message, as runc does: "outside" the root,
+    # or, for an fd that is no directory in the container, as any --pwd that does not
+    # exist there, as Apptainer does) or the command starts inside the container.
     r = sifpy.exec("sh", "-c", "pwd; cat /etc/image-marker", opts=("--pwd", f"/proc/self/fd/{fd}"))
     if r.returncode == 125:
         # Refused before the chdir (the cwd bind can't pin it) or at the chdir (outside).
