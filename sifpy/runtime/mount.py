@@ -367,6 +367,7 @@ def resolve(
     writable_mounts: frozenset[int] = frozenset(),
     reserved_stop: bool = False,
     follow_last: bool = True,
+    host_mounts: frozenset[int] = frozenset(),
 ) -> Resolved:
     """Resolve ``path`` inside the directory ``root_fd`` as if it were ``/``.
 
@@ -375,7 +376,10 @@ def resolve(
     type; only in directories on a mount whose id is in ``writable_mounts``). With
     ``reserved_stop``, a top-level name in :data:`RESERVED` ends the walk (it is not taken from
     the image). With ``follow_last`` false, a symlink as the final component is the result
-    itself (``name``), not followed: the entry, whatever it points to.
+    itself (``name``), not followed: the entry, whatever it points to. Creating is also
+    allowed in directories on a mount in ``host_mounts`` (host directories bound in), but
+    only on a path that followed no symlink: an image's link must never make the runtime
+    write on the host.
     """
     todo = [p for p in path.split("/") if p not in ("", ".")]
     stack = [os.dup(root_fd)]
@@ -397,7 +401,8 @@ def resolve(
             except FileNotFoundError:
                 if create is None:
                     return Resolved(os.dup(cur), comp, parts, [comp, *todo])
-                if mount_id(cur) not in writable_mounts:
+                mid = mount_id(cur)
+                if mid not in writable_mounts and (mid not in host_mounts or hops):
                     where = "/" + "/".join(parts)
                     raise RuntimeSetupError(
                         f"can't create mount point: {path}: {comp} is missing in {where}, "

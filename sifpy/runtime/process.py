@@ -787,7 +787,7 @@ def _apply(
     host directories bound writable (``host_dirs``, to which a bind of one is added); in the
     ``--writable`` sandbox (mount id ``sandbox``) only for the runtime's own mounts."""
     host_dirs = set() if host_dirs is None else host_dirs
-    allowed = frozenset(writable | host_dirs)
+    allowed = frozenset(writable)
     if sandbox is not None and (user or m.dest in _OPTIONAL_IN_SANDBOX):
         probe = mount.resolve(root_fd, m.dest, follow_last=not m.nofollow)
         try:
@@ -818,7 +818,9 @@ def _apply(
             res.close()
         return
     kind = "dir" if m.is_dir else "file"
-    res = mount.resolve(root_fd, m.dest, kind, allowed, follow_last=not m.nofollow)
+    res = mount.resolve(
+        root_fd, m.dest, kind, allowed, follow_last=not m.nofollow, host_mounts=frozenset(host_dirs)
+    )
     try:
         if not res.name:
             raise RuntimeSetupError(f"can't mount: {m.dest}: that is the container root")
