@@ -589,12 +589,14 @@ def _run(
         runtime=runtime,
         uid=0 if a.fakeroot else ident.uid,
     )
+    from sifpy.runtime.mpi import launcher_binds
+
     spec = LaunchSpec(
         image=image,
         argv=command,
         env=env,
         cwd=os.getcwd(),
-        binds=binds,
+        binds=[*launcher_binds(environ), *binds],  # the user's binds win
         options=LaunchOptions(
             fakeroot=a.fakeroot,
             contain=a.contain,
