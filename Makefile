@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := siftool golang-github-sylabs-sif-dev squashfs-tools squashfuse fuse3 umoci skopeo zstd \
 	busybox-static python3-venv util-linux gpg gpgv docker-registry apache2-utils mmdebstrap \
 	python3-pyfuse3 fuse-overlayfs libfuse3-dev pkg-config squashfs-tools-ng uidmap pigz \
-	gcc libc6-dev
+	gcc libc6-dev slurm-wlm munge mpich libmpich-dev openmpi-bin libopenmpi-dev
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: all setup apt venv test lint demo golden clean

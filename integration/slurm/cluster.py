@@ -1,0 +1,180 @@
+"""A single-node Slurm cluster of our own: munged, slurmctld and slurmd, started as root
+from a private directory (configuration, state, spool, sockets, logs; the ports are free
+ones), found by clients through ``SLURM_CONF``, and stopped by pid.
+
+Nothing global is touched: the munge daemon has its own socket (slurm.conf's ``AuthInfo``),
+so other clusters (or another test session) on the machine are left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+DAEMONS = ("munged", "slurmctld", "slurmd", "srun", "sinfo")
+MUNGE_KEY = Path("/etc/munge/munge.key")
+
+
+def missing() -> str | None:
+    """Why a cluster can't be started here (None if it can)."""
+    if os.getuid() != 0:
+        return "starting Slurm needs root"
+    for tool in DAEMONS:
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (Debian: slurm-wlm, munge)"
+    for user in ("munge", "slurm"):
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            return f"no {user} user (Debian: slurm-wlm, munge)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Cluster:
+    """The running cluster; :meth:`env` is what a client (``srun``) needs."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.node = socket.gethostname().split(".")[0]
+        self.conf = base / "slurm.conf"
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def env(self) -> dict[str, str]:
+        return {"SLURM_CONF": str(self.conf)}
+
+    def log(self) -> str:
+        """The daemons' logs, for a failure message."""
+        out = []
+        for name in ("munged.log", "slurmctld.log", "slurmd.log", "munged.out"):
+            path = self.base / "log" / name
+            if path.exists():
+                out.append(f"--- {name}\n{path.read_text()[-3000:]}")
+        return "\n".join(out)
+
+    def start(self) -> None:
+        munge, slurm = pwd.getpwnam("munge"), pwd.getpwnam("slurm")
+        for sub, owner, mode in (
+            ("munge", munge, 0o755),
+            ("log", slurm, 0o755),
+            ("ctld", slurm, 0o700),
+            ("spool", None, 0o755),
+        ):
+            path = self.base / sub
+            path.mkdir(mode=mode)
+            path.chmod(mode)
+            if owner is not None:
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+        if not MUNGE_KEY.exists():  # Debian's postinst makes one; a bare image may not
+            MUNGE_KEY.parent.mkdir(mode=0o700, exist_ok=True)
+            MUNGE_KEY.write_bytes(os.urandom(128))
+            MUNGE_KEY.chmod(0o400)
+            os.chown(MUNGE_KEY, munge.pw_uid, munge.pw_gid)
+        sock = self.base / "munge" / "munge.socket"
+        b = self.base
+        self.conf.write_text(
+            f"""ClusterName=sifpy
+SlurmctldHost={self.node}
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+SlurmUser=slurm
+AuthType=auth/munge
+AuthInfo=socket={sock}
+CredType=cred/munge
+StateSaveLocation={b}/ctld
+SlurmdSpoolDir={b}/spool
+SlurmctldPidFile={b}/ctld/slurmctld.pid
+SlurmdPidFile={b}/spool/slurmd.pid
+SlurmctldLogFile={b}/log/slurmctld.log
+SlurmdLogFile={b}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=pmi2
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+ReturnToService=2
+NodeName={self.node} CPUs={os.cpu_count() or 1} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+"""
+        )
+        self.conf.chmod(0o644)
+        env = dict(os.environ, SLURM_CONF=str(self.conf))
+        as_munge = ["setpriv", f"--reuid={munge.pw_uid}", f"--regid={munge.pw_gid}"]
+        self._spawn(
+            "munged",
+            [
+                *as_munge,
+                "--init-groups",
+                "munged",
+                "--foreground",
+                f"--socket={sock}",
+                f"--pid-file={b}/munge/munged.pid",
+                f"--log-file={b}/log/munged.log",
+                f"--seed-file={b}/munge/munged.seed",
+            ],
+            env,
+        )
+        self._wait(lambda: sock.exists(), "munged's socket")
+        self._spawn("slurmctld", ["slurmctld", "-D", "-i"], env)  # -i: ignore saved state
+        self._spawn("slurmd", ["slurmd", "-D"], env)
+
+        def idle() -> bool:
+            res = subprocess.run(
+                ["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True
+            )
+            return res.stdout.strip() == "idle"
+
+        self._wait(idle, "the node to be idle")
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        """Start a daemon in the foreground (its pid is the Popen's), output to a log."""
+        with open(self.base / "log" / f"{name}.out", "wb") as log:
+            self.procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT))
+
+    def _wait(self, ready: Callable[[], bool], what: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{proc.args!r} exited {proc.returncode}\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out waiting for {what}\n{self.log()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop the daemons by pid, last started first, and wait for them."""
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.procs.clear()
+
+
+def start() -> Cluster:
+    base = Path(tempfile.mkdtemp(prefix="sifpy-slurm-", dir="/var/spool"))
+    base.chmod(0o755)
+    cluster = Cluster(base)
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
