@@ -57,13 +57,15 @@ def _status(text: str) -> dict[str, str]:
     return {k: v.strip() for k, v in (ln.split(":", 1) for ln in text.splitlines() if ":" in ln)}
 
 
-def test_payload_holds_only_0_1_2(sifpy: Sifpy) -> None:
+def test_payload_holds_only_0_1_2_and_the_passed_fds(sifpy: Sifpy) -> None:
     # runc's create.bats oracle: nothing sifpy opened (the image, the FUSE device, pipes,
-    # the session) reaches the command; sh lists its own fds, so no extra directory fd.
+    # the session) reaches the command, only what the caller passed (here 0, 1, 2 and 5,
+    # as an MPI launcher passes its PMI socket); sh lists its own fds, so no directory fd.
     for opts in [(), ("--contain", "--pid"), ("--writable-tmpfs",), ("--fakeroot",)]:
-        r = sifpy.exec("sh", "-c", "ls /proc/$$/fd; :", opts=opts)  # ":" keeps sh alive
-        assert r.returncode == 0, r.stderr
-        assert r.stdout.split() == ["0", "1", "2"], (opts, r.stdout)
+        argv = [*sifpy.program, "exec", *opts, sifpy.image, "sh", "-c", "ls /proc/$$/fd; :"]
+        r = sifpy.runner(["sh", "-c", 'exec "$@" 5</dev/null', "sh", *argv], cwd=sifpy.cwd)
+        assert r.returncode == 0, r.stderr  # ":" above keeps sh alive while ls runs
+        assert r.stdout.split() == ["0", "1", "2", "5"], (opts, r.stdout)
 
 
 def test_payload_signal_state_is_clean(sifpy: Sifpy) -> None:
