@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from integration.conftest import UserRunner
+from integration.conftest import UserRunner, require
 from integration.runtime.conftest import _mounts, user_processes
 
 
@@ -277,12 +277,20 @@ def test_passed_fds_reach_the_command(sifpy: Sifpy, workdir: Path, opts: tuple[s
     assert rw.read_text() == "written\n"
 
 
-def test_only_the_command_holds_a_passed_fd(sifpy: Sifpy) -> None:
+@pytest.mark.parametrize("as_root", [False, True])
+def test_only_the_command_holds_a_passed_fd(sifpy: Sifpy, as_root: bool) -> None:
     """sifpy keeps no copy of a passed fd (nor do its FUSE server and helpers): when the
-    command closes a pipe's write end, the reader sees end-of-file while it still runs."""
+    command closes a pipe's write end, the reader sees end-of-file while it still runs.
+    As root, a monitor process is forked (to write the identity map): the same."""
+    if as_root:
+        require(None if os.getuid() == 0 else "not running as root")
     r, w = os.pipe()
     argv = [*sifpy.program, "exec", sifpy.image, "sh", "-c", f"exec {w}>&-; read x"]
-    proc = sifpy.runner.popen(argv, pass_fds=(w,), cwd=sifpy.cwd, stdin=subprocess.PIPE)
+    kw: dict[str, Any] = {"pass_fds": (w,), "cwd": sifpy.cwd, "stdin": subprocess.PIPE}
+    if as_root:
+        proc = subprocess.Popen(argv, env=sifpy.runner.env(), text=True, **kw)
+    else:
+        proc = sifpy.runner.popen(argv, **kw)
     os.close(w)
     try:
         assert select.select([r], [], [], 30)[0], "a copy of the write end is still open"

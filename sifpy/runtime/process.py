@@ -225,6 +225,10 @@ def launch(spec: LaunchSpec, inline: bool = False, served: Served | None = None)
                 os.close(read_end)
                 _monitor(spec, ident, driver, write_end, caller, sync)
             os.close(write_end)
+            if inline:  # this process only waits now: the command alone holds them
+                for fd in opts.pass_fds:
+                    if fd > 2:
+                        os.close(fd)
             if sync is not None:
                 _write_id_maps(pid, sync, ident, subids)
             status = _supervise(pid, pid, reap_all=False)
