@@ -443,7 +443,10 @@ static int serve(const struct start *s)
             read_ahead(3, s->command, &dev, &ino);
         _exit(0);
     }
-    /* Hand the image, the mount and the server to Python (sifpy.runtime.start.adopt). */
+    /* Hand the image, the mount and the server to Python (sifpy.runtime.start.adopt). Every
+     * other fd of ours is close-on-exec or closed; these two are made close-on-exec again
+     * by adopt(), before Python takes the fds still inheritable as the caller's, which the
+     * command inherits (sifpy.runtime.start.passed_fds: an MPI launcher's PMI_FD). */
     if (fcntl(image, F_SETFD, 0) != 0 || fcntl(root, F_SETFD, 0) != 0)
         fail("fcntl");
     snprintf(text, sizeof text, "%d,%d,%d,%lld,%d,%u,%u", root, (int)server, image,
