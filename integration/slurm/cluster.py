@@ -18,15 +18,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "srun", "sinfo")
-MUNGE_KEY = Path("/etc/munge/munge.key")
+TOOLS = ("munged", "slurmctld", "slurmd", "srun", "sinfo")
 
 
 def missing() -> str | None:
     """Why a cluster can't be started here (None if it can)."""
     if os.getuid() != 0:
         return "starting Slurm needs root"
-    for tool in DAEMONS:
+    for tool in TOOLS:
         if shutil.which(tool) is None:
             return f"{tool} is not installed (Debian: slurm-wlm, munge)"
     for user in ("munge", "slurm"):
@@ -77,11 +76,10 @@ class Cluster:
             path.chmod(mode)
             if owner is not None:
                 os.chown(path, owner.pw_uid, owner.pw_gid)
-        if not MUNGE_KEY.exists():  # Debian's postinst makes one; a bare image may not
-            MUNGE_KEY.parent.mkdir(mode=0o700, exist_ok=True)
-            MUNGE_KEY.write_bytes(os.urandom(128))
-            MUNGE_KEY.chmod(0o400)
-            os.chown(MUNGE_KEY, munge.pw_uid, munge.pw_gid)
+        key = self.base / "munge" / "munge.key"  # a key of our own: no global state
+        key.write_bytes(os.urandom(128))
+        key.chmod(0o400)
+        os.chown(key, munge.pw_uid, munge.pw_gid)
         sock = self.base / "munge" / "munge.socket"
         b = self.base
         self.conf.write_text(
@@ -125,6 +123,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
                 f"--pid-file={b}/munge/munged.pid",
                 f"--log-file={b}/log/munged.log",
                 f"--seed-file={b}/munge/munged.seed",
+                f"--key-file={key}",
             ],
             env,
         )
