@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 
-from integration.conftest import UserRunner
+from integration.conftest import PYTHON, UserRunner
 from integration.slurm.cluster import Cluster
 from integration.slurm.conftest import LAUNCHERS
 
@@ -44,8 +44,10 @@ def _check(res: subprocess.CompletedProcess[str], mpi: str) -> None:
     assert "PMIX ERROR" not in res.stderr, res.stderr
 
 
-def _rank(starter_path: str, image: str, mpi: str) -> list[str]:
-    return [starter_path, "exec", image, f"mpi_check.{mpi}"]
+def _rank(sifpy: str, image: str, mpi: str) -> list[str]:
+    """One rank: the starter (the compiled ``sifpy``), or pure Python (``python``)."""
+    program = [PYTHON, "-m", "sifpy"] if sifpy == "python" else [sifpy]
+    return [*program, "exec", image, f"mpi_check.{mpi}"]
 
 
 @pytest.mark.parametrize("mpi", ["mpich", "openmpi"])
@@ -61,15 +63,17 @@ def test_mpiexec(runtime_ready: UserRunner, starter: str, mpi_image: str, mpi: s
     _check(res, mpi)
 
 
-@pytest.mark.parametrize("mpi", ["mpich", "openmpi"])
+@pytest.mark.parametrize("mpi", ["mpich", "openmpi", "mpich-python"])
 def test_srun(
     runtime_ready: UserRunner, starter: str, mpi_image: str, slurm: Cluster, mpi: str
 ) -> None:
-    # Slurm's PMI-2 (a socket passed as PMI2_FD/PMI_FD) for MPICH, PMIx for Open MPI.
+    # Slurm's PMI-2 (a socket passed as PMI2_FD/PMI_FD) for MPICH, PMIx for Open MPI; once
+    # with ranks started by pure Python (python3 -m sifpy) instead of the starter.
+    mpi, _, program = mpi.partition("-")
     plugin = {"mpich": "pmi2", "openmpi": "pmix"}[mpi]
     launcher = ["srun", f"--mpi={plugin}", "-n", str(RANKS), "-O"]
     res = runtime_ready(
-        [*launcher, *_rank(starter, mpi_image, mpi)],
+        [*launcher, *_rank(program or starter, mpi_image, mpi)],
         env={**slurm.env(), **SHARED_MEMORY_ACROSS_NAMESPACES[mpi]},
         timeout=180,
     )
