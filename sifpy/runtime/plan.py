@@ -17,8 +17,6 @@ from sifpy.errors import RuntimeSetupError
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from sifpy.runtime.process import LaunchSpec
     from sifpy.runtime.start import Identity
 
@@ -96,6 +94,7 @@ def plan(spec: LaunchSpec, ident: Identity) -> list[Mount]:
     opts = spec.options
     skip = set(opts.no_mount)
     plan: list[Mount] = []
+    own_dev = False  # /dev is a tmpfs of the container's, not the host's /dev
     if "dev" in skip:
         pass  # an empty /dev (the image's own is never used: it may be a symlink)
     elif opts.contain:
@@ -114,8 +113,9 @@ def plan(spec: LaunchSpec, ident: Identity) -> list[Mount]:
             plan.append(Mount("/dev/pts", "devpts", pin("/dev/pts", "/dev/pts")))
             links.insert(0, ("ptmx", "pts/ptmx"))
         plan += [Mount(f"/dev/{name}", "symlink", data=target) for name, target in links]
-    elif _missing_in_host_dev(spec.binds):
+    elif _needs_own_dev(spec):
         plan += _own_dev()
+        own_dev = True
     else:
         plan.append(Mount("/dev", "bind", pin("/dev", "/dev"), harden=False))
     if "proc" in skip:
@@ -166,7 +166,8 @@ def plan(spec: LaunchSpec, ident: Identity) -> list[Mount]:
     if opts.inject is not None:  # --nv, --rocm, --device: before the user's binds
         from sifpy.runtime import gpu
 
-        plan += gpu.mounts(opts.inject, dev_is_host=not opts.contain and "dev" not in skip)
+        dev_is_host = not opts.contain and "dev" not in skip and not own_dev
+        plan += gpu.mounts(opts.inject, dev_is_host=dev_is_host)
     for src, dest, readonly in spec.binds:
         if not dest.startswith("/"):
             raise RuntimeSetupError(f"can't bind: {src}: destination {dest} is not absolute")
@@ -187,12 +188,18 @@ def _under_dev(path: str) -> bool:
     return path == "/dev" or path.startswith("/dev/")
 
 
-def _missing_in_host_dev(binds: Sequence[tuple[str, str, bool]]) -> bool:
-    """Whether a bind's destination is in /dev but missing there: the host's /dev, which the
-    container shares by default, is no place to create it."""
-    for _src, dest, _ro in binds:
+def _needs_own_dev(spec: LaunchSpec) -> bool:
+    """Whether a bind's destination (or a device node's, for --nv, --rocm, --device) is in
+    /dev but is not there already: the host's /dev, which the container shares by default,
+    is no place to create it, nor to bind another node over one of its own."""
+    for _src, dest, _ro in spec.binds:
         path = os.path.normpath(dest)
         if _under_dev(path) and path != "/dev" and not os.path.lexists(path):
+            return True
+    inject = spec.options.inject
+    for host, dest in inject.devices if inject is not None else ():
+        path = os.path.normpath(dest)
+        if _under_dev(path) and os.path.realpath(host) != os.path.realpath(path):
             return True
     return False
 
