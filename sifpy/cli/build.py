@@ -4,7 +4,9 @@ Apptainer's flags (cmd/internal/cli/build.go)::
 
     sifpy build [--sandbox] [--force] [--update] [--notest] [--section S[,S]] [--tmpdir D]
                 [--build-arg K=V]... [--build-arg-file F] [--warn-unused-build-args]
-                [--fakeroot] [--compression C] [--mksquashfs-args A] OUT DEF|SANDBOX|SIF
+                [--fakeroot] [--compression C] [--mksquashfs-args A] [OUT] DEF|SANDBOX|SIF
+
+With one argument, ``sifpy build recipe.def`` writes ``recipe.sif`` in the current directory.
 
 Progress goes to stderr; ``%post`` and ``%test`` output is streamed as it comes.
 """
@@ -19,8 +21,18 @@ from sifpy.errors import UsageError
 
 def build_parser(prog: str) -> ArgumentParser:
     p = ArgumentParser(prog=prog, description="Build a SIF image or a sandbox directory.")
-    p.add_argument("output", metavar="OUT", help="the SIF file (or sandbox directory) to write")
-    p.add_argument("source", metavar="SOURCE", help="a definition file, a SIF or a sandbox")
+    p.add_argument(
+        "output",
+        metavar="OUT",
+        help="the SIF file (or sandbox directory) to write; alone, the definition file or image"
+        " to build into NAME.sif in the current directory",
+    )
+    p.add_argument(
+        "source",
+        metavar="SOURCE",
+        nargs="?",
+        help="a definition file, a SIF, a sandbox, or docker://...",
+    )
     p.add_argument("-s", "--sandbox", action="store_true", help="write a sandbox directory")
     p.add_argument("-F", "--force", action="store_true", help="overwrite OUT; %%labels win")
     p.add_argument("-u", "--update", action="store_true", help="build into an existing sandbox")
@@ -69,9 +81,32 @@ def _build_args(pairs: list[str], path: str | None) -> dict[str, str]:
     return args
 
 
+def default_output(source: str, sandbox: bool) -> str:
+    """Where ``sifpy build SOURCE`` writes: NAME.sif in the current directory, NAME being
+    the definition file's name without ``.def`` (or a pulled image's Apptainer name)."""
+    if "://" in source:
+        from sifpy.oci.reference import default_sif_name
+
+        name = default_sif_name(source)
+    else:
+        base = os.path.basename(os.path.normpath(source))
+        stem, ext = os.path.splitext(base)
+        name = (stem if ext in (".def", ".sif") and stem else base) + ".sif"
+        if name in (".sif", "..sif"):
+            raise UsageError(f"can't name the output of {source!r}", hint="give it: OUT SOURCE")
+    return name.removesuffix(".sif") if sandbox else name
+
+
 def main(argv: list[str], prog: str = "sifpy build") -> int:
     """Parse the flags and run the build; errors propagate to :func:`sifpy.cli.main`."""
     a = build_parser(prog).parse_args(argv)
+    if a.source is None:  # `sifpy build recipe.def` -> ./recipe.sif
+        a.source = a.output
+        a.output = default_output(a.source, a.sandbox or a.update)
+        if os.path.abspath(a.output) == os.path.abspath(a.source):
+            raise UsageError(
+                f"can't build {a.source} into itself", hint="name the output: OUT SOURCE"
+            )
     from sifpy.build import BuildOptions, build
 
     sections = frozenset(s.strip() for v in a.section for s in v.split(",") if s.strip())

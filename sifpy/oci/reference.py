@@ -261,3 +261,20 @@ def parse_platform(text: str | None = None, arch: str | None = None) -> Platform
         a, v = _ARCH_ALIASES.get(a_text, (a_text, None))
         result = Platform(result.os, a, v_text or v)
     return result
+
+
+def default_sif_name(image: str) -> str:
+    """The file name Apptainer gives a pulled image when none is named: the last path
+    component and the tag, ``docker://debian:bookworm`` -> ``debian_bookworm.sif``
+    (apptainer ``pkg/util/uri`` ``Filename``); a digest-only reference uses the digest's
+    first 12 hex digits in place of the tag."""
+    _, sep, rest = image.partition("://")
+    rest = rest if sep else image
+    rest, _, digest = rest.partition("@")
+    last = rest.rsplit("/", 1)[-1]
+    name, colon, tag = last.partition(":")
+    if not colon:
+        tag = digest.partition(":")[2][:12] if digest else DEFAULT_TAG
+    if not name or not tag or name in (".", ".."):
+        raise UsageError(f"can't name the image {image!r}", hint="give an output file name")
+    return f"{name}_{tag}.sif"
