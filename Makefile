@@ -1,24 +1,38 @@
-# sifpy: `make demo` builds and runs the example; `make test` runs the whole suite.
-# Both set up what they need on a fresh Debian 12 machine (apt packages when root, a venv).
+# sifpy: `make demo` builds and runs the example; `make test` runs the whole suite;
+# `make install PREFIX=~/.local` puts `sifpy` (and `run-singularity`) in PREFIX/bin.
+# All set up what they need on a fresh Debian 12 machine (apt packages when root, a venv).
 SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Debian packages the tests and the runtime use (installed only when missing, and only as root).
-APT_PACKAGES := siftool golang-github-sylabs-sif-dev squashfs-tools squashfuse fuse3 umoci skopeo zstd \
-	busybox-static python3-venv util-linux gpg gpgv docker-registry apache2-utils mmdebstrap \
-	python3-pyfuse3 fuse-overlayfs libfuse3-dev pkg-config squashfs-tools-ng uidmap pigz \
-	gcc libc6-dev slurm-wlm munge mpich libmpich-dev openmpi-bin libopenmpi-dev
+PREFIX ?= /usr/local
+# Debian packages sifpy needs to build and run images (installed only when missing, and only
+# as root): squashfs tools, FUSE, a compiler for the starter, mmdebstrap for debootstrap
+# recipes, busybox for the offline demo, gpg for signatures.
+APT_RUN := squashfs-tools squashfs-tools-ng squashfuse fuse3 fuse-overlayfs zstd pigz \
+	busybox-static python3-venv util-linux uidmap gpg gpgv mmdebstrap gcc libc6-dev make
+# ... and what only the tests need: the SIF reference tools, a real registry, independent
+# OCI tools, the pure-Python FUSE fallback, Slurm and MPI for the HPC tests.
+APT_TEST := siftool golang-github-sylabs-sif-dev umoci skopeo docker-registry apache2-utils \
+	python3-pyfuse3 libfuse3-dev pkg-config slurm-wlm munge mpich libmpich-dev openmpi-bin \
+	libopenmpi-dev
+APT_PACKAGES := $(APT_RUN) $(APT_TEST)
+# setuptools prints walls of deprecation notices (license tables, compat editable mode)
+# while it builds the package; they concern the packaging, not the user.
+PIP := PYTHONWARNINGS=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 $(BIN)/pip
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: all setup apt venv test lint demo golden clean
+.PHONY: all setup apt apt-run venv test lint demo golden install clean
 
 all: test
 
 setup: apt venv
 
-apt:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+# `make apt` installs what the tests need too; `make install` only what running needs.
+apt: APT_WANTED = $(APT_PACKAGES)
+apt-run: APT_WANTED = $(APT_RUN)
+apt apt-run:
+	@missing=$$(for p in $(APT_WANTED); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing: $$missing"; \
@@ -28,12 +42,15 @@ apt:
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(PIP) install -q --upgrade pip
 
-venv: $(BIN)/python pyproject.toml
+# A stamp, not $(BIN)/python: that is a symlink to the system's interpreter, which `touch`
+# would follow (and an ordinary user can't touch).
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml sifpy/cli/starter.c sifpy/cli/launcher.py bin/run-singularity | $(BIN)/python
 	@# compat mode: a plain path entry in a .pth file. The default editable finder imports
 	@# pathlib, re and more at every interpreter start (~10 ms on each `sifpy exec`).
-	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(PIP) install -q -e '.[test]' --config-settings editable_mode=compat
 	@# Byte-compile now: `sifpy exec` starts once per MPI rank, and an environment with
 	@# PYTHONDONTWRITEBYTECODE=1 would otherwise recompile sifpy on every start.
 	$(BIN)/python -m compileall -q sifpy
@@ -41,7 +58,19 @@ venv: $(BIN)/python pyproject.toml
 	@# starter, compiled from sifpy/cli/starter.c: it serves the image for exec/run/shell/test
 	@# before Python starts, then runs Python with -I -S (a script doing the latter without cc).
 	$(BIN)/python -m sifpy.cli.launcher $(BIN)/sifpy
-	@touch $(BIN)/python
+	install -m 755 bin/run-singularity $(BIN)/run-singularity
+	@touch $@
+
+# `make install PREFIX=~/.local`: a private venv in PREFIX/lib/sifpy with the package (not
+# editable: the checkout can go), the starter as PREFIX/bin/sifpy, and PREFIX/bin/run-singularity
+# so that `./app.sif` runs the image. Needs only the APT_RUN packages.
+install: apt-run
+	$(PYTHON) -m venv --clear $(PREFIX)/lib/sifpy
+	PYTHONWARNINGS=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 $(PREFIX)/lib/sifpy/bin/pip install -q .
+	mkdir -p $(PREFIX)/bin
+	$(PREFIX)/lib/sifpy/bin/python -m sifpy.cli.launcher $(PREFIX)/bin/sifpy
+	install -m 755 bin/run-singularity $(PREFIX)/bin/run-singularity
+	@echo "installed $(PREFIX)/bin/sifpy; make sure $(PREFIX)/bin is on your PATH"
 
 lint: venv
 	$(BIN)/ruff check sifpy tests integration bench
@@ -61,4 +90,4 @@ demo: setup
 	bash recipes/demo.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build sifpy.egg-info

@@ -14,3 +14,7 @@ echo "+ sifpy run $out"
 sifpy run "$out"
 echo "+ sifpy exec $out id -u   (the same user inside as outside: $(id -u))"
 sifpy exec "$out" id -u
+if command -v run-singularity >/dev/null; then
+    echo "+ $out   (a SIF runs itself through run-singularity, as Apptainer's do)"
+    "$out"
+fi
