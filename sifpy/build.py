@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from sifpy.deffile import Recipe, Stage, parse, parse_file, write
-from sifpy.errors import BuildError, SifpyError, UsageError
+from sifpy.errors import BuildError, Interrupted, SifpyError, UsageError
 from sifpy.rootfs import metadata
 from sifpy.rootfs.bootstrap import bootstrap
 from sifpy.rootfs.bootstrap import files as F
@@ -127,9 +127,10 @@ class Workspace:
 
 @contextlib.contextmanager
 def _workspace(parent: str) -> Iterator[Workspace]:
-    # SIGTERM/SIGHUP become exceptions so that the finally clause cleans up.
+    # SIGTERM/SIGHUP become exceptions so that the finally clause cleans up (as Ctrl-C's
+    # KeyboardInterrupt does, and not catchable as an error).
     def stop(signum: int, _frame: object) -> None:
-        raise BuildError(f"build interrupted by signal {signal.Signals(signum).name}")
+        raise Interrupted(signum)
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     ws = Workspace(parent)

@@ -111,3 +111,13 @@ class SignatureError(SifpyError):
 
 class ToolError(SifpyError):
     """An external tool (mksquashfs, squashfuse, ...) is missing or failed."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: raised where Ctrl-C raises KeyboardInterrupt, and a
+    subclass of it, so that the same clean-up runs and no ``except Exception`` (a retry, a
+    fallback) swallows it. The CLI reports "interrupted" and exits 128 + ``signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

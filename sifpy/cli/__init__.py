@@ -68,10 +68,16 @@ def _usage_error(msg: str) -> NoReturn:
     raise SystemExit(ExitStatus.USAGE)
 
 
+# Set when a command was interrupted: download threads may still sit in a read that only a
+# timeout ends, and the interpreter would join them at exit; nothing of theirs is left to
+# keep (final names appear only by rename of complete files), so the process ends at once.
+_interrupted = False
+
+
 def entry() -> NoReturn:
     """The ``sifpy`` program (console script, ``python -m sifpy`` and the fast launcher)."""
     name, status = _dispatch(sys.argv[1:])
-    if name in _QUICK_EXIT:
+    if name in _QUICK_EXIT or _interrupted:
         import os
 
         from sifpy.util.lean import suppress
@@ -86,6 +92,20 @@ def entry() -> NoReturn:
 def main(argv: list[str] | None = None) -> int:
     """Run one sifpy command and return its exit status."""
     return _dispatch(list(sys.argv[1:] if argv is None else argv))[1]
+
+
+def _stop_on_termination() -> None:
+    """SIGTERM and SIGHUP stop a command as Ctrl-C does (clean-up runs, "interrupted",
+    128+N). exec/run/shell/test keep theirs: the container's monitor relays signals."""
+    import signal
+
+    from sifpy.errors import Interrupted
+
+    def stop(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
 
 
 def _dispatch(args: list[str]) -> tuple[str | None, int]:
@@ -116,6 +136,8 @@ def _dispatch(args: list[str]) -> tuple[str | None, int]:
     name = args.pop(0)
     if name not in COMMANDS:
         _usage_error(f"unknown command: {name}")
+    if name not in _QUICK_EXIT:
+        _stop_on_termination()
     try:
         __import__(COMMANDS[name][0])
         module = sys.modules[COMMANDS[name][0]]
@@ -130,9 +152,16 @@ def _dispatch(args: list[str]) -> tuple[str | None, int]:
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
         return name, exc.exit_status
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        global _interrupted
+        _interrupted = True
+        signum = getattr(exc, "signum", 2)  # Ctrl-C: SIGINT
+        if debug:
+            import traceback
+
+            traceback.print_exc()
         print("error: interrupted", file=sys.stderr)
-        return name, ExitStatus.INTERRUPTED
+        return name, 128 + signum
     except BrokenPipeError:
         # A reader such as `head` went away: not an error of ours. Silence the flush at exit.
         import os

@@ -124,7 +124,19 @@ def bootstrap(ctx: Context) -> Result:
     env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     env["HOME"] = ctx.workdir
     env["TMPDIR"] = ctx.workdir
-    proc = run(argv, "bootstrap Debian", env=env, stderr=None, preexec_fn=_preexec, ok=None)
+    # A session of its own: Ctrl-C on the terminal reaches sifpy only, which kills mmdebstrap
+    # (util.proc.run kills its child on KeyboardInterrupt, as subprocess.run does; --kill-child and the PID
+    # namespace take mmdebstrap's own children with it) instead of mmdebstrap printing a
+    # page of errors about its interrupted children.
+    proc = run(
+        argv,
+        "bootstrap Debian",
+        env=env,
+        stderr=None,
+        preexec_fn=_preexec,
+        start_new_session=True,
+        ok=None,
+    )
     if proc.returncode != 0:
         raise BuildError(f"can't bootstrap Debian {suite}: mmdebstrap failed ({proc.returncode})")
     return Result()
