@@ -94,6 +94,23 @@ def main(argv: list[str] | None = None) -> int:
     return _dispatch(list(sys.argv[1:] if argv is None else argv))[1]
 
 
+def _check_cwd(name: str) -> None:
+    """A deleted current directory (``rm -rf`` of the directory a shell sits in) fails
+    every relative path and ``os.getcwd()`` deep inside a command: say so once, first."""
+    import os
+
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        from sifpy.errors import RuntimeSetupError
+
+        cls = RuntimeSetupError if name in _QUICK_EXIT else SifpyError
+        raise cls(
+            f"can't {name}: the current directory no longer exists",
+            hint="cd to an existing directory and run the command again",
+        ) from None
+
+
 def _stop_on_termination() -> None:
     """SIGTERM and SIGHUP stop a command as Ctrl-C does (clean-up runs, "interrupted",
     128+N). exec/run/shell/test keep theirs: the container's monitor relays signals."""
@@ -139,6 +156,7 @@ def _dispatch(args: list[str]) -> tuple[str | None, int]:
     if name not in _QUICK_EXIT:
         _stop_on_termination()
     try:
+        _check_cwd(name)
         __import__(COMMANDS[name][0])
         module = sys.modules[COMMANDS[name][0]]
         status: int = module.main(args, prog=f"sifpy {name}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import platform as _platform
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from sifpy.errors import UsageError
 
@@ -210,6 +210,9 @@ class Platform:
     os: str = "linux"
     architecture: str = "amd64"
     variant: str | None = None
+    # Asked for by the user (--arch, --platform): an image for another platform is then an
+    # error, not a warning. Not part of the platform's identity.
+    explicit: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
         out = f"{self.os}/{self.architecture}"
@@ -260,7 +263,7 @@ def parse_platform(text: str | None = None, arch: str | None = None) -> Platform
             raise UsageError(f"invalid architecture: {arch!r}", "e.g. amd64, arm64, arm/v7")
         a, v = _ARCH_ALIASES.get(a_text, (a_text, None))
         result = Platform(result.os, a, v_text or v)
-    return result
+    return replace(result, explicit=True) if text or arch else result
 
 
 def default_sif_name(image: str) -> str:

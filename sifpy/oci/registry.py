@@ -37,6 +37,7 @@ import contextlib
 import hashlib
 import json
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -267,6 +268,13 @@ class RegistryClient:
                     "registry you trust",
                 ) from exc
             except (requests.ConnectionError, requests.Timeout) as exc:
+                if (why := _unreachable(exc)) is not None:
+                    # Nothing listens there, or the name does not resolve: retrying with
+                    # backoff only makes the user wait (~17 s) for the same answer.
+                    raise RegistryError(
+                        f"can't connect: {_host_port(url)}: {why}",
+                        "check the registry address (and port), and that it is running",
+                    ) from None
                 if idempotent and attempt < self.options.retries:
                     log.verbose(f"retrying {what}: connection error")
                     self._wait(attempt)
@@ -521,6 +529,12 @@ class RegistryClient:
         config_raw = self.get_blob_bytes(ref.repository, config, M.CONFIG_MAX)
         cfg = _json_object(config_raw, f"can't pull {ref}: image config")
         if index_digest is None and cfg.get("architecture") not in (None, platform.architecture):
+            if platform.explicit:
+                raise RegistryError(
+                    f"can't pull {ref}: the image is for {cfg.get('os')}/"
+                    f"{cfg.get('architecture')} only, not {platform}",
+                    "pull it without --arch/--platform to get it for its own platform",
+                )
             log.warn(
                 f"{ref} is for {cfg.get('os')}/{cfg.get('architecture')}, not {platform}; "
                 "pulling it anyway"
@@ -638,6 +652,33 @@ class RegistryClient:
                 f"can't use {what}: digest mismatch (got {actual})",
                 "the registry or a proxy served wrong bytes; nothing was cached",
             )
+
+
+_REFUSED = "connection refused"
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    """ "connection refused" or "unknown host" when that is the root of ``exc`` (requests
+    wraps urllib3's errors, which wrap the socket's), else None."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ConnectionRefusedError):
+            return _REFUSED
+        if isinstance(e, socket.gaierror) and e.errno == socket.EAI_NONAME:
+            return "unknown host"  # not EAI_AGAIN: a DNS hiccup is worth a retry
+        todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+    return None
+
+
+def _host_port(url: str) -> str:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.hostname}:{port}"
 
 
 def _content_range_ok(resp: requests.Response, offset: int, size: int) -> bool:

@@ -76,6 +76,21 @@ def run_gpg(
     finally:
         if rfd >= 0:
             os.close(rfd)
+        if tool == "gpg":
+            _stop_agent(homedir)
+
+
+def _stop_agent(homedir: str) -> None:
+    """Stop the gpg-agent that gpg starts on its own for secret-key operations: it would
+    outlive the command (a daemon per keyring, holding the unlocked key in memory)."""
+    gpgconf = shutil.which("gpgconf")
+    if gpgconf is not None:
+        subprocess.run(
+            [gpgconf, "--homedir", homedir, "--kill", "gpg-agent"],
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
 
 
 def gpg_failure(what: str, proc: CompletedProcess[bytes]) -> SignatureError:

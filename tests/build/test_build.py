@@ -216,3 +216,12 @@ def test_workspace_is_private_under_any_umask(tmp_path: Path) -> None:
             assert (st.st_mode & 0o777, st.st_uid) == (0o700, os.getuid()), path
     finally:
         ws.close()
+
+
+def test_a_deffile_without_bootstrap_says_so(tmp_path: Path) -> None:
+    d = tmp_path / "x.def"
+    d.write_text("%post\n    true\n")
+    with pytest.raises(BuildError) as exc:
+        build(str(tmp_path / "x.sif"), str(d), BuildOptions())
+    assert exc.value.message == "can't build: the definition file has no 'Bootstrap:' header"
+    assert not (tmp_path / "x.sif").exists()

@@ -124,6 +124,11 @@ def bootstrap(stage: Stage, rootfs: str | os.PathLike[str], workdir: str) -> Res
     """Run the stage's agent into the empty directory ``rootfs``."""
     name = (stage.bootstrap or "").strip().lower()
     agent = AGENTS.get(name)
+    if stage.bootstrap is None:  # sections only: legal for --update, not for a new image
+        raise BuildError(
+            "can't build: the definition file has no 'Bootstrap:' header",
+            hint="start it with the base image, e.g. 'Bootstrap: docker' and 'From: debian:12'",
+        )
     if agent is None:
         known = ", ".join(sorted(AGENTS))
         raise BuildError(
