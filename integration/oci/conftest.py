@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from integration.conftest import UserRunner
 from tests.conftest import need_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -265,3 +266,12 @@ def sifpy(tmp_path: Path) -> SifpyEnv:
     home = tmp_path / "home"
     home.mkdir()
     return SifpyEnv(home, tmp_path / "cache")
+
+
+@pytest.fixture
+def user_dir(run_as_user: UserRunner, workdir: Path, request: pytest.FixtureRequest) -> Path:
+    """A directory of the test user's, one per test."""
+    path = workdir / f"user-{request.node.name.translate({ord(c): '-' for c in '[]/'})}"
+    path.mkdir()
+    os.chown(path, run_as_user.user.uid, run_as_user.user.gid)
+    return path

@@ -12,7 +12,6 @@ import pytest
 
 from integration.conftest import UserRunner
 from integration.oci.conftest import Registry, free_port
-from integration.oci.test_interrupt import user_dir  # noqa: F401 (a fixture)
 
 SIFPY = ["/usr/bin/python3", "-m", "sifpy"]
 
@@ -35,7 +34,7 @@ def test_unusable_cache_is_one_error(
     registry: Registry,
     run_as_user: UserRunner,
     user_dir: Path,
-    env: dict[str, str],  # noqa: F811
+    env: dict[str, str],
 ) -> None:
     out = user_dir / "x.sif"
     ref = f"docker://{registry.host}/test/plain:1"
@@ -44,7 +43,7 @@ def test_unusable_cache_is_one_error(
     assert not out.exists()
 
 
-def test_deleted_cwd_is_one_error(run_as_user: UserRunner, user_dir: Path) -> None:  # noqa: F811
+def test_deleted_cwd_is_one_error(run_as_user: UserRunner, user_dir: Path) -> None:
     gone = user_dir / "gone"
     for cmd in ("build x.def", "exec x.sif true", "pull docker://alpine"):
         sh = f'mkdir "$1" && cd "$1" && rmdir "$1" && exec {" ".join(SIFPY)} {cmd}'
@@ -52,7 +51,7 @@ def test_deleted_cwd_is_one_error(run_as_user: UserRunner, user_dir: Path) -> No
         assert one_error(res).endswith("the current directory no longer exists"), res.stderr
 
 
-def test_refused_connection_fails_fast(run_as_user: UserRunner, user_dir: Path) -> None:  # noqa: F811
+def test_refused_connection_fails_fast(run_as_user: UserRunner, user_dir: Path) -> None:
     port = free_port()  # nothing listens there
     t0 = time.monotonic()
     res = run_as_user(
@@ -66,7 +65,7 @@ def test_refused_connection_fails_fast(run_as_user: UserRunner, user_dir: Path) 
 def test_explicit_arch_the_image_lacks_is_an_error(
     registry: Registry,
     run_as_user: UserRunner,
-    user_dir: Path,  # noqa: F811
+    user_dir: Path,
 ) -> None:
     out = user_dir / "arm.sif"
     ref = f"docker://{registry.host}/test/plain:1"  # amd64 only
@@ -99,7 +98,7 @@ def _agents_for(path: Path) -> list[str]:
     return found
 
 
-def test_key_newpair_leaves_no_agent(run_as_user: UserRunner, user_dir: Path) -> None:  # noqa: F811
+def test_key_newpair_leaves_no_agent(run_as_user: UserRunner, user_dir: Path) -> None:
     keys = user_dir / "keys"
     argv = [*SIFPY, "key", "--keysdir", str(keys), "newpair", "--name", "T", "--email", "t@x.org"]
     res = run_as_user([*argv, "--algorithm", "ed25519"], timeout=120)

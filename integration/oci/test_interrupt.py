@@ -77,14 +77,6 @@ def stall(registry: Registry) -> Iterator[Stall]:
     s.close()
 
 
-@pytest.fixture
-def user_dir(run_as_user: UserRunner, workdir: Path, request: pytest.FixtureRequest) -> Path:
-    path = workdir / f"interrupt-{request.node.name.translate({ord(c): '-' for c in '[]/'})}"
-    path.mkdir()
-    os.chown(path, run_as_user.user.uid, run_as_user.user.gid)
-    return path
-
-
 def _stat(pid: int) -> tuple[int, int] | None:
     """(parent pid, start time) of a live process, None once it is gone (or a zombie)."""
     try:
