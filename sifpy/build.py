@@ -395,7 +395,18 @@ def _build_stage(
 
 
 def load_recipe(source: str, opts: BuildOptions) -> Recipe:
-    """The recipe for ``source``: a definition file, or ``localimage`` for an image."""
+    """The recipe for ``source``: a definition file, ``localimage`` for an image, or the
+    agent of a URI (``docker://debian:12``), as Apptainer builds them."""
+    scheme, sep, rest = source.partition("://")
+    if sep and scheme in ("docker", "oras"):
+        if opts.build_args and not opts.warn_unused_build_args:
+            raise UsageError("--build-arg only applies to definition files")
+        return parse(f"Bootstrap: {scheme}\nFrom: {rest}\n", source)
+    if sep:
+        raise UsageError(
+            f"can't build from {source}: unsupported URI",
+            hint="use docker://, oras://, a definition file, a SIF or a sandbox",
+        )
     if os.path.isdir(source) or is_sif(source):
         if opts.build_args and not opts.warn_unused_build_args:
             raise UsageError("--build-arg only applies to definition files")

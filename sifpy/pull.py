@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from sifpy.errors import SifpyError, ToolError
+from sifpy.errors import CacheError, SifpyError, ToolError
 from sifpy.oci.auth import lookup_credentials
 from sifpy.oci.cache import Cache, IndexEntry, install_copy, output_path
 from sifpy.oci.download import NoProgress, Progress, download
@@ -327,7 +327,7 @@ def write_sif(
 
 def pull(
     ref: Reference,
-    out: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None,
     *,
     platform: Platform,
     options: ClientOptions | None = None,
@@ -336,7 +336,38 @@ def pull(
     progress: Progress | None = None,
     use_sif_cache: bool = True,
 ) -> PullResult:
-    """Pull ``ref`` for ``platform`` into the SIF ``out``."""
+    """Pull ``ref`` for ``platform`` into the SIF ``out``; with ``out=None``, into the SIF
+    cache only (``sifpy exec docker://...``), and the result's path is the cached SIF."""
+    if out is None:
+        cache = cache or Cache()
+        with tempfile.TemporaryDirectory(prefix="sifpy-pull-") as tmp:
+            # Built beside the cache's copy (write_sif makes both at once), then dropped.
+            res = _pull(ref, Path(tmp) / "image.sif", platform, options, cache, False,
+                        progress, True, cache_only=True)  # fmt: skip
+        if res.cached:
+            return res
+        variant = "" if default_compression() == DEFAULT_COMPRESSION else default_compression()
+        sif = cache.get_sif(res.digest, variant)
+        if sif is None:
+            raise CacheError(
+                f"can't run {ref}: its SIF could not be stored in the cache",
+                hint="see the warning above; pull it into a file with 'sifpy pull' instead",
+            )
+        return PullResult(sif, res.digest, False)
+    return _pull(ref, out, platform, options, cache, force, progress, use_sif_cache)
+
+
+def _pull(
+    ref: Reference,
+    out: str | os.PathLike[str],
+    platform: Platform,
+    options: ClientOptions | None,
+    cache: Cache | None,
+    force: bool,
+    progress: Progress | None,
+    use_sif_cache: bool,
+    cache_only: bool = False,
+) -> PullResult:
     out_path = output_path(out, force)
     cache = cache or Cache()
     progress = progress or NoProgress()
@@ -361,6 +392,9 @@ def pull(
         cached_sif = cache.get_sif(image.digest, variant) if use_sif_cache and not force else None
         if cached_sif is not None:
             log.verbose(f"using cached SIF {cached_sif}")
+            if cache_only:
+                cache.record(entry)
+                return PullResult(cached_sif, image.digest, True)
             install_copy(cached_sif, out_path)
             cache.record(entry)
             return PullResult(out_path, image.digest, True)

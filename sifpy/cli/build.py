@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from sifpy.cli._args import ArgumentParser
+from sifpy.cli._args import ArgumentParser, add_registry_options
 from sifpy.errors import UsageError
 
 
@@ -45,6 +45,7 @@ def build_parser(prog: str) -> ArgumentParser:
         help="run only these sections (all, none, setup, post, files, environment, test, labels)",
     )
     p.add_argument("--tmpdir", metavar="DIR", help="where to build (SIF output)")
+    add_registry_options(p)
     p.add_argument("--build-arg", action="append", default=[], metavar="K=V")
     p.add_argument("--build-arg-file", metavar="FILE")
     p.add_argument("--warn-unused-build-args", action="store_true")
@@ -108,6 +109,13 @@ def main(argv: list[str], prog: str = "sifpy build") -> int:
                 f"can't build {a.source} into itself", hint="name the output: OUT SOURCE"
             )
     from sifpy.build import BuildOptions, build
+
+    # The bootstrap agents (docker, oras) read their registry settings from the environment,
+    # as Apptainer's do (APPTAINER_NOHTTPS): the flags set the same variables.
+    if a.insecure:
+        os.environ["SIFPY_NOHTTPS"] = "1"
+    if a.ca_cert:
+        os.environ["SIFPY_DOCKER_CA_CERT"] = os.path.abspath(a.ca_cert)
 
     sections = frozenset(s.strip() for v in a.section for s in v.split(",") if s.strip())
     opts = BuildOptions(

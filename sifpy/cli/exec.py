@@ -489,6 +489,10 @@ def _main(argv: list[str], prog: str) -> int:
         a = fast_parse(action, argv) or build_parser(action, prog).parse_args(argv)
         # Before serve(): with --fakeroot, getuid() says 0 once the namespace is entered.
         ident = start.host_identity(*caller) if caller else start.host_identity()
+        if served is None and "://" in a.image:  # docker://: from the SIF cache, as Apptainer
+            from sifpy.cli.pull import pull_to_cache
+
+            a.image = pull_to_cache(a.image)
         if served is None:
             image, fd = open_image(a.image, a.verify or bool(a.verify_key), a.verify_key)
         else:  # the file served is the file validated and run

@@ -23,7 +23,11 @@ def build_parser(prog: str) -> ArgumentParser:
     p.add_argument("--platform", help="platform to pull: os/arch[/variant]")
     add_registry_options(p)
     p.add_argument("--no-cache", action="store_true", help="don't reuse a cached SIF")
-    p.add_argument("output", help="the SIF file to write")
+    p.add_argument(
+        "output",
+        nargs="?",
+        help="the SIF file to write (default: NAME_TAG.sif in the current directory)",
+    )
     p.add_argument("image", help="docker://[registry/]name[:tag][@digest] or oras://host/name:tag")
     return p
 
@@ -44,6 +48,10 @@ def _pull_oras(a: Namespace) -> int:
 def main(argv: list[str], prog: str = "sifpy pull") -> int:
     """Run ``sifpy pull``."""
     a = build_parser(prog).parse_args(argv)
+    if a.output is None:  # Apptainer's name: docker://debian:bookworm -> debian_bookworm.sif
+        from sifpy.oci.reference import default_sif_name
+
+        a.output = default_sif_name(a.image)
     if a.image.startswith("oras://"):
         return _pull_oras(a)
     if a.image.startswith("library://"):
@@ -68,3 +76,30 @@ def main(argv: list[str], prog: str = "sifpy pull") -> int:
     suffix = ", from the cache" if result.cached else ""
     log.info(f"wrote {result.path} ({result.digest}{suffix})")
     return 0
+
+
+def pull_to_cache(image: str) -> str:
+    """The cached SIF of ``docker://...`` (pulled into the cache first if needed), for
+    ``sifpy exec|run|shell|test docker://...`` as Apptainer does. Plain http only with
+    ``$SIFPY_NOHTTPS``/``$APPTAINER_NOHTTPS``, as for ``Bootstrap: docker``."""
+    import os
+
+    if not image.startswith("docker://"):
+        raise UsageError(
+            f"can't run {image}: only docker:// images run directly",
+            hint=f"pull it into a file first: sifpy pull {image}",
+        )
+    ref = parse_reference(image)
+    platform = parse_platform()
+    insecure = any(
+        os.environ.get(n, "").lower() in ("1", "true", "yes")
+        for n in ("SIFPY_NOHTTPS", "APPTAINER_NOHTTPS")
+    )
+    options = ClientOptions(insecure=insecure, ca_cert=os.environ.get("SIFPY_DOCKER_CA_CERT"))
+    from sifpy.pull import pull
+
+    with layer_progress() as bar:
+        result = pull(ref, None, platform=platform, options=options, progress=bar)
+    if not result.cached:
+        log.info(f"cached {ref} as {result.path}")
+    return str(result.path)

@@ -63,7 +63,7 @@ HASH_CHUNK = 1 << 20
 
 def default_root() -> Path:
     """Where the cache lives, from the environment."""
-    if d := os.environ.get("SIFPY_CACHEDIR"):
+    if d := os.environ.get("SIFPY_CACHEDIR") or os.environ.get("APPTAINER_CACHEDIR"):
         return Path(d)
     if x := os.environ.get("XDG_CACHE_HOME"):
         return Path(x) / "sifpy"

@@ -264,7 +264,7 @@ class RegistryClient:
             except requests.exceptions.SSLError as exc:
                 raise RegistryError(
                     f"can't connect: {redact(url)}: TLS verification failed",
-                    "pass the registry's CA with --ca-cert, or --insecure for a plain-http "
+                    "pass the registry's CA with --ca-cert, or --no-https for a plain-http "
                     "registry you trust",
                 ) from exc
             except (requests.ConnectionError, requests.Timeout) as exc:

@@ -158,3 +158,19 @@ def test_platform_matching() -> None:
     assert not Platform("linux", "arm", "v7").matches("linux", "arm", "v6")
     assert not Platform("linux", "amd64").matches("windows", "amd64", None)
     assert Platform("linux", "arm").matches("linux", "arm", "v7")
+
+
+@pytest.mark.parametrize(
+    ("image", "name"),
+    [
+        ("docker://debian:bookworm", "debian_bookworm.sif"),
+        ("docker://alpine", "alpine_latest.sif"),
+        ("docker://localhost:5000/a/b/tool:1.2", "tool_1.2.sif"),
+        ("oras://ghcr.io/x/app:v1", "app_v1.sif"),
+        ("docker://busybox@sha256:" + "ab" * 32, "busybox_" + "ab" * 6 + ".sif"),
+    ],
+)
+def test_default_sif_name_is_apptainers(image: str, name: str) -> None:
+    from sifpy.oci.reference import default_sif_name
+
+    assert default_sif_name(image) == name
