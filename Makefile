@@ -70,6 +70,8 @@ install: apt-run
 	mkdir -p $(PREFIX)/bin
 	$(PREFIX)/lib/sifpy/bin/python -m sifpy.cli.launcher $(PREFIX)/bin/sifpy
 	install -m 755 bin/run-singularity $(PREFIX)/bin/run-singularity
+	mkdir -p $(PREFIX)/share/bash-completion/completions
+	$(PREFIX)/bin/sifpy completion bash > $(PREFIX)/share/bash-completion/completions/sifpy
 	@echo "installed $(PREFIX)/bin/sifpy; make sure $(PREFIX)/bin is on your PATH"
 
 lint: venv

@@ -203,3 +203,54 @@ def test_a_stale_served_state_is_refused() -> None:
     assert r.returncode == 125
     assert r.stderr.startswith("error: can't use the image the starter served: "), r.stderr
     assert "hint: " in r.stderr
+
+
+def test_did_you_mean() -> None:
+    r = run("biuld", "x.def")
+    assert r.returncode == 2
+    assert r.stderr == "error: unknown command: biuld\nhint: did you mean 'build'?\n"
+    r = run("zzzz")
+    assert "did you mean" not in r.stderr and r.returncode == 2
+
+
+def test_version_and_help_commands_and_short_debug() -> None:
+    r = run("version")
+    assert r.returncode == 0 and r.stdout == f"{__version__}\n"
+    r = run("help", "pull")
+    assert r.returncode == 0 and r.stdout == run("pull", "--help").stdout
+    assert run("help").stdout == run("--help").stdout
+    r = run("-d", "sif", "list", "/nonexistent.sif")
+    assert "Traceback" in r.stderr
+
+
+def test_quiet_silences_warnings(capsys: pytest.CaptureFixture[str]) -> None:
+    from sifpy.util import log
+
+    old = log.level
+    try:
+        for opt in ("-q", "-s"):
+            main([opt, "version"])  # sets the level, as the CLI does
+            capsys.readouterr()
+            log.warn("something odd")
+            assert capsys.readouterr().err == ""
+        log.set_level(log.NORMAL)
+        log.warn("something odd")
+        assert capsys.readouterr().err == "warning: something odd\n"
+    finally:
+        log.set_level(old)
+
+
+def test_bash_completion(tmp_path: Path) -> None:
+    script = run("completion", "bash").stdout
+    (tmp_path / "c.bash").write_text(script)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sifpy").write_text(f'#!/bin/sh\nexec {sys.executable} -m sifpy "$@"\n')
+    (bindir / "sifpy").chmod(0o755)
+    probe = (
+        f"source {tmp_path}/c.bash; PATH={bindir}:$PATH\n"
+        'COMP_WORDS=(sifpy bu); COMP_CWORD=1; _sifpy; echo "${COMPREPLY[*]}"\n'
+        'COMP_WORDS=(sifpy build --no-h); COMP_CWORD=2; _sifpy; echo "${COMPREPLY[*]}"\n'
+    )
+    r = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, cwd=REPO)
+    assert r.stdout.splitlines() == ["build", "--no-https"], r.stderr

@@ -27,6 +27,10 @@ def test_build_with_one_argument_writes_name_sif_here(user_builder: Builder) -> 
     run = user_builder.runner(user_builder.argv(["run", "busybox-hello.sif"]), cwd=str(cwd))
     assert run.returncode == 0, run.stderr
     assert run.stdout == "hello from sifpy\n"
+    # The shell prompt names sifpy, as Apptainer's names Apptainer.
+    ps1 = ["exec", "busybox-hello.sif", "sh", "-c", 'echo "$PS1"']
+    prompt = user_builder.runner(user_builder.argv(ps1), cwd=str(cwd))
+    assert prompt.stdout == "sifpy> \n", prompt.stderr
     # Run again: the output exists, so --force is needed, as with the two-argument form.
     again = user_builder.runner(argv, cwd=str(cwd), timeout=300)
     assert again.returncode != 0 and "already exists" in again.stderr

@@ -38,18 +38,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("sifpy.cli.cache", "list, verify and clean the image cache"),
     "registry": ("sifpy.cli.registry", "log in to and out of OCI registries"),
     "cdi": ("sifpy.cli.cdi", "list the CDI devices that --device can use"),
+    "version": ("sifpy.cli.misc", "print the version"),
+    "help": ("sifpy.cli.misc", "show a command's help: sifpy help COMMAND"),
+    "completion": ("sifpy.cli.misc", "print a bash completion script: sifpy completion bash"),
 }
 
 _USAGE = """\
-usage: sifpy [-h] [--version] [--debug] [-q | -v] COMMAND [ARGS...]
+usage: sifpy [-h] [--version] [-d] [-q | -s | -v] COMMAND [ARGS...]
 
 sifpy builds and runs SIF container images for HPC, as an unprivileged user.
 
 options:
   -h, --help     show this help and exit
   --version      print the version and exit
-  --debug        show debug messages and tracebacks
-  -q, --quiet    only print errors and warnings
+  -d, --debug    show debug messages and tracebacks
+  -q, --quiet    only print errors (no progress, no warnings)
+  -s, --silent   the same as --quiet (Apptainer's spelling)
   -v, --verbose  print more about what is happening
 
 commands:
@@ -63,9 +67,20 @@ def _print_usage(stream: object = sys.stdout) -> None:
     print("".join(lines), end="", file=stream)  # type: ignore[call-overload]
 
 
-def _usage_error(msg: str) -> NoReturn:
-    print(f"error: {msg}\nhint: run 'sifpy --help' for the list of commands", file=sys.stderr)
+def _usage_error(msg: str, hint: str = "run 'sifpy --help' for the list of commands") -> NoReturn:
+    print(f"error: {msg}\nhint: {hint}", file=sys.stderr)
     raise SystemExit(ExitStatus.USAGE)
+
+
+def _unknown_command(name: str) -> NoReturn:
+    import difflib
+
+    close = difflib.get_close_matches(name, COMMANDS, n=3, cutoff=0.6)
+    if close:
+        _usage_error(
+            f"unknown command: {name}", "did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
+        )
+    _usage_error(f"unknown command: {name}")
 
 
 # Set when a command was interrupted: download threads may still sit in a read that only a
@@ -138,10 +153,10 @@ def _dispatch(args: list[str]) -> tuple[str | None, int]:
         if opt == "--version":
             print(f"sifpy version {__version__}")
             return None, ExitStatus.OK
-        if opt == "--debug":
+        if opt in ("-d", "--debug"):
             debug = True
             log.set_level(log.DEBUG)
-        elif opt in ("-q", "--quiet"):
+        elif opt in ("-q", "--quiet", "-s", "--silent"):
             log.set_level(log.QUIET)
         elif opt in ("-v", "--verbose"):
             log.set_level(max(log.level, log.VERBOSE))
@@ -152,7 +167,7 @@ def _dispatch(args: list[str]) -> tuple[str | None, int]:
         return None, ExitStatus.USAGE
     name = args.pop(0)
     if name not in COMMANDS:
-        _usage_error(f"unknown command: {name}")
+        _unknown_command(name)
     if name not in _QUICK_EXIT:
         _stop_on_termination()
     try:
@@ -160,6 +175,7 @@ def _dispatch(args: list[str]) -> tuple[str | None, int]:
         __import__(COMMANDS[name][0])
         module = sys.modules[COMMANDS[name][0]]
         status: int = module.main(args, prog=f"sifpy {name}")
+        log.summarize()
         return name, status
     except SifpyError as exc:
         if debug:

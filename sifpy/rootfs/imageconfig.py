@@ -36,7 +36,7 @@ if [ -z "${LD_LIBRARY_PATH:-}" ]; then
 else
     LD_LIBRARY_PATH="$LD_LIBRARY_PATH:/.singularity.d/libs"
 fi
-PS1="${PS1:-Apptainer> }"
+PS1="sifpy> "  # as Apptainer's 99-base.sh, unconditionally (sh sets its own default)
 export LD_LIBRARY_PATH PS1
 """
 

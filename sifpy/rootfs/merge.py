@@ -271,7 +271,7 @@ class Merger:
             self._whiteout(parent, name[len(WHITEOUT) :], touched)
             return None
         if rec.kind == "c":
-            log.warn(f"skipping device node in layer: {_show(rec.name)}")
+            log.tally("device nodes in layers skipped (the runtime provides /dev)", _show(rec.name))
             return None
         if rec.kind == "?":
             log.warn(f"skipping entry of unknown type {rec.type!r} in layer: {_show(rec.name)}")

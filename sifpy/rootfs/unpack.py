@@ -222,7 +222,7 @@ class _Applier:
             return
         if m.ischr() or m.isblk():
             # Never mknod on the host; the runtime mounts nodev anyway.
-            log.warn(f"skipping device node in layer: {_show(m.name)}")
+            log.tally("device nodes in layers skipped (the runtime provides /dev)", _show(m.name))
             return
         if not (m.isreg() or m.isdir() or m.issym() or m.islnk() or m.isfifo()):
             log.warn(f"skipping entry of unknown type {m.type!r} in layer: {_show(m.name)}")

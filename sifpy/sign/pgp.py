@@ -85,12 +85,7 @@ def _stop_agent(homedir: str) -> None:
     outlive the command (a daemon per keyring, holding the unlocked key in memory)."""
     gpgconf = shutil.which("gpgconf")
     if gpgconf is not None:
-        subprocess.run(
-            [gpgconf, "--homedir", homedir, "--kill", "gpg-agent"],
-            capture_output=True,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
+        run([gpgconf, "--homedir", homedir, "--kill", "gpg-agent"], "stop gpg-agent", ok=None)
 
 
 def gpg_failure(what: str, proc: CompletedProcess[bytes]) -> SignatureError:

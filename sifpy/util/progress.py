@@ -50,9 +50,15 @@ def step(description: str) -> Iterator[Step]:
         TimeElapsedColumn,
     )
 
+    class Count(MofNCompleteColumn):
+        """done/total, or nothing while the total is unknown (not "0/?")."""
+
+        def render(self, task: Any) -> Any:
+            return "" if task.total is None else super().render(task)
+
     started = time.monotonic()
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-               MofNCompleteColumn(), TimeElapsedColumn())  # fmt: skip
+               Count(), TimeElapsedColumn())  # fmt: skip
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(description, total=None)
         yield Step(progress, task)

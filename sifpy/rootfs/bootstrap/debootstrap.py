@@ -119,24 +119,27 @@ def bootstrap(ctx: Context) -> Result:
     if include:
         argv.append("--include=" + ",".join(include))
     argv += [suite, ctx.rootfs, mirror]
-    log.info(f"bootstrapping Debian {suite} from {mirror}")
+    from sifpy.util.progress import step
+
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "http_proxy", "https_proxy")}
     env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     env["HOME"] = ctx.workdir
     env["TMPDIR"] = ctx.workdir
     # A session of its own: Ctrl-C on the terminal reaches sifpy only, which kills mmdebstrap
-    # (util.proc.run kills its child on KeyboardInterrupt, as subprocess.run does; --kill-child and the PID
-    # namespace take mmdebstrap's own children with it) instead of mmdebstrap printing a
-    # page of errors about its interrupted children.
-    proc = run(
-        argv,
-        "bootstrap Debian",
-        env=env,
-        stderr=None,
-        preexec_fn=_preexec,
-        start_new_session=True,
-        ok=None,
-    )
+    # (util.proc.run kills its child on KeyboardInterrupt, as subprocess.run does;
+    # --kill-child and the PID namespace take mmdebstrap's own children with it) instead of
+    # mmdebstrap printing a page of errors about its interrupted children.
+    # mmdebstrap --quiet shows nothing for 20-35 s: a spinner and the time on a terminal.
+    with step(f"bootstrapping Debian {suite} from {mirror}"):
+        proc = run(
+            argv,
+            "bootstrap Debian",
+            env=env,
+            stderr=None,
+            preexec_fn=_preexec,
+            start_new_session=True,
+            ok=None,
+        )
     if proc.returncode != 0:
         raise BuildError(f"can't bootstrap Debian {suite}: mmdebstrap failed ({proc.returncode})")
     return Result()
