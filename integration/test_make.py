@@ -95,6 +95,7 @@ def test_make_install_and_a_self_running_image(
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert (prefix / "bin" / "sifpy").exists() and (prefix / "bin" / "run-singularity").exists()
+    assert "_sifpy" in (prefix / "share/bash-completion/completions/sifpy").read_text()
     # The checkout is not needed any more: a build and a run from the installed program.
     shutil.rmtree(repo_copy / "sifpy")
     env = _env(runtime_ready, PATH=f"{prefix}/bin:/usr/bin:/bin")

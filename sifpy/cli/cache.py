@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from argparse import Namespace
 from datetime import datetime
 
 from sifpy.cli._args import ArgumentParser
-from sifpy.errors import ImageError
-from sifpy.oci.cache import Cache
+from sifpy.errors import ImageError, UsageError
+from sifpy.oci.cache import CLEAN_TYPES, Cache
 
 
 def build_parser(prog: str) -> ArgumentParser:
@@ -18,8 +19,19 @@ def build_parser(prog: str) -> ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print JSON")
     clean = sub.add_parser("clean", help="remove cached blobs and images")
     clean.add_argument(
-        "--days", type=float, help="only remove what was not written for this many days"
+        "-d", "--days", type=float, help="only remove what was not written for this many days"
     )
+    clean.add_argument(
+        "-T",
+        "--type",
+        action="append",
+        default=[],
+        metavar="TYPE",
+        help="what to remove: blob (layers), oci or sif (images made from them), all"
+        " (default; repeatable, comma lists)",
+    )
+    clean.add_argument("-D", "--dry-run", action="store_true", help="only say what would go")
+    clean.add_argument("-f", "--force", action="store_true", help="don't ask for confirmation")
     sub.add_parser("verify", help="re-hash every cached blob, removing bad ones")
     return p
 
@@ -30,6 +42,31 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} PiB"
+
+
+def _clean(a: Namespace, cache: Cache) -> int:
+    types = [t.strip() for v in a.type for t in v.split(",") if t.strip()] or ["all"]
+    bad = [t for t in types if t not in CLEAN_TYPES]
+    if bad:
+        known = ", ".join(CLEAN_TYPES)
+        raise UsageError(f"unknown cache type: {', '.join(bad)}", hint=f"use {known}")
+    older = None if a.days is None else a.days * 86400
+    what = ", ".join(types) + (f" older than {a.days:g} days" if a.days is not None else "")
+    if a.dry_run:
+        would = cache.clean(older, types, dry_run=True)
+        print(f"would remove {_size(would)} ({what}) from {cache.root}", file=sys.stderr)
+        return 0
+    # As Apptainer: ask first on a terminal; scripts (no terminal) don't get a question.
+    if not a.force and sys.stdin.isatty():
+        would = cache.clean(older, types, dry_run=True)
+        prompt = f"remove {_size(would)} ({what}) from {cache.root}? [y/N] "
+        print(prompt, end="", file=sys.stderr, flush=True)
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            print("nothing removed", file=sys.stderr)
+            return 0
+    freed = cache.clean(older, types)
+    print(f"removed {_size(freed)} from {cache.root}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str], prog: str = "sifpy cache") -> int:
@@ -55,9 +92,7 @@ def main(argv: list[str], prog: str = "sifpy cache") -> int:
         Console(file=out, width=200).print(table)
         return 0
     if a.action == "clean":
-        freed = cache.clean(None if a.days is None else a.days * 86400)
-        print(f"removed {_size(freed)} from {cache.root}", file=sys.stderr)
-        return 0
+        return _clean(a, cache)
     bad = cache.verify()
     for d in bad:
         print(f"removed corrupt blob {d}", file=sys.stderr)

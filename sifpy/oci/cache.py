@@ -49,7 +49,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -59,6 +59,16 @@ from sifpy.oci.reference import digest_hex
 from sifpy.util import log
 
 HASH_CHUNK = 1 << 20
+
+
+# What `sifpy cache clean --type` names (Apptainer's names where they mean the same): the
+# layers and configs, the SIFs made from them, or all of it.
+CLEAN_TYPES: dict[str, tuple[str, ...]] = {
+    "blob": ("blobs",),
+    "oci": ("sif",),
+    "sif": ("sif",),
+    "all": ("blobs", "sif", "index", "locks"),
+}
 
 
 def default_root() -> Path:
@@ -438,18 +448,27 @@ class Cache:
                     total += os.lstat(os.path.join(dirpath, name)).st_size
         return total
 
-    def clean(self, older_than: float | None = None) -> int:
-        """Remove everything (or only files not modified for ``older_than`` seconds);
-        return the bytes freed. Leftover ``.tmp-`` files older than a day also go."""
+    def clean(
+        self,
+        older_than: float | None = None,
+        types: Iterable[str] = ("all",),
+        dry_run: bool = False,
+    ) -> int:
+        """Remove everything of ``types`` (or only files not modified for ``older_than``
+        seconds); return the bytes freed (with ``dry_run``, that would be freed)."""
         if not self.root.is_dir():
             return 0
+        subs = {sub for t in types for sub in CLEAN_TYPES[t]}
         freed = 0
         now = time.time()
         for sub in ("blobs", "sif", "index", "locks"):
+            if sub not in subs:
+                continue
             top = self.root / sub
             if older_than is None:
                 freed += _tree_size(top)
-                shutil.rmtree(top, ignore_errors=True)
+                if not dry_run:
+                    shutil.rmtree(top, ignore_errors=True)
                 continue
             for dirpath, _, files in os.walk(top):
                 for name in files:
@@ -457,7 +476,8 @@ class Cache:
                     with contextlib.suppress(OSError):
                         st = os.lstat(p)
                         if now - st.st_mtime > older_than:
-                            os.unlink(p)
+                            if not dry_run:
+                                os.unlink(p)
                             freed += st.st_size
         return freed
 
