@@ -254,3 +254,14 @@ def test_bash_completion(tmp_path: Path) -> None:
     )
     r = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, cwd=REPO)
     assert r.stdout.splitlines() == ["build", "--no-https"], r.stderr
+
+
+def test_apptainer_options_sifpy_lacks_are_named() -> None:
+    for cmd in (["exec", "--nv", "x.sif", "true"], ["build", "--encrypt", "x.sif", "x.def"]):
+        r = run(*cmd)
+        assert r.returncode == (125 if cmd[0] == "exec" else 2)  # exec: sifpy's own failure
+        first = r.stderr.splitlines()[0]
+        assert first == f"error: sifpy {cmd[0]}: Apptainer's {cmd[1]} is not supported yet"
+        assert "unrecognized" not in r.stderr
+    r = run("build", "--frobnicate", "x.sif", "x.def")
+    assert r.stderr.splitlines()[0] == "error: sifpy build: unknown option: --frobnicate"
