@@ -7,23 +7,84 @@ from typing import NoReturn
 
 from sifpy.errors import UsageError
 
-
 # Options of Apptainer 1.3's commands that sifpy does not implement (yet): a user who types
 # one gets told so, rather than "unrecognized arguments" (https://apptainer.org/docs/user/
 # main/cli.html). Options sifpy has are never looked up here.
 APPTAINER_ONLY = frozenset(
-    """
-    --add-caps --allow-setuid --apply-cgroups --arch --authfile --blkio-weight --boot
-    --compat --cpu-shares --cpus --cpuset-cpus --cpuset-mems --disable-cache --dns
-    --docker-host --docker-login --drop-caps --encrypt -e --fakeroot-command --hostname
-    --ignore-fakeroot-command --ignore-subuid --ignore-userns --json --keep-privs --library
-    --memory --memory-reservation --memory-swap --net --network --network-args --no-privs
-    --no-setgroups --nv --nvccli --oci --oom-kill-disable --passphrase --pem-path
-    --pids-limit --rocm --scratch -S --security --sharens --sparse --uts --userns -u --vm
-    --vm-cpu --vm-err --vm-ip --vm-ram --writable-tmpfs --nonet --no-umask --cwd --containlibs
-    --dockerfile --disable-cache --add-caps --no-pid --no-https --nohttps --fix-perms --bind
-    --mount --overlay --tmpdir
-    """.split()
+    [
+        "--add-caps",
+        "--allow-setuid",
+        "--apply-cgroups",
+        "--arch",
+        "--authfile",
+        "--blkio-weight",
+        "--boot",
+        "--compat",
+        "--cpu-shares",
+        "--cpus",
+        "--cpuset-cpus",
+        "--cpuset-mems",
+        "--disable-cache",
+        "--dns",
+        "--docker-host",
+        "--docker-login",
+        "--drop-caps",
+        "--encrypt",
+        "-e",
+        "--fakeroot-command",
+        "--hostname",
+        "--ignore-fakeroot-command",
+        "--ignore-subuid",
+        "--ignore-userns",
+        "--json",
+        "--keep-privs",
+        "--library",
+        "--memory",
+        "--memory-reservation",
+        "--memory-swap",
+        "--net",
+        "--network",
+        "--network-args",
+        "--no-privs",
+        "--no-setgroups",
+        "--nv",
+        "--nvccli",
+        "--oci",
+        "--oom-kill-disable",
+        "--passphrase",
+        "--pem-path",
+        "--pids-limit",
+        "--rocm",
+        "--scratch",
+        "-S",
+        "--security",
+        "--sharens",
+        "--sparse",
+        "--uts",
+        "--userns",
+        "-u",
+        "--vm",
+        "--vm-cpu",
+        "--vm-err",
+        "--vm-ip",
+        "--vm-ram",
+        "--writable-tmpfs",
+        "--nonet",
+        "--no-umask",
+        "--cwd",
+        "--containlibs",
+        "--dockerfile",
+        "--disable-cache",
+        "--add-caps",
+        "--no-pid",
+        "--no-https",
+        "--nohttps",
+        "--fix-perms",
+        "--bind",
+        "--mount",
+        "--overlay",
+        "--tmpdir",
+    ]
 )
 
 
