@@ -35,6 +35,7 @@ import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -70,6 +71,9 @@ class BuildOptions:
     mksquashfs_args: str = ""
     build_args: dict[str, str] = field(default_factory=dict)
     warn_unused_build_args: bool = False
+    no_cleanup: bool = False  # keep the work directory of a failed build
+    fix_perms: bool = False  # give the owner rwX on everything the base image holds
+    binds: tuple[tuple[str, str, bool], ...] = ()  # (src, dest, read-only) for %post, %test
 
     def wants(self, section: str) -> bool:
         return "all" in self.sections or section in self.sections
@@ -107,6 +111,7 @@ class Workspace:
     """A private directory for one build, locked while the build lives."""
 
     def __init__(self, parent: str) -> None:
+        self.parent = parent
         clean_stale(parent)
         try:
             self.path = tempfile.mkdtemp(prefix=WORK_PREFIX, dir=parent)
@@ -125,8 +130,11 @@ class Workspace:
         os.close(self.lock)
 
 
+KEPT_PREFIX = "sifpy-kept-"
+
+
 @contextlib.contextmanager
-def _workspace(parent: str) -> Iterator[Workspace]:
+def _workspace(parent: str, keep_on_failure: bool = False) -> Iterator[Workspace]:
     # SIGTERM/SIGHUP become exceptions so that the finally clause cleans up (as Ctrl-C's
     # KeyboardInterrupt does, and not catchable as an error).
     def stop(signum: int, _frame: object) -> None:
@@ -136,8 +144,18 @@ def _workspace(parent: str) -> Iterator[Workspace]:
     ws = Workspace(parent)
     try:
         yield ws
+    except BaseException:
+        if keep_on_failure:  # --no-cleanup: renamed, so that the next build leaves it alone
+            kept = os.path.join(parent, KEPT_PREFIX + os.path.basename(ws.path)[len(WORK_PREFIX) :])
+            os.rename(ws.path, kept)
+            ws.path = kept
+            log.info(f"--no-cleanup: the failed build's directory is kept: {kept}")
+        raise
     finally:
-        ws.close()
+        if not ws.path.startswith(os.path.join(parent, KEPT_PREFIX)):
+            ws.close()
+        else:
+            os.close(ws.lock)
         for s, handler in old.items():
             signal.signal(s, handler)
 
@@ -146,15 +164,23 @@ def _workspace(parent: str) -> Iterator[Workspace]:
 
 
 def run_in_container(
-    rootfs: str, args: list[str], env: dict[str, str], *, writable: bool, action: str = "exec"
+    rootfs: str,
+    args: list[str],
+    env: dict[str, str],
+    *,
+    writable: bool,
+    action: str = "exec",
+    binds: tuple[tuple[str, str, bool], ...] = (),
+    log_path: str | None = None,
 ) -> int:
     """Run ``args`` in the sandbox ``rootfs`` as root (emulated); return the exit status.
 
     The same :func:`sifpy.runtime.launch` as ``sifpy exec``, in a child process that
     first installs the root-emulation seccomp filter (:mod:`sifpy.runtime.seccomp`), which
     every process of the container inherits; sifpy itself stays unfiltered. Output goes
-    straight to our stdout/stderr (``%post`` is streamed live). The container gets its
-    own PID namespace, so a SIGKILL of sifpy kills all of it.
+    straight to our stdout/stderr (``%post`` is streamed live); with ``log_path``, it is
+    also written to that file. The container gets its own PID namespace, so a SIGKILL of
+    sifpy kills all of it. ``binds`` are ``--bind`` for the build.
     """
     from sifpy.runtime import (
         LaunchOptions,
@@ -187,6 +213,7 @@ def run_in_container(
         argv=act.action_argv(action, args),
         env=penv,
         cwd="/",
+        binds=binds,
         options=LaunchOptions(
             fakeroot=True,
             writable=writable,
@@ -204,12 +231,15 @@ def run_in_container(
     )
     sys.stdout.flush()
     sys.stderr.flush()
+    tee = _Tee(log_path) if log_path else None
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child's exit status is what the tests see
         code = 125
         try:
             os.close(read_end)
+            if tee is not None:
+                tee.child()
             ns.set_parent_death_signal(signal.SIGKILL)
             if not (os.geteuid() == 0 and ns.in_initial_userns()) and not subids:
                 # Unprivileged without subordinate ids: emulate root. Real root gets an
@@ -224,6 +254,8 @@ def run_in_container(
         finally:
             os._exit(code)
     os.close(write_end)
+    if tee is not None:
+        tee.parent()
     try:
         _, status = os.waitpid(pid, 0)
     except BaseException:
@@ -232,6 +264,8 @@ def run_in_container(
         os.waitpid(pid, 0)
         raise
     finally:
+        if tee is not None:
+            tee.close()
         report = b""
         while chunk := os.read(read_end, 4096):
             report += chunk
@@ -241,6 +275,53 @@ def run_in_container(
         raise BuildError(message, hint or None)
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
+
+
+class _Tee:
+    """The container's stdout and stderr, each still going to ours, and both to a log file
+    (a failed ``%post`` says where it is). Two pipes, so that each stream keeps its fd."""
+
+    def __init__(self, path: str) -> None:
+        self.log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.pipes = [os.pipe2(os.O_CLOEXEC) for _ in (1, 2)]
+        self.threads: list[threading.Thread] = []
+        self.lock = threading.Lock()
+
+    def child(self) -> None:
+        for fd, (r, w) in zip((1, 2), self.pipes, strict=True):
+            os.dup2(w, fd)  # dup2 clears close-on-exec on the copy
+            os.close(r)
+            os.close(w)
+        os.close(self.log)
+
+    def parent(self) -> None:
+        for fd, (r, w) in zip((1, 2), self.pipes, strict=True):
+            os.close(w)
+            t = threading.Thread(target=self._copy, args=(r, fd), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _copy(self, r: int, out: int) -> None:
+        try:
+            while data := os.read(r, 65536):
+                with contextlib.suppress(OSError):  # a closed terminal: the log still gets it
+                    _write_all(out, data)
+                with self.lock:
+                    _write_all(self.log, data)
+        finally:
+            os.close(r)
+
+    def close(self) -> None:
+        # The pipes end when the last process of the container (own PID namespace) exits.
+        for t in self.threads:
+            t.join(timeout=5)
+        os.close(self.log)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _container_env() -> dict[str, str]:
@@ -280,7 +361,7 @@ def _post_script(stage: Stage, app_post: str) -> tuple[str, list[str]] | None:
     return script, argv
 
 
-def _run_post(st: _Stage, script: str, argv: list[str]) -> None:
+def _run_post(st: _Stage, script: str, argv: list[str], opts: BuildOptions, ws: Workspace) -> None:
     with F.opened_root(st.rootfs) as rfd:
         F.write_file(rfd, "/.post.script", script, 0o755)
         F.write_file(rfd, metadata.BUILD_LABELS, "", 0o644)
@@ -290,15 +371,39 @@ def _run_post(st: _Stage, script: str, argv: list[str]) -> None:
         if apt_conf:
             F.write_file(rfd, APT_SANDBOX_CONF, 'APT::Sandbox::User "root";\n', 0o644)
     st.say("running %post")
+    build_log = os.path.join(ws.path, f"stage{st.index}-post.log")
     try:
-        code = run_in_container(st.rootfs, argv, _container_env(), writable=True)
+        code = run_in_container(
+            st.rootfs, argv, _container_env(), writable=True, binds=opts.binds, log_path=build_log
+        )
     finally:
         with F.opened_root(st.rootfs) as rfd:
             F.remove(rfd, "/.post.script")
             if apt_conf:
                 F.remove(rfd, APT_SANDBOX_CONF)
     if code != 0:
-        raise BuildError(f"%post failed with exit status {code}", hint="see its output above")
+        # The work directory goes with the failure; its log moves beside it first.
+        fd, kept = tempfile.mkstemp(prefix="sifpy-build-", suffix=".log", dir=ws.parent)
+        os.close(fd)
+        os.replace(build_log, kept)
+        raise BuildError(f"%post failed with exit status {code}", hint=f"its output is in {kept}")
+
+
+def _fix_perms(rootfs: str) -> None:
+    """``--fix-perms``: owner rwX on every file and directory the base image brought
+    (Apptainer's flag for images whose files their owner can't read or remove)."""
+    for dirpath, dirnames, filenames in os.walk(rootfs):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            want = stat.S_IRUSR | stat.S_IWUSR
+            if stat.S_ISDIR(st.st_mode) or st.st_mode & (stat.S_IXGRP | stat.S_IXOTH):
+                want |= stat.S_IXUSR
+            if st.st_mode & want != want:
+                os.chmod(path, stat.S_IMODE(st.st_mode) | want)
+    log.verbose("--fix-perms: the owner can read and write everything")
 
 
 def _isdir(root_fd: int, path: str) -> bool:
@@ -360,6 +465,8 @@ def _build_stage(
         if result.config is not None:
             metadata.oci_config(st.rootfs, result.config)
         extra = result.labels
+        if opts.fix_perms:
+            _fix_perms(st.rootfs)
     else:
         st.say(f"updating {st.rootfs}")
         metadata.base_environment(st.rootfs)
@@ -377,7 +484,7 @@ def _build_stage(
         _copy_files(st, roots, from_stage=False)
     post = _post_script(stage, app_post)
     if post is not None and opts.wants("post"):
-        _run_post(st, *post)
+        _run_post(st, *post, opts, ws)
     st.say("writing metadata")
     insert = metadata.Insert(
         recipe_text, opts.sections, opts.force, opts.update, extra_labels=extra
@@ -386,7 +493,7 @@ def _build_stage(
         log.warn(warning)
     if stage.script("test") is not None and not opts.notest and opts.wants("test"):
         st.say("running %test")
-        code = run_in_container(st.rootfs, [], {}, writable=False, action="test")
+        code = run_in_container(st.rootfs, [], {}, writable=False, action="test", binds=opts.binds)
         if code != 0:
             raise BuildError(f"%test failed with exit status {code}", hint="or build with --notest")
 
@@ -434,18 +541,30 @@ def _check_dest(dest: str, opts: BuildOptions) -> None:
 
 
 def _work_parent(dest: str, opts: BuildOptions) -> str:
-    if not opts.sandbox:
-        for candidate in (
-            opts.tmpdir,
-            os.environ.get("SIFPY_TMPDIR"),
-            os.environ.get("APPTAINER_TMPDIR"),
-        ):
-            if candidate:
-                if not os.path.isdir(candidate):
-                    raise UsageError(f"--tmpdir {candidate}: not a directory")
-                return os.path.abspath(candidate)
-    # A sandbox is renamed into place, so it must be built on the same filesystem.
-    return os.path.dirname(os.path.abspath(dest))
+    """Where the work directory goes: for a SIF, ``--tmpdir``, ``$SIFPY_TMPDIR``,
+    ``$APPTAINER_TMPDIR``, ``$TMPDIR`` or /tmp (as Apptainer: not beside the output, often
+    an NFS home); a sandbox is renamed into place, so it is built beside it."""
+    beside = os.path.dirname(os.path.abspath(dest))
+    if opts.sandbox:
+        return beside
+    for name, candidate in (
+        ("--tmpdir", opts.tmpdir),
+        ("$SIFPY_TMPDIR", os.environ.get("SIFPY_TMPDIR")),
+        ("$APPTAINER_TMPDIR", os.environ.get("APPTAINER_TMPDIR")),
+    ):
+        if candidate:
+            if not os.path.isdir(candidate):
+                raise UsageError(f"{name} {candidate}: not a directory")
+            return os.path.abspath(candidate)
+    tmp = tempfile.gettempdir()  # $TMPDIR, else /tmp
+    try:
+        noexec = bool(os.statvfs(tmp).f_flag & os.ST_NOEXEC)
+    except OSError:
+        noexec = True
+    if noexec:  # %post could not run programs from it
+        log.verbose(f"{tmp} is noexec (or unusable): building in {beside}")
+        return beside
+    return tmp
 
 
 def _assemble_sif(rootfs: str, dest: str, deffile: str, opts: BuildOptions, ws: Workspace) -> None:
@@ -503,7 +622,7 @@ def build(dest: str, source: str, opts: BuildOptions) -> None:
         log.verbose("--fakeroot: the build always runs as (emulated) root")
     text = write(recipe)
     started = time.monotonic()
-    with _workspace(_work_parent(dest, opts)) as ws:
+    with _workspace(_work_parent(dest, opts), opts.no_cleanup) as ws:
         roots: dict[str, str] = {}
         total = len(recipe.stages)
         for i, stage in enumerate(recipe.stages):

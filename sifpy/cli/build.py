@@ -44,7 +44,25 @@ def build_parser(prog: str) -> ArgumentParser:
         metavar="S",
         help="run only these sections (all, none, setup, post, files, environment, test, labels)",
     )
-    p.add_argument("--tmpdir", metavar="DIR", help="where to build (SIF output)")
+    p.add_argument(
+        "--tmpdir",
+        metavar="DIR",
+        help="where to build a SIF (default: $SIFPY_TMPDIR, $APPTAINER_TMPDIR, $TMPDIR, /tmp)",
+    )
+    p.add_argument(
+        "--no-cleanup", action="store_true", help="keep the work directory of a failed build"
+    )
+    p.add_argument(
+        "--fix-perms", action="store_true", help="give the owner rwX on the base image's files"
+    )
+    p.add_argument(
+        "-B",
+        "--bind",
+        action="append",
+        default=[],
+        metavar="SRC[:DEST[:ro|rw]]",
+        help="bind a host path during %%post and %%test (repeatable, comma lists)",
+    )
     add_registry_options(p)
     p.add_argument("--build-arg", action="append", default=[], metavar="K=V")
     p.add_argument("--build-arg-file", metavar="FILE")
@@ -80,6 +98,14 @@ def _build_args(pairs: list[str], path: str | None) -> dict[str, str]:
             raise UsageError(f"invalid --build-arg: {pair!r}", hint="use --build-arg KEY=VALUE")
         args[key] = value  # the last occurrence wins, over the file
     return args
+
+
+def _binds(specs: list[str]) -> list[tuple[str, str, bool]]:
+    if not specs:
+        return []
+    from sifpy.cli.exec import parse_binds  # the same SRC[:DEST[:ro|rw]] as sifpy exec
+
+    return parse_binds(specs)
 
 
 def default_output(source: str, sandbox: bool) -> str:
@@ -130,6 +156,9 @@ def main(argv: list[str], prog: str = "sifpy build") -> int:
         mksquashfs_args=a.mksquashfs_args,
         build_args=_build_args(a.build_arg, a.build_arg_file),
         warn_unused_build_args=a.warn_unused_build_args,
+        no_cleanup=a.no_cleanup,
+        fix_perms=a.fix_perms,
+        binds=tuple(_binds(a.bind)),
     )
     if a.sign and opts.sandbox:
         raise UsageError("--sign needs a SIF output", hint="sandboxes carry no signatures")

@@ -225,3 +225,25 @@ def test_a_deffile_without_bootstrap_says_so(tmp_path: Path) -> None:
         build(str(tmp_path / "x.sif"), str(d), BuildOptions())
     assert exc.value.message == "can't build: the definition file has no 'Bootstrap:' header"
     assert not (tmp_path / "x.sif").exists()
+
+
+def test_fix_perms_gives_the_owner_rwx(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    (base / "locked").mkdir(parents=True)
+    (base / "locked" / "secret").write_text("x")
+    (base / "tool").write_text("#!/bin/sh\n")
+    os.chmod(base / "locked" / "secret", 0o000)
+    os.chmod(base / "tool", 0o055)
+    os.chmod(base / "locked", 0o500)
+    d = tmp_path / "x.def"
+    d.write_text(f"Bootstrap: localimage\nFrom: {base}\n")
+    modes = {}
+    for fix in (False, True):
+        out = tmp_path / f"out-{fix}"
+        build(str(out), str(d), BuildOptions(sandbox=True, fix_perms=fix))
+        modes[fix] = [
+            (out / p).stat().st_mode & 0o777 for p in ("locked", "locked/secret", "tool")
+        ]
+        os.chmod(out / "locked", 0o700)  # so that pytest can remove it
+    assert modes[False] == [0o500, 0o000, 0o055]
+    assert modes[True] == [0o700, 0o600, 0o755]
