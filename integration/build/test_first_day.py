@@ -34,3 +34,19 @@ def test_build_with_one_argument_writes_name_sif_here(user_builder: Builder) -> 
     # Run again: the output exists, so --force is needed, as with the two-argument form.
     again = user_builder.runner(argv, cwd=str(cwd), timeout=300)
     assert again.returncode != 0 and "already exists" in again.stderr
+
+
+def test_bind_path_in_the_config_file(user_builder: Builder) -> None:
+    cwd = _user_dir(user_builder, "bind-path")
+    sif = user_builder.build("busybox-hello")
+    (cwd / "site").mkdir()
+    (cwd / "site" / "f").write_text("from the site\n")
+    conf = cwd / "sifpy.conf"
+    conf.write_text(f"bind path = {cwd / 'site'}:/mnt/site\nbind path = /nonexistent/skipped\n")
+    env = {"SIFPY_CONFIG": str(conf)}
+    cat = ["exec", str(sif), "cat", "/mnt/site/f"]
+    res = user_builder.runner(user_builder.argv(cat), env=env, cwd=str(cwd))
+    assert res.returncode == 0 and res.stdout == "from the site\n", res.stderr
+    no = ["exec", "--no-mount", "bind-paths", str(sif), "cat", "/mnt/site/f"]
+    res = user_builder.runner(user_builder.argv(no), env=env, cwd=str(cwd))
+    assert res.returncode != 0 and res.stdout == ""

@@ -325,6 +325,21 @@ def parse_binds(specs: list[str]) -> list[tuple[str, str, bool]]:
     return binds
 
 
+def _config_binds() -> list[str]:
+    """``bind path = SRC[:DEST]`` lines of sifpy.conf (and ``$SIFPY_CONFIG``); as Apptainer,
+    a source missing on this host is skipped, not an error (one file serves many nodes)."""
+    from sifpy.sign import policy
+
+    rules = policy.load()
+    out = []
+    for spec in rules.system.binds + rules.user.binds:
+        if os.path.exists(spec.split(":", 1)[0]):
+            out.append(spec)
+        else:
+            log.verbose(f"bind path {spec}: no such file or directory here, skipped")
+    return out
+
+
 def parse_mounts(specs: list[str]) -> list[tuple[str, str, bool, bool]]:
     """Docker-style ``[type=bind,]source=S,destination=D[,ro|readonly[=true|false]]
     [,nonested]`` specs (one per item, CSV-quoted as Apptainer reads them): (src, dest,
@@ -549,8 +564,11 @@ def _run(
     if a.runscript_timeout is not None:
         _check_duration(a.runscript_timeout)
     environ = os.environ
-    # Apptainer's order: the options' binds first, then $APPTAINER_BIND's.
+    no_mount = tuple(n.strip() for item in a.no_mount for n in item.split(",") if n.strip())
+    # Apptainer's order: the site's `bind path` lines, the options' binds, then
+    # $APPTAINER_BIND's.
     bind_specs = [environ[v] for v in ("APPTAINER_BIND", "SIFPY_BIND") if environ.get(v)]
+    site_binds = parse_binds([] if "bind-paths" in no_mount else _config_binds())
     binds = parse_binds(a.bind + bind_specs)
     mount_specs = [
         line
@@ -562,8 +580,7 @@ def _run(
     # $APPTAINER_BIND in the container: the destinations, for nested containers to bind
     # again (Apptainer's setBinds), less the --mount ones marked nonested.
     nested = [d for _, d, _ in binds] + [d for _, d, _, no_nest in mounts if not no_nest]
-    binds += [(s, d, ro) for s, d, ro, _ in mounts]
-    no_mount = tuple(n.strip() for item in a.no_mount for n in item.split(",") if n.strip())
+    binds = site_binds + binds + [(s, d, ro) for s, d, ro, _ in mounts]
     home_src = home_dest = None
     if a.home:
         home_src, _, home_dest = a.home.partition(":")

@@ -37,8 +37,8 @@ from sifpy.errors import SifpyError, SignatureError
 
 SYSTEM_CONFIG = "/etc/sifpy/sifpy.conf"
 _HINT = (
-    "settings: verify, trusted key, trusted keyring, trusted fingerprint, nvliblist, "
-    "rocmliblist, cdi spec dirs (see the README)"
+    "settings: verify, trusted key, trusted keyring, trusted fingerprint, bind path, "
+    "nvliblist, rocmliblist, cdi spec dirs (see the README)"
 )
 DEVICE_SETTINGS = ("nvliblist", "rocmliblist", "cdi spec dirs")
 
@@ -55,6 +55,9 @@ class Rules:
         # Device settings (not policy: a user's file overrides the system's):
         # nvliblist, rocmliblist (paths), cdi spec dirs (colon-separated directories).
         self.devices: dict[str, str] = {}
+        # `bind path = SRC[:DEST]`, as in apptainer.conf: binds into every container (not a
+        # rule: a user's file may add some too, as -B could).
+        self.binds: list[str] = []
 
 
 class Policy:
@@ -121,6 +124,8 @@ def _read(path: str, rules: Rules, missing_ok: bool) -> None:
             rules.devices[key] = value
         elif key == "trusted fingerprint":
             rules.fingerprints.add(value.replace(" ", "").upper())
+        elif key == "bind path":
+            rules.binds.append(value)
         else:
             raise SifpyError(f"can't read config: {path}:{n}: unknown setting {key!r}", hint=_HINT)
 
