@@ -50,3 +50,33 @@ def test_bind_path_in_the_config_file(user_builder: Builder) -> None:
     no = ["exec", "--no-mount", "bind-paths", str(sif), "cat", "/mnt/site/f"]
     res = user_builder.runner(user_builder.argv(no), env=env, cwd=str(cwd))
     assert res.returncode != 0 and res.stdout == ""
+
+
+def test_overlay_create_writes_apptainers_layout(user_builder: Builder) -> None:
+    import shutil
+    import subprocess
+
+    cwd = _user_dir(user_builder, "overlay")
+    img = cwd / "ov.img"
+    argv = ["overlay", "create", "--size", "16", "--create-dir", "/data", str(img)]
+    res = user_builder.runner(user_builder.argv(argv), cwd=str(cwd))
+    assert res.returncode == 0, res.stderr
+    assert img.stat().st_size == 16 << 20 and img.stat().st_uid == user_builder.runner.user.uid
+    debugfs = shutil.which("debugfs") or "/usr/sbin/debugfs"
+    for path, want in (("/", {"upper", "work"}), ("/upper", {"data"})):
+        out = subprocess.run([debugfs, "-R", f"ls -l {path}", str(img)],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        rows = [ln.split() for ln in out.splitlines() if ln.strip()]
+        names = {r[-1]: r for r in rows if r[-1] not in (".", "..", "lost+found")}
+        assert set(names) == want, out
+        for row in names.values():  # the user's own, as Apptainer's
+            u = user_builder.runner.user
+            assert row[3:5] == [str(u.uid), str(u.gid)], out
+    again = user_builder.runner(user_builder.argv(argv), cwd=str(cwd))
+    assert again.returncode != 0 and "File exists" in again.stderr
+    # sifpy's --overlay takes directories: an image or :ro says so plainly.
+    sif = user_builder.build("busybox-hello")
+    for spec in (str(img), f"{cwd}:ro"):
+        run = ["exec", "--overlay", spec, str(sif), "true"]
+        res = user_builder.runner(user_builder.argv(run), cwd=str(cwd))
+        assert res.returncode == 125 and "not supported yet" in res.stderr, res.stderr

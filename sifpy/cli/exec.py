@@ -325,6 +325,18 @@ def parse_binds(specs: list[str]) -> list[tuple[str, str, bool]]:
     return binds
 
 
+def _overlay_dir(spec: str) -> str:
+    """``--overlay DIR`` (``DIR:rw`` is the same); Apptainer's ext3 images and ``:ro``
+    layers are not served yet: say so instead of "not a directory"."""
+    path, _, mode = spec.rpartition(":") if spec.endswith((":ro", ":rw")) else (spec, "", "")
+    if mode == "ro" or (os.path.exists(path) and not os.path.isdir(path)):
+        raise UsageError(
+            f"--overlay {spec}: overlay images and read-only overlays are not supported yet",
+            hint="use a directory: --overlay DIR (its upper/ and work/ hold the changes)",
+        )
+    return path
+
+
 def _config_binds() -> list[str]:
     """``bind path = SRC[:DEST]`` lines of sifpy.conf (and ``$SIFPY_CONFIG``); as Apptainer,
     a source missing on this host is skipped, not an error (one file serves many nodes)."""
@@ -517,6 +529,8 @@ def _main(argv: list[str], prog: str) -> int:
             image, fd = open_image(a.image, False, None, taken)
             if served.offset != getattr(image, "offset", None) or served.fakeroot != a.fakeroot:
                 raise RuntimeSetupError("can't start container: the starter served another image")
+        if a.overlay:
+            a.overlay = _overlay_dir(a.overlay)
         if a.writable and not isinstance(image, Sandbox):
             raise UsageError("--writable needs a sandbox directory", hint="build with --sandbox")
         if a.writable and (a.writable_tmpfs or a.overlay):
