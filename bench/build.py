@@ -4,10 +4,13 @@ in one run.
 
 The tree defaults to a copy of parts of this Debian host's /usr (any directory can be given
 with --rootfs, e.g. an mmdebstrap tree or a sandbox). Both sides run ``--repeat`` times,
-alternating, and the best time of each counts; the image sizes are compared too. Prints the
-ratios and writes bench/results/build.txt.
+alternating, and the best time of each counts; the image sizes are compared too.
 
-    .venv/bin/python bench/build.py [--rootfs DIR] [--repeat N]
+Then a whole recipe, sifpy against Charliecloud (see ``build_whole.py``; ``--no-whole``
+skips it, ``--rootfs-tar`` reuses a base tar). Prints the ratios and writes
+bench/results/build.txt.
+
+    .venv/bin/python bench/build.py [--rootfs DIR] [--repeat N] [--no-whole]
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rootfs", help="directory to pack (default: parts of this host's /usr)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-whole", action="store_true", help="skip the whole-recipe comparison")
+    ap.add_argument("--rootfs-tar", help="whole recipe: a tar of the Debian base to use")
     a = ap.parse_args()
     sys.path.insert(0, str(REPO))
     from sifpy.squashfs import DEFAULT_COMPRESSION, compression_args, pack
@@ -76,6 +81,14 @@ def main() -> int:
         f"ratio sifpy / mksquashfs, time: {o / p:.2f}x\n"
         f"ratio sifpy / mksquashfs, size: {os_ / ps:.2f}x\n"
     )
+    if not a.no_whole:
+        from build_whole import cleanup, whole
+
+        work = Path(tempfile.mkdtemp(prefix="bench-build-", dir=os.environ.get("SIFPY_TMPDIR")))
+        try:
+            text += "\n" + whole(work, a.rootfs_tar)
+        finally:
+            cleanup(work)
     report("build", text)
     return 0
 
