@@ -152,13 +152,13 @@ def whole(work: Path, rootfs_tar: str | None) -> str:
         }
         sifpy = [sys.executable, "-m", "sifpy", "-q", "build", "--ca-cert", str(ca),
                  str(work / "sifpy.sif"), "recipe.def"]  # fmt: skip
-        store = str(work / "ch-storage")
         ch = [
-            ["ch-image", "--no-cache", "--tls-no-verify", "-s", store, "build", "--force",
+            ["ch-image", "--no-cache", "--tls-no-verify", "build", "--force",
              "-t", "bench", "-f", "Dockerfile", "."],
-            ["ch-convert", "-s", store, "-o", "squash", "bench", str(work / "ch.sqfs")],
+            ["ch-convert", "-i", "ch-image", "-o", "squash", "bench", str(work / "ch.sqfs")],
         ]  # fmt: skip
-        t_ch = _timed(ch, env, ctx)
+        # ch-convert finds ch-image's storage through the environment only.
+        t_ch = _timed(ch, dict(env, CH_IMAGE_STORAGE=str(work / "ch-storage")), ctx)
         t_sifpy = _timed([sifpy], env, ctx)
     finally:
         reg.terminate()
