@@ -16,7 +16,9 @@ APT_RUN := squashfs-tools squashfs-tools-ng squashfuse fuse3 fuse-overlayfs zstd
 APT_TEST := siftool golang-github-sylabs-sif-dev umoci skopeo docker-registry apache2-utils \
 	python3-pyfuse3 libfuse3-dev pkg-config slurm-wlm munge mpich libmpich-dev openmpi-bin \
 	libopenmpi-dev
-APT_PACKAGES := $(APT_RUN) $(APT_TEST)
+# ... and what the benchmarks compare with (bench/exec: ch-run; bench/build: ch-image).
+APT_BENCH := charliecloud-runtime charliecloud-builders
+APT_PACKAGES := $(APT_RUN) $(APT_TEST) $(APT_BENCH)
 # setuptools prints walls of deprecation notices (license tables, compat editable mode)
 # while it builds the package; they concern the packaging, not the user.
 PIP := PYTHONWARNINGS=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 $(BIN)/pip
