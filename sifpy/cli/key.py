@@ -9,11 +9,13 @@ from __future__ import annotations
 import getpass
 import os
 import sys
+from argparse import Namespace
 from datetime import UTC, datetime
 
 from sifpy.cli._args import ArgumentParser
 from sifpy.errors import UsageError
 from sifpy.sign.keyring import Key, Keyring
+from sifpy.sign.pgp import stop_agent
 
 
 def build_parser(prog: str) -> ArgumentParser:
@@ -63,9 +65,17 @@ def render_key(i: int, k: Key) -> str:
 
 
 def main(argv: list[str], prog: str = "sifpy key") -> int:
-    """Run ``sifpy key``."""
+    """Run ``sifpy key``; no gpg-agent outlives it."""
     a = build_parser(prog).parse_args(argv)
     ring = Keyring(a.keysdir)
+    try:
+        return _main(a, ring)
+    finally:
+        if ring.path.is_dir():
+            stop_agent(str(ring.path))
+
+
+def _main(a: Namespace, ring: Keyring) -> int:
     out = sys.stdout
     if a.action == "newpair":
         if not a.name:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import getpass
 import os
 import sys
+from argparse import Namespace
 
 from sifpy.cli._args import ArgumentParser
 from sifpy.errors import SignatureError
 from sifpy.sign import dsse
 from sifpy.sign.keyring import Keyring
+from sifpy.sign.pgp import stop_agent
 from sifpy.sign.sign import DsseSigner, PgpSigner, Signer, sign_image
 from sifpy.util import log
 
@@ -65,7 +67,17 @@ def main(argv: list[str], prog: str = "sifpy sign") -> int:
         signer = _dsse_signer(pem)
     else:
         ring = Keyring(a.keysdir)
-        signer = PgpSigner(ring, ring.secret_key(a.keyidx), os.environ.get("SIFPY_PASSPHRASE"))
+        try:
+            return _sign(
+                a, PgpSigner(ring, ring.secret_key(a.keyidx), os.environ.get("SIFPY_PASSPHRASE"))
+            )
+        finally:
+            if ring.path.is_dir():
+                stop_agent(str(ring.path))  # no gpg-agent outlives the command
+    return _sign(a, signer)
+
+
+def _sign(a: Namespace, signer: Signer) -> int:
     log.info(f"Signing image: {a.image} with {signer.describe()}")
     try:
         done = sign_image(a.image, signer, group_ids=a.group_id, object_ids=a.sif_id)

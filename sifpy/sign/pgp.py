@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,16 +77,29 @@ def run_gpg(
     finally:
         if rfd >= 0:
             os.close(rfd)
-        if tool == "gpg":
-            _stop_agent(homedir)
 
 
-def _stop_agent(homedir: str) -> None:
+def stop_agent(homedir: str) -> None:
     """Stop the gpg-agent that gpg starts on its own for secret-key operations: it would
-    outlive the command (a daemon per keyring, holding the unlocked key in memory)."""
+    outlive the command (a daemon per keyring, holding unlocked keys in memory). Called
+    when a command ends; it waits until the agent is gone (its socket removed), so that a
+    next command can't reach an agent that is shutting down and see no secret keys."""
     gpgconf = shutil.which("gpgconf")
-    if gpgconf is not None:
-        run([gpgconf, "--homedir", homedir, "--kill", "gpg-agent"], "stop gpg-agent", ok=None)
+    if gpgconf is None:
+        return
+
+    def gpgconf_run(*args: str) -> str:
+        argv = [gpgconf, "--homedir", homedir, *args]
+        return str(run(argv, "ask gpgconf", stdout=PIPE, text=True, ok=None).stdout).strip()
+
+    socket = gpgconf_run("--list-dirs", "agent-socket")
+    if not socket or not os.path.exists(socket):
+        return  # no agent ran
+    gpgconf_run("--kill", "gpg-agent")
+    for _ in range(100):
+        if not os.path.exists(socket):
+            return
+        time.sleep(0.02)
 
 
 def gpg_failure(what: str, proc: CompletedProcess[bytes]) -> SignatureError:
