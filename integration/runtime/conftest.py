@@ -167,6 +167,18 @@ def user_processes(uid: int, name: str) -> list[int]:
     return out
 
 
+def _tmp_of(uid: int) -> set[str]:
+    """/tmp entries owned by ``uid`` (others' entries may vanish while this looks)."""
+    out = set()
+    for name in os.listdir("/tmp"):
+        try:
+            if os.stat(f"/tmp/{name}").st_uid == uid:
+                out.add(name)
+        except FileNotFoundError:
+            pass
+    return out
+
+
 def _mounts() -> list[str]:
     return sorted(Path("/proc/self/mountinfo").read_text().splitlines())
 
@@ -176,11 +188,11 @@ def no_leftovers(runtime_ready: UserRunner) -> Iterator[None]:
     """After the test: no new host mount, no squashfuse of the test user, no new /tmp entry."""
     uid = runtime_ready.user.uid
     before_mounts = _mounts()
-    before_tmp = {p for p in os.listdir("/tmp") if os.stat(f"/tmp/{p}").st_uid == uid}
+    before_tmp = _tmp_of(uid)
     yield
     assert _mounts() == before_mounts
     assert user_processes(uid, "squashfuse_ll") == []
-    after_tmp = {p for p in os.listdir("/tmp") if os.stat(f"/tmp/{p}").st_uid == uid}
+    after_tmp = _tmp_of(uid)
     assert after_tmp <= before_tmp
 
 
