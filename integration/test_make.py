@@ -76,6 +76,24 @@ def test_make_demo_as_an_ordinary_user(runtime_ready: UserRunner, repo_copy: Pat
     assert again.returncode == 0 and "Nothing to be done" in again.stdout, again.stdout
 
 
+def test_make_test_as_an_ordinary_user(runtime_ready: UserRunner, repo_copy: Path) -> None:
+    """The set-up, lint and type check of ``make test``, and a part of the suite (all of it
+    would run the suite within the suite)."""
+    env = _env(runtime_ready, PYTEST_ADDOPTS="tests/test_cli.py tests/test_layering.py")
+    r = subprocess.run(
+        runtime_ready.argv(["make", "test"]),
+        cwd=repo_copy,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "All checks passed!" in out and "Success: no issues found" in out, out[-4000:]
+    assert " passed" in out.splitlines()[-1], out[-2000:]
+
+
 def test_make_install_and_a_self_running_image(
     runtime_ready: UserRunner, repo_copy: Path, workdir: Path
 ) -> None:
