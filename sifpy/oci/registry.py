@@ -265,7 +265,8 @@ class RegistryClient:
                 raise RegistryError(
                     f"can't connect: {redact(url)}: TLS verification failed",
                     "pass the registry's CA with --ca-cert, or --no-https for a plain-http "
-                    "registry you trust",
+                    "registry you trust (for exec/run/shell of docker://, and in definition "
+                    "files: SIFPY_NOHTTPS=1)",
                 ) from exc
             except (requests.ConnectionError, requests.Timeout) as exc:
                 if (why := _unreachable(exc)) is not None:
