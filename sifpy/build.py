@@ -142,20 +142,21 @@ def _workspace(parent: str, keep_on_failure: bool = False) -> Iterator[Workspace
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     ws = Workspace(parent)
+    kept = False
     try:
         yield ws
     except BaseException:
         if keep_on_failure:  # --no-cleanup: renamed, so that the next build leaves it alone
-            kept = os.path.join(parent, KEPT_PREFIX + os.path.basename(ws.path)[len(WORK_PREFIX) :])
-            os.rename(ws.path, kept)
-            ws.path = kept
-            log.info(f"--no-cleanup: the failed build's directory is kept: {kept}")
+            name = KEPT_PREFIX + os.path.basename(ws.path)[len(WORK_PREFIX) :]
+            os.rename(ws.path, os.path.join(parent, name))
+            ws.path, kept = os.path.join(parent, name), True
+            log.info(f"--no-cleanup: the failed build's directory is kept: {ws.path}")
         raise
     finally:
-        if not ws.path.startswith(os.path.join(parent, KEPT_PREFIX)):
-            ws.close()
-        else:
+        if kept:
             os.close(ws.lock)
+        else:
+            ws.close()
         for s, handler in old.items():
             signal.signal(s, handler)
 
