@@ -15,10 +15,13 @@ Only the last stage is assembled: packed into a squashfs and stored in a SIF wit
 definition file and ``inspect-metadata.json``, or moved into place as a sandbox.
 
 Atomic output and clean-up: all work happens in a private directory
-``.sifpy-build-XXXXXXXX`` (mode 0700) next to the destination, or under ``--tmpdir`` /
-``$SIFPY_TMPDIR`` / ``$APPTAINER_TMPDIR`` for SIF output. The SIF is written as an unnamed
+``.sifpy-build-XXXXXXXX`` (mode 0700): for a SIF under ``--tmpdir`` / ``$SIFPY_TMPDIR`` /
+``$APPTAINER_TMPDIR`` / ``$TMPDIR`` / /tmp (as Apptainer; the output's directory is often
+an NFS home), for a sandbox next to the destination. The SIF is written as an unnamed
 ``O_TMPFILE`` and linked into place when complete; a sandbox is renamed into place. On
-any error or signal the directory is removed. After a SIGKILL it stays, but it holds an
+any error or signal the directory is removed (``--no-cleanup`` keeps it as
+``sifpy-kept-XXXXXXXX`` after a failure; a failed ``%post`` leaves its output in a
+``sifpy-build-*.log`` beside it). After a SIGKILL it stays, but it holds an
 ``flock`` while the build lives: the next ``sifpy build`` that uses the same directory
 removes every such directory whose lock is free. Child processes (mksquashfs, mmdebstrap,
 the ``%post`` container) die with the build (``PR_SET_PDEATHSIG`` and a PID namespace).
