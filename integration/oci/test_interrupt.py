@@ -136,19 +136,26 @@ def final_cache_names(cache: Path) -> list[str]:
     )
 
 
+@pytest.mark.parametrize("cmd", ["pull", "exec"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_pull(
-    stall: Stall, run_as_user: UserRunner, user_dir: Path, sig: signal.Signals
+    stall: Stall, run_as_user: UserRunner, user_dir: Path, sig: signal.Signals, cmd: str
 ) -> None:
+    """``sifpy pull`` and ``sifpy exec docker://`` (which pulls into the cache first)."""
     cache = user_dir / "cache"
     out = user_dir / "out.sif"
-    argv = ["/usr/bin/python3", "-m", "sifpy", "pull", "--insecure", str(out)]
+    ref = f"docker://{stall.host}/test/plain:1"
+    sifpy = ["/usr/bin/python3", "-m", "sifpy"]
+    argv = [*sifpy, "pull", "--insecure", str(out), ref]
+    if cmd == "exec":
+        argv = [*sifpy, "exec", ref, "true"]
     proc = run_as_user.popen(
-        [*argv, f"docker://{stall.host}/test/plain:1"],
-        env={"SIFPY_CACHEDIR": str(cache)},
+        argv,
+        env={"SIFPY_CACHEDIR": str(cache), "SIFPY_NOHTTPS": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        cwd=user_dir,
     )
     assert stall.stalled.wait(60), "the pull never reached a blob"
     time.sleep(0.5)

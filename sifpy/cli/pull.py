@@ -96,10 +96,23 @@ def pull_to_cache(image: str) -> str:
         for n in ("SIFPY_NOHTTPS", "APPTAINER_NOHTTPS")
     )
     options = ClientOptions(insecure=insecure, ca_cert=os.environ.get("SIFPY_DOCKER_CA_CERT"))
+    import signal
+
+    from sifpy.errors import Interrupted
     from sifpy.pull import pull
 
-    with layer_progress() as bar:
-        result = pull(ref, None, platform=platform, options=options, progress=bar)
+    # exec/run/shell keep the default SIGTERM (their monitor relays signals to the
+    # container); while the image is pulled, it stops the pull as for `sifpy pull`.
+    def stop(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with layer_progress() as bar:
+            result = pull(ref, None, platform=platform, options=options, progress=bar)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     if not result.cached:
         log.info(f"cached {ref} as {result.path}")
     return str(result.path)
