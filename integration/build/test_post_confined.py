@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from integration.conftest import UserRunner, require
-
 from integration.runtime.test_tty import blocked, compile_payload, run_in_pty
 
 from .conftest import Builder, _builder

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 
 from sifpy.errors import ImageError, ToolError, UsageError
+from sifpy.util.proc import run
 
 SIZE_DEFAULT_MIB = 64
 SIZE_MIN_MIB = 1  # mke2fs wants a few dozen blocks
@@ -48,7 +48,7 @@ def create(path: str, size_mib: int, sparse: bool = False, dirs: tuple[str, ...]
                 os.makedirs(os.path.join(tree, "upper", d.lstrip("/")), 0o755, exist_ok=True)
             argv = [mkfs, "-q", "-F", "-d", tree, "-E",
                     f"root_owner={os.getuid()}:{os.getgid()}", path]  # fmt: skip
-            proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            proc = run(argv, "create overlay", text=True, ok=None)
         if proc.returncode != 0:
             tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
             raise ToolError(f"can't create overlay: {path}: mkfs.ext3: {tail[0]}")
