@@ -1,0 +1,140 @@
+"""Benchmark: ``sifpy push`` / ``sifpy pull`` of an ``oras://`` SIF against the ORAS
+project's Python SDK (``oras`` on PyPI) used as its documentation shows, on the same file
+and the same local ``docker-registry``.
+
+Each case runs in its own process; the table gives its best wall time of ``--repeat`` runs
+and its peak resident memory (``ru_maxrss``), so that reading a whole SIF into memory
+shows. Also the import time of each client (best of 5, a fresh interpreter each). Writes
+``bench/results/oras.txt``.
+
+    python bench/oras.py [--size 200M] [--repeat 3] [--dir /tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._report import provenance, report  # noqa: E402
+from bench.pull import start_registry  # noqa: E402
+from bench.sign import make_payload, parse_size  # noqa: E402
+from sifpy.sif import ObjectInput, create  # noqa: E402
+from sifpy.sif import format as F  # noqa: E402
+
+SIFPY = Path(sys.executable).parent / "sifpy"
+LAYER = "application/vnd.sylabs.sif.layer.v1.sif"
+CONFIG = "application/vnd.sylabs.sif.config.v1+json"
+
+# The SDK as its README shows it: OrasClient.push/pull (push reads a blob whole unless
+# do_chunked is given).
+SDK_PUSH = """
+import sys, oras.client
+host, target, path, chunked = sys.argv[1:5]
+c = oras.client.OrasClient(hostname=host, insecure=True)
+c.push(target=target, files=[path + ":" + {layer!r}], disable_path_validation=True,
+       manifest_config="/dev/null:" + {config!r}, do_chunked=chunked == "1",
+       chunk_size=32 << 20, quiet=True)
+""".format(layer=LAYER, config=CONFIG)
+SDK_PULL = """
+import sys, oras.client
+host, target, outdir = sys.argv[1:4]
+oras.client.OrasClient(hostname=host, insecure=True).pull(target=target, outdir=outdir)
+"""
+
+
+def measure(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (KiB) of one process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(argv)}")
+    return wall, usage.ru_maxrss
+
+
+def import_ms(module: str) -> float:
+    code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+    runs = [
+        float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True).stdout)  # fmt: skip
+        for _ in range(5)
+    ]
+    return min(runs) * 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="200M", help="SIF partition size (default 200M)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dir", default=None)
+    a = ap.parse_args(argv)
+    size = parse_size(a.size)
+    with tempfile.TemporaryDirectory(dir=a.dir, prefix="sifpy-bench-") as tmp:
+        work = Path(tmp)
+        payload, sif = work / "part.bin", work / "app.sif"
+        make_payload(payload, size)
+        create(sif, [ObjectInput.partition(payload, F.FSType.SQUASH, F.PartType.PRIMSYS, "amd64")])
+        payload.unlink()
+        reg, host = start_registry(work)
+        env = {**os.environ, "SIFPY_CACHEDIR": str(work / "cache"), "HOME": str(work)}
+        n = 0
+
+        def repo() -> str:
+            nonlocal n
+            n += 1
+            return f"{host}/bench/r{n}:1"
+
+        def fresh_out() -> Path:
+            out = work / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            out.mkdir()
+            return out
+
+        py = sys.executable
+        cases = {
+            "sifpy push": lambda: [str(SIFPY), "-q", "push", "--insecure", str(sif),
+                                   "oras://" + repo()],
+            "oras-py push (default: whole blob)": lambda: [py, "-c", SDK_PUSH, host, repo(),
+                                                           str(sif), "0"],
+            "oras-py push (do_chunked, 32 MiB)": lambda: [py, "-c", SDK_PUSH, host, repo(),
+                                                          str(sif), "1"],
+            "sifpy pull": lambda: [str(SIFPY), "-q", "pull", "--insecure",
+                                   str(fresh_out() / "app.sif"), f"oras://{host}/bench/r1:1"],
+            "oras-py pull": lambda: [py, "-c", SDK_PULL, host, f"{host}/bench/r1:1",
+                                     str(fresh_out())],
+        }  # fmt: skip
+        rows = []
+        try:
+            for name, make in cases.items():
+                runs = [measure(make(), env) for _ in range(a.repeat)]
+                rows.append((name, min(r[0] for r in runs), max(r[1] for r in runs)))
+        finally:
+            reg.kill()
+            reg.wait()
+        imports = [(m, import_ms(m)) for m in ("requests", "sifpy.oci.oras", "oras.provider")]
+    lines = [
+        f"oras:// push and pull of a {size >> 20} MiB SIF, local docker-registry, "
+        f"best of {a.repeat}",
+        provenance(),
+        "",
+        f"{'case':40} {'wall s':>8} {'peak RSS MiB':>13}",
+    ]
+    lines += [f"{name:40} {t:8.2f} {rss / 1024:13.0f}" for name, t, rss in rows]
+    lines += ["", "import time, best of 5 (fresh interpreter each):"]
+    lines += [f"  import {m:24} {ms:6.0f} ms" for m, ms in imports]
+    report("oras", "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
