@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._report import provenance, report  # noqa: E402
-from bench.pull import start_registry  # noqa: E402
-from bench.sign import make_payload, parse_size  # noqa: E402
-from sifpy.sif import ObjectInput, create  # noqa: E402
-from sifpy.sif import format as F  # noqa: E402
+from bench._report import provenance, report
+from bench.pull import start_registry
+from bench.sign import make_payload, parse_size
+from sifpy.sif import ObjectInput, create
+from sifpy.sif import format as F
 
 SIFPY = Path(sys.executable).parent / "sifpy"
 LAYER = "application/vnd.sylabs.sif.layer.v1.sif"
@@ -35,14 +35,14 @@ CONFIG = "application/vnd.sylabs.sif.config.v1+json"
 
 # The SDK as its README shows it: OrasClient.push/pull (push reads a blob whole unless
 # do_chunked is given).
-SDK_PUSH = """
+SDK_PUSH = f"""
 import sys, oras.client
 host, target, path, chunked = sys.argv[1:5]
 c = oras.client.OrasClient(hostname=host, insecure=True)
-c.push(target=target, files=[path + ":" + {layer!r}], disable_path_validation=True,
-       manifest_config="/dev/null:" + {config!r}, do_chunked=chunked == "1",
+c.push(target=target, files=[path + ":" + {LAYER!r}], disable_path_validation=True,
+       manifest_config="/dev/null:" + {CONFIG!r}, do_chunked=chunked == "1",
        chunk_size=32 << 20, quiet=True)
-""".format(layer=LAYER, config=CONFIG)
+"""
 SDK_PULL = """
 import sys, oras.client
 host, target, outdir = sys.argv[1:4]
@@ -64,8 +64,11 @@ def measure(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
 def import_ms(module: str) -> float:
     code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
     runs = [
-        float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             check=True).stdout)  # fmt: skip
+        float(
+            subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, check=True
+            ).stdout
+        )
         for _ in range(5)
     ]
     return min(runs) * 1000
