@@ -69,3 +69,100 @@ def test_bad_signature_by_known_key_fails_envelope() -> None:
     env = dsse.sign_envelope(b"{}", [key]).replace(b'"sig":"', b'"sig":"AAAA')
     with pytest.raises(SignatureError):
         dsse.verify_envelope(env, [key.public_key()], 1)
+
+
+def _go_envelope(payload: bytes, sigs: list[tuple[str, bytes]]) -> bytes:
+    """The envelope as the reference's Go struct marshals it, built here by hand."""
+    import base64
+    import json
+
+    return json.dumps(
+        {
+            "payloadType": dsse.PAYLOAD_TYPE,
+            "payload": base64.b64encode(payload).decode(),
+            "signatures": [{"keyid": k, "sig": base64.b64encode(s).decode()} for k, s in sigs],
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def _pae(payload: bytes) -> bytes:
+    t = dsse.PAYLOAD_TYPE.encode()
+    return (
+        b"DSSEv1 "
+        + str(len(t)).encode()
+        + b" "
+        + t
+        + b" "
+        + str(len(payload)).encode()
+        + b" "
+        + payload
+    )
+
+
+def test_envelope_bytes_are_the_references() -> None:
+    """Deterministic schemes (Ed25519, RSA PKCS#1 v1.5 over SHA-256) give the exact bytes
+    of the reference's envelope: its field order, compact JSON, padded base64."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    payload = b'{"version":1,"objects":[]}'
+    ed = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    rk = rsa.generate_private_key(65537, 2048)
+    want = _go_envelope(
+        payload,
+        [
+            (dsse.keyid(ed.public_key()), ed.sign(_pae(payload))),
+            (
+                dsse.keyid(rk.public_key()),
+                rk.sign(_pae(payload), padding.PKCS1v15(), hashes.SHA256()),
+            ),
+        ],
+    )
+    assert dsse.sign_envelope(payload, [ed, rk]) == want
+
+
+@pytest.mark.parametrize("curve", [ec.SECP384R1, ec.SECP521R1])
+def test_ecdsa_signs_sha256_whatever_the_curve(curve: type[ec.EllipticCurve]) -> None:
+    """The reference loads every key with SHA-256: a P-384 or P-521 signature is over
+    SHA-256(PAE), not the curve's own hash (which securesystemslib's schemes would use)."""
+    import base64
+    import json
+
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+
+    key = ec.generate_private_key(curve())
+    payload = b"{}"
+    env = json.loads(dsse.sign_envelope(payload, [key]))
+    sig = base64.b64decode(env["signatures"][0]["sig"])
+    key.public_key().verify(sig, _pae(payload), ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(InvalidSignature):
+        key.public_key().verify(sig, _pae(payload), ec.ECDSA(hashes.SHA384()))
+    # An envelope made outside sifpy the same way verifies.
+    other = _go_envelope(
+        payload,
+        [(dsse.keyid(key.public_key()), key.sign(_pae(payload), ec.ECDSA(hashes.SHA256())))],
+    )
+    assert dsse.verify_envelope(other, [key.public_key()], 1).payload == payload
+
+
+def test_crypto_libraries_load_only_for_dsse() -> None:
+    """``sifpy exec --verify`` imports the verifier; securesystemslib and cryptography are
+    loaded only when a signature is a DSSE envelope (a PGP-signed image needs neither)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from sifpy.sign import verify, dsse\n"
+        "heavy = lambda: sorted(m for m in ('cryptography', 'securesystemslib') if m in sys.modules)\n"
+        "assert not dsse.is_envelope(b'-----BEGIN PGP SIGNED MESSAGE-----\\n')\n"
+        "print(heavy())\n"
+        "from cryptography.hazmat.primitives.asymmetric import ed25519\n"
+        "k = ed25519.Ed25519PrivateKey.generate()\n"
+        "dsse.verify_envelope(dsse.sign_envelope(b'{}', [k]), [k.public_key()], 1)\n"
+        "print(heavy())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.split("\n")[:2] == ["[]", "['cryptography', 'securesystemslib']"]
