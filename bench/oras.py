@@ -7,7 +7,7 @@ and its peak resident memory (``ru_maxrss``), so that reading a whole SIF into m
 shows. Also the import time of each client (best of 5, a fresh interpreter each). Writes
 ``bench/results/oras.txt``.
 
-    python bench/oras.py [--size 200M] [--repeat 3] [--dir /tmp]
+    python bench/oras.py [--size 200M] [--repeat 3] [--dir /tmp] [--compare main=PROGRAM]
 """
 
 from __future__ import annotations
@@ -79,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="200M", help="SIF partition size (default 200M)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", default=None)
+    ap.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=PROGRAM",
+        help="also time another sifpy build's push and pull (e.g. main=/path/to/sifpy)",
+    )
     a = ap.parse_args(argv)
     size = parse_size(a.size)
     with tempfile.TemporaryDirectory(dir=a.dir, prefix="sifpy-bench-") as tmp:
@@ -116,6 +123,20 @@ def main(argv: list[str] | None = None) -> int:
             "oras-py pull": lambda: [py, "-c", SDK_PULL, host, f"{host}/bench/r1:1",
                                      str(fresh_out())],
         }  # fmt: skip
+        for spec in a.compare:
+            label, _, prog = spec.partition("=")
+            cases[f"sifpy push ({label})"] = lambda prog=prog: [
+                prog,
+                "-q",
+                "push",
+                "--insecure",
+                str(sif),
+                "oras://" + repo(),
+            ]
+            cases[f"sifpy pull ({label})"] = lambda prog=prog: [
+                prog, "-q", "pull", "--insecure", str(fresh_out() / "app.sif"),
+                f"oras://{host}/bench/r1:1",
+            ]  # fmt: skip
         rows = []
         try:
             for name, make in cases.items():
