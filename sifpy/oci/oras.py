@@ -128,7 +128,7 @@ class Pusher:
     refused credentials included, sleeping 3+5+11+29+83 s before giving up, and its token
     backend asks for one token whatever the scope. A blob larger than ``chunk`` goes in
     chunks: the SDK's one-request upload reads the whole file into memory (peak RSS
-    231 MiB for a 200 MiB SIF against 96 MiB in 32 MiB chunks, bench/results/oras.txt,
+    231 MiB for a 200 MiB SIF against 96 MiB in 32 MiB chunks, bench/results/push.txt,
     where sifpy's push takes the time of its earlier hand-written one).
     """
 
@@ -323,7 +323,7 @@ def pull(
     digest, resuming or bounding redirects, and its ``get_manifest`` does not check a
     manifest pulled by digest; the SDK pulls a 200 MiB SIF in 0.77 s against sifpy's
     1.41 s, both at 36 MiB peak RSS, the difference being the digest check and the copy
-    out of the cache (bench/results/oras.txt).
+    out of the cache (bench/results/push.txt).
     """
     from sifpy.oci.cache import install_copy, output_path
 
