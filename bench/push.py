@@ -4,8 +4,8 @@ and the same local ``docker-registry``.
 
 Each case runs in its own process, the cases in turn; the table gives each one's best wall
 time of ``--repeat`` runs and its peak resident memory (``ru_maxrss``), so that reading a
-whole SIF into memory shows. Also the import time of each client (best of 5, a fresh interpreter each). Writes
-``bench/results/push.txt``.
+whole SIF into memory shows. Also the import time of each client (best of 5, a fresh
+interpreter each). Writes ``bench/results/push.txt``.
 
     python bench/push.py [--size 200M] [--repeat 3] [--dir /tmp] [--compare main=PROGRAM]
 """
