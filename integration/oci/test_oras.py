@@ -145,3 +145,36 @@ def test_push_needs_credentials(
     )  # fmt: skip
     assert back.read_bytes() == sif.read_bytes()
     assert json.loads(json.dumps(tokens.requests))  # recorded, never the password
+
+
+def test_push_of_a_large_sif_keeps_memory_to_a_chunk(
+    registry: Registry, sifpy: SifpyEnv, tmp_path: Path
+) -> None:
+    """A SIF larger than one chunk is never read whole (the ORAS SDK's one-request upload
+    would): pushing 160 MiB in 4 MiB chunks stays well under the file's size in memory."""
+    import os
+    import subprocess
+    import sys
+
+    from sifpy.sif import ObjectInput, create
+    from sifpy.sif import format as F
+
+    part = tmp_path / "part.bin"
+    with open(part, "wb") as f:
+        for _ in range(160):
+            f.write(os.urandom(1 << 20))
+    sif = tmp_path / "big.sif"
+    create(sif, [ObjectInput.partition(part, F.FSType.SQUASH, F.PartType.PRIMSYS, "amd64")])
+    target = f"oras://{registry.host}/test/oras-big:1"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sifpy", "-q", "push", "--insecure", "--chunk-size", "4M",
+         str(sif), target],
+        env=sifpy.env(), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read() if proc.stderr else ""
+    peak_mib = usage.ru_maxrss / 1024
+    assert peak_mib < 100, f"peak RSS {peak_mib:.0f} MiB for a 160 MiB SIF"
+    back = tmp_path / "back.sif"
+    sifpy.run("pull", "--insecure", back, target)
+    assert back.stat().st_size == sif.stat().st_size
