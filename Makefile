@@ -17,7 +17,7 @@ APT_TEST := siftool golang-github-sylabs-sif-dev umoci skopeo docker-registry ap
 	python3-pyfuse3 libfuse3-dev pkg-config slurm-wlm munge mpich libmpich-dev openmpi-bin \
 	libopenmpi-dev
 # ... and what the benchmarks compare with (bench/exec: ch-run; bench/build: ch-image).
-APT_BENCH := charliecloud-runtime charliecloud-builders
+APT_BENCH := charliecloud-runtime charliecloud-builders time
 APT_PACKAGES := $(APT_RUN) $(APT_TEST) $(APT_BENCH)
 # setuptools prints walls of deprecation notices (license tables, compat editable mode)
 # while it builds the package; they concern the packaging, not the user.
