@@ -129,7 +129,7 @@ class Pusher:
     backend asks for one token whatever the scope. A blob larger than ``chunk`` goes in
     chunks: the SDK's one-request upload reads the whole file into memory (peak RSS
     231 MiB for a 200 MiB SIF against 96 MiB in 32 MiB chunks; through the SDK sifpy's
-    push takes 1.53 s, its earlier hand-written one 1.51 s: bench/results/push.txt).
+    push takes 1.38 s, its earlier hand-written one 1.33 s: bench/results/push.txt).
     """
 
     def __init__(
@@ -322,8 +322,8 @@ def pull(
     Not through the SDK: its ``download_blob`` writes what arrives without checking the
     digest, resuming or bounding redirects, and its ``get_manifest`` does not check a
     manifest pulled by digest; the SDK pulls a 200 MiB SIF in 0.47 s against sifpy's
-    0.73 to 1.02 s, both at 36 MiB peak RSS, the difference being the digest check and
-    the copy out of the cache (bench/results/push.txt).
+    0.80 s (31 and 28 MiB peak RSS), the difference being the digest check and the copy
+    out of the cache (bench/results/push.txt).
     """
     from sifpy.oci.cache import install_copy, output_path
 
