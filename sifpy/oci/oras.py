@@ -125,8 +125,9 @@ class Pusher:
     ``PUT``); every request it makes goes through :meth:`RegistryClient.call`, so that
     sifpy's credentials, token scopes, ``--ca-cert``/``--insecure``, retries and error
     messages apply. Its own ``do_request`` is replaced because it retries every error,
-    refused credentials included, sleeping 3+5+11+29+83 s before giving up, and its token
-    backend asks for one token whatever the scope. A blob larger than ``chunk`` goes in
+    refused credentials included, sleeping 3+5+11+29+83 s before giving up (``retry`` in
+    oras-py's ``oras/decorator.py``), and its token backend keeps one token whatever the
+    scope a later challenge asks for. A blob larger than ``chunk`` goes in
     chunks: the SDK's one-request upload reads the whole file into memory (peak RSS
     231 MiB for a 200 MiB SIF against 96 MiB in 32 MiB chunks; through the SDK sifpy's
     push takes 1.38 s, its earlier hand-written one 1.33 s: bench/results/push.txt).
@@ -192,9 +193,9 @@ class Pusher:
 
     def put_manifest(self, manifest: dict[str, Any]) -> bytes:
         """Upload ``manifest`` by the container's tag; return the bytes sent."""
-        self.what = f"manifest {self.repo}:{self.container.tag}"
         from jsonschema import ValidationError
 
+        self.what = f"manifest {self.repo}:{self.container.tag}"
         try:
             self.sdk.upload_manifest(manifest, self.container)
         except ValidationError as exc:  # the SDK checks the manifest against the OCI schema
