@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from sifpy.cli._args import ArgumentParser
     from sifpy.runtime.gpu import Injection
+    from sifpy.runtime.process import LaunchSpec
 else:
     SimpleNamespace = type(sys.implementation)  # what types.py does, without importing it
 
@@ -177,6 +178,15 @@ OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
             "help": "a CDI device (repeatable; NAME may be 'all'); see `sifpy cdi list`",
         },
     ),
+    (
+        ("--sharens",),
+        {
+            "action": "store_true",
+            "help": "one container per node, joined by every rank of the job step (the "
+            "default for a rank of an MPI or Slurm job)",
+        },
+    ),
+    (("--no-sharens",), {"action": "store_true", "help": "a container of its own per rank"}),
     (
         ("--verify",),
         {"action": "store_true", "help": "refuse to run unless the image's signatures verify"},
@@ -516,6 +526,9 @@ def _main(argv: list[str], prog: str) -> int:
         a = fast_parse(action, argv) or build_parser(action, prog).parse_args(argv)
         # Before serve(): with --fakeroot, getuid() says 0 once the namespace is entered.
         ident = start.host_identity(*caller) if caller else start.host_identity()
+        if a.image.startswith("instance://"):
+            return _run_in_instance(action, a, ident, passed, served)
+        step = _sharens_step(a, served is not None)
         if served is None and "://" in a.image:  # docker://: from the SIF cache, as Apptainer
             from sifpy.cli.pull import pull_to_cache
 
@@ -544,6 +557,13 @@ def _main(argv: list[str], prog: str) -> int:
         driver = "unsquash" if a.unsquash else a.mount_driver
         # Before serve(): nvidia-container-cli runs on the host, outside the namespaces.
         inject = devices(a) if a.nv or a.nvccli or a.rocm or a.device else None
+        if step is not None:
+            from sifpy.runtime import sharens
+
+            spec = _spec(action, a, ident, image, command, prefetch, driver, inject, passed)
+            identity = os.fstat(fd) if fd >= 0 else os.stat(image.path)
+            base = f"{sharens.runtime_dir()}/{sharens.container_key(spec, step, identity)}"
+            sharens.run_joined(spec, ident, base)
         if served is None and isinstance(image, SifPartition):
             served = start.serve(image, fd, a.fakeroot, driver, prefetch)
         return _run(action, a, ident, image, served, command, prefetch, driver, inject, passed)
@@ -552,6 +572,69 @@ def _main(argv: list[str], prog: str) -> int:
             served.stop()
         if fd >= 0:
             os.close(fd)
+
+
+# Options a shared container can't honour: each asks for namespaces or a root of the rank's
+# own. With them, a rank of a job gets its own container; --sharens refuses them.
+_UNSHARED = ("pid", "ipc", "writable", "unsquash", "nvccli")
+
+
+def _sharens_step(a: Any, served: bool) -> str | None:
+    """The job step whose ranks share this container (``--sharens``, or by default when
+    this process is a rank of an MPI or Slurm job: see :func:`sifpy.runtime.sharens.job_step`),
+    or None for a container of its own."""
+    if a.no_sharens:
+        if a.sharens:
+            raise UsageError("--sharens and --no-sharens can't be combined")
+        return None
+    step = None
+    rank_vars = ("SLURM_STEP_ID", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+    if a.sharens or any(os.environ.get(v) for v in rank_vars):
+        from sifpy.runtime import sharens
+
+        step = sharens.job_step(os.environ)
+        if step is None and a.sharens:
+            step = sharens.parent_step()
+    if step is None:
+        return None
+    bad = [f"--{o.replace('_', '-')}" for o in _UNSHARED if getattr(a, o)]
+    if a.sharens and bad:
+        raise UsageError(f"--sharens can't be combined with {', '.join(bad)}")
+    if bad or os.getuid() == 0:
+        return None  # by default only; real root keeps its identity-mapped container
+    if served:  # the starter entered namespaces of its own already (it did not see a rank)
+        log.verbose("note: the starter served the image: not sharing the container")
+        return None
+    return step
+
+
+def _run_in_instance(
+    action: str, a: Any, ident: start.Identity, passed: tuple[int, ...], served: Any
+) -> int:
+    """``exec|run|shell instance://NAME ...``: join the instance's container."""
+    import json
+
+    from sifpy.runtime import sharens
+    from sifpy.runtime.action import action_argv
+
+    if served is not None:
+        served.stop()
+    name = a.image[len("instance://") :]
+    base = sharens.instance_base(name)
+    try:
+        with open(f"{base}.json", encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        info = None
+    if info is None or not sharens.running(base):
+        raise UsageError(
+            f"can't join instance: {name}: not running", hint="see `sifpy instance list`"
+        )
+    a.image = info["image"]
+    args = ([a.command] if action == "exec" else []) + a.args
+    image = Sandbox(info["image"])  # only named: the instance's root is joined
+    spec = _spec(action, a, ident, image, action_argv(action, args), (), "auto", None, passed)
+    sharens.run_joined(spec, ident, base, create=False)
 
 
 def _run(
@@ -568,8 +651,26 @@ def _run(
 ) -> int:
     """Everything computed while squashfuse starts and reads ahead: the rest of the
     runtime, the environment, the launch."""
+    from sifpy.runtime.process import launch
+
+    spec = _spec(action, a, ident, image, command, prefetch, driver, inject, passed)
+    return launch(spec, inline=True, served=served)
+
+
+def _spec(
+    action: str,
+    a: Any,
+    ident: start.Identity,
+    image: SifPartition | Sandbox,
+    command: list[str],
+    prefetch: tuple[str, ...],
+    driver: str,
+    inject: Injection | None = None,
+    passed: tuple[int, ...] = (),
+) -> LaunchSpec:
+    """The container to start: its mounts, environment and command."""
     from sifpy.runtime import env as renv
-    from sifpy.runtime.process import LaunchOptions, LaunchSpec, launch
+    from sifpy.runtime.process import LaunchOptions, LaunchSpec
 
     if a.containall:
         a.contain = a.cleanenv = a.pid = a.ipc = True
@@ -654,4 +755,4 @@ def _run(
             pwd=a.pwd,
         ),
     )
-    return launch(spec, inline=True, served=served)
+    return spec

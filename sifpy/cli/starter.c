@@ -456,6 +456,30 @@ static int serve(const struct start *s)
     return 1;
 }
 
+/* Whether Python must start this run because its container is shared (sifpy.runtime.sharens):
+ * a rank of an MPI or Slurm job joins the node's container, unless --no-sharens says
+ * otherwise (--sharens itself is an option the starter never serves). Python decides the
+ * rest (options that can't share fall back to a container of their own). */
+static int sharens_wanted(int argc, char **argv)
+{
+    static const char *const rank_vars[] = {"SLURM_STEP_ID", "PMIX_RANK", "OMPI_COMM_WORLD_RANK",
+                                            "PMI_RANK"};
+    int rank = 0;
+    for (size_t i = 0; i < sizeof rank_vars / sizeof *rank_vars; i++) {
+        const char *v = getenv(rank_vars[i]);
+        rank |= v != NULL && *v != '\0';
+    }
+    if (!rank)
+        return 0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--") == 0)
+            break;
+        if (strcmp(argv[i], "--no-sharens") == 0)
+            return 0;
+    }
+    return 1;
+}
+
 int main(int argc, char **argv)
 {
     struct start s;
@@ -466,7 +490,7 @@ int main(int argc, char **argv)
             break;
     if (getenv("SIFPY_SERVED") != NULL)
         unsetenv("SIFPY_SERVED"); /* only ever from this process */
-    if (parse(argc, argv, &s))
+    if (parse(argc, argv, &s) && !sharens_wanted(argc, argv))
         serve(&s);
     boot(argc, argv);
     return EXIT_LAUNCH_FAILED;

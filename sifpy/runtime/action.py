@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from sifpy.runtime.start import DEFAULT_PATH
 
-ACTIONS = ("exec", "run", "shell", "test")
+ACTIONS = ("exec", "run", "shell", "test", "start")
 
 SCRIPT = r"""
 __r="${__SIFPY_ROOT:-}"
@@ -184,6 +184,10 @@ case "$0" in
   test)
     if [ -n "${APPTAINER_APPNAME:-}" ]; then __s="/scif/apps/$APPTAINER_APPNAME/scif/test"
     else __s=/.singularity.d/test; fi
+    [ -f "$__s" ] || exit 0
+    if [ -x "$__s" ]; then exec "$__s" "$@"; else exec /bin/sh "$__s" "$@"; fi ;;
+  start)
+    __s=/.singularity.d/startscript
     [ -f "$__s" ] || exit 0
     if [ -x "$__s" ]; then exec "$__s" "$@"; else exec /bin/sh "$__s" "$@"; fi ;;
   shell)

@@ -114,6 +114,7 @@ else:
         mount=((_CCharP, _CCharP, _CCharP, _CULong, _CCharP), _CInt),
         umount2=((_CCharP, _CInt), _CInt),
         unshare=((_CInt,), _CInt),
+        setns=((_CInt, _CInt), _CInt),
         prctl=((_CInt, _CULong, _CULong, _CULong, _CULong), _CInt),
         capset=((_CCharP, _CCharP), _CInt),
         capget=(None, _CInt),  # (header bytes, a _c_buffer the kernel writes)
@@ -145,6 +146,17 @@ def unshare(flags: int) -> None:
             _USERNS_HINT if flags & CLONE_NEWUSER and err in (errno.EPERM, errno.ENOSPC) else None
         )
         raise _fail("unshare", f"flags {flags:#x}", err, hint)
+
+
+def setns(fd: int, nstype: int, what: str) -> None:
+    """Join the namespace open as ``fd`` (``setns(2)``; ``os.setns`` is Python 3.12's).
+
+    Joining a user namespace needs a single-threaded caller and gives it every capability
+    in that namespace (the kernel's rule for its owner); a mount namespace then sets the
+    caller's root and cwd to that namespace's root (the container's, once pivoted).
+    """
+    if _libc.setns(fd, nstype) != 0:
+        raise _fail("join namespace", what, get_errno())
 
 
 def _write_proc(path: str, data: str) -> None:

@@ -411,10 +411,12 @@ def _set_up(
     servers: list[int],
     sync: tuple[int, int, int, int] | None,
     served: Served | None = None,
+    keeper: int = -1,
 ) -> tuple[int, int]:
     """Enter the namespaces (unless ``served`` did), mount the image (its servers go to
     ``servers``) and fork the container; return its pid and, for ``own_root_after``, the
-    sandbox's fd (else -1)."""
+    sandbox's fd (else -1). ``keeper``: the container keeps its root instead of running
+    ``spec.argv`` (see :func:`_container`)."""
     opts = spec.options
     image = spec.image
     ipc = ns.CLONE_NEWIPC if opts.ipc_ns else 0
@@ -485,7 +487,7 @@ def _set_up(
     me = os.getpid()
     pid = os.fork()
     if pid == 0:
-        _container(spec, ident, plan, cwd_fd, report, me)
+        _container(spec, ident, plan, cwd_fd, report, me, keeper)
     # Close what only the container needed; keep the report pipe until it is done.
     for fd in [m.fd for m in plan] + [cwd_fd, overlay_fd]:
         if fd >= 0:
@@ -494,6 +496,33 @@ def _set_up(
         if fd > 2:
             os.close(fd)
     return pid, own_fd
+
+
+def set_up_keeper(
+    spec: LaunchSpec,
+    ident: Identity,
+    driver: drivers.Driver,
+    report: int,
+    servers: list[int],
+    keeper: int,
+) -> int:
+    """Set up a container whose first process keeps it instead of running a command (see
+    :func:`_container`'s ``keeper``), in this process as its monitor; return its pid. The
+    image's servers go to ``servers``."""
+    _prepare_dirs(spec.options)
+    pid, _own = _set_up(spec, ident, driver, report, servers, None, keeper=keeper)
+    return pid
+
+
+def report_error(fd: int, code: int, message: str, hint: str | None = None) -> None:
+    """Write a set-up failure to a report pipe (:func:`launch` reads the same format)."""
+    _report(fd, code, message, hint)
+
+
+def enter_cwd(spec: LaunchSpec, ident: Identity) -> str:
+    """Change to the command's working directory inside the container, or to its fallback
+    (home, then /); return it."""
+    return _enter_cwd(spec, ident)
 
 
 def _await_id_maps(sync: tuple[int, int, int, int]) -> None:
@@ -603,8 +632,14 @@ def _container(
     cwd_fd: int,
     report: int,
     parent: int,
+    keeper: int = -1,
 ) -> NoReturn:
-    """The container's first process: build the root, pivot_root, exec. Never returns."""
+    """The container's first process: build the root, pivot_root, exec. Never returns.
+
+    ``keeper`` (a pipe's write end): instead of exec'ing, write ``k`` to it once the root is
+    entered and wait until the parent dies (PDEATHSIG): this process then only keeps the
+    container's mount namespace, which other processes join (:mod:`sifpy.runtime.sharens`).
+    """
     try:
         ns.set_parent_death_signal(signal.SIGKILL)
         # In a new PID namespace our parent is outside it and getppid() says 0.
@@ -632,6 +667,12 @@ def _container(
         cwd = _enter_cwd(spec, ident)
         if hooks:
             hooks_.run(hooks, ("startContainer",), "/", "created")
+        if keeper >= 0:
+            os.write(keeper, b"k")
+            os.close(keeper)
+            os.closerange(3, mount.max_fd())
+            while True:  # PDEATHSIG (SIGKILL) ends it with the holder
+                signal.sigwaitinfo({signal.SIGUSR1})
         ns.set_no_new_privs()
         if spec.options.confine:
             ns.limit_caps(DOCKER_CAPS)
@@ -995,6 +1036,14 @@ def _exec(
     except BaseException as exc:
         _report(report, ExitStatus.LAUNCH_FAILED, f"can't prepare exec: {exc!r}")
         os._exit(ExitStatus.LAUNCH_FAILED)
+    code, message = _execvpe(argv, env)
+    _report(report, code, message)
+    os._exit(code)
+
+
+def _execvpe(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """``execvpe`` with ``env``'s PATH; returns only when it failed: the status (127 not
+    found, 126 not executable) and the message."""
     cmd = argv[0]
     error: OSError | None = None
     cands = (
@@ -1015,5 +1064,34 @@ def _exec(
         code, reason = ExitStatus.NOT_EXECUTABLE, error.strerror or str(error)
     elif error is not None and "/" in cmd:
         reason = error.strerror or reason
-    _report(report, code, f"can't execute: {cmd}: {reason}")
+    return code, f"can't execute: {cmd}: {reason}"
+
+
+def exec_joined(argv: list[str], env: dict[str, str], pass_fds: Sequence[int] = ()) -> NoReturn:
+    """Become ``argv`` in a container this process joined (:mod:`sifpy.runtime.sharens`):
+    the same clean process state as a container's command (0, 1, 2 and ``pass_fds`` only,
+    default signals, no_new_privs, the payload's seccomp filter); on failure, the error on
+    stderr and exit 126 or 127, as a shell would."""
+    try:
+        ns.set_no_new_privs()
+        seccomp.install_payload_filter(False)
+        pass_fds = [fd for fd in pass_fds if fd > 2]
+        low = 3
+        for fd in sorted(pass_fds):
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, mount.max_fd())
+        for fd in pass_fds:
+            os.set_inheritable(fd, True)
+        for sig in range(1, signal.NSIG):
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                with lean.suppress(OSError, ValueError):
+                    signal.signal(sig, signal.SIG_DFL)
+        ns.reset_reserved_signals()
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    except BaseException as exc:
+        os.write(2, f"error: can't prepare exec: {exc!r}\n".encode(errors="replace"))
+        os._exit(ExitStatus.LAUNCH_FAILED)
+    code, message = _execvpe(argv, env)
+    os.write(2, f"error: {message}\n".encode(errors="replace"))
     os._exit(code)

@@ -1,0 +1,529 @@
+"""One container per node, joined by every rank of a job step (``--sharens``), and named,
+long-lived containers on the same machinery (instances).
+
+Why: with a container per rank, every rank has its own user namespace, so MPI's shared
+memory between ranks fails (UCX opens its peer's ``/proc/PID/fd/N`` and calls
+``process_vm_readv``: both refused across user namespaces), and every rank pays for its
+own FUSE server, decompressing the same blocks again. pyxis/enroot create the container
+once per node and the tasks join it through saved namespace fds; this is the same design.
+
+Process structure::
+
+    holder (one per node and key)   its own session, no parent to die with; user + mount
+    │                               namespaces, the image's FUSE server, a socket the ranks
+    │                               join through; it watches every rank (a pidfd each) and
+    │                               ends everything when the last one is gone
+    ├─ squashfuse_ll -f             the FUSE server (PDEATHSIG: dies with the holder)
+    └─ keeper                       pivoted into the container root; its mount namespace is
+                                    the container's (PDEATHSIG: dies with the holder)
+    rank (sifpy exec, any parent)   joins: setns(user), setns(mnt), chdir, exec the command
+                                    itself: its pid, cwd, environment and exit status stay
+                                    its own; no monitor per rank
+
+The first rank, holding the key's lock, starts the holder and waits until it is ready; every
+rank then connects, sends a pidfd of itself and gets the namespace fds, and only then lets
+the lock go. The holder exits only while it can take that lock itself (no rank is between
+connecting and registering) and nobody is registered: a rank either joins a live holder or
+finds none and starts one. Nothing depends on the first rank: SIGKILL of any rank closes its
+pidfd's process, and the mount namespaces die with their last process.
+
+The key is a hash of the image's identity (device, inode, mtime, size, partition), the uid,
+the options that shape the container's mounts (its cwd included) and the job step
+(:func:`job_step`), so only ranks that would have built the same container share one.
+"""
+
+from __future__ import annotations
+
+import _socket
+import fcntl
+import os
+import struct
+
+from sifpy.errors import ExitStatus, RuntimeSetupError, SifpyError
+from sifpy.runtime import ns
+from sifpy.util.lean import suppress
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+    from sifpy.runtime.process import LaunchSpec
+    from sifpy.runtime.start import Identity
+
+# Variables that say "this process is a rank of a parallel job" (checked in this order by
+# job_step); the starter (sifpy/cli/starter.c) knows the same list.
+RANK_VARS = ("SLURM_STEP_ID", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+_JOIN, _STOP = b"j", b"s"
+_FDS = struct.Struct("2i")  # the namespace fds a joiner gets
+_PIDFD = struct.Struct("i")  # the pidfd it gives
+_TIMEOUT = 10.0  # seconds a holder may take to start, or to answer
+
+
+def job_step(environ: dict[str, str] | os._Environ[str]) -> str | None:
+    """The job step this process is a rank of, or None when it is none.
+
+    Slurm names the step (``SLURM_JOB_ID.SLURM_STEP_ID``, with ``SLURM_PROCID``), PMIx its
+    namespace, Open MPI its job; MPICH's Hydra names nothing, but starts every rank of a
+    node from one proxy: the parent process (pid and start time) stands for the step.
+    """
+    get = environ.get
+    if get("SLURM_STEP_ID") and get("SLURM_PROCID") and get("SLURM_JOB_ID"):
+        return f"slurm:{get('SLURM_JOB_ID')}.{get('SLURM_STEP_ID')}"
+    if get("PMIX_RANK") and get("PMIX_NAMESPACE"):
+        return f"pmix:{get('PMIX_NAMESPACE')}"
+    if get("OMPI_COMM_WORLD_RANK") and get("OMPI_MCA_ess_base_jobid"):
+        return f"ompi:{get('OMPI_MCA_ess_base_jobid')}"
+    if any(get(v) for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")):
+        return parent_step()
+    return None
+
+
+def parent_step() -> str:
+    """The parent process (pid and start time, which a reused pid does not have) as the
+    job step: the ranks of one launcher on one node share it."""
+    ppid = os.getppid()
+    try:
+        with open(f"/proc/{ppid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        started = fields[19].decode()  # field 22, starttime, counted after "pid (comm)"
+    except (OSError, IndexError):
+        started = "?"
+    return f"parent:{ppid}:{started}"
+
+
+def runtime_dir() -> str:
+    """The caller's private directory for locks and sockets: ``$XDG_RUNTIME_DIR/sifpy``
+    (systemd's per-user tmpfs) or ``/tmp/sifpy-UID``; it must be the caller's own, mode 0700
+    (another user's directory there would let them answer our joins)."""
+    uid = os.getuid()
+    base = os.environ.get("XDG_RUNTIME_DIR", "")
+    path = f"{base}/sifpy" if base.startswith("/") else f"/tmp/sifpy-{uid}"
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise RuntimeSetupError(f"can't create directory: {path}: {exc.strerror}") from exc
+    st = os.lstat(path)
+    if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != uid or st.st_mode & 0o077:
+        raise RuntimeSetupError(
+            f"can't use directory: {path}: not a private directory of uid {uid}",
+            "remove it, or set XDG_RUNTIME_DIR to a directory of your own",
+        )
+    return path
+
+
+def container_key(spec: LaunchSpec, step: str, st: os.stat_result) -> str:
+    """The hash that names the shared container of ``spec`` in ``step`` (see the module
+    docstring): what decides the container's mounts, never its command or environment."""
+    import hashlib
+
+    opts = spec.options
+    parts = [
+        (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size),
+        getattr(spec.image, "offset", 0),
+        os.getuid(),
+        step,
+        spec.cwd,
+        sorted(spec.binds),
+        [repr(v) for k, v in opts._asdict().items() if k not in ("identity", "pass_fds")],
+        spec.env.get("HOME"),
+    ]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
+
+
+# --- a rank -------------------------------------------------------------------------------
+
+
+def run_joined(spec: LaunchSpec, ident: Identity, base: str, create: bool = True) -> NoReturn:
+    """Join (``create``: starting it if needed) the shared container at ``base`` and become
+    ``spec.argv`` in it, in ``spec.cwd`` with ``spec.env`` and ``spec.options.pass_fds``."""
+    from sifpy.runtime import process
+
+    holder_spec = spec._replace(
+        argv=["true"], options=spec.options._replace(prefetch=(), pass_fds=())
+    )
+    fds = join(base, (lambda: start_holder(base, holder_spec, ident)) if create else None)
+    enter_joined(fds)
+    process.enter_cwd(spec, ident)
+    process.exec_joined(spec.argv, spec.env, spec.options.pass_fds)
+
+
+def instances_dir() -> str:
+    """Where the instances' sockets, locks, logs and descriptions are."""
+    path = f"{runtime_dir()}/instances"
+    with suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    return path
+
+
+def instance_base(name: str) -> str:
+    """The base path of instance ``name`` (checked: a plain name)."""
+    ok = name and name[0].isalnum() and all(c.isalnum() or c in "._-" for c in name)
+    if not ok or len(name) > 64:
+        raise RuntimeSetupError(
+            f"can't use instance name: {name!r}: invalid",
+            "use letters, digits, '.', '_' and '-' (64 at most), starting with a letter or digit",
+        )
+    return f"{instances_dir()}/{name}"
+
+
+def running(base: str) -> bool:
+    """Whether a holder answers at ``base`` (a dead one's files are left to its next
+    start)."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(f"{base}.sock")
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True
+
+
+def join(base: str, create: Callable[[], object] | None = None) -> tuple[int, int]:
+    """Join the shared container whose lock and socket are ``base.lock`` and ``base.sock``;
+    ``create`` starts its holder when there is none (else: an error). Returns the user and
+    mount namespace fds, this process now registered as a member."""
+    lock = _lock(f"{base}.lock")
+    try:
+        sock = _connect(f"{base}.sock")
+        if sock is None:
+            if create is None:
+                raise RuntimeSetupError(f"can't join: {os.path.basename(base)}: not running")
+            create()
+            sock = _connect(f"{base}.sock")
+            if sock is None:
+                raise RuntimeSetupError("can't join the shared container: its holder is gone")
+        try:
+            return _register(sock)
+        finally:
+            sock.close()
+    finally:
+        os.close(lock)
+
+
+def _lock(path: str) -> int:
+    """Open and lock ``path``; a holder removes it when it exits (holding the lock), so a
+    lock taken on a removed file is taken again on the current one."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _connect(path: str) -> _socket.socket | None:
+    """A connection to a live holder, or None (no socket, or a dead holder's: removed)."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    sock.settimeout(_TIMEOUT)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        # Refused: its holder was killed; we hold the lock, nobody else is creating it.
+        with suppress(FileNotFoundError):
+            os.unlink(path)
+        return None
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _register(sock: _socket.socket) -> tuple[int, int]:
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        sock.sendmsg([_JOIN], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _PIDFD.pack(pidfd))])
+    finally:
+        os.close(pidfd)
+    msg, anc, _flags, _addr = sock.recvmsg(4096, _socket.CMSG_SPACE(_FDS.size))
+    fds = [
+        fd
+        for level, kind, data in anc
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
+        for fd in struct.unpack(f"{len(data) // 4}i", data[: len(data) // 4 * 4])
+    ]
+    if msg != b"k" or len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        why = msg[1:].decode(errors="replace") if msg[:1] == b"e" else "no answer"
+        raise RuntimeSetupError(f"can't join the shared container: {why}")
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    return fds[0], fds[1]
+
+
+def enter_joined(fds: tuple[int, int]) -> None:
+    """Join the user namespace, then the container's mount namespace (root and cwd become
+    the container's /)."""
+    userns, mntns = fds
+    try:
+        ns.setns(userns, ns.CLONE_NEWUSER, "the shared container's user namespace")
+        ns.setns(mntns, ns.CLONE_NEWNS, "the shared container's mount namespace")
+    finally:
+        os.close(userns)
+        os.close(mntns)
+
+
+def stop(base: str) -> bool:
+    """Ask the holder at ``base`` to end its container (its members are killed); wait until
+    it is gone. False if none was running."""
+    sock = _connect(f"{base}.sock")
+    if sock is None:
+        return False
+    try:
+        sock.settimeout(_TIMEOUT)
+        sock.sendall(_STOP)
+        while sock.recv(64):  # the holder closes the connection when it exits
+            pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    return True
+
+
+# --- the holder ---------------------------------------------------------------------------
+
+
+def start_holder(
+    base: str,
+    spec: LaunchSpec,
+    ident: Identity,
+    persistent: bool = False,
+    info: str | None = None,
+) -> int:
+    """Start the holder of ``base`` (the caller holds ``base.lock``) and wait until its
+    container is ready; return its pid. ``persistent`` (an instance): it stays without
+    members until stopped. ``info``: text written to ``base.json`` once it is ready.
+    Raises the holder's own set-up error."""
+    ready_r, ready_w = os.pipe()
+    pidr, pidw = os.pipe()
+    first = os.fork()
+    if first == 0:  # its own session, and a parent that exits now: it outlives every rank
+        code = ExitStatus.LAUNCH_FAILED
+        try:
+            os.close(ready_r)
+            os.close(pidr)
+            os.setsid()
+            holder = os.fork()
+            if holder != 0:
+                os.write(pidw, str(holder).encode())
+                code = 0
+            else:
+                os.close(pidw)
+                _holder(base, spec, ident, ready_w, persistent)
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.close(pidw)
+    os.waitpid(first, 0)
+    try:
+        holder_pid = int(os.read(pidr, 64) or b"0")
+        answer = os.read(ready_r, 65536)
+    finally:
+        os.close(pidr)
+        os.close(ready_r)
+    if answer != b"ready":
+        _code, message, hint = [*answer.decode(errors="replace").split("\0", 2), "", ""][:3]
+        raise RuntimeSetupError(
+            message or "can't start the shared container: its holder exited", hint or None
+        )
+    if info is not None:
+        tmp = f"{base}.json.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(info)
+        os.replace(tmp, f"{base}.json")
+    return holder_pid
+
+
+def _holder(base: str, spec: LaunchSpec, ident: Identity, ready: int, persistent: bool) -> NoReturn:
+    """The holder process (see the module docstring); never returns."""
+    from sifpy.runtime import drivers, mount, process
+    from sifpy.runtime.start import SifPartition
+
+    servers: list[int] = []
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # the ranks' pipes must see end-of-file without us
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        # Nothing of the rank's (its PMI socket, its lock) stays open here but the image,
+        # which the image's path names (/proc/self/fd/N).
+        keep = {ready}
+        image = spec.image
+        if image.path.startswith("/proc/self/fd/"):
+            keep.add(int(image.path.rsplit("/", 1)[1]))
+        low = 3
+        for fd in sorted(keep):
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, mount.max_fd())
+        os.chdir("/")
+        if isinstance(image, SifPartition):
+            driver = drivers.choose(spec.options.mount_driver, spec.options.squashfuse)
+        else:
+            driver = drivers.Driver("sandbox")
+        # The socket and the lock exist before the namespaces: the session covers /tmp.
+        dir_fd = os.open(os.path.dirname(base), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        name = os.path.basename(base)
+        lock = os.open(f"{base}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        import socket  # here, not on a rank's path (enum)
+
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(f"{base}.sock")
+        listener.listen(64)
+        keep_r, keep_w = os.pipe()
+        report_r, report_w = os.pipe()
+        keeper = process.set_up_keeper(spec, ident, driver, report_w, servers, keep_w)
+        os.close(keep_w)
+        os.close(report_w)
+        if os.read(keep_r, 1) != b"k":
+            err = os.read(report_r, 65536)
+            raise RuntimeSetupError(
+                err.decode(errors="replace").split("\0")[1]
+                if err.count(b"\0") >= 2
+                else "can't set up the shared container"
+            )
+        os.close(keep_r)
+        os.close(report_r)
+        userns = os.open("/proc/self/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        mntns = os.open(f"/proc/{keeper}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        keeper_fd = os.pidfd_open(keeper)
+    except SifpyError as exc:
+        process.report_error(ready, ExitStatus.LAUNCH_FAILED, exc.message, exc.hint)
+        _end(servers)
+    except BaseException as exc:
+        why = f"can't start the shared container: {exc!r}"
+        process.report_error(ready, ExitStatus.LAUNCH_FAILED, why)
+        _end(servers)
+    os.write(ready, b"ready")
+    os.close(ready)
+    try:
+        _serve(listener, lock, keeper_fd, (userns, mntns), persistent)
+    finally:
+        os.kill(keeper, 9)
+        with suppress(OSError):
+            os.unlink(f"{name}.sock", dir_fd=dir_fd)
+        with suppress(OSError):  # locked by us (_serve returned so): see _lock
+            os.unlink(f"{name}.lock", dir_fd=dir_fd)
+        if persistent:
+            for ext in (".json", ".out", ".err"):
+                with suppress(OSError):
+                    os.unlink(f"{name}{ext}", dir_fd=dir_fd)
+        _end(servers)
+
+
+def _end(servers: list[int]) -> NoReturn:
+    from sifpy.runtime import mount
+
+    for pid in reversed(servers):
+        mount.stop_server(pid)
+    os._exit(0)
+
+
+def _serve(
+    listener: socket.socket,
+    lock: int,
+    keeper_fd: int,
+    ns_fds: tuple[int, int],
+    persistent: bool,
+) -> None:
+    """Answer joins and watch the members until the last one is gone (or, ``persistent``,
+    until told to stop); returns with the lock held (no rank can be joining)."""
+    import select
+    import signal
+
+    members: dict[int, int] = {}  # pidfd -> pid
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+    poller.register(keeper_fd, select.POLLIN)
+    listener.setblocking(False)
+    stopping = False
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # `instance stop` asks through the socket
+    while not stopping:
+        idle = not members and not persistent
+        for fd, _event in poller.poll(50 if idle else None):
+            if fd == keeper_fd:
+                stopping = True
+            elif fd == listener.fileno():
+                stopping |= _accept(listener, ns_fds, members, poller)
+            elif fd in members:
+                poller.unregister(fd)
+                os.close(fd)
+                del members[fd]
+        if not stopping and not members and not persistent:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a rank is joining: its connection is next
+            # Locked: no rank is between connecting and registering; one that connected
+            # before (and gave up) is answered, else we are done.
+            if not _accept(listener, ns_fds, members, poller) and not members:
+                return
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    for pidfd in members:  # stopped: the members go with the container
+        with suppress(OSError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+
+
+def _accept(
+    listener: socket.socket,
+    ns_fds: tuple[int, int],
+    members: dict[int, int],
+    poller: object,
+) -> bool:
+    """Answer every pending connection: register joiners; True when asked to stop."""
+    import select
+
+    stop_asked = False
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return stop_asked
+        with conn:
+            conn.settimeout(_TIMEOUT)
+            try:
+                msg, anc, _flags, _addr = conn.recvmsg(16, _socket.CMSG_SPACE(_PIDFD.size))
+            except OSError:
+                continue
+            fds = [
+                fd
+                for level, kind, data in anc
+                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
+                for fd in struct.unpack(f"{len(data) // 4}i", data[: len(data) // 4 * 4])
+            ]
+            if msg == _STOP:
+                for fd in fds:
+                    os.close(fd)
+                stop_asked = True
+                # The connection stays open until we exit: `stop` waits for its end.
+                os.set_inheritable(conn.detach(), False)
+                continue
+            if msg != _JOIN or not fds:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            pidfd = fds[0]
+            for fd in fds[1:]:
+                os.close(fd)
+            try:
+                conn.sendmsg([b"k"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _FDS.pack(*ns_fds))])
+            except OSError:
+                os.close(pidfd)
+                continue
+            members[pidfd] = 0
+            poller.register(pidfd, select.POLLIN)  # type: ignore[attr-defined]
+
+
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Callable
