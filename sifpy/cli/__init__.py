@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("sifpy.cli.exec", "run the container's runscript"),
     "shell": ("sifpy.cli.exec", "start an interactive shell in a container"),
     "test": ("sifpy.cli.exec", "run the container's test script"),
+    "instance": ("sifpy.cli.instance", "start, list and stop instances (background containers)"),
     "inspect": ("sifpy.cli.inspect", "show an image's labels, runscript, environment, ..."),
     "sif": ("sifpy.cli.sif", "inspect and edit SIF files (siftool-compatible)"),
     "build": ("sifpy.cli.build", "build a SIF or sandbox from a definition file or image"),

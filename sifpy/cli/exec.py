@@ -630,9 +630,9 @@ def _run_in_instance(
         raise UsageError(
             f"can't join instance: {name}: not running", hint="see `sifpy instance list`"
         )
-    a.image = info["image"]
+    a.image = info["img"]
     args = ([a.command] if action == "exec" else []) + a.args
-    image = Sandbox(info["image"])  # only named: the instance's root is joined
+    image = Sandbox(info["img"])  # only named: the instance's root is joined
     spec = _spec(action, a, ident, image, action_argv(action, args), (), "auto", None, passed)
     sharens.run_joined(spec, ident, base, create=False)
 
