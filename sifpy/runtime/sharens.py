@@ -458,8 +458,6 @@ def _holder(base: str, spec: LaunchSpec, ident: Identity, ready: int, persistent
             low = fd + 1
         os.closerange(low, mount.max_fd())
         os.chdir("/")
-        with suppress(OSError), open("/proc/self/comm", "w") as f:
-            f.write(HOLDER_NAME)  # what ps shows, and what tests look for
         if isinstance(image, SifPartition):
             driver = drivers.choose(spec.options.mount_driver, spec.options.squashfuse)
         else:
@@ -476,6 +474,8 @@ def _holder(base: str, spec: LaunchSpec, ident: Identity, ready: int, persistent
         keep_r, keep_w = os.pipe()
         report_r, report_w = os.pipe()
         keeper = process.set_up_keeper(spec, ident, driver, report_w, servers, keep_w)
+        with suppress(OSError), open("/proc/self/comm", "w") as f:
+            f.write(HOLDER_NAME)  # what ps shows (the keeper is named before: python3)
         os.close(keep_w)
         os.close(report_w)
         if os.read(keep_r, 1) != b"k":

@@ -1,0 +1,320 @@
+"""One container per node for the ranks of a job (``--sharens``, the default for a rank of
+an MPI or Slurm job) and instances, end to end as the unprivileged test user: the ranks
+share one user and mount namespace and one FUSE server, each keeps its own exit status,
+and nothing is left once the last one is gone, however they end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from integration.conftest import UserRunner, require
+from integration.runtime.conftest import busybox_rootfs, make_sif
+
+HOLDER = "sifpy-holder"  # the holder's process name (sifpy.runtime.sharens.HOLDER_NAME)
+WAIT_GO = "while [ ! -e go ]; do sleep 0.05; done"
+
+
+def live_processes(uid: int, name: str) -> list[int]:
+    """Pids of the live (not zombie) processes of ``uid`` named ``name``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        state = fields.get("State", "").split()
+        if (
+            fields.get("Name", "").strip() == name
+            and fields["Uid"].split()[0] == str(uid)
+            and state[:1] != ["Z"]
+        ):
+            out.append(int(entry))
+    return out
+
+
+def ns_holders(ns: str) -> list[int]:
+    """Pids of every process in the namespace ``ns`` (``mnt:[N]`` as readlink shows it)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/ns/{ns.split(':')[0]}") == ns:
+                    out.append(int(entry))
+            except OSError:
+                pass
+    return out
+
+
+def wait_for(check: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return bool(check())
+
+
+class Node:
+    """sifpy as the test user, with a private runtime directory and a shared cwd."""
+
+    def __init__(self, runner: UserRunner, image: str, cwd: Path, rundir: Path, prog: list[str]):
+        self.runner, self.image, self.cwd, self.rundir, self.prog = runner, image, cwd, rundir, prog
+        self.uid = runner.user.uid
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {"XDG_RUNTIME_DIR": str(self.rundir), **(extra or {})}
+
+    def __call__(self, *args: str, env: dict[str, str] | None = None, **kw: Any) -> Any:
+        kw.setdefault("cwd", str(self.cwd))
+        return self.runner([*self.prog, *args], env=self.env(env), **kw)
+
+    def popen(self, *args: str, env: dict[str, str] | None = None, **kw: Any) -> Any:
+        kw.setdefault("cwd", str(self.cwd))
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        return self.runner.popen([*self.prog, *args], env=self.env(env), **kw)
+
+    def ranks(self, n: int, script: str, opts: tuple[str, ...] = ()) -> list[Any]:
+        """Start ``n`` ranks of one simulated job step (PMI_RANK/PMI_SIZE, one parent)."""
+        return [
+            self.popen(
+                "exec", *opts, self.image, "sh", "-c", script,
+                env={"PMI_RANK": str(i), "PMI_SIZE": str(n)},
+            )  # fmt: skip
+            for i in range(n)
+        ]
+
+    def squashfuse(self) -> list[int]:
+        return live_processes(self.uid, "squashfuse_ll")
+
+    def holders(self) -> list[int]:
+        return live_processes(self.uid, HOLDER)
+
+
+@pytest.fixture(scope="module")
+def sharens_image(workdir: Path) -> str:
+    def startscript(root: Path) -> None:
+        d = root / ".singularity.d"
+        d.mkdir()
+        (d / "startscript").write_text(
+            '#!/bin/sh\necho "started $*" > "$MARK"\nexec sleep 1000\n'
+        )
+        (d / "startscript").chmod(0o755)
+
+    rootfs = busybox_rootfs(workdir / "sharens-rootfs", startscript)
+    return str(make_sif(rootfs, workdir / "sharens.sif")["sif"])
+
+
+@pytest.fixture(params=["python", "starter"])
+def node(
+    request: pytest.FixtureRequest,
+    runtime_ready: UserRunner,
+    sharens_image: str,
+    workdir: Path,
+) -> Iterator[Node]:
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="sharens-", dir=workdir))
+    os.chmod(tmp_path, 0o755)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    os.chmod(cwd, 0o777)
+    rundir = tmp_path / "run"
+    rundir.mkdir(mode=0o700)
+    os.chown(rundir, runtime_ready.user.uid, runtime_ready.user.gid)
+    prog = ["/usr/bin/python3", "-m", "sifpy"]
+    if request.param == "starter":
+        prog = [request.getfixturevalue("starter")]
+    before = Path("/proc/self/mountinfo").read_text()
+    n = Node(runtime_ready, sharens_image, cwd, rundir, prog)
+    yield n
+    # Nothing of a shared container outlives its members: no server, no holder, no host
+    # mount, no socket or lock left behind.
+    assert wait_for(lambda: not n.squashfuse() and not n.holders()), (n.squashfuse(), n.holders())
+    assert Path("/proc/self/mountinfo").read_text() == before
+    leftovers = [p.name for p in rundir.rglob("*") if p.suffix in (".sock", ".lock", ".json")]
+    assert leftovers == []
+
+
+def finish(procs: list[Any]) -> list[tuple[int, str, str]]:
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=60)
+        out.append((p.returncode, stdout, stderr))
+    return out
+
+
+def test_ranks_share_one_container(node: Node) -> None:
+    """Four ranks of one job step: one user namespace, one mount namespace, one FUSE server
+    for all; each rank with its own pid, cwd and exit status."""
+    script = (
+        'echo "$(readlink /proc/self/ns/user) $(readlink /proc/self/ns/mnt) $$ $(pwd)"; '
+        f"{WAIT_GO}; exit $((PMI_RANK + 3))"
+    )
+    procs = node.ranks(4, script)
+    try:
+        lines = [p.stdout.readline().split() for p in procs]
+        assert all(len(line) == 4 for line in lines), [p.stderr.read() for p in procs]
+        assert len(node.squashfuse()) == 1
+        assert len(node.holders()) == 1
+    finally:
+        (node.cwd / "go").touch()
+        results = finish(procs)
+    assert [r[0] for r in results] == [3, 4, 5, 6], results
+    assert len({line[0] for line in lines}) == 1  # the user namespace
+    assert len({line[1] for line in lines}) == 1  # the mount namespace
+    assert len({line[2] for line in lines}) == 4  # each rank its own process
+    assert {line[3] for line in lines} == {str(node.cwd)}
+    assert lines[0][1] != f"mnt:[{os.stat('/proc/self/ns/mnt').st_ino}]"
+
+
+def test_no_sharens_gives_each_rank_its_own(node: Node) -> None:
+    """--no-sharens: the ranks of a job get a container each (and so does a plain start)."""
+    script = f'echo "$(readlink /proc/self/ns/mnt)"; {WAIT_GO}'
+    procs = node.ranks(2, script, ("--no-sharens",))
+    try:
+        lines = [p.stdout.readline().strip() for p in procs]
+        assert len(node.squashfuse()) == 2
+        assert node.holders() == []
+    finally:
+        (node.cwd / "go").touch()
+        results = finish(procs)
+    assert [r[0] for r in results] == [0, 0], results
+    assert len(set(lines)) == 2
+    r = node("exec", node.image, "true")
+    assert r.returncode == 0, r.stderr
+    assert list(node.rundir.iterdir()) == []  # a start outside a job shares nothing
+
+
+def test_explicit_sharens_outside_a_job(node: Node) -> None:
+    """--sharens without a job's variables: processes of one parent share the container;
+    options that need a container of its own are refused."""
+    r = node("exec", "--sharens", node.image, "sh", "-c", "exit 7")
+    assert r.returncode == 7, r.stderr
+    r = node("exec", "--sharens", "--pid", node.image, "true")
+    assert r.returncode == 125
+    assert "--sharens can't be combined with --pid" in r.stderr
+    r = node("exec", "--sharens", node.image, "no-such-command")
+    assert r.returncode == 127
+    assert "no-such-command" in r.stderr
+
+
+def test_sigkilled_ranks_leave_nothing(node: Node) -> None:
+    """SIGKILL the first rank (which started the holder), then the others: the container
+    keeps serving the survivors, and once all are gone no FUSE server, holder, process in
+    the container's namespaces or mount is left (the fixture checks the rest)."""
+    wait_own = 'while [ ! -e "go$PMI_RANK" ]; do sleep 0.05; done'
+    procs = node.ranks(3, f"readlink /proc/self/ns/mnt; {wait_own}; cat /etc/image-marker")
+    mnt = ""
+    try:
+        mnt = procs[0].stdout.readline().strip()
+        for p in procs[1:]:
+            assert p.stdout.readline().strip() == mnt
+        assert len(node.squashfuse()) == 1
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(timeout=10)
+        time.sleep(0.2)
+        assert len(node.squashfuse()) == 1  # the others still need it
+        assert len(node.holders()) == 1
+        (node.cwd / "go1").touch()
+        assert procs[1].communicate(timeout=30)[0] == "from the image\n"
+        procs[2].send_signal(signal.SIGKILL)
+    finally:
+        for p in procs:
+            with_kill(p)
+    assert procs[0].returncode == -signal.SIGKILL
+    assert procs[2].returncode == -signal.SIGKILL
+    assert wait_for(lambda: not node.squashfuse() and not node.holders())
+    assert mnt.startswith("mnt:[")
+    assert wait_for(lambda: ns_holders(mnt) == [])
+
+
+def with_kill(p: Any) -> None:
+    if p.poll() is None:
+        p.kill()
+    p.communicate(timeout=30)
+
+
+def test_mpiexec_ranks_share_by_default(node: Node) -> None:
+    """Under MPICH's real mpiexec (Hydra), the ranks share the container by default."""
+    mpiexec = shutil.which("mpiexec.mpich") or shutil.which("mpiexec")
+    require(None if mpiexec else "mpiexec (Debian's mpich) is not installed")
+    assert mpiexec is not None
+    script = 'echo "$PMI_RANK $(readlink /proc/self/ns/user) $(readlink /proc/self/ns/mnt)"'
+    r = node.runner(
+        [mpiexec, "-n", "4", *node.prog, "exec", node.image, "sh", "-c", script],
+        env=node.env(),
+        cwd=str(node.cwd),
+    )
+    assert r.returncode == 0, r.stderr
+    lines = sorted(line.split() for line in r.stdout.splitlines())
+    assert [line[0] for line in lines] == ["0", "1", "2", "3"], r.stdout
+    assert len({line[1] for line in lines}) == 1
+    assert len({line[2] for line in lines}) == 1
+
+
+def test_instance_start_list_exec_stop(node: Node) -> None:
+    """An instance runs the image's %startscript (with its arguments), is listed, can be
+    joined with instance://NAME, and stopping it ends every process in it."""
+    mark = node.cwd / "started"
+    env = {"MARK": str(mark)}
+    r = node("instance", "start", node.image, "inst1", "a", "b", env=env)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert wait_for(mark.exists)
+        assert mark.read_text() == "started a b\n"
+        r = node("instance", "start", node.image, "inst1")
+        assert r.returncode != 0 and "inst1" in r.stderr
+        r = node("instance", "list", "--json")
+        assert r.returncode == 0, r.stderr
+        (entry,) = json.loads(r.stdout)["instances"]
+        assert entry["instance"] == "inst1"
+        assert entry["img"] == node.image
+        assert entry["pid"] in node.holders()
+        assert "inst1" in node("instance", "list").stdout
+        r = node("exec", "instance://inst1", "sh", "-c", "readlink /proc/self/ns/mnt; exit 4")
+        assert r.returncode == 4, r.stderr
+        r2 = node("exec", "instance://inst1", "readlink", "/proc/self/ns/mnt")
+        assert r2.stdout == r.stdout
+        sleepers = live_processes(node.uid, "sleep")
+        assert len(sleepers) == 1  # the start script, exec'd into sleep
+        assert os.readlink(f"/proc/{sleepers[0]}/ns/mnt") == r.stdout.strip()
+        assert len(node.squashfuse()) == 1
+    finally:
+        r = node("instance", "stop", "inst1")
+    assert r.returncode == 0, r.stderr
+    assert live_processes(node.uid, "sleep") == []
+    assert json.loads(node("instance", "list", "--json").stdout)["instances"] == []
+    r = node("exec", "instance://inst1", "true")
+    assert r.returncode == 125 and "not running" in r.stderr
+    r = node("instance", "stop", "inst1")
+    assert r.returncode != 0 and "not running" in r.stderr
+
+
+def test_instance_stop_all_without_startscript(node: Node, images: dict[str, Any]) -> None:
+    """An image without %startscript: the instance stays up anyway; stop -a ends all."""
+    plain = images["plain"]["sif"]
+    for name in ("one", "two"):
+        r = node("instance", "start", plain, name)
+        assert r.returncode == 0, r.stderr
+    listed = node("instance", "list").stdout
+    assert "one" in listed and "two" in listed
+    assert len(node.squashfuse()) == 2
+    r = node("exec", "instance://two", "cat", "/etc/image-marker")
+    assert r.stdout == "from the image\n", r.stderr
+    r = node("instance", "stop", "-a")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(node("instance", "list", "--json").stdout)["instances"] == []
