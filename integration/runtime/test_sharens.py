@@ -91,9 +91,14 @@ class Node:
         """Start ``n`` ranks of one simulated job step (PMI_RANK/PMI_SIZE, one parent)."""
         return [
             self.popen(
-                "exec", *opts, self.image, "sh", "-c", script,
+                "exec",
+                *opts,
+                self.image,
+                "sh",
+                "-c",
+                script,
                 env={"PMI_RANK": str(i), "PMI_SIZE": str(n)},
-            )  # fmt: skip
+            )
             for i in range(n)
         ]
 
@@ -109,9 +114,7 @@ def sharens_image(workdir: Path) -> str:
     def startscript(root: Path) -> None:
         d = root / ".singularity.d"
         d.mkdir()
-        (d / "startscript").write_text(
-            '#!/bin/sh\necho "started $*" > "$MARK"\nexec sleep 1000\n'
-        )
+        (d / "startscript").write_text('#!/bin/sh\necho "started $*" > "$MARK"\nexec sleep 1000\n')
         (d / "startscript").chmod(0o755)
 
     rootfs = busybox_rootfs(workdir / "sharens-rootfs", startscript)
