@@ -600,6 +600,10 @@ def _sharens_step(a: Any, served: bool) -> str | None:
     bad = [f"--{o.replace('_', '-')}" for o in _UNSHARED if getattr(a, o)]
     if a.sharens and bad:
         raise UsageError(f"--sharens can't be combined with {', '.join(bad)}")
+    if a.sharens and os.getuid() == 0:
+        # Root's container maps every id to itself from outside (process.launch); the
+        # holder's namespaces are made for one unprivileged user.
+        raise UsageError("--sharens is for unprivileged users", hint="run it as your own user")
     if bad or os.getuid() == 0:
         return None  # by default only; real root keeps its identity-mapped container
     if served:  # the starter entered namespaces of its own already (it did not see a rank)
