@@ -1,0 +1,58 @@
+"""Which processes share a container (sifpy.runtime.sharens): the job step a rank belongs
+to, and the key that names its container (no namespaces here: see integration/runtime)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sifpy.errors import RuntimeSetupError
+from sifpy.runtime import sharens
+from sifpy.runtime.process import LaunchOptions, LaunchSpec
+from sifpy.runtime.start import SifPartition
+
+
+def test_job_step_from_each_launcher() -> None:
+    parent = sharens.parent_step()
+    assert parent.startswith(f"parent:{os.getppid()}:")
+    cases = {
+        "slurm:12.3": {"SLURM_JOB_ID": "12", "SLURM_STEP_ID": "3", "SLURM_PROCID": "1"},
+        "pmix:prterun-x@1": {"PMIX_RANK": "0", "PMIX_NAMESPACE": "prterun-x@1"},
+        "ompi:77": {"OMPI_COMM_WORLD_RANK": "2", "OMPI_MCA_ess_base_jobid": "77"},
+        parent: {"PMI_RANK": "0", "PMI_SIZE": "4"},  # Hydra names no job: its proxy does
+    }
+    for want, env in cases.items():
+        assert sharens.job_step(env) == want
+    assert sharens.job_step({}) is None
+    # A batch script (a job, no step) is no rank; so is an empty variable.
+    assert sharens.job_step({"SLURM_JOB_ID": "12", "PMI_RANK": ""}) is None
+
+
+def test_key_follows_image_user_step_and_mounts(tmp_path: os.PathLike[str]) -> None:
+    img = os.path.join(tmp_path, "a.sif")
+    with open(img, "wb") as f:
+        f.write(b"x" * 4096)
+    st = os.stat(img)
+    spec = LaunchSpec(SifPartition(img, 0, 4096), ["true"], {"HOME": "/h"}, "/w")
+    key = sharens.container_key(spec, "slurm:1.0", st)
+    # What the command is and its environment (but HOME) don't make another container.
+    same = spec._replace(argv=["other"], env={"HOME": "/h", "X": "1"})
+    assert sharens.container_key(same, "slurm:1.0", st) == key
+    others = [
+        (spec, "slurm:1.1", st),
+        (spec._replace(cwd="/elsewhere"), "slurm:1.0", st),
+        (spec._replace(binds=[("/a", "/a", True)]), "slurm:1.0", st),
+        (spec._replace(options=LaunchOptions(fakeroot=True)), "slurm:1.0", st),
+        (spec._replace(image=SifPartition(img, 512, 1024)), "slurm:1.0", st),
+    ]
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    others.append((spec, "slurm:1.0", os.stat(img)))
+    keys = {sharens.container_key(*args) for args in others}
+    assert key not in keys and len(keys) == len(others)
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "x" * 65, "a b"])
+def test_instance_names_are_plain(name: str) -> None:
+    with pytest.raises(RuntimeSetupError, match="instance name"):
+        sharens.instance_base(name)
