@@ -21,6 +21,7 @@ from sifpy.util import log
 
 TYPE_CHECKING = False  # typing costs ~17 ms to import: not on this path
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from types import SimpleNamespace
     from typing import Any
 
@@ -523,7 +524,8 @@ def _main(argv: list[str], prog: str) -> int:
     served, fd, caller = start.adopt() or (None, -1, None)
     passed = start.passed_fds()  # before sifpy opens anything of its own
     try:
-        a = fast_parse(action, argv) or build_parser(action, prog).parse_args(argv)
+        fast = fast_parse(action, argv)
+        a = fast or build_parser(action, prog).parse_args(argv)
         # Before serve(): with --fakeroot, getuid() says 0 once the namespace is entered.
         ident = start.host_identity(*caller) if caller else start.host_identity()
         if a.image.startswith("instance://"):
@@ -563,7 +565,13 @@ def _main(argv: list[str], prog: str) -> int:
             spec = _spec(action, a, ident, image, command, prefetch, driver, inject, passed)
             identity = os.fstat(fd) if fd >= 0 else os.stat(image.path)
             base = f"{sharens.runtime_dir()}/{sharens.container_key(spec, step, identity)}"
-            sharens.run_joined(spec, ident, base)
+            alias = None
+            if fast is not None:  # the starter's name for it: sifpy's argv up to the image
+                at = len(sys.argv) - len(argv) + len(argv) - len(a.args)
+                head = sys.argv[1:at] if action != "exec" else sys.argv[1 : at - 1]
+                key = sharens.fast_key(head, step, os.getcwd(), identity, os.environ)
+                alias = f"{key}.sock"
+            sharens.run_joined(spec, ident, base, prepare=_joiner(ident), alias=alias)
         if served is None and isinstance(image, SifPartition):
             served = start.serve(image, fd, a.fakeroot, driver, prefetch)
         return _run(action, a, ident, image, served, command, prefetch, driver, inject, passed)
@@ -576,7 +584,8 @@ def _main(argv: list[str], prog: str) -> int:
 
 # Options a shared container can't honour: each asks for namespaces or a root of the rank's
 # own. With them, a rank of a job gets its own container; --sharens refuses them.
-_UNSHARED = ("pid", "ipc", "writable", "unsquash", "nvccli")
+_UNSHARED = ("pid", "ipc", "containall", "writable", "unsquash", "nvccli")
+_GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose", "--debug")
 
 
 def _sharens_step(a: Any, served: bool) -> str | None:
@@ -610,6 +619,36 @@ def _sharens_step(a: Any, served: bool) -> str | None:
         log.verbose("note: the starter served the image: not sharing the container")
         return None
     return step
+
+
+def _joiner(ident: start.Identity) -> Any:
+    """For the holder: what a rank the starter sent it would run (``prepare`` of
+    :func:`sifpy.runtime.sharens.run_joined`): its argv (sifpy's), environment and cwd
+    parsed and planned as this module does; anything the starter must not skip (devices,
+    env files, another kind of start) raises, and the rank then starts Python."""
+
+    def prepare(
+        args: list[str], environ: dict[str, str], cwd: str, step: str
+    ) -> tuple[list[str], list[str], dict[str, str], LaunchSpec]:
+        i = 0
+        while i < len(args) and args[i] in _GLOBAL_FLAGS:
+            i += 1
+        action = args[i] if i < len(args) else ""
+        a = fast_parse(action, args[i + 1 :]) if action in HELP else None
+        if a is None or a.no_sharens or a.image.startswith("instance://"):
+            raise UsageError("not a shared start")
+        if a.nv or a.rocm or a.device or a.env_file or any(getattr(a, o) for o in _UNSHARED):
+            raise UsageError("not a start the starter may do")
+        from sifpy.runtime.action import action_argv
+
+        a.image = os.path.join(cwd, a.image)
+        command = action_argv(action, ([a.command] if action == "exec" else []) + a.args)
+        image = Sandbox(a.image)  # the holder puts its own (checked) image in
+        spec = _spec(action, a, ident, image, command, (), a.mount_driver, None, (), environ, cwd)
+        home = spec.options.home_dest or spec.options.home or ident.home
+        return [spec.cwd, home, "/"], spec.argv, spec.env, spec
+
+    return prepare
 
 
 def _run_in_instance(
@@ -671,8 +710,11 @@ def _spec(
     driver: str,
     inject: Injection | None = None,
     passed: tuple[int, ...] = (),
+    environ: Mapping[str, str] | None = None,
+    workdir: str | None = None,
 ) -> LaunchSpec:
-    """The container to start: its mounts, environment and command."""
+    """The container to start: its mounts, environment and command; ``environ`` and
+    ``workdir``: the caller's (default: this process's)."""
     from sifpy.runtime import env as renv
     from sifpy.runtime.process import LaunchOptions, LaunchSpec
 
@@ -682,7 +724,7 @@ def _spec(
         a.pid = False
     if a.runscript_timeout is not None:
         _check_duration(a.runscript_timeout)
-    environ = os.environ
+    environ = os.environ if environ is None else environ
     no_mount = tuple(n.strip() for item in a.no_mount for n in item.split(",") if n.strip())
     # Apptainer's order: the site's `bind path` lines, the options' binds, then
     # $APPTAINER_BIND's.
@@ -708,6 +750,7 @@ def _spec(
     elif a.fakeroot:
         # Apptainer's setHome: with --fakeroot the caller's home is root's, at /root.
         home_src, home_dest = ident.home, "/root"
+    cwd = workdir or os.getcwd()  # the rank's own (the holder plans for ranks)
     env_opts = renv.parse_env_option(a.env)
     runtime = renv.runtime_vars(os.path.abspath(a.image), action, a.app, ",".join(nested))
     if a.shell:
@@ -735,7 +778,7 @@ def _spec(
         image=image,
         argv=command,
         env=env,
-        cwd=os.getcwd(),
+        cwd=cwd,
         binds=[*launcher_binds(environ), *binds],  # the user's binds win
         options=LaunchOptions(
             fakeroot=a.fakeroot,

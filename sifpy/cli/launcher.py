@@ -83,9 +83,8 @@ def starter_config(python: str, boot: str) -> str:
     # nvidia-container-cli must run on the host, before the namespaces are entered.
     kinds = {"fakeroot": "OPT_FAKEROOT", "mount_driver": "OPT_DRIVER", "nvccli": "OPT_NO_EARLY"}
     kinds |= dict.fromkeys(("unsquash", "verify", "verify_key", "writable"), "OPT_NO_EARLY")
-    # A shared container is joined, not served: the starter hands it over (so it does for
-    # a rank of a job, see sharens_wanted in starter.c).
-    kinds["sharens"] = "OPT_NO_EARLY"
+    # A shared container is joined, not served (starter_join.c).
+    kinds["sharens"] = "OPT_SHARENS"
     rows = []
     for flags, kw in OPTIONS:
         dest = flags[-1].lstrip("-").replace("-", "_")

@@ -41,7 +41,7 @@ int capget(cap_user_header_t header, cap_user_data_t data); /* in glibc, not in 
 int capset(cap_user_header_t header, const cap_user_data_t data);
 
 /* sifpy exec's options (generated from sifpy.cli.exec.OPTIONS into starter_config.h). */
-enum { OPT_PLAIN, OPT_FAKEROOT, OPT_DRIVER, OPT_NO_EARLY };
+enum { OPT_PLAIN, OPT_FAKEROOT, OPT_DRIVER, OPT_NO_EARLY, OPT_SHARENS };
 struct option_kind {
     const char *name;
     int takes_value;
@@ -73,6 +73,8 @@ struct start {
     const char *image;
     const char *command; /* exec's command, read ahead after the action shell */
     int fakeroot;
+    int image_at; /* the image's index in argv */
+    int sharens;  /* --sharens */
 };
 
 /* Exec Python with the CLI; never returns. */
@@ -155,11 +157,14 @@ static int parse(int argc, char **argv, struct start *s)
         }
         if (o->kind == OPT_FAKEROOT)
             s->fakeroot = 1;
+        if (o->kind == OPT_SHARENS)
+            s->sharens = 1;
         i++;
     }
     if (argc - i < (exec ? 2 : 1))
         return 0;
     s->image = argv[i];
+    s->image_at = i;
     s->command = exec ? argv[i + 1] : NULL;
     return 1;
 }
@@ -456,11 +461,13 @@ static int serve(const struct start *s)
     return 1;
 }
 
-/* Whether Python must start this run because its container is shared (sifpy.runtime.sharens):
- * a rank of an MPI or Slurm job joins the node's container, unless --no-sharens says
- * otherwise (--sharens itself is an option the starter never serves). Python decides the
- * rest (options that can't share fall back to a container of their own). */
-static int sharens_wanted(int argc, char **argv)
+#include "starter_join.c"
+
+/* Whether this start's container is shared (sifpy.runtime.sharens): --sharens, or a rank
+ * of an MPI or Slurm job, unless --no-sharens says otherwise. Then the starter never
+ * serves: it joins the node's container when its holder is up (join_fast), else Python
+ * starts, which decides the rest (options that can't share get a container of their own). */
+static int sharens_wanted(int argc, char **argv, int explicit)
 {
     static const char *const rank_vars[] = {"SLURM_STEP_ID", "PMIX_RANK", "OMPI_COMM_WORLD_RANK",
                                             "PMI_RANK"};
@@ -469,7 +476,7 @@ static int sharens_wanted(int argc, char **argv)
         const char *v = getenv(rank_vars[i]);
         rank |= v != NULL && *v != '\0';
     }
-    if (!rank)
+    if (!rank && !explicit)
         return 0;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--") == 0)
@@ -490,8 +497,12 @@ int main(int argc, char **argv)
             break;
     if (getenv("SIFPY_SERVED") != NULL)
         unsetenv("SIFPY_SERVED"); /* only ever from this process */
-    if (parse(argc, argv, &s) && !sharens_wanted(argc, argv))
-        serve(&s);
+    if (parse(argc, argv, &s)) {
+        if (sharens_wanted(argc, argv, s.sharens))
+            join_fast(argc, argv, s.image_at, s.sharens);
+        else
+            serve(&s);
+    }
     boot(argc, argv);
     return EXIT_LAUNCH_FAILED;
 }

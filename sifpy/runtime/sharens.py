@@ -45,7 +45,7 @@ from sifpy.util.lean import suppress
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import NoReturn
+    from typing import Any, NoReturn
 
     from sifpy.runtime.process import LaunchSpec
     from sifpy.runtime.start import Identity
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 RANK_VARS = ("SLURM_STEP_ID", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
 HOLDER_NAME = "sifpy-holder"
-_JOIN, _STOP = b"j", b"s"
+_JOIN, _STOP, _FAST = b"j", b"s", b"f"
 _FDS = struct.Struct("2i")  # the namespace fds a joiner gets
 _PIDFD = struct.Struct("i")  # the pidfd it gives
 _TIMEOUT = 10.0  # seconds a holder may take to start, or to answer
@@ -128,24 +128,78 @@ def container_key(spec: LaunchSpec, step: str, st: os.stat_result) -> str:
         step,
         spec.cwd,
         sorted(spec.binds),
-        [repr(v) for k, v in opts._asdict().items() if k not in ("identity", "pass_fds")],
+        # Not what differs between the ranks' commands: what they read ahead, fds passed.
+        [repr(v) for k, v in opts._asdict().items() if k not in _NOT_KEYED],
         spec.env.get("HOME"),
     ]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
 
 
+_NOT_KEYED = ("identity", "pass_fds", "prefetch")
+
+
+def fast_key(
+    head: list[str], step: str, cwd: str, st: os.stat_result, environ: Mapping[str, str]
+) -> str:
+    """The name under which the starter (``sifpy/cli/starter.c``, ``fast_key`` there: the
+    same bytes, the same hash) finds a holder without starting Python: ``head`` is sifpy's
+    argv up to the image (global options, action, options, image), as given. Equal names
+    only point the starter at a holder; the holder then checks that the rank's container
+    is its own (:func:`container_key`) before it lets it in."""
+    parts = [
+        "sifpy-fast-1",
+        str(os.getuid()),
+        step,
+        cwd,
+        str(st.st_dev),
+        str(st.st_ino),
+        str(st.st_mtime_ns),
+        str(st.st_size),
+        *head,
+        "",
+        *(environ.get(v, "") for v in FAST_KEY_VARS),
+    ]
+    data = "\0".join(parts).encode(errors="surrogateescape")
+    return "f-" + "".join(f"{_fnv1a(data, basis):016x}" for basis in _FNV_BASES)
+
+
+# Variables that shape a container but are no option: its binds, and the home it binds.
+FAST_KEY_VARS = ("HOME", "SIFPY_BIND", "APPTAINER_BIND", "SIFPY_MOUNT", "APPTAINER_MOUNT")
+_FNV_BASES = (0xCBF29CE484222325, 0x84222325CBF29CE4)  # FNV-1a's offset basis, and swapped
+
+
+def _fnv1a(data: bytes, h: int) -> int:
+    """64-bit FNV-1a (a name, not a secret: the directory is the user's own)."""
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
 # --- a rank -------------------------------------------------------------------------------
 
 
-def run_joined(spec: LaunchSpec, ident: Identity, base: str, create: bool = True) -> NoReturn:
+def run_joined(
+    spec: LaunchSpec,
+    ident: Identity,
+    base: str,
+    create: bool = True,
+    prepare: Prepare | None = None,
+    alias: str | None = None,
+) -> NoReturn:
     """Join (``create``: starting it if needed) the shared container at ``base`` and become
-    ``spec.argv`` in it, in ``spec.cwd`` with ``spec.env`` and ``spec.options.pass_fds``."""
+    ``spec.argv`` in it, in ``spec.cwd`` with ``spec.env`` and ``spec.options.pass_fds``.
+    A holder started here answers the starter's joins at ``alias`` (see :func:`fast_key`)
+    with ``prepare``."""
     from sifpy.runtime import process
 
     holder_spec = spec._replace(
         argv=["true"], options=spec.options._replace(prefetch=(), pass_fds=())
     )
-    fds = join(base, (lambda: start_holder(base, holder_spec, ident)) if create else None)
+
+    def create_holder() -> None:
+        start_holder(base, holder_spec, ident, prepare=prepare, alias=alias)
+
+    fds = join(base, create_holder if create else None)
     enter_joined(fds)
     process.enter_cwd(spec, ident)
     process.exec_joined(spec.argv, spec.env, spec.options.pass_fds)
@@ -390,6 +444,8 @@ def start_holder(
     ident: Identity,
     persistent: bool = False,
     info: str | None = None,
+    prepare: Prepare | None = None,
+    alias: str | None = None,
 ) -> int:
     """Start the holder of ``base`` (the caller holds ``base.lock``) and wait until its
     container is ready; return its pid. ``persistent`` (an instance): it stays without
@@ -410,7 +466,7 @@ def start_holder(
                 code = 0
             else:
                 os.close(pidw)
-                _holder(base, spec, ident, ready_w, persistent)
+                _holder(base, spec, ident, ready_w, persistent, prepare, alias)
         finally:
             os._exit(code)
     os.close(ready_w)
@@ -435,7 +491,15 @@ def start_holder(
     return holder_pid
 
 
-def _holder(base: str, spec: LaunchSpec, ident: Identity, ready: int, persistent: bool) -> NoReturn:
+def _holder(
+    base: str,
+    spec: LaunchSpec,
+    ident: Identity,
+    ready: int,
+    persistent: bool,
+    prepare: Prepare | None = None,
+    alias: str | None = None,
+) -> NoReturn:
     """The holder process (see the module docstring); never returns."""
     from sifpy.runtime import drivers, mount, process
     from sifpy.runtime.start import SifPartition
@@ -471,6 +535,11 @@ def _holder(base: str, spec: LaunchSpec, ident: Identity, ready: int, persistent
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(f"{base}.sock")
         listener.listen(64)
+        if alias is not None:  # the starter's name for this container (see fast_key)
+            with suppress(FileNotFoundError):
+                os.unlink(alias, dir_fd=dir_fd)
+            os.symlink(f"{name}.sock", alias, dir_fd=dir_fd)
+        image_st = os.stat(image.path)
         keep_r, keep_w = os.pipe()
         report_r, report_w = os.pipe()
         keeper = process.set_up_keeper(spec, ident, driver, report_w, servers, keep_w)
@@ -500,8 +569,15 @@ def _holder(base: str, spec: LaunchSpec, ident: Identity, ready: int, persistent
     os.write(ready, b"ready")
     os.close(ready)
     try:
-        _serve(listener, lock, keeper_fd, (userns, mntns), persistent)
+        fast = None
+        if prepare is not None:
+            fast = _Fast(prepare, name, image_st, spec.image, seccomp_program())
+        _serve(listener, lock, keeper_fd, (userns, mntns), persistent, fast)
     finally:
+        if alias is not None:
+            with suppress(OSError):
+                if os.readlink(alias, dir_fd=dir_fd) == f"{name}.sock":
+                    os.unlink(alias, dir_fd=dir_fd)
         os.kill(keeper, 9)
         with suppress(OSError):
             os.unlink(f"{name}.sock", dir_fd=dir_fd)
@@ -528,6 +604,7 @@ def _serve(
     keeper_fd: int,
     ns_fds: tuple[int, int],
     persistent: bool,
+    fast: _Fast | None = None,
 ) -> None:
     """Answer joins and watch the members until the last one is gone (or, ``persistent``,
     until told to stop); returns with the lock held (no rank can be joining)."""
@@ -547,7 +624,7 @@ def _serve(
             if fd == keeper_fd:
                 stopping = True
             elif fd == listener.fileno():
-                stopping |= _accept(listener, ns_fds, members, poller)
+                stopping |= _accept(listener, ns_fds, members, poller, fast)
             elif fd in members:
                 poller.unregister(fd)
                 os.close(fd)
@@ -559,7 +636,7 @@ def _serve(
                 continue  # a rank is joining: its connection is next
             # Locked: no rank is between connecting and registering; one that connected
             # before (and gave up) is answered, else we are done.
-            if not _accept(listener, ns_fds, members, poller) and not members:
+            if not _accept(listener, ns_fds, members, poller, fast) and not members:
                 return
             fcntl.flock(lock, fcntl.LOCK_UN)
     for pidfd in members:  # stopped: the members go with the container
@@ -573,6 +650,7 @@ def _accept(
     ns_fds: tuple[int, int],
     members: dict[int, int],
     poller: object,
+    fast: _Fast | None = None,
 ) -> bool:
     """Answer every pending connection: register joiners; True when asked to stop."""
     import select
@@ -602,15 +680,22 @@ def _accept(
                 # The connection stays open until we exit: `stop` waits for its end.
                 os.set_inheritable(conn.detach(), False)
                 continue
-            if msg != _JOIN or not fds:
+            if msg[:1] not in (_JOIN, _FAST) or not fds:
                 for fd in fds:
                     os.close(fd)
                 continue
             pidfd = fds[0]
             for fd in fds[1:]:
                 os.close(fd)
+            answer = b"k"
+            if msg[:1] == _FAST:
+                answer = fast.answer(conn, msg[1:]) if fast is not None else b"e"
             try:
-                conn.sendmsg([b"k"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _FDS.pack(*ns_fds))])
+                conn.sendmsg(
+                    [answer], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _FDS.pack(*ns_fds))]
+                )
+                if answer[:1] != b"k":
+                    raise OSError("refused")
             except OSError:
                 os.close(pidfd)
                 continue
@@ -618,6 +703,65 @@ def _accept(
             poller.register(pidfd, select.POLLIN)  # type: ignore[attr-defined]
 
 
+def seccomp_program() -> bytes:
+    """The payload's seccomp filter, for the starter to install (see :mod:`.seccomp`)."""
+    from sifpy.runtime import seccomp
+
+    return seccomp.payload_filter(False)
+
+
+class _Fast:
+    """The holder's answer to a rank the starter sent (``f``): what Python would run for
+    it, computed here by ``prepare``, once its container proves to be this one."""
+
+    def __init__(
+        self, prepare: Prepare, key: str, st: os.stat_result, image: Any, bpf: bytes
+    ) -> None:
+        self.prepare, self.key, self.st, self.image, self.bpf = prepare, key, st, image, bpf
+
+    def answer(self, conn: socket.socket, head: bytes) -> bytes:
+        """Read the request's body after ``head``; the answer (``k`` + body, or ``e``)."""
+        try:
+            size = _LEN.unpack(head[: _LEN.size])[0]
+            data = head[_LEN.size :]
+            while len(data) < size:
+                chunk = conn.recv(size - len(data))
+                if not chunk:
+                    return b"e"
+                data += chunk
+            # step, image dev, ino, mtime_ns and size, cwd, argc, argv..., env..., each
+            # NUL-terminated (starter_join.c)
+            text = data.decode(errors="surrogateescape").split("\0")[:-1]
+            step, dev, ino, mtime, fsize, cwd, count = text[:7]
+            args, env_items = text[7 : 7 + int(count)], text[7 + int(count) :]
+            st = self.st
+            if [dev, ino, mtime, fsize] != [
+                str(x) for x in (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+            ]:
+                return b"e"
+            environ = dict(item.split("=", 1) for item in env_items if "=" in item)
+            cwds, argv, env, spec = self.prepare(args, environ, cwd, step)
+            spec = spec._replace(image=self.image)
+            if container_key(spec, step, st) != self.key:
+                return b"e"  # another container: the rank starts Python, which finds it
+        except Exception:  # anything unusual: the rank starts Python, which reports it
+            return b"e"
+        envs = [f"{k}={v}" for k, v in env.items()]
+        lists = [str(len(cwds)), *cwds, str(len(argv)), *argv, str(len(envs)), *envs]
+        body = "".join(f"{item}\0" for item in lists)
+        out = _LEN.pack(len(self.bpf)) + self.bpf + body.encode(errors="surrogateescape")
+        return b"k" + _LEN.pack(len(out)) + out
+
+
+_LEN = struct.Struct("<I")
+
+
 if TYPE_CHECKING:
     import socket
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
+
+    # prepare(args, environ, cwd, step) -> (cwd candidates, argv, env, spec): what a rank
+    # the starter sent would run (see _Fast)
+    Prepare = Callable[
+        [list[str], dict[str, str], str, str], tuple[list[str], list[str], dict[str, str], Any]
+    ]
