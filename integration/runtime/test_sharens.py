@@ -5,11 +5,14 @@ and nothing is left once the last one is gone, however they end."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,15 +124,10 @@ def sharens_image(workdir: Path) -> str:
     return str(make_sif(rootfs, workdir / "sharens.sif")["sif"])
 
 
-@pytest.fixture(params=["python", "starter"])
-def node(
-    request: pytest.FixtureRequest,
-    runtime_ready: UserRunner,
-    sharens_image: str,
-    workdir: Path,
-) -> Iterator[Node]:
-    import tempfile
-
+@contextlib.contextmanager
+def make_node(runner: UserRunner, image: str, workdir: Path, prog: list[str]) -> Iterator[Node]:
+    """A Node in a fresh directory; afterwards, nothing of a shared container outlives its
+    members: no server, no holder, no host mount, no socket or lock left behind."""
     tmp_path = Path(tempfile.mkdtemp(prefix="sharens-", dir=workdir))
     os.chmod(tmp_path, 0o755)
     cwd = tmp_path / "cwd"
@@ -137,19 +135,35 @@ def node(
     os.chmod(cwd, 0o777)
     rundir = tmp_path / "run"
     rundir.mkdir(mode=0o700)
-    os.chown(rundir, runtime_ready.user.uid, runtime_ready.user.gid)
+    os.chown(rundir, runner.user.uid, runner.user.gid)
+    before = Path("/proc/self/mountinfo").read_text()
+    n = Node(runner, image, cwd, rundir, prog)
+    yield n
+    assert wait_for(lambda: not n.squashfuse() and not n.holders()), (n.squashfuse(), n.holders())
+    assert Path("/proc/self/mountinfo").read_text() == before
+    left = [p.name for p in rundir.rglob("*") if p.suffix in (".sock", ".lock", ".json")]
+    assert left == []
+
+
+@pytest.fixture(params=["python", "starter"])
+def node(
+    request: pytest.FixtureRequest, runtime_ready: UserRunner, sharens_image: str, workdir: Path
+) -> Iterator[Node]:
+    """sifpy through ``python3 -m sifpy`` and through the starter."""
     prog = ["/usr/bin/python3", "-m", "sifpy"]
     if request.param == "starter":
         prog = [request.getfixturevalue("starter")]
-    before = Path("/proc/self/mountinfo").read_text()
-    n = Node(runtime_ready, sharens_image, cwd, rundir, prog)
-    yield n
-    # Nothing of a shared container outlives its members: no server, no holder, no host
-    # mount, no socket or lock left behind.
-    assert wait_for(lambda: not n.squashfuse() and not n.holders()), (n.squashfuse(), n.holders())
-    assert Path("/proc/self/mountinfo").read_text() == before
-    leftovers = [p.name for p in rundir.rglob("*") if p.suffix in (".sock", ".lock", ".json")]
-    assert leftovers == []
+    with make_node(runtime_ready, sharens_image, workdir, prog) as n:
+        yield n
+
+
+@pytest.fixture()
+def starter_node(
+    runtime_ready: UserRunner, sharens_image: str, workdir: Path, starter: str
+) -> Iterator[Node]:
+    """sifpy through the starter only."""
+    with make_node(runtime_ready, sharens_image, workdir, [starter]) as n:
+        yield n
 
 
 def finish(procs: list[Any]) -> list[tuple[int, str, str]]:
@@ -321,3 +335,38 @@ def test_instance_stop_all_without_startscript(node: Node, images: dict[str, Any
     r = node("instance", "stop", "-a")
     assert r.returncode == 0, r.stderr
     assert json.loads(node("instance", "list", "--json").stdout)["instances"] == []
+
+
+def test_starter_joins_without_python(starter_node: Node) -> None:
+    """With the holder up, the starter joins it itself: of four ranks, only the first
+    starts Python (the one that creates the container); each keeps its exit status."""
+    strace = shutil.which("strace")
+    require(None if strace else "strace is not installed")
+    assert strace is not None
+    node = starter_node
+    trace = node.cwd / "trace"
+    rank = " ".join(shlex.quote(x) for x in [*node.prog, "exec", node.image])
+    script = f"""
+        PMI_RANK=0 PMI_SIZE=4 {rank} sh -c 'echo up; {WAIT_GO}' > first &
+        first=$!
+        while [ ! -s first ]; do sleep 0.05; done
+        for i in 1 2 3; do
+            PMI_RANK=$i PMI_SIZE=4 {rank} sh -c 'exit $((PMI_RANK + 10))' & pids="$pids $!"
+        done
+        for p in $pids; do wait $p; echo "rc $?"; done
+        touch go
+        wait $first; echo "rc $?"
+    """
+    argv = [strace, "-f", "-qq", "-o", str(trace), "-e", "trace=execve"]
+    r = subprocess.run(
+        [*argv, *node.runner.argv(["sh", "-c", script])],
+        env=node.runner.env(node.env()),
+        cwd=str(node.cwd),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:4] == ["rc 11", "rc 12", "rc 13", "rc 0"], r.stdout
+    pythons = [ln for ln in trace.read_text().splitlines() if 'execve("/usr/bin/python3' in ln]
+    assert len([ln for ln in pythons if ln.endswith("= 0")]) == 1, pythons
