@@ -370,3 +370,32 @@ def test_starter_joins_without_python(starter_node: Node) -> None:
     assert r.stdout.split("\n")[:4] == ["rc 11", "rc 12", "rc 13", "rc 0"], r.stdout
     pythons = [ln for ln in trace.read_text().splitlines() if 'execve("/usr/bin/python3' in ln]
     assert len([ln for ln in pythons if ln.endswith("= 0")]) == 1, pythons
+
+
+def test_ranks_starting_together_start_python_once(starter_node: Node) -> None:
+    """Ranks that start together (mpiexec -n 4, no holder yet): one starts Python and
+    creates the container, the others wait for it and join through the starter."""
+    node = starter_node
+    mpiexec = shutil.which("mpiexec.mpich")
+    strace = shutil.which("strace")
+    require(None if mpiexec and strace else "mpiexec.mpich (mpich) or strace is not installed")
+    assert mpiexec is not None and strace is not None
+    trace = node.cwd / "trace"
+    script = 'echo "$PMI_RANK $(readlink /proc/self/ns/mnt)"; exit $((PMI_RANK + 1))'
+    rank = [*node.prog, "exec", node.image, "sh", "-c", script]
+    tracer = [strace, "-f", "-qq", "-o", str(trace), "-e", "trace=execve"]
+    r = subprocess.run(
+        [*tracer, *node.runner.argv([mpiexec, "-n", "4", *rank])],
+        env=node.runner.env(node.env()),
+        cwd=str(node.cwd),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # Hydra exits with its ranks' statuses OR'ed together: 1 | 2 | 3 | 4 (each its own).
+    assert r.returncode == 7, r.stderr
+    lines = sorted(line.split() for line in r.stdout.splitlines())
+    assert [line[0] for line in lines] == ["0", "1", "2", "3"], r.stdout
+    assert len({line[1] for line in lines}) == 1
+    pythons = [ln for ln in trace.read_text().splitlines() if 'execve("/usr/bin/python3' in ln]
+    assert len([ln for ln in pythons if ln.endswith("= 0")]) == 1, pythons

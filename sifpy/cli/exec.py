@@ -522,6 +522,7 @@ def _main(argv: list[str], prog: str) -> int:
     _std_fds()
     # The image the starter (starter.c) served before Python started, if it did.
     served, fd, caller = start.adopt() or (None, -1, None)
+    fast_lock = _fast_lock()
     passed = start.passed_fds()  # before sifpy opens anything of its own
     try:
         fast = fast_parse(action, argv)
@@ -571,7 +572,9 @@ def _main(argv: list[str], prog: str) -> int:
                 head = sys.argv[1:at] if action != "exec" else sys.argv[1 : at - 1]
                 key = sharens.fast_key(head, step, os.getcwd(), identity, os.environ)
                 alias = f"{key}.sock"
-            sharens.run_joined(spec, ident, base, prepare=_joiner(ident), alias=alias)
+            prepare = _joiner(ident)
+            sharens.run_joined(spec, ident, base, prepare=prepare, alias=alias, release=fast_lock)
+        _release(fast_lock)
         if served is None and isinstance(image, SifPartition):
             served = start.serve(image, fd, a.fakeroot, driver, prefetch)
         return _run(action, a, ident, image, served, command, prefetch, driver, inject, passed)
@@ -619,6 +622,29 @@ def _sharens_step(a: Any, served: bool) -> str | None:
         log.verbose("note: the starter served the image: not sharing the container")
         return None
     return step
+
+
+def _fast_lock() -> tuple[int, str] | None:
+    """The lock the starter took for this rank (``SIFPY_FAST_LOCK``: ``FD:PATH``, see
+    starter_join.c): the other ranks of the job wait on it until this one has the shared
+    container up, or gives up sharing. Never the command's."""
+    value = os.environ.pop("SIFPY_FAST_LOCK", None)
+    if value is None:
+        return None
+    fd_s, _, path = value.partition(":")
+    try:
+        fd = int(fd_s)
+        os.set_inheritable(fd, False)
+    except (ValueError, OSError):
+        return None
+    return fd, path
+
+
+def _release(lock: tuple[int, str] | None) -> None:
+    """Not sharing: let the waiting ranks go (and start Python, as this one did, all at
+    once: the file stays, so that they don't take turns creating it)."""
+    if lock is not None:
+        os.close(lock[0])
 
 
 def _joiner(ident: start.Identity) -> Any:

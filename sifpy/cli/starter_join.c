@@ -16,6 +16,7 @@
  */
 #include <linux/filter.h>
 #include <linux/seccomp.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 
@@ -165,22 +166,37 @@ static _Noreturn void join_fail(const char *what, const char *obj)
     exit(EXIT_LAUNCH_FAILED);
 }
 
+static void try_join(int argc, char **argv, const char *path, const char *step,
+                     char num[4][32], const char *cwd_in);
+
 /* Join the node's shared container for this start and exec the command in it; returns
- * (nothing done) when Python must start instead. `image_at`: the image's index in argv. */
+ * (nothing done) when Python must start instead. `image_at`: the image's index in argv.
+ *
+ * The ranks of a job start together, before any holder is up: one of them (the first to
+ * lock NAME.lock) starts Python, which creates the holder, and keeps the lock until it is
+ * ready (SIFPY_FAST_LOCK tells Python which fd); the others wait for the lock and join. */
 static void join_fast(int argc, char **argv, int image_at, int explicit)
 {
-    extern char **environ;
     char step[512], cwd[PATH_MAX], dir[PATH_MAX], num[4][32];
     struct stat st, dst;
     uid_t uid = getuid();
     if (uid == 0 || !job_step(step, sizeof step, explicit) || getcwd(cwd, sizeof cwd) == NULL)
         return;
+    /* Options that need a container per rank (sifpy.cli.exec._UNSHARED; the others are
+     * options the starter leaves to Python anyway). */
+    for (int i = 1; i < image_at; i++)
+        if (!strcmp(argv[i], "-p") || !strcmp(argv[i], "--pid") || !strcmp(argv[i], "-i") ||
+            !strcmp(argv[i], "--ipc") || !strcmp(argv[i], "-C") ||
+            !strcmp(argv[i], "--containall"))
+            return;
     if (stat(argv[image_at], &st) != 0)
         return;
     /* The caller's private runtime directory (sifpy.runtime.sharens.runtime_dir). */
     const char *xdg = getenv("XDG_RUNTIME_DIR");
     int w = xdg != NULL && xdg[0] == '/' ? snprintf(dir, sizeof dir, "%s/sifpy", xdg)
                                          : snprintf(dir, sizeof dir, "/tmp/sifpy-%u", uid);
+    if (w > 0 && (size_t)w < sizeof dir)
+        mkdir(dir, 0700); /* the first start on the node: as Python would */
     if (w <= 0 || (size_t)w >= sizeof dir || lstat(dir, &dst) != 0 || !S_ISDIR(dst.st_mode) ||
         dst.st_uid != uid || (dst.st_mode & 077) != 0)
         return;
@@ -208,6 +224,47 @@ static void join_fast(int argc, char **argv, int image_at, int explicit)
                  (unsigned long long)k.h[0], (unsigned long long)k.h[1]);
     if (w <= 0 || (size_t)w >= sizeof addr.sun_path)
         return;
+    try_join(argc, argv, addr.sun_path, step, num, cwd);
+    char lock_path[sizeof addr.sun_path + 8];
+    snprintf(lock_path, sizeof lock_path, "%.*s.lock", w - 5, addr.sun_path);
+    for (int tries = 0; tries < 100; tries++) {
+        int lock = open(lock_path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+        if (lock < 0)
+            return;
+        int first = flock(lock, LOCK_EX | LOCK_NB) == 0;
+        if (!first && (errno != EWOULDBLOCK || flock(lock, LOCK_SH) != 0)) {
+            close(lock);
+            return;
+        }
+        /* A holder removes the file when it exits: a lock on a removed file is retaken. */
+        struct stat ls, fs;
+        if (fstat(lock, &fs) != 0 || stat(lock_path, &ls) != 0 || ls.st_ino != fs.st_ino) {
+            close(lock);
+            continue;
+        }
+        if (!first) { /* whoever created it is done: join, or start Python as it did */
+            close(lock);
+            try_join(argc, argv, addr.sun_path, step, num, cwd);
+            return;
+        }
+        try_join(argc, argv, addr.sun_path, step, num, cwd);
+        char value[sizeof lock_path + 32];
+        snprintf(value, sizeof value, "%d:%s", lock, lock_path);
+        if (fcntl(lock, F_SETFD, 0) != 0 || setenv("SIFPY_FAST_LOCK", value, 1) != 0)
+            close(lock);
+        return;
+    }
+}
+
+/* Ask the holder at `path` for this start; exec in its container, or return. */
+static void try_join(int argc, char **argv, const char *path, const char *step,
+                     char num[4][32], const char *cwd_in)
+{
+    extern char **environ;
+    char cwd[PATH_MAX];
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path);
+    snprintf(cwd, sizeof cwd, "%s", cwd_in);
 
     /* The request: "f", its length, then step, image identity, cwd, argv, environment. */
     struct buf req = {0};

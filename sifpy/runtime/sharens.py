@@ -59,6 +59,10 @@ _JOIN, _STOP, _FAST = b"j", b"s", b"f"
 _FDS = struct.Struct("2i")  # the namespace fds a joiner gets
 _PIDFD = struct.Struct("i")  # the pidfd it gives
 _TIMEOUT = 10.0  # seconds a holder may take to start, or to answer
+# How long a holder outlives its last rank: the ranks of a job start together, but the
+# first may be done before the last has joined (a short job, or a rank the node started
+# late), which would otherwise set up a second container.
+_LINGER_MS = 200
 
 
 def job_step(environ: dict[str, str] | os._Environ[str]) -> str | None:
@@ -185,11 +189,13 @@ def run_joined(
     create: bool = True,
     prepare: Prepare | None = None,
     alias: str | None = None,
+    release: tuple[int, str] | None = None,
 ) -> NoReturn:
     """Join (``create``: starting it if needed) the shared container at ``base`` and become
     ``spec.argv`` in it, in ``spec.cwd`` with ``spec.env`` and ``spec.options.pass_fds``.
     A holder started here answers the starter's joins at ``alias`` (see :func:`fast_key`)
-    with ``prepare``."""
+    with ``prepare``. ``release``: the starter's lock (fd, path), closed once joined: the
+    ranks waiting on it can join through ``alias`` then."""
     from sifpy.runtime import process
 
     holder_spec = spec._replace(
@@ -199,7 +205,11 @@ def run_joined(
     def create_holder() -> None:
         start_holder(base, holder_spec, ident, prepare=prepare, alias=alias)
 
-    fds = join(base, create_holder if create else None)
+    try:
+        fds = join(base, create_holder if create else None)
+    finally:
+        if release is not None:
+            os.close(release[0])
     enter_joined(fds)
     process.enter_cwd(spec, ident)
     process.exec_joined(spec.argv, spec.env, spec.options.pass_fds)
@@ -578,6 +588,8 @@ def _holder(
             with suppress(OSError):
                 if os.readlink(alias, dir_fd=dir_fd) == f"{name}.sock":
                     os.unlink(alias, dir_fd=dir_fd)
+            with suppress(OSError):  # the starter's (starter_join.c); taken again if gone
+                os.unlink(alias.removesuffix(".sock") + ".lock", dir_fd=dir_fd)
         os.kill(keeper, 9)
         with suppress(OSError):
             os.unlink(f"{name}.sock", dir_fd=dir_fd)
@@ -610,6 +622,7 @@ def _serve(
     until told to stop); returns with the lock held (no rank can be joining)."""
     import select
     import signal
+    import time
 
     members: dict[int, int] = {}  # pidfd -> pid
     poller = select.poll()
@@ -618,9 +631,10 @@ def _serve(
     listener.setblocking(False)
     stopping = False
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # `instance stop` asks through the socket
+    idle_since = time.monotonic()
     while not stopping:
         idle = not members and not persistent
-        for fd, _event in poller.poll(50 if idle else None):
+        for fd, _event in poller.poll(_LINGER_MS // 2 if idle else None):
             if fd == keeper_fd:
                 stopping = True
             elif fd == listener.fileno():
@@ -629,7 +643,9 @@ def _serve(
                 poller.unregister(fd)
                 os.close(fd)
                 del members[fd]
-        if not stopping and not members and not persistent:
+        if members or persistent:
+            idle_since = time.monotonic()
+        elif not stopping and time.monotonic() - idle_since >= _LINGER_MS / 1000:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
