@@ -15,7 +15,8 @@ tree's, servers and holders that outlive mpiexec included (this process is a chi
 subreaper and reaps all of them before the next run); "per extra rank" is the slope between
 N = 1 and N = 16. The FUSE servers per node are counted while four ranks run ``sleep 1``:
 ``squashfuse_ll`` processes, and ch-run processes still running (each ch-run that won its
-peer group stays to serve its SquashFUSE mount; the others exec'd). Runs alternate between
+peer group stays to serve its SquashFUSE mount; the others exec'd, but a peer caught
+before its exec counts too, so ch-run's count is an upper bound). Runs alternate between
 the commands. Writes bench/results/mpi.txt.
 
     .venv/bin/python bench/mpi.py [--runs N] [--user NAME]
