@@ -265,14 +265,24 @@ def with_kill(p: Any) -> None:
     p.communicate(timeout=30)
 
 
-def test_mpiexec_ranks_share_by_default(node: Node) -> None:
-    """Under MPICH's real mpiexec (Hydra), the ranks share the container by default."""
-    mpiexec = shutil.which("mpiexec.mpich") or shutil.which("mpiexec")
-    require(None if mpiexec else "mpiexec (Debian's mpich) is not installed")
-    assert mpiexec is not None
-    script = 'echo "$PMI_RANK $(readlink /proc/self/ns/user) $(readlink /proc/self/ns/mnt)"'
+LAUNCHERS = {
+    "mpich": ["mpiexec.mpich", "-n", "4"],  # Hydra: PMI_RANK, a PMI socket per rank
+    "openmpi": ["mpirun.openmpi", "--oversubscribe", "-n", "4"],  # PMIx: PMIX_NAMESPACE
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_mpiexec_ranks_share_by_default(node: Node, launcher: str) -> None:
+    """Under a real launcher (MPICH's Hydra, Open MPI's mpirun), the ranks share the
+    container by default."""
+    argv = LAUNCHERS[launcher]
+    program = shutil.which(argv[0])
+    require(None if program else f"{argv[0]} (Debian's {launcher}) is not installed")
+    assert program is not None
+    script = 'echo "$PMI_RANK$OMPI_COMM_WORLD_RANK $(readlink /proc/self/ns/user)'
+    script += ' $(readlink /proc/self/ns/mnt)"'
     r = node.runner(
-        [mpiexec, "-n", "4", *node.prog, "exec", node.image, "sh", "-c", script],
+        [program, *argv[1:], *node.prog, "exec", node.image, "sh", "-c", script],
         env=node.env(),
         cwd=str(node.cwd),
     )
