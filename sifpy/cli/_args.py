@@ -58,7 +58,6 @@ APPTAINER_ONLY = frozenset(
         "--scratch",
         "-S",
         "--security",
-        "--sharens",
         "--sparse",
         "--uts",
         "--userns",
