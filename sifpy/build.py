@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from sifpy.deffile import Recipe, Stage, parse, parse_file, write
 from sifpy.errors import BuildError, Interrupted, SifpyError, UsageError
@@ -51,6 +52,7 @@ from sifpy.rootfs.bootstrap import files as F
 from sifpy.rootfs.bootstrap.local import is_sif
 from sifpy.util import log
 from sifpy.util.fs import rmtree
+from sifpy.util.paths import lstat_at
 from sifpy.util.proc import run
 
 SECTIONS = frozenset({"all", "none", "setup", "post", "files", "environment", "test", "labels"})
@@ -77,6 +79,9 @@ class BuildOptions:
     no_cleanup: bool = False  # keep the work directory of a failed build
     fix_perms: bool = False  # give the owner rwX on everything the base image holds
     binds: tuple[tuple[str, str, bool], ...] = ()  # (src, dest, read-only) for %post, %test
+    # --nv, --nvccli, --rocm: the host's GPU driver in %post and %test (a runtime.gpu
+    # Injection: bound, never copied into the image)
+    inject: Any = None
 
     def wants(self, section: str) -> bool:
         return "all" in self.sections or section in self.sections
@@ -176,6 +181,7 @@ def run_in_container(
     action: str = "exec",
     binds: tuple[tuple[str, str, bool], ...] = (),
     log_path: str | None = None,
+    inject: Any = None,
 ) -> int:
     """Run ``args`` in the sandbox ``rootfs`` as root (emulated); return the exit status.
 
@@ -184,16 +190,14 @@ def run_in_container(
     every process of the container inherits; sifpy itself stays unfiltered. Output goes
     straight to our stdout/stderr (``%post`` is streamed live); with ``log_path``, it is
     also written to that file. The container gets its own PID namespace, so a SIGKILL of
-    sifpy kills all of it. ``binds`` are ``--bind`` for the build.
+    sifpy kills all of it. ``binds`` are ``--bind`` for the build; ``inject``, the GPU
+    driver files and device nodes of ``--nv``/``--rocm`` (as for ``sifpy exec``).
     """
     from sifpy.runtime import (
         LaunchOptions,
         LaunchSpec,
         Sandbox,
         host_identity,
-        launch,
-        ns,
-        seccomp,
         subid,
     )
     from sifpy.runtime import action as act
@@ -204,6 +208,10 @@ def run_in_container(
     if subids:
         log.verbose(f"using subordinate ids {subids.uid_start}+{subids.uid_count}")
     host = renv.host_env(os.environ, cleanenv=True)
+    if inject is not None:  # the driver's variables and programs, under the recipe's own
+        env = {**inject.env, **env}
+        if inject.path:
+            env["PREPEND_PATH"] = ":".join(inject.path)
     penv = renv.process_env(
         host=host,
         injected=env,
@@ -231,8 +239,83 @@ def run_in_container(
             # default for a container: its capabilities, copies of /etc/hosts and
             # /etc/resolv.conf, /sys read-only); harmless to what dpkg and apt need.
             confine=True,
+            inject=inject,
         ),
     )
+    # The GPU binds need mount points; in a writable sandbox they are made in the image
+    # itself, and must not stay there (an empty libcuda.so.1 on LD_LIBRARY_PATH breaks
+    # every later start without --nv): remember which are new, remove them afterwards.
+    dests = _inject_dests(inject) if inject is not None else []
+    created = _absent(rootfs, dests + [d for _, d, _ in binds]) if writable else []
+    # A writable container gets no mount point made for it (a user's sandbox must not
+    # change); the build's own work tree may, for the time of the step: --bind's here.
+    _make_mount_points(rootfs, [(s, d) for s, d, _ in binds], created)
+    try:
+        return _run_forked(spec, subids, log_path)
+    finally:
+        _remove_mount_points(rootfs, created)
+
+
+def _inject_dests(inject: Any) -> list[str]:
+    """Where ``--nv``/``--rocm`` bind into the image (the build's /dev is a tmpfs)."""
+    dests = [d for _, d, _ in inject.binds]
+    return dests + [d for _, d in inject.devices if not d.startswith("/dev/")]
+
+
+def _absent(rootfs: str, paths: list[str]) -> list[str]:
+    """``paths`` and their parents that the image does not hold now, deepest first."""
+    out: list[str] = []
+    with F.opened_root(rootfs) as rfd:
+        for path in paths:
+            parts = [p for p in path.split("/") if p]
+            for i in range(len(parts), 0, -1):
+                sub = "/" + "/".join(parts[:i])
+                try:
+                    with F.parent_of(rfd, sub, create=False) as (dfd, name):
+                        if lstat_at(dfd, name) is not None:
+                            break
+                except BuildError:
+                    pass  # a parent is missing too
+                if sub not in out:
+                    out.append(sub)
+    return sorted(out, key=lambda p: -p.count("/"))
+
+
+def _make_mount_points(rootfs: str, binds: list[tuple[str, str]], absent: list[str]) -> None:
+    """Make the missing destinations of ``binds`` in the image (a directory, or an empty
+    file for a file source), inside the root, for :func:`_remove_mount_points` to take
+    away again."""
+    with F.opened_root(rootfs) as rfd:
+        for src, dest in binds:
+            if dest not in absent:
+                continue
+            if os.path.isdir(src):
+                F.make_dirs(rfd, dest)
+            else:
+                with F.parent_of(rfd, dest) as (dfd, name):
+                    os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644, dir_fd=dfd))
+
+
+def _remove_mount_points(rootfs: str, created: list[str]) -> None:
+    """Remove what :func:`_absent` listed if it is still an empty file or directory (a
+    mount point the runtime made), never anything ``%post`` filled."""
+    with F.opened_root(rootfs) as rfd:
+        for path in created:
+            with (
+                contextlib.suppress(BuildError, OSError),
+                F.parent_of(rfd, path, create=False) as (dfd, name),
+            ):
+                st = lstat_at(dfd, name)
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    os.rmdir(name, dir_fd=dfd)  # fails (and stays) unless empty
+                elif st is not None and stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                    os.unlink(name, dir_fd=dfd)
+
+
+def _run_forked(spec: Any, subids: Any, log_path: str | None) -> int:
+    """Launch ``spec`` in a forked child (see :func:`run_in_container`)."""
+    from sifpy.runtime import launch, ns, seccomp
+
     sys.stdout.flush()
     sys.stderr.flush()
     tee = _Tee(log_path) if log_path else None
@@ -378,7 +461,13 @@ def _run_post(st: _Stage, script: str, argv: list[str], opts: BuildOptions, ws: 
     build_log = os.path.join(ws.path, f"stage{st.index}-post.log")
     try:
         code = run_in_container(
-            st.rootfs, argv, _container_env(), writable=True, binds=opts.binds, log_path=build_log
+            st.rootfs,
+            argv,
+            _container_env(),
+            writable=True,
+            binds=opts.binds,
+            log_path=build_log,
+            inject=opts.inject,
         )
     finally:
         with F.opened_root(st.rootfs) as rfd:
@@ -497,7 +586,15 @@ def _build_stage(
         log.warn(warning)
     if stage.script("test") is not None and not opts.notest and opts.wants("test"):
         st.say("running %test")
-        code = run_in_container(st.rootfs, [], {}, writable=False, action="test", binds=opts.binds)
+        code = run_in_container(
+            st.rootfs,
+            [],
+            {},
+            writable=False,
+            action="test",
+            binds=opts.binds,
+            inject=opts.inject,
+        )
         if code != 0:
             raise BuildError(f"%test failed with exit status {code}", hint="or build with --notest")
 

@@ -159,27 +159,20 @@ class Gpu:
     def __call__(
         self, opts: list[str], script: str, nodes: list[str], env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        argv = [
-            "/usr/bin/python3",
-            "-c",
-            SETUP,
-            str(self.top),
-            "/usr/bin/python3",
-            "-m",
-            "sifpy",
-            "exec",
-            *opts,
-            self.image,
-            "sh",
-            "-c",
-            script,
-        ]
+        return self.sifpy(["exec", *opts, self.image, "sh", "-c", script], nodes, env)
+
+    def sifpy(
+        self, args: list[str], nodes: list[str], env: dict[str, str] | None = None, cwd: str = "/"
+    ) -> subprocess.CompletedProcess[str]:
+        """``sifpy ARGS`` in the private namespaces with the fake driver."""
+        argv = ["/usr/bin/python3", "-c", SETUP, str(self.top), "/usr/bin/python3", "-m", "sifpy"]
+        argv += args
         full = {
             "FAKE_NODES": " ".join(nodes),
             "PATH": f"{self.top}/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
             **(env or {}),
         }
-        return self.runner(argv, env=full, cwd="/")
+        return self.runner(argv, env=full, cwd=cwd)
 
 
 @pytest.fixture()
@@ -315,3 +308,42 @@ def test_rocm_binds_exactly_the_driver(gpu_run: Gpu, fake_driver: Path) -> None:
     assert bins == ["rocm-smi"]
     assert set(devs) - set(base[2]) == {f"./{n}" for n in ROCM_NODES}
     assert set(_env_diff(base[3], env)) == {"PATH"}
+
+
+BUILD_NV = """Bootstrap: busybox
+MirrorURL: file:///bin/busybox
+
+%post
+    echo LIBS; ls -1 /.singularity.d/libs; echo SMI; nvidia-smi -L; echo DEV; cat /dev/nvidia0
+    echo ENV; echo "$LD_LIBRARY_PATH"
+"""
+
+
+@pytest.mark.unpriv
+def test_build_nv_binds_the_driver_for_post_only(
+    gpu_run: Gpu, fake_driver: Path, user_dir: Path
+) -> None:
+    """Apptainer's ``build --nv``: %post sees the host's driver (libraries, programs, device
+    nodes) as ``exec --nv`` does; none of it is copied into the image."""
+    (user_dir / "nv.def").write_text(BUILD_NV)
+    res = gpu_run.sifpy(["build", "--nv", "nv.sif", "nv.def"], NVIDIA_NODES, cwd=str(user_dir))
+    assert res.returncode == 0, res.stderr
+    out = res.stdout.split("\n")
+    libs = out[out.index("LIBS") + 1 : out.index("SMI")]
+    expected = _expected_libs(fake_driver / "ld.so.cache", f"{gpu.ETC}/nvliblist.conf")
+    assert set(libs) == expected
+    assert out[out.index("SMI") + 1] == SMI.split("'")[1]
+    assert out[out.index("DEV") + 1] == "fake nvidia0"
+    assert "/.singularity.d/libs" in out[out.index("ENV") + 1]
+    # The image holds none of it: no driver library, no nvidia-smi, no device file.
+    res = gpu_run.sifpy(
+        ["exec", "--contain", str(user_dir / "nv.sif"), "sh", "-c",
+         "ls -A /.singularity.d/libs; command -v nvidia-smi; ls /dev/nvidia0; true"],
+        NVIDIA_NODES,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "", res.stdout
+    # Without --nv, %post sees no driver.
+    res = gpu_run.sifpy(["build", "plain.sif", "nv.def"], NVIDIA_NODES, cwd=str(user_dir))
+    assert res.returncode != 0
+    assert "nvidia-smi: not found" in res.stderr

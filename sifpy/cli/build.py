@@ -14,6 +14,7 @@ Progress goes to stderr; ``%post`` and ``%test`` output is streamed as it comes.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from sifpy.cli._args import ArgumentParser, add_registry_options
 from sifpy.errors import UsageError
@@ -63,6 +64,9 @@ def build_parser(prog: str) -> ArgumentParser:
         metavar="SRC[:DEST[:ro|rw]]",
         help="bind a host path during %%post and %%test (repeatable, comma lists)",
     )
+    p.add_argument("--nv", action="store_true", help="bind the host's NVIDIA driver in %%post")
+    p.add_argument("--nvccli", action="store_true", help="--nv through nvidia-container-cli")
+    p.add_argument("--rocm", action="store_true", help="bind the host's ROCm driver in %%post")
     add_registry_options(p)
     p.add_argument("--build-arg", action="append", default=[], metavar="K=V")
     p.add_argument("--build-arg-file", metavar="FILE")
@@ -159,6 +163,7 @@ def main(argv: list[str], prog: str = "sifpy build") -> int:
         no_cleanup=a.no_cleanup,
         fix_perms=a.fix_perms,
         binds=tuple(_binds(a.bind)),
+        inject=_gpu(a) if a.nv or a.nvccli or a.rocm else None,
     )
     if a.sign and opts.sandbox:
         raise UsageError("--sign needs a SIF output", hint="sandboxes carry no signatures")
@@ -170,3 +175,17 @@ def main(argv: list[str], prog: str = "sifpy build") -> int:
         sign_argv += ["--keyidx", str(a.keyidx)] if a.keyidx is not None else []
         return sign.main([*sign_argv, a.output], prog="sifpy sign")
     return 0
+
+
+def _gpu(a: Any) -> Any:
+    """``--nv``/``--nvccli``/``--rocm`` for ``%post`` and ``%test``: what ``sifpy exec``
+    binds (the build's container is contained: the device nodes go into its own /dev)."""
+    from types import SimpleNamespace
+
+    from sifpy.cli.exec import devices
+
+    return devices(
+        SimpleNamespace(
+            nv=a.nv, nvccli=a.nvccli, rocm=a.rocm, device=[], contain=False, containall=False
+        )
+    )
