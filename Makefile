@@ -7,15 +7,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PREFIX ?= /usr/local
 # Debian packages sifpy needs to build and run images (installed only when missing, and only
-# as root): squashfs tools, FUSE, a compiler for the starter, mmdebstrap for debootstrap
+# as root): squashfs tools, FUSE, a compiler and libraries for the starter and FUSE server, mmdebstrap for debootstrap
 # recipes, busybox for the offline demo, gpg for signatures.
 APT_RUN := squashfs-tools squashfs-tools-ng squashfuse fuse3 fuse-overlayfs zstd pigz \
-	busybox-static python3-venv util-linux uidmap gpg gpgv mmdebstrap gcc libc6-dev make e2fsprogs
+	busybox-static python3-venv util-linux uidmap gpg gpgv mmdebstrap gcc libc6-dev make e2fsprogs \
+	libsquashfuse-dev libfuse3-dev pkg-config
 # ... and what only the tests need: the SIF reference tools, a real registry, independent
 # OCI tools, the pure-Python FUSE fallback, Slurm and MPI for the HPC tests.
 APT_TEST := siftool golang-github-sylabs-sif-dev umoci skopeo docker-registry apache2-utils \
-	python3-pyfuse3 libfuse3-dev pkg-config slurm-wlm munge mpich libmpich-dev openmpi-bin \
-	libopenmpi-dev strace
+	python3-pyfuse3 slurm-wlm munge mpich libmpich-dev openmpi-bin libopenmpi-dev strace
 # ... and what the benchmarks compare with (bench/exec: ch-run; bench/build: ch-image).
 APT_BENCH := charliecloud-runtime charliecloud-builders time
 APT_PACKAGES := $(APT_RUN) $(APT_TEST) $(APT_BENCH)

@@ -42,6 +42,7 @@ PACKAGES = {
     "squashfuse": "squashfuse",
     "fuse-overlayfs": "fuse-overlayfs",
     "fusermount3": "fuse3",
+    "pkg-config": "pkg-config",
     "gpg": "gpg",
     "gpgv": "gpgv",
     "gpgconf": "gpgconf",
