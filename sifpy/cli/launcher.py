@@ -12,6 +12,12 @@ With a C compiler (``cc``), DEST is the starter (``starter.c``): a small program
 ``exec``/``run``/``shell``/``test`` of a SIF image, enters the namespaces and starts
 squashfuse before it starts Python (see that file). Without one, DEST is a Python script.
 ``--script`` forces the script.
+
+Where libsquashfuse and libfuse3 can be linked (Debian: libsquashfuse-dev, libfuse3-dev,
+pkg-config), sifpy's own FUSE server (``sifpy/runtime/serve/sqfs_serve.c``) is built too:
+as the program :data:`SERVER` next to its source, which the Python side runs instead of
+squashfuse_ll (:func:`sifpy.runtime.start.server_program`), and linked into the starter,
+which then serves from a forked child without exec. Without them, both use squashfuse_ll.
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ import sys
 import tempfile
 from typing import Any
 
+from sifpy.errors import ToolError
 from sifpy.util.proc import PIPE, run
 
 CFLAGS: list[str] = []  # the tests add -Werror
+SERVE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "runtime", "serve")
+SERVER = os.path.join(SERVE_DIR, "sifpy-sqfs-serve")
 BOOT = "import sys\nsys.path += {paths!r}\nfrom sifpy.cli import entry\nentry()\n"
 
 SCRIPT = """\
@@ -96,6 +105,8 @@ def starter_config(python: str, boot: str) -> str:
         "SIFPY_BOOT": c_string(boot),
         "SIFPY_SQUASHFUSE": c_string(start.SQUASHFUSE),
         "SIFPY_SINGLE_THREAD": str(int(start.FUSE_SINGLE_THREAD)),
+        "SIFPY_SERVER_ENV": c_string(start.SERVER_ENV),
+        "SIFPY_SERVER_THREADS": str(start.SERVER_THREADS),
         "SIFPY_SYSTEM_CONFIG": c_string(SYSTEM_CONFIG),
         "SIFPY_SYSTEM_DIRS": c_string(":".join(mount.SYSTEM_DIRS)),
         "SIFPY_DEFAULT_PATH": c_string(start.DEFAULT_PATH),
@@ -125,17 +136,57 @@ def starter_config(python: str, boot: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def server_flags() -> list[str] | None:
+    """The compiler and linker flags of libsquashfuse_ll and libfuse3 (pkg-config); None
+    where either is missing."""
+    try:
+        done = run(
+            ["pkg-config", "--cflags", "--libs", "squashfuse_ll", "fuse3"],
+            "ask pkg-config for libsquashfuse_ll and libfuse3",
+            stdout=PIPE,
+            text=True,
+            ok=None,
+        )
+    except ToolError:  # no pkg-config
+        return None
+    return done.stdout.split() + ["-lpthread"] if done.returncode == 0 else None
+
+
+def write_server(dest: str = SERVER, cc: str | None = None) -> bool:
+    """Compile sifpy's FUSE server (``sqfs_serve.c``) to ``dest``; False (and a note on
+    stderr) where it can't be built."""
+    cc = cc or shutil.which("cc") or shutil.which("gcc")
+    flags = server_flags()
+    if cc is None or flags is None:
+        sys.stderr.write("note: no libsquashfuse-dev/libfuse3-dev: sifpy serves with squashfuse_ll\n")
+        return False
+    tmp = f"{dest}.tmp{os.getpid()}"
+    source = os.path.join(SERVE_DIR, "sqfs_serve.c")
+    argv = [cc, "-std=gnu11", "-O2", "-Wall", "-Wextra", *CFLAGS, "-o", tmp, source, *flags]
+    done = run(argv, "compile the FUSE server", text=True, ok=None)
+    if done.returncode != 0:
+        sys.stderr.write(f"note: can't compile the FUSE server, using squashfuse_ll:\n{done.stderr}")
+        return False
+    _replace(tmp, dest)
+    return True
+
+
 def _replace(tmp: str, dest: str) -> None:
     os.chmod(tmp, 0o755)
     os.replace(tmp, dest)
 
 
 def write(
-    dest: str, python: str = sys.executable, script: bool = False, paths: list[str] | None = None
+    dest: str,
+    python: str = sys.executable,
+    script: bool = False,
+    paths: list[str] | None = None,
+    serve_inline: bool = True,
 ) -> str:
     """Write the program to ``dest`` (atomically, mode 0755); return ``"starter"`` or
     ``"script"``: what was written. ``paths``: the package directories (default: those
-    ``site`` adds for ``python``)."""
+    ``site`` adds for ``python``). ``serve_inline``: link sifpy's FUSE server into the
+    starter where the libraries are there (else it execs squashfuse_ll)."""
     if len(python) > 240:  # the kernel reads the first 256 bytes of a #! line
         raise SystemExit(f"can't write a launcher: interpreter path too long: {python}")
     boot = BOOT.format(paths=site_paths(python) if paths is None else paths)
@@ -143,11 +194,17 @@ def write(
     cc = None if script else shutil.which("cc") or shutil.which("gcc")
     if cc is not None:
         source = os.path.join(os.path.dirname(__file__), "starter.c")
+        # The server linked in: the starter forks it instead of exec'ing squashfuse_ll.
+        flags = server_flags() if serve_inline else None
         with tempfile.TemporaryDirectory() as build:
             with open(os.path.join(build, "starter_config.h"), "w", encoding="utf-8") as f:
                 f.write(starter_config(python, boot))
             argv = [cc, "-std=gnu11", "-O2", "-Wall", "-Wextra", *CFLAGS, f"-I{build}"]
-            done = run([*argv, "-o", tmp, source], "compile the starter", text=True, ok=None)
+            argv += ["-o", tmp, source]
+            if flags is not None:
+                argv += ["-DSIFPY_SERVE_INLINE", "-DSQFS_SERVE_NO_MAIN", f"-I{SERVE_DIR}"]
+                argv += [os.path.join(SERVE_DIR, "sqfs_serve.c"), *flags]
+            done = run(argv, "compile the starter", text=True, ok=None)
         if done.returncode == 0:
             _replace(tmp, dest)
             return "starter"
@@ -164,4 +221,6 @@ if __name__ == "__main__":
     args = [a for a in args if a != "--script"]
     if len(args) != 1 or args[0].startswith("-"):
         sys.exit("usage: python -m sifpy.cli.launcher [--script] DEST")
+    if not forced:
+        write_server()
     print(f"{args[0]}: {write(args[0], script=forced)}")

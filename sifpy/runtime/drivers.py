@@ -2,7 +2,9 @@
 
 Four mount drivers, chosen by :func:`choose` (``LaunchOptions.mount_driver``):
 
-``squashfuse``  ``squashfuse_ll`` at the partition's offset (the default; :mod:`.mount`).
+``squashfuse``  sifpy's own server (``serve/sqfs_serve.c``, libsquashfuse's code) where it
+                was built, else ``squashfuse_ll``, at the partition's offset (the default;
+                :func:`.start.server_program`, :mod:`.mount`).
 ``kernel``      the kernel's squashfs on a read-only loop device at the offset, when running
                 as real root (euid 0 in the initial user namespace). The monitor creates it
                 *before* entering its user namespace, as a detached mount (fsopen/fsmount),
@@ -25,7 +27,7 @@ import os
 
 from sifpy.errors import RuntimeSetupError, ToolError
 from sifpy.runtime import mount, ns
-from sifpy.runtime.start import DRIVERS
+from sifpy.runtime.start import DRIVERS, server_program
 from sifpy.util import lean, log
 from sifpy.util.lean import NamedTuple
 
@@ -85,7 +87,7 @@ def choose(requested: str, squashfuse: str) -> Driver:
         log.verbose("note: running as root: mounting the image with the kernel squashfs driver")
         return Driver("kernel")
     if requested == "squashfuse":
-        return Driver("squashfuse", mount.find_program(squashfuse))
+        return Driver("squashfuse", server_program(squashfuse))
     if requested == "python":
         if not _have_pyfuse3():
             raise ToolError("can't mount: pure-Python FUSE: pyfuse3 is not installed", _PYFUSE_HINT)
@@ -95,7 +97,7 @@ def choose(requested: str, squashfuse: str) -> Driver:
     fuse_ok = os.access("/dev/fuse", os.R_OK | os.W_OK)
     if fuse_ok:
         try:
-            return Driver("squashfuse", mount.find_program(squashfuse))
+            return Driver("squashfuse", server_program(squashfuse))
         except ToolError:
             if _have_pyfuse3():
                 log.warn(f"{squashfuse} not found: mounting with sifpy's Python FUSE (slower)")

@@ -42,6 +42,7 @@ from sifpy.runtime import plan as plan_
 from sifpy.runtime.start import (
     DEFAULT_PATH,
     FUSE_SINGLE_THREAD,
+    SERVER,
     SQUASHFUSE,
     Identity,
     Sandbox,
@@ -471,7 +472,11 @@ def _set_up(
     else:
         servers.append(
             mount.mount_squashfs(
-                image_fd, image.offset, _IMAGE, driver.program, opts.fuse_single_thread
+                image_fd,
+                image.offset,
+                _IMAGE,
+                driver.program,
+                opts.fuse_single_thread and driver.program != SERVER,  # sifpy's own: threads
             )
         )
     if image_fd >= 0:

@@ -32,9 +32,36 @@ if TYPE_CHECKING:
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DRIVERS = ("auto", "squashfuse", "kernel", "python", "unsquash")
 SQUASHFUSE = "squashfuse_ll"
-# One thread: libfuse's worker threads start on demand, ~3 ms of every exec, and a single
-# one reads as fast on the cold-cache read benchmark (bench/read).
+# One thread for squashfuse_ll: libfuse's worker threads start on demand, ~3 ms of every
+# exec, and squashfuse_ll decompresses under one lock anyway.
 FUSE_SINGLE_THREAD = True
+# sifpy's own server (sifpy/runtime/serve/sqfs_serve.c, built by `make venv` next to its
+# source): libsquashfuse's code with reads decompressed in parallel, no open/release round
+# trips and the page cache kept across opens (bench/read). Where it was not built (no
+# libsquashfuse-dev), squashfuse_ll serves; SIFPY_FUSE_SERVER=squashfuse_ll asks for it
+# anyway (the tests run every exec through both).
+SERVER = os.path.join(os.path.dirname(__file__), "serve", "sifpy-sqfs-serve")
+SERVER_ENV = "SIFPY_FUSE_SERVER"
+SERVER_THREADS = 4  # libfuse's loop starts them as requests wait; 2-CPU nodes need no more
+
+
+def server_program(name: str = SQUASHFUSE) -> str:
+    """The squashfs FUSE server to run: sifpy's own where it was built (unless
+    ``$SIFPY_FUSE_SERVER`` is ``squashfuse_ll``), else the helper ``name`` as
+    :func:`mount.find_program` finds it (raising :class:`ToolError` if missing)."""
+    if (
+        name == SQUASHFUSE
+        and os.environ.get(SERVER_ENV) != SQUASHFUSE
+        and os.access(SERVER, os.X_OK)
+    ):
+        return SERVER
+    return mount.find_program(name)
+
+
+def server_argv(program: str, offset: int) -> list[str]:
+    """The server's command line (fd 3: the image, fd 4: the FUSE connection)."""
+    single = FUSE_SINGLE_THREAD and program != SERVER
+    return mount.squashfuse_argv(program, offset, single)
 
 
 # Records are NamedTuples, not dataclasses: importing dataclasses (and inspect) and
@@ -168,13 +195,13 @@ def serve(
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         return None
     try:
-        program = mount.find_program(SQUASHFUSE)
+        program = server_program()
     except ToolError:
         return None
     if not ns.new_mount_api():
         return None
     enter(fakeroot)
-    argv = mount.squashfuse_argv(program, image.offset, FUSE_SINGLE_THREAD)
+    argv = server_argv(program, image.offset)
     mount_fd, pid = mount.fuse_serve(
         "squashfuse", [image_fd], lambda: mount.exec_helper(argv, True), True
     )
