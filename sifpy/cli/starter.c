@@ -50,6 +50,10 @@ struct option_kind {
 
 #include "starter_config.h"
 
+#ifdef SIFPY_SERVE_INLINE
+#include "sqfs_serve.h" /* sifpy/runtime/serve: the FUSE server, linked in (launcher.py) */
+#endif
+
 #ifndef SYS_fsopen
 #define SYS_fsopen 430
 #define SYS_fsconfig 431
@@ -302,6 +306,35 @@ static void become_helper(pid_t parent, const int *fds, int n)
     sigprocmask(SIG_SETMASK, &none, NULL);
 }
 
+/* The FUSE server: "" for the one linked in, else squashfuse_ll's path (where the server
+ * was not linked in, or SIFPY_FUSE_SERVER=squashfuse_ll asks for it, as in Python:
+ * sifpy.runtime.start.server_program); 0 if there is none. */
+static int server_program(char *program)
+{
+#ifdef SIFPY_SERVE_INLINE
+    const char *want = getenv(SIFPY_SERVER_ENV);
+    if (want == NULL || strcmp(want, SIFPY_SQUASHFUSE) != 0) {
+        program[0] = '\0';
+        return 1;
+    }
+#endif
+    return find_program(SIFPY_SQUASHFUSE, program);
+}
+
+/* In the server's child, instead of exec'ing squashfuse_ll (as ch-run serves its images:
+ * no exec, no dynamic loading, no second start-up): the image as fd 3, the connection as 4.
+ * Named for ps and the tests; never returns. */
+static _Noreturn void serve_inline(int64_t offset)
+{
+#ifdef SIFPY_SERVE_INLINE
+    prctl(PR_SET_NAME, "sifpy-sqfs-serve", 0, 0, 0);
+    _exit(sqfs_serve(3, (uint64_t)offset, 4, SIFPY_SERVER_THREADS));
+#else
+    (void)offset;
+    _exit(127);
+#endif
+}
+
 /* Read `name` (a path, or a command looked up in the default PATH) in the image, whose root
  * is `root`; symlinks resolve inside the image (RESOLVE_IN_ROOT). */
 static void read_ahead(int root, const char *name, dev_t *seen_dev, ino_t *seen_ino)
@@ -351,7 +384,7 @@ static int serve(const struct start *s)
     if (uid == 0 || getenv("SIFPY_CONFIG") != NULL || access(SIFPY_SYSTEM_CONFIG, F_OK) == 0 ||
         errno != ENOENT)
         return 0;
-    if (access("/dev/fuse", R_OK | W_OK) != 0 || !find_program(SIFPY_SQUASHFUSE, program))
+    if (access("/dev/fuse", R_OK | W_OK) != 0 || !server_program(program))
         return 0;
     int probe = (int)syscall(SYS_fsopen, "fuse", FSOPEN_CLOEXEC_);
     if (probe >= 0)
@@ -426,6 +459,8 @@ static int serve(const struct start *s)
         char opt[64];
         become_helper(me, fds, 2);
         drop_all_caps();
+        if (program[0] == '\0')
+            serve_inline(offset);
         snprintf(opt, sizeof opt, "offset=%lld", (long long)offset);
         char *env[] = {"PATH=" SIFPY_SYSTEM_DIRS, "LC_ALL=C", NULL};
         char *args[] = {program, "-f", "-o", opt, "/proc/self/fd/3", "/dev/fd/4", NULL, NULL};
