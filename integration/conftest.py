@@ -127,8 +127,9 @@ def sifpy_copy() -> Iterator[str]:
     for dirpath, dirnames, filenames in os.walk(path):
         for d in dirnames:
             os.chmod(os.path.join(dirpath, d), 0o755)
-        for f in filenames:
-            os.chmod(os.path.join(dirpath, f), 0o644)
+        for f in filenames:  # programs (sifpy's FUSE server) stay executable
+            f = os.path.join(dirpath, f)
+            os.chmod(f, 0o755 if os.stat(f).st_mode & 0o100 else 0o644)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

@@ -192,8 +192,28 @@ def no_leftovers(runtime_ready: UserRunner) -> Iterator[None]:
     yield
     assert _mounts() == before_mounts
     assert user_processes(uid, "squashfuse_ll") == []
+    assert user_processes(uid, "sifpy-sqfs-serv") == []  # sifpy's own FUSE server
     after_tmp = _tmp_of(uid)
     assert after_tmp <= before_tmp
+
+
+@pytest.fixture(scope="session")
+def own_server(sifpy_copy: str) -> str:
+    """sifpy's own FUSE server (sifpy/runtime/serve/sqfs_serve.c), built into the sifpy
+    copy with the warnings as errors, where Python finds it; the starter links it in."""
+    from sifpy.cli import launcher
+
+    require(None if shutil.which("cc") else "no C compiler (cc) to build the FUSE server")
+    flags = launcher.server_flags()
+    require(None if flags else "no libsquashfuse-dev, libfuse3-dev or pkg-config")
+    dest = Path(sifpy_copy) / "sifpy" / "runtime" / "serve" / "sifpy-sqfs-serve"
+    old = list(launcher.CFLAGS)
+    launcher.CFLAGS.append("-Werror")
+    try:
+        assert launcher.write_server(str(dest))
+    finally:
+        launcher.CFLAGS[:] = old
+    return str(dest)
 
 
 @pytest.fixture(scope="session")

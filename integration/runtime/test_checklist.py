@@ -197,7 +197,8 @@ def test_session_is_private_and_0700(sifpy: Sifpy) -> None:
     try:
         assert p.stdout is not None and p.stdout.readline().strip() == "up"
         # Other sessions of the test user may run too: take the server under this one.
-        servers = [s for s in user_processes(uid, "squashfuse_ll") if _descends(s, p.pid)]
+        names = ("sifpy-sqfs-serv", "squashfuse_ll")  # sifpy's own server, or the fallback
+        servers = [s for n in names for s in user_processes(uid, n) if _descends(s, p.pid)]
         assert servers
         # The server lives in the session's mount namespace: its /tmp is the session.
         st = os.stat(f"/proc/{servers[0]}/root/tmp")

@@ -1,8 +1,11 @@
 """``sifpy exec/run/shell/test`` end to end, as the unprivileged test user.
 
-Every test runs twice: through ``python3 -m sifpy`` and through the starter (the compiled
+Every test runs through ``python3 -m sifpy`` and through the starter (the compiled
 ``sifpy`` program that enters the namespaces and serves the image before Python starts,
-sifpy/cli/starter.c), which must not be told apart by anything a container sees."""
+sifpy/cli/starter.c), which must not be told apart by anything a container sees; and each
+of those with both FUSE servers: sifpy's own (sifpy/runtime/serve/sqfs_serve.c: exec'd by
+Python, forked without exec by the starter) and the squashfuse_ll fallback
+(``SIFPY_FUSE_SERVER=squashfuse_ll``, what runs where sifpy's was not built)."""
 
 from __future__ import annotations
 
@@ -21,18 +24,35 @@ import pytest
 from integration.conftest import UserRunner, require
 from integration.runtime.conftest import _mounts, user_processes
 
+# The FUSE servers' command names (/proc/PID/status Name: 15 characters at most).
+SERVER_NAMES = {"sifpy": "sifpy-sqfs-serv", "squashfuse_ll": "squashfuse_ll"}
+
 
 class Sifpy:
-    """``sifpy ...`` (``program``) as the test user, in a world-readable working directory."""
+    """``sifpy ...`` (``program``) as the test user, in a world-readable working directory,
+    serving images with ``server`` (a key of :data:`SERVER_NAMES`)."""
 
-    def __init__(self, runner: UserRunner, image: str, cwd: str, program: list[str]) -> None:
+    def __init__(
+        self,
+        runner: UserRunner,
+        image: str,
+        cwd: str,
+        program: list[str],
+        server: str = "sifpy",
+    ) -> None:
         self.runner, self.image, self.cwd, self.program = runner, image, cwd, program
+        self.server, self.server_name = server, SERVER_NAMES[server]
+        self.env = {"SIFPY_FUSE_SERVER": server} if server == "squashfuse_ll" else {}
 
     def __call__(
         self, *args: str, env: dict[str, str] | None = None, **kw: Any
     ) -> subprocess.CompletedProcess[str]:
         kw.setdefault("cwd", self.cwd)
-        return self.runner([*self.program, *args], env=env, **kw)
+        return self.runner([*self.program, *args], env={**self.env, **(env or {})}, **kw)
+
+    def popen(self, argv: list[str], **kw: Any) -> Any:
+        """Start ``argv`` as the test user with this server (:meth:`UserRunner.popen`)."""
+        return self.runner.popen(argv, env=self.env, **kw)
 
     def exec(
         self, *cmd: str, opts: tuple[str, ...] = (), **kw: Any
@@ -40,7 +60,15 @@ class Sifpy:
         return self("exec", *opts, self.image, *cmd, **kw)
 
 
-@pytest.fixture(params=["python", "starter"])
+@pytest.fixture(
+    params=[
+        ("python", "sifpy"),
+        ("starter", "sifpy"),
+        ("python", "squashfuse_ll"),
+        ("starter", "squashfuse_ll"),
+    ],
+    ids=lambda p: "-".join(p),
+)
 def sifpy(
     request: pytest.FixtureRequest,
     runtime_ready: UserRunner,
@@ -52,10 +80,13 @@ def sifpy(
     cwd.mkdir(exist_ok=True)
     (cwd / "here.txt").write_text("in the cwd\n")
     os.chmod(cwd, 0o777)
+    kind, server = request.param
     program = ["/usr/bin/python3", "-m", "sifpy"]
-    if request.param == "starter":
+    if kind == "starter":
         program = [request.getfixturevalue("starter")]
-    return Sifpy(runtime_ready, images["plain"]["sif"], str(cwd), program)
+    if server == "sifpy":
+        request.getfixturevalue("own_server")
+    return Sifpy(runtime_ready, images["plain"]["sif"], str(cwd), program, server)
 
 
 def test_same_user_inside(sifpy: Sifpy) -> None:
@@ -178,7 +209,7 @@ def test_closed_stdin_becomes_dev_null(sifpy: Sifpy) -> None:
 
 
 def test_trap_sees_forwarded_sigterm(sifpy: Sifpy) -> None:
-    p = sifpy.runner.popen(
+    p = sifpy.popen(
         [
             *sifpy.program,
             "exec",
@@ -209,11 +240,11 @@ def test_twenty_concurrent_execs_leave_nothing(sifpy: Sifpy) -> None:
         results = list(pool.map(lambda i: sifpy.exec("cat", "/etc/image-marker"), range(20)))
     assert all(r.returncode == 0 and r.stdout == "from the image\n" for r in results)
     assert _mounts() == before
-    assert user_processes(sifpy.runner.user.uid, "squashfuse_ll") == []
+    assert user_processes(sifpy.runner.user.uid, sifpy.server_name) == []
 
 
 def test_sigkill_of_sifpy_leaves_nothing_mounted(sifpy: Sifpy) -> None:
-    p = sifpy.runner.popen(
+    p = sifpy.popen(
         [*sifpy.program, "exec", sifpy.image, "sh", "-c", "echo up; sleep 30"],
         stdout=subprocess.PIPE,
         cwd=sifpy.cwd,
@@ -224,10 +255,10 @@ def test_sigkill_of_sifpy_leaves_nothing_mounted(sifpy: Sifpy) -> None:
     deadline = time.time() + 10
     uid = sifpy.runner.user.uid
     while time.time() < deadline and (
-        user_processes(uid, "squashfuse_ll") or user_processes(uid, "sleep")
+        user_processes(uid, sifpy.server_name) or user_processes(uid, "sleep")
     ):
         time.sleep(0.1)
-    assert user_processes(uid, "squashfuse_ll") == [] and user_processes(uid, "sleep") == []
+    assert user_processes(uid, sifpy.server_name) == [] and user_processes(uid, "sleep") == []
 
 
 def test_bad_image_is_125_with_one_line(sifpy: Sifpy, workdir: Path) -> None:
@@ -249,7 +280,7 @@ def test_error_after_the_image_is_served_stops_its_server(sifpy: Sifpy) -> None:
     r = sifpy.exec("true", opts=("--env-file", "/nonexistent/env"))
     assert r.returncode == 125 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
     assert "/nonexistent/env" in r.stderr
-    assert user_processes(sifpy.runner.user.uid, "squashfuse_ll") == []
+    assert user_processes(sifpy.runner.user.uid, sifpy.server_name) == []
 
 
 @pytest.mark.parametrize("opts", [(), ("--contain", "--pid")])
@@ -288,9 +319,10 @@ def test_only_the_command_holds_a_passed_fd(sifpy: Sifpy, as_root: bool) -> None
     argv = [*sifpy.program, "exec", sifpy.image, "sh", "-c", f"exec {w}>&-; read x"]
     kw: dict[str, Any] = {"pass_fds": (w,), "cwd": sifpy.cwd, "stdin": subprocess.PIPE}
     if as_root:
-        proc = subprocess.Popen(argv, env=sifpy.runner.env(), text=True, **kw)
+        env = {**sifpy.runner.env(), **sifpy.env}
+        proc = subprocess.Popen(argv, env=env, text=True, **kw)
     else:
-        proc = sifpy.runner.popen(argv, **kw)
+        proc = sifpy.popen(argv, **kw)
     os.close(w)
     try:
         assert select.select([r], [], [], 30)[0], "a copy of the write end is still open"
@@ -415,7 +447,7 @@ def test_corrupt_squashfs_is_125_and_leaves_nothing(sifpy: Sifpy, workdir: Path)
     lines = r.stderr.splitlines()
     assert lines[-2].startswith("error: can't mount: squashfs at offset "), r.stderr
     assert lines[-1].startswith("hint: ") and "Traceback" not in r.stderr
-    assert user_processes(sifpy.runner.user.uid, "squashfuse_ll") == []
+    assert user_processes(sifpy.runner.user.uid, sifpy.server_name) == []
 
 
 def _bad_descriptor_images(plain: dict[str, Any], workdir: Path) -> dict[str, tuple[Path, str]]:
@@ -521,7 +553,7 @@ def test_squashfuse_runs_without_capabilities(sifpy: Sifpy, opts: tuple[str, ...
     """squashfuse parses the (untrusted) image: while a container runs, the server has no
     capability at all in its namespace (none effective, permitted, inheritable or ambient,
     an empty bounding set), even when sifpy is uid 0 there (``--fakeroot``)."""
-    p = sifpy.runner.popen(
+    p = sifpy.popen(
         [*sifpy.program, "exec", *opts, sifpy.image, "sh", "-c", "echo up; exec sleep 30"],
         stdout=subprocess.PIPE,
         cwd=sifpy.cwd,
@@ -531,7 +563,7 @@ def test_squashfuse_runs_without_capabilities(sifpy: Sifpy, opts: tuple[str, ...
         # Ours: sifpy's child (the starter's, or Python's); others may run at the same time.
         servers = [
             pid
-            for pid in user_processes(sifpy.runner.user.uid, "squashfuse_ll")
+            for pid in user_processes(sifpy.runner.user.uid, sifpy.server_name)
             if f"\nPPid:\t{p.pid}\n" in Path(f"/proc/{pid}/status").read_text()
         ]
         assert len(servers) == 1, servers
@@ -543,7 +575,7 @@ def test_squashfuse_runs_without_capabilities(sifpy: Sifpy, opts: tuple[str, ...
         deadline = time.time() + 10
         uid = sifpy.runner.user.uid
         while time.time() < deadline and (
-            user_processes(uid, "squashfuse_ll") or user_processes(uid, "sleep")
+            user_processes(uid, sifpy.server_name) or user_processes(uid, "sleep")
         ):
             time.sleep(0.1)
 
@@ -577,3 +609,110 @@ def test_too_many_top_level_entries_is_refused_with_a_hint(sifpy: Sifpy, wide_im
     r = sifpy("exec", "--writable-tmpfs", wide_image, "sh", "-c", "ls / | wc -l")
     assert r.returncode == 0, r.stderr
     assert int(r.stdout) > 3000
+
+
+@pytest.fixture(scope="module")
+def data_image(workdir: Path) -> tuple[str, dict[str, bytes]]:
+    """A busybox image with data on every read path of a squashfs: files of several blocks
+    with a tail in a fragment, small files packed into shared fragments, an empty file and
+    a sparse one (zero blocks, stored as holes); and the files' bytes."""
+    import random
+
+    from integration.runtime.conftest import busybox_rootfs, make_sif
+
+    rng = random.Random(14)
+    files = {f"small{i}": rng.randbytes(rng.randrange(1, 6000)) for i in range(40)}
+    files |= {"big": rng.randbytes(5 * 131072 + 1234), "empty": b""}
+    files["sparse"] = bytes(4 * 131072) + b"end" + bytes(131072)
+    files["text"] = b"".join(b"line %d of a compressible file\n" % i for i in range(30000))
+
+    def data(root: Path) -> None:
+        (root / "data").mkdir()
+        for name, content in files.items():
+            (root / "data" / name).write_bytes(content)
+
+    rootfs = busybox_rootfs(workdir / "data-rootfs", data)
+    return str(make_sif(rootfs, workdir / "data.sif")["sif"]), files
+
+
+def test_every_read_path_serves_the_image_bytes(
+    sifpy: Sifpy, data_image: tuple[str, dict[str, bytes]]
+) -> None:
+    """Whichever server, the container reads the image's own bytes: whole files read by
+    four readers at once (sifpy's server decompresses in several threads, outside the
+    library's lock), and ranges that start and end inside blocks (dd)."""
+    import hashlib
+
+    image, files = data_image
+    names = " ".join(sorted(files))
+    script = (
+        f"cd /data && for i in 1 2 3 4; do (md5sum {names} | sed \"s/^/$i /\") & done; wait; "
+        "dd if=big bs=1000 skip=131 count=400 2>/dev/null | md5sum | sed 's/ .*/ range1/'; "
+        "dd if=text bs=777 skip=300 count=900 2>/dev/null | md5sum | sed 's/ .*/ range2/'"
+    )
+    r = sifpy("exec", image, "sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    want = {name: hashlib.md5(content).hexdigest() for name, content in files.items()}
+    got: dict[str, dict[str, str]] = {}
+    for line in r.stdout.splitlines():
+        fields = line.split()
+        if fields[-1].startswith("range"):
+            got.setdefault("ranges", {})[fields[-1]] = fields[0]
+        else:
+            got.setdefault(fields[0], {})[fields[2]] = fields[1]
+    for reader in "1234":
+        assert got[reader] == want, reader
+    assert got["ranges"] == {
+        "range1": hashlib.md5(files["big"][131000:531000]).hexdigest(),
+        "range2": hashlib.md5(files["text"][300 * 777 : 1200 * 777]).hexdigest(),
+    }
+
+
+def _server_of(sifpy: Sifpy, pid: int) -> int:
+    """The FUSE server serving the image of the sifpy process ``pid`` (its child)."""
+    servers = [
+        s
+        for s in user_processes(sifpy.runner.user.uid, sifpy.server_name)
+        if f"\nPPid:\t{pid}\n" in Path(f"/proc/{s}/status").read_text()
+    ]
+    assert len(servers) == 1, servers
+    return servers[0]
+
+
+def _server_syscalls(pid: int) -> int:
+    """Read syscalls of the server's whole thread group: one per FUSE request it takes."""
+    io = dict(ln.split(": ") for ln in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(io["syscr"])
+
+
+def test_own_server_keeps_the_page_cache_across_opens(
+    sifpy: Sifpy, data_image: tuple[str, dict[str, bytes]]
+) -> None:
+    """With sifpy's server, a file read once is read again from the page cache: opening it
+    asks the server nothing (no FUSE_OPEN: the kernel then opens with FOPEN_KEEP_CACHE),
+    nor does reading it, so the server takes no request at all. squashfuse_ll keeps the
+    cache too, but is asked to open and release the file every time."""
+    image, _ = data_image
+    script = "cat /data/big /data/text >/dev/null; echo up; read x; "
+    script += "cat /data/big /data/text >/dev/null; echo again; read x"
+    p = sifpy.popen(
+        [*sifpy.program, "exec", image, "sh", "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=sifpy.cwd,
+    )
+    try:
+        assert p.stdin is not None and p.stdout is not None
+        assert p.stdout.readline().strip() == "up"
+        server = _server_of(sifpy, p.pid)
+        before = _server_syscalls(server)
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "again"
+        asked = _server_syscalls(server) - before
+        if sifpy.server == "sifpy":
+            assert asked == 0
+        else:
+            assert asked >= 4  # open and release of each file
+    finally:
+        p.communicate("\n", timeout=20)
