@@ -149,7 +149,7 @@ def server_flags() -> list[str] | None:
         )
     except ToolError:  # no pkg-config
         return None
-    return done.stdout.split() + ["-lpthread"] if done.returncode == 0 else None
+    return [*done.stdout.split(), "-lpthread"] if done.returncode == 0 else None
 
 
 def write_server(dest: str = SERVER, cc: str | None = None) -> bool:
@@ -158,14 +158,18 @@ def write_server(dest: str = SERVER, cc: str | None = None) -> bool:
     cc = cc or shutil.which("cc") or shutil.which("gcc")
     flags = server_flags()
     if cc is None or flags is None:
-        sys.stderr.write("note: no libsquashfuse-dev/libfuse3-dev: sifpy serves with squashfuse_ll\n")
+        sys.stderr.write(
+            "note: no libsquashfuse-dev/libfuse3-dev: sifpy serves with squashfuse_ll\n"
+        )
         return False
     tmp = f"{dest}.tmp{os.getpid()}"
     source = os.path.join(SERVE_DIR, "sqfs_serve.c")
     argv = [cc, "-std=gnu11", "-O2", "-Wall", "-Wextra", *CFLAGS, "-o", tmp, source, *flags]
     done = run(argv, "compile the FUSE server", text=True, ok=None)
     if done.returncode != 0:
-        sys.stderr.write(f"note: can't compile the FUSE server, using squashfuse_ll:\n{done.stderr}")
+        sys.stderr.write(
+            f"note: can't compile the FUSE server, using squashfuse_ll:\n{done.stderr}"
+        )
         return False
     _replace(tmp, dest)
     return True

@@ -1,0 +1,132 @@
+"""bench/exec_breakdown: where the milliseconds of ``sifpy exec IMG.sif /bin/true`` go.
+
+Runs the start under ``strace --seccomp-bpf -f`` tracing only the syscalls that mark a phase
+(execve, unshare, fsmount, move_mount, pivot_root, exit_group): with the seccomp filter,
+no other syscall stops the process, so the phases keep their length (the total grows by a
+few percent). Every phase is the median over the runs, as the user bench/exec runs as
+(``--user``, default ``sifpytest``, else ``nobody``). Python's own share is split further
+with ``-X importtime`` (the imports of the exec path, in the same interpreter and flags
+the starter uses). Writes bench/results/exec-breakdown.txt, which bench/results/exec.txt
+names.
+
+    .venv/bin/python bench/exec_breakdown.py [--runs N] [--user NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _report import provenance, report
+from exec import busybox_root
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+# (name, the event that ends it): events are matched in order in one trace.
+PHASES = [
+    ("starter: load, parse argv, open the image, read the SIF header", r"unshare\(CLONE_NEWNS\|"),
+    ("user + mount namespaces, detached FUSE mount", r"fsmount\("),
+    ("fork the FUSE server (in-process) and the read-ahead", r"execve\(\".*python"),
+    ("Python: interpreter start, imports, checks, plan (image served meanwhile)", r"move_mount\("),
+    ("assemble the root: tmpfs, binds, /dev, /proc, files", r"pivot_root\("),
+    ("pivot_root, identity, seccomp, exec the action shell", r"execve\(\"/bin/sh\""),
+    ("the action shell (/.singularity.d environment, exec)", r"execve\(\"/bin/true\""),
+    ("the command (/bin/true)", r"exit_group"),
+    ("sifpy's end: reap, stop the server, exit", None),
+]  # fmt: skip
+
+
+def phases(trace: str) -> list[float]:
+    """The length of each phase in ms, from one strace -ttt -f log."""
+    lines = [ln.split(None, 2) for ln in trace.splitlines() if ln.strip()]
+    events = [(float(t), rest) for _pid, t, rest in lines if not rest.startswith(("+++", "---"))]
+    t0, out, i = events[0][0], [], 0
+    last = t0
+    for _name, pattern in PHASES[:-1]:
+        while i < len(events) and not re.match(pattern, events[i][1]):
+            i += 1
+        if i == len(events):
+            raise SystemExit(f"bench/exec_breakdown: no {pattern} in the trace:\n{trace}")
+        out.append((events[i][0] - last) * 1000)
+        last = events[i][0]
+    out.append((events[-1][0] - last) * 1000)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--user", help="run as this user when started as root")
+    a = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    from sifpy.sif import ObjectInput, create
+    from sifpy.sif import format as F
+
+    as_user: list[str] = []
+    user = pwd.getpwuid(os.getuid())
+    if os.getuid() == 0:
+        names = {p.pw_name for p in pwd.getpwall()}
+        user = pwd.getpwnam(a.user or next(n for n in ("sifpytest", "nobody") if n in names))
+        as_user = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
+                   "--init-groups", "--"]  # fmt: skip
+    env = {"PATH": "/usr/bin:/bin", "HOME": user.pw_dir, "USER": user.pw_name, "LANG": "C.UTF-8"}
+    sifpy = str(REPO / ".venv" / "bin" / "sifpy")
+    runs: list[list[float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        t.chmod(0o755)
+        busybox_root(t / "root")
+        sqfs, sif = t / "img.sqfs", t / "img.sif"
+        subprocess.run(["mksquashfs", str(t / "root"), str(sqfs), "-comp", "zstd", "-noappend",
+                        "-quiet", "-all-root"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        create(sif, [ObjectInput.partition(sqfs, F.FSType.SQUASH, F.PartType.PRIMSYS, "amd64")])
+        sif.chmod(0o644)
+        logs = t / "logs"
+        logs.mkdir()
+        os.chown(logs, user.pw_uid, user.pw_gid)
+        log = logs / "trace"
+        traced = "execve,unshare,fsmount,move_mount,pivot_root,exit_group"
+        for i in range(a.runs + 2):
+            argv = ["strace", "--seccomp-bpf", "-f", "-ttt", "-qq", "-o", str(log),
+                    "-e", f"trace={traced}", sifpy, "exec", str(sif), "/bin/true"]  # fmt: skip
+            done = subprocess.run([*as_user, *argv], env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"bench/exec_breakdown: {done.stderr}")
+            if i >= 2:  # warm-up: page cache, bytecode
+                runs.append(phases(log.read_text()))
+        # Imports of the exec path, as the starter runs Python (-I -S and its sys.path).
+        boot = f"import sys; sys.path += [{str(REPO)!r}]; import sifpy.cli.exec"
+        imports = []
+        for _ in range(5):
+            done = subprocess.run(
+                [*as_user, str(REPO / ".venv" / "bin" / "python"), "-IS", "-X", "importtime",
+                 "-c", boot], env=env, capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            top = [ln for ln in done.stderr.splitlines() if ln.rstrip().endswith("sifpy.cli.exec")]
+            imports.append(int(top[-1].split("|")[1]) / 1000)
+    med = [statistics.median(r[i] for r in runs) for i in range(len(PHASES))]
+    lines = [
+        f"bench/exec_breakdown: `sifpy exec IMG.sif /bin/true` (busybox squashfs, the starter "
+        f"serving in-process), median of {a.runs} runs under strace --seccomp-bpf, as "
+        f"{user.pw_name} (uid {user.pw_uid})",
+        f"measured on: {provenance()}",
+    ]
+    lines += [f"  {ms:6.2f} ms  {name}" for (name, _), ms in zip(PHASES, med, strict=True)]
+    lines.append(f"  {sum(med):6.2f} ms  total (sum of the medians)")
+    lines.append(f"  of the Python phase: importing sifpy.cli.exec and what it imports: "
+                 f"{statistics.median(imports):.2f} ms (-X importtime, median of 5)")  # fmt: skip
+    lines.append("  ch-run does all of this in C: bench/results/exec.txt has its total.")
+    report("exec-breakdown", "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
