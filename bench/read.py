@@ -8,7 +8,10 @@ drop caches between runs). The tree defaults to a copy of this Debian host's /us
 /usr/lib/python3.11 and /usr/share/perl (any directory can be given with --rootfs, e.g. an
 mmdebstrap tree). Each side is read cold (page cache dropped) and warm (a second exec,
 which starts a new FUSE connection), and sifpy also "warm in a kept mount": the same read
-twice in one exec, the second timed as (two reads) - (one read). Prints the ratios and
+twice in one exec, the second timed as (two reads) - (one read). Every figure is the
+median of ``--runs`` rounds that alternate between the commands. The FUSE server is the
+one ``sifpy exec`` picks (sifpy's own where it was built); run with
+``SIFPY_FUSE_SERVER=squashfuse_ll`` for the fallback. Prints the ratios and
 writes them, with the commit and CPU, to bench/results/read.txt.
 
     sudo .venv/bin/python bench/read.py [--rootfs DIR] [--user NAME]
@@ -21,6 +24,7 @@ import os
 import pwd
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +56,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rootfs", help="directory to pack (default: parts of this host's /usr)")
     ap.add_argument("--user", help="run sifpy as this user (default: sifpytest, else nobody)")
+    ap.add_argument("--runs", type=int, default=3, help="rounds; each figure is the median")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/read needs root (kernel squashfs mount, drop_caches)")
@@ -102,23 +107,33 @@ def main() -> int:
                         str(mnt)], check=True)  # fmt: skip
         try:
             kernel = ["chroot", str(mnt), "/bin/sh", "-c", read_all]
-            res = {
-                "kernel cold": timed(kernel, True),
-                "sifpy cold": timed([*sifpy, read_all], True),
-                "kernel warm": min(timed(kernel, False) for _ in range(2)),
-                "sifpy warm": min(timed([*sifpy, read_all], False) for _ in range(2)),
-            }
-            once = min(timed([*sifpy, read_all], False) for _ in range(2))
-            twice = min(timed([*sifpy, f"{read_all}; {read_all}"], False) for _ in range(2))
-            res["sifpy warm, kept mount"] = twice - once
+            # Alternating rounds, the median of each: a loaded machine drifts.
+            runs: dict[str, list[float]] = {}
+            for _ in range(a.runs):
+                for name, argv, cold in (
+                    ("kernel cold", kernel, True),
+                    ("sifpy cold", [*sifpy, read_all], True),
+                    ("kernel warm", kernel, False),
+                    ("sifpy warm", [*sifpy, read_all], False),
+                    ("once", [*sifpy, read_all], False),
+                    ("twice", [*sifpy, f"{read_all}; {read_all}"], False),
+                ):
+                    runs.setdefault(name, []).append(timed(argv, cold))
+            res = {k: statistics.median(v) for k, v in runs.items()}
+            res["sifpy warm, kept mount"] = res.pop("twice") - res.pop("once")
         finally:
             subprocess.run(["umount", str(mnt)], check=True)
     cold = res["sifpy cold"] / res["kernel cold"]
     kept = res["sifpy warm, kept mount"] / res["kernel warm"]
+    from sifpy.runtime import start
+
+    own = os.environ.get(start.SERVER_ENV) != start.SQUASHFUSE and os.access(start.SERVER, os.X_OK)
+    server = "sifpy's own (in the starter's forked child)" if own else "squashfuse_ll"
     lines = [
-        f"bench/read: {nfiles} files, {size / 2**20:.0f} MiB, read with tar; sifpy as "
+        f"bench/read: {nfiles} files, {size / 2**20:.0f} MiB, read with tar, median of "
+        f"{a.runs} alternating rounds; sifpy as "
         f"{user.pw_name} (uid {user.pw_uid}, FUSE), the kernel's squashfs as root",
-        f"measured on: {provenance()}",
+        f"FUSE server: {server}; measured on: {provenance()}",
     ]
     lines += [f"  {k:<24} {v:7.2f} s" for k, v in res.items()]
     lines.append(f"ratio sifpy / kernel, cold cache: {cold:.2f}x (target <= 1.5x: "
