@@ -108,12 +108,17 @@ def _move_fds(fds: list[int]) -> None:
         os.dup2(fd, 3 + i, inheritable=True)
 
 
-def exec_helper(argv: list[str], unprivileged: bool = False) -> NoReturn:
+def exec_helper(argv: list[str], unprivileged: bool = False, program_fd: int = -1) -> NoReturn:
     """Exec a helper by absolute path with :data:`HELPER_ENV` only (in a forked child);
-    ``unprivileged``: with no capability at all (:func:`ns.drop_all_caps`)."""
+    ``unprivileged``: with no capability at all (:func:`ns.drop_all_caps`). ``program_fd``:
+    exec the file open there (``O_PATH``) instead of looking ``argv[0]`` up again, for a
+    helper whose path the parent may cover meanwhile (see :func:`fuse_serve`)."""
     try:
         if unprivileged:
             ns.drop_all_caps()
+        if program_fd >= 0:
+            os.set_inheritable(program_fd, False)  # the helper itself does not keep it
+            os.execve(program_fd, argv, HELPER_ENV)
         os.execve(argv[0], argv, HELPER_ENV)
     except OSError as exc:
         os.write(2, f"error: can't execute: {argv[0]}: {exc.strerror}\n".encode())
@@ -199,12 +204,21 @@ def fuse_mount(
 
 
 def fuse_serve(
-    name: str, fds: list[int], run: Callable[[], NoReturn], readonly: bool
+    name: str,
+    fds: list[int],
+    run: Callable[[], NoReturn],
+    readonly: bool,
+    extra: tuple[int, ...] = (),
 ) -> tuple[int, int]:
     """:func:`fuse_mount`, but the mount is created detached (fsopen/fsmount, Linux 5.2:
     see :func:`ns.new_mount_api`), attached nowhere until :func:`ns.move_mount` and reachable
     through its fd meanwhile, and the server is not waited for; return the mount's fd and
-    the server's pid."""
+    the server's pid. ``extra`` fds follow the connection's (from 4 + len(fds) on).
+
+    Not waiting means the caller goes on (and may mount the session over ``/tmp``) while the
+    child is still to exec its server: a server outside the system directories (sifpy's
+    own, installed wherever sifpy is, ``/tmp`` included) must be opened before the fork and
+    exec'd through that fd (``extra``, :func:`exec_helper`'s ``program_fd``)."""
     fuse_fd = _open_fuse()
     try:
         attrs = ns.MOUNT_ATTR_NOSUID | ns.MOUNT_ATTR_NODEV
@@ -212,7 +226,7 @@ def fuse_serve(
         options = (*_fuse_options(fuse_fd), ("subtype", name))
         mount_fd = ns.detached_mount("fuse", name, readonly, attrs, options)
         try:
-            pid = fork_helper([*fds, fuse_fd], run)
+            pid = fork_helper([*fds, fuse_fd, *extra], run)
         except BaseException:
             os.close(mount_fd)
             raise

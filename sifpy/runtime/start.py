@@ -202,9 +202,20 @@ def serve(
         return None
     enter(fakeroot)
     argv = server_argv(program, image.offset)
-    mount_fd, pid = mount.fuse_serve(
-        "squashfuse", [image_fd], lambda: mount.exec_helper(argv, True), True
-    )
+    # sifpy's own server lies where sifpy does (maybe under /tmp or $HOME, which the
+    # session covers while the child may still be on its way to exec): pinned by an fd.
+    extra = (os.open(program, os.O_PATH | os.O_CLOEXEC),) if program == SERVER else ()
+    try:
+        mount_fd, pid = mount.fuse_serve(
+            "squashfuse",
+            [image_fd],
+            lambda: mount.exec_helper(argv, True, 5 if extra else -1),  # 3 image, 4 FUSE
+            True,
+            extra,
+        )
+    finally:
+        for fd in extra:
+            os.close(fd)
     if prefetch:
         mount.prefetch(os.dup(mount_fd), prefetch, DEFAULT_PATH)
     return Served(mount_fd, pid, fakeroot, image.offset)

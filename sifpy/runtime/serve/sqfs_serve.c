@@ -41,6 +41,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #include "sqfs_serve.h"
@@ -417,6 +418,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "usage: %s -f -o offset=N [-s] IMAGE /dev/fd/N\n", argv[0]);
         return 2;
     }
+    /* Exec'd through an fd, the kernel names us after the fd's number: take our own name
+     * back (ps, and the tests look for it). */
+    prctl(PR_SET_NAME, "sifpy-sqfs-serve", 0, 0, 0);
     int image = open(pos[0], O_RDONLY | O_CLOEXEC);
     if (image < 0) {
         fprintf(stderr, "%s: can't open: %s: %s\n", argv[0], pos[0], strerror(errno));
