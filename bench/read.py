@@ -140,8 +140,10 @@ def main() -> int:
                  f"{'met' if cold <= 1.5 else 'NOT met'})")  # fmt: skip
     lines.append(f"ratio sifpy / kernel, warm cache, new exec: "
                  f"{res['sifpy warm'] / res['kernel warm']:.2f}x")  # fmt: skip
+    # (two reads) - (one read) <= 0: the machine's noise exceeded the read; no verdict.
+    verdict = "met" if 0 < kept <= 1.2 else "NOT met" if kept > 0 else "noise: no verdict"
     lines.append(f"ratio sifpy / kernel, warm cache, kept mount: {kept:.2f}x (target <= 1.2x: "
-                 f"{'met' if kept <= 1.2 else 'NOT met'})")  # fmt: skip
+                 f"{verdict})")  # fmt: skip
     lines.append(f"commands: {shlex.join(sifpy)} '<read>' and chroot MNT /bin/sh -c '<read>', "
                  f"<read> = {read_all}")  # fmt: skip
     text = "\n".join(lines) + "\n"
