@@ -177,8 +177,26 @@ def _fuse_options(fuse_fd: int) -> tuple[tuple[str, str], ...]:
     )
 
 
+_PREOPENED: dict[str, int] = {}
+
+
+def preopen(program: str) -> None:
+    """Open ``program`` (``O_PATH``) now, for :func:`squashfuse` to exec later through the
+    fd: by then the container's session may cover the directory it is in (``/tmp``)."""
+    if program not in _PREOPENED:
+        try:
+            _PREOPENED[program] = os.open(program, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            pass  # squashfuse() tries again, and reports it
+
+
 def fuse_mount(
-    mountpoint: str, name: str, fds: list[int], run: Callable[[], NoReturn], readonly: bool
+    mountpoint: str,
+    name: str,
+    fds: list[int],
+    run: Callable[[], NoReturn],
+    readonly: bool,
+    extra: tuple[int, ...] = (),
 ) -> int:
     """Mount a FUSE file system on ``mountpoint`` and start its server; return its pid.
 
@@ -194,7 +212,7 @@ def fuse_mount(
         opts = ",".join(f"{k}={v}" for k, v in _fuse_options(fuse_fd))
         flags = ns.MS_NOSUID | ns.MS_NODEV | (ns.MS_RDONLY if readonly else 0)
         ns.mount(name, mountpoint, f"fuse.{name}", flags, opts, what=f"{name} on {mountpoint}")
-        pid = fork_helper([*fds, fuse_fd], run)
+        pid = fork_helper([*fds, fuse_fd, *extra], run)
     finally:
         # Only the server may hold the connection: if it dies, the kernel aborts the
         # connection and wait_served() fails instead of hanging.
@@ -280,12 +298,24 @@ def mount_squashfs(
     """Mount the squashfs at byte ``offset`` of ``image_fd`` on ``mountpoint`` with
     ``squashfuse`` (see :func:`fuse_mount`); return the server's pid."""
     argv = squashfuse_argv(squashfuse, offset, single_thread)
+    # Exec'd through an fd (3: image, 4: FUSE, 5: the program) opened before the session
+    # covered /tmp (:func:`preopen`): a server installed beside sifpy may live there.
+    program_fd = os.dup(_PREOPENED[squashfuse]) if squashfuse in _PREOPENED else -1
+    if program_fd < 0:
+        program_fd = os.open(squashfuse, os.O_PATH | os.O_CLOEXEC)
     try:
         return fuse_mount(
-            mountpoint, "squashfuse", [image_fd], lambda: exec_helper(argv, True), True
+            mountpoint,
+            "squashfuse",
+            [image_fd],
+            lambda: exec_helper(argv, True, 5),
+            True,
+            (program_fd,),
         )
     except RuntimeSetupError as exc:
         raise squashfs_error(offset, exc) from exc
+    finally:
+        os.close(program_fd)
 
 
 def stop_server(pid: int) -> None:

@@ -200,6 +200,8 @@ def launch(spec: LaunchSpec, inline: bool = False, served: Served | None = None)
         driver = drivers.Driver("squashfuse")
     elif isinstance(spec.image, SifPartition):
         driver = drivers.choose(opts.mount_driver, opts.squashfuse)
+        if driver.program:  # before the session covers /tmp, where it may be installed
+            mount.preopen(driver.program)
     elif not os.path.isdir(spec.image.path):
         raise RuntimeSetupError(f"can't use sandbox: {spec.image.path}: not a directory")
     _prepare_dirs(opts)
