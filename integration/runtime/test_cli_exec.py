@@ -42,7 +42,7 @@ class Sifpy:
     ) -> None:
         self.runner, self.image, self.cwd, self.program = runner, image, cwd, program
         self.server, self.server_name = server, SERVER_NAMES[server]
-        self.env = {"SIFPY_FUSE_SERVER": server} if server == "squashfuse_ll" else {}
+        self.env = {"SIFPY_FUSE_SERVER": server}
 
     def __call__(
         self, *args: str, env: dict[str, str] | None = None, **kw: Any

@@ -185,12 +185,14 @@ def write(
     python: str = sys.executable,
     script: bool = False,
     paths: list[str] | None = None,
-    serve_inline: bool = True,
+    serve_inline: bool = False,
 ) -> str:
     """Write the program to ``dest`` (atomically, mode 0755); return ``"starter"`` or
     ``"script"``: what was written. ``paths``: the package directories (default: those
     ``site`` adds for ``python``). ``serve_inline``: link sifpy's FUSE server into the
-    starter where the libraries are there (else it execs squashfuse_ll)."""
+    starter where the libraries are there, for ``SIFPY_FUSE_SERVER=sifpy`` (off by default:
+    loading libfuse3 and libsquashfuse costs every start ~0.5 ms of CPU, and the server is
+    opt-in; without it such starts go through Python)."""
     if len(python) > 240:  # the kernel reads the first 256 bytes of a #! line
         raise SystemExit(f"can't write a launcher: interpreter path too long: {python}")
     boot = BOOT.format(paths=site_paths(python) if paths is None else paths)

@@ -306,18 +306,20 @@ static void become_helper(pid_t parent, const int *fds, int n)
     sigprocmask(SIG_SETMASK, &none, NULL);
 }
 
-/* The FUSE server: "" for the one linked in, else squashfuse_ll's path (where the server
- * was not linked in, or SIFPY_FUSE_SERVER=squashfuse_ll asks for it, as in Python:
- * sifpy.runtime.start.server_program); 0 if there is none. */
+/* The FUSE server: squashfuse_ll's path; with SIFPY_FUSE_SERVER=sifpy (opt-in, as in
+ * Python: sifpy.runtime.start.server_program), "" for sifpy's own where it is linked in, or
+ * 0 (Python starts it) where it is not; 0 if there is none. */
 static int server_program(char *program)
 {
-#ifdef SIFPY_SERVE_INLINE
     const char *want = getenv(SIFPY_SERVER_ENV);
-    if (want == NULL || strcmp(want, SIFPY_SQUASHFUSE) != 0) {
+    if (want != NULL && strcmp(want, "sifpy") == 0) {
+#ifdef SIFPY_SERVE_INLINE
         program[0] = '\0';
         return 1;
-    }
+#else
+        return 0;
 #endif
+    }
     return find_program(SIFPY_SQUASHFUSE, program);
 }
 

@@ -183,11 +183,13 @@ _PREOPENED: dict[str, int] = {}
 def preopen(program: str) -> None:
     """Open ``program`` (``O_PATH``) now, for :func:`squashfuse` to exec later through the
     fd: by then the container's session may cover the directory it is in (``/tmp``)."""
-    if program not in _PREOPENED:
-        try:
-            _PREOPENED[program] = os.open(program, os.O_PATH | os.O_CLOEXEC)
-        except OSError:
-            pass  # squashfuse() tries again, and reports it
+    if program in _PREOPENED:
+        return
+    try:
+        fd = os.open(program, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return  # squashfuse() tries again, and reports it
+    _PREOPENED[program] = fd
 
 
 def fuse_mount(
