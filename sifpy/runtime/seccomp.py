@@ -236,5 +236,12 @@ def payload_filter(confine: bool = False) -> bytes:
 
 
 def install_payload_filter(confine: bool = False) -> None:
-    """Install :func:`payload_filter` on the calling thread; no_new_privs must be set."""
+    """Install :func:`payload_filter` on the calling thread; no_new_privs must be set.
+
+    Its price, measured here (fork, exec of busybox ``sh -c true``, 2-CPU VM, kernel 6.18):
+    0.91 ms without a filter, 1.13 ms with an allow-all one (any filter puts the task on the
+    kernel's slower seccomp syscall path), 1.31-1.42 ms with this one, although every
+    syscall but ioctl (and, confined, the clone family) is a constant allow the kernel
+    caches. Installing it takes 0.1 ms. SECCOMP_FILTER_FLAG_SPEC_ALLOW changed nothing.
+    """
     ns.set_seccomp_filter(payload_filter(confine))
