@@ -22,17 +22,15 @@ from typing import Any
 
 import pytest
 
+from tests.probe import require
+
 REPO = Path(__file__).resolve().parent.parent
 TEST_USER = os.environ.get("SIFPY_TEST_USER", "sifpytest")
 PYTHON = "/usr/bin/python3"
 
 
-def require(reason: str | None) -> None:
-    """Skip (locally) or fail (CI=true) when ``reason`` says a capability is missing."""
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"required in CI: {reason}", pytrace=False)
-        pytest.skip(reason)
+# The one probe: skip locally, fail in CI (tests/probe.py).
+__all__ = ["require"]
 
 
 @dataclasses.dataclass(frozen=True)

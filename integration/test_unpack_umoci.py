@@ -21,17 +21,13 @@ from pathlib import Path
 import pytest
 
 from sifpy.rootfs import apply_layers
+from tests.probe import need_tool
 from tests.rootfs.tars import describe_tree as describe
 
 
 @pytest.fixture(scope="module")
 def umoci() -> str:
-    exe = shutil.which("umoci")
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("umoci is not installed (apt-get install umoci); CI must run this test")
-        pytest.skip("umoci is not installed (apt-get install umoci)")
-    return exe
+    return need_tool("umoci", "umoci")
 
 
 def run(*argv: str) -> None:

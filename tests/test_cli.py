@@ -11,6 +11,7 @@ import pytest
 
 from sifpy import __version__
 from sifpy.cli import COMMANDS, main
+from tests.probe import require
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -148,10 +149,7 @@ def test_starter_builds_cleanly_and_runs_python(
 
     from sifpy.cli import launcher
 
-    if not shutil.which("cc"):
-        if os.environ.get("CI") == "true":
-            pytest.fail("required in CI: a C compiler (cc) for the starter")
-        pytest.skip("no C compiler")
+    require(None if shutil.which("cc") else "no C compiler (cc) for the starter")
     monkeypatch.setattr(launcher, "CFLAGS", ["-Werror"])
     dest = tmp_path / "sifpy"
     assert launcher.write(str(dest)) == "starter"
