@@ -39,6 +39,14 @@ def cdi_dir(workdir: Path, runtime_ready: UserRunner) -> Path:
         "open(out + 'hook-env', 'w').write(os.environ['HOOK_VAR'] + '\\n')\n"
     )
     hook.chmod(0o755)
+    # poststart and poststop: the same way in, each writes the state it got to STAGE.json.
+    post = Path(runtime_ready.user.home) / "cdi-post.sh"
+    post.write_text(
+        "#!/usr/bin/python3 -I\nimport json, sys\nstate = json.load(sys.stdin)\n"
+        "root = json.load(open(state['bundle'] + '/config.json'))['root']['path']\n"
+        "json.dump(state, open(root + '/opt/cdi-rw/' + sys.argv[1] + '.json', 'w'))\n"
+    )
+    post.chmod(0o755)
     for p in (top, top / "rw", top / "specs"):
         os.chmod(p, 0o777)
     os.chmod(top / "ro", 0o755)
@@ -69,13 +77,23 @@ def cdi_dir(workdir: Path, runtime_ready: UserRunner) -> Path:
                 "containerEdits": {
                     "env": ["FAKE_DEV=0"],
                     "deviceNodes": [{"path": "/dev/fakegpu0", "hostPath": "/dev/null"}],
-                    "mounts": [{"hostPath": str(top / "rw"), "containerPath": "/opt/cdi-rw"}],
+                    "mounts": [
+                        {"hostPath": str(top / "rw"), "containerPath": "/opt/cdi-rw"},
+                        {
+                            "hostPath": "tmpfs",
+                            "containerPath": "/opt/cdi-scratch",
+                            "type": "tmpfs",
+                            "options": ["nosuid", "size=1m", "mode=1777"],
+                        },
+                    ],
                     "hooks": [
                         {
                             "hookName": "startContainer",
                             "path": "/bin/sh",
                             "args": ["sh", "-c", "cat > /opt/cdi-rw/started"],
-                        }
+                        },
+                        {"hookName": "poststart", "path": str(post), "args": ["p", "poststart"]},
+                        {"hookName": "poststop", "path": str(post), "args": ["p", "poststop"]},
                     ],
                 },
             },
@@ -84,6 +102,8 @@ def cdi_dir(workdir: Path, runtime_ready: UserRunner) -> Path:
                 "containerEdits": {
                     "env": ["FAKE_DEV=1"],
                     "deviceNodes": [{"path": "/dev/fakegpu1", "hostPath": "/dev/zero"}],
+                    # A failing poststop hook is a warning (the runtime spec), not a failure.
+                    "hooks": [{"hookName": "poststop", "path": "/bin/false"}],
                 },
             },
         ],
@@ -123,7 +143,8 @@ def test_cdi_every_edit(runtime_ready: UserRunner, images: dict[str, Any], cdi_d
         specs,
         ["--contain", "--device", "example.com/fake=gpu0", "--device", "example.com/other=one"],
         LISTING + "; echo ==; [ -c /dev/fakegpu0 ] && echo hi > /dev/fakegpu0 && echo CHAR;"
-        " echo x > /opt/cdi-ro/new 2>/dev/null || echo RO",
+        " echo x > /opt/cdi-ro/new 2>/dev/null || echo RO;"
+        " awk '$2 == \"/opt/cdi-scratch\" {print $3}' /proc/self/mounts; stat -c %a /opt/cdi-scratch",
     )
     devs, env, ro, checks = _parts(res)
     assert set(devs) - set(base[0]) == {"./fakegpu0"}
@@ -132,7 +153,7 @@ def test_cdi_every_edit(runtime_ready: UserRunner, images: dict[str, Any], cdi_d
     assert {k: b[k] for k in set(b) - set(a)} == {"FAKE_SPEC": "1", "FAKE_DEV": "0", "OTHER": "yes"}
     assert all(a[k] == b[k] for k in a)
     assert ro == ["data.txt"]
-    assert checks == ["CHAR", "RO"]
+    assert checks == ["CHAR", "RO", "tmpfs", "1777"]
     # The broken spec is reported with its file and field, and does not stop the run.
     assert f"{specs}/broken.json: devices[0].containerEdits: is required" in res.stderr
     # The hooks ran: createContainer with the OCI state and the spec's env, startContainer
@@ -141,6 +162,9 @@ def test_cdi_every_edit(runtime_ready: UserRunner, images: dict[str, Any], cdi_d
     assert state["status"] == "creating" and state["ociVersion"] and state["bundle"]
     assert (cdi_dir / "rw" / "hook-env").read_text() == "from-spec\n"
     assert json.loads((cdi_dir / "rw" / "started").read_text())["status"] == "created"
+    # poststart once the command runs, poststop once it has ended, both on the host side.
+    assert json.loads((cdi_dir / "rw" / "poststart.json").read_text())["status"] == "running"
+    assert json.loads((cdi_dir / "rw" / "poststop.json").read_text())["status"] == "stopped"
 
 
 @pytest.mark.unpriv
@@ -158,6 +182,7 @@ def test_cdi_all_and_errors(
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["fakegpu0", "fakegpu1", "1"]
+    assert "warning: can't run poststop hook: /bin/false: exit status 1" in res.stderr
     res = _run(runtime_ready, image, specs, ["--device", "example.com/fake=gpu9"], "true")
     assert res.returncode == 125
     assert "error: can't find CDI device: example.com/fake=gpu9" in res.stderr

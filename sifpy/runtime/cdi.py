@@ -37,7 +37,14 @@ HOOK_STAGES = (
 )
 # The stages sifpy runs (see runtime.process): before pivot_root in the container's mount
 # namespace, and in the container before the command.
-SUPPORTED_STAGES = ("prestart", "createRuntime", "createContainer", "startContainer")
+SUPPORTED_STAGES = (
+    "prestart",
+    "createRuntime",
+    "createContainer",
+    "startContainer",
+    "poststart",
+    "poststop",
+)
 
 # SPEC.md, "kind": vendor (a domain-like name) and class; device names.
 _VENDOR = re.compile(r"[A-Za-z](?:[A-Za-z0-9._-]*[A-Za-z0-9])?\Z")
@@ -418,6 +425,11 @@ def apply_edits(inj: Injection, edits: dict[str, object], path: str) -> None:
     for m in edits.get("mounts", []):  # type: ignore[attr-defined]
         opts = m.get("options", [])
         kind = m.get("type", "bind")
+        if kind == "tmpfs" and "bind" not in opts and "rbind" not in opts:
+            keys = ("size", "mode", "nr_inodes", "nr_blocks", "uid", "gid")
+            data = ",".join(o for o in opts if o.partition("=")[0] in keys and "=" in o)
+            inj.tmpfs.append((m["containerPath"], data))
+            continue
         if kind not in ("bind", "none") and "bind" not in opts and "rbind" not in opts:
             raise RuntimeSetupError(
                 f"can't add CDI mount: {m['containerPath']}: type {kind!r} needs privileges",

@@ -61,11 +61,12 @@ class Injection:
     """What the container gets from the host for its devices: files to bind, device nodes,
     variables, OCI hooks (CDI). A plain class: the exec path avoids dataclasses."""
 
-    __slots__ = ("binds", "devices", "env", "gids", "hooks", "path", "warnings")
+    __slots__ = ("binds", "devices", "env", "gids", "hooks", "path", "tmpfs", "warnings")
 
     def __init__(self) -> None:
         self.binds: list[tuple[str, str, bool]] = []  # (host path, container path, read-only)
         self.devices: list[tuple[str, str]] = []  # (host node, container path)
+        self.tmpfs: list[tuple[str, str]] = []  # (container path, tmpfs options: size=, mode=)
         self.env: dict[str, str] = {}  # set as if injected (--env wins over them)
         self.path: list[str] = []  # directories put in front of the container's PATH
         self.hooks: list[dict[str, object]] = []  # CDI hooks: {"stage", "path", "args", ...}
@@ -85,6 +86,7 @@ class Injection:
             self.add_bind(*b)
         for d in other.devices:
             self.add_device(*d)
+        self.tmpfs += [t for t in other.tmpfs if t not in self.tmpfs]
         self.env.update(other.env)
         self.path += [p for p in other.path if p not in self.path]
         self.hooks += other.hooks
@@ -375,6 +377,8 @@ def mounts(inj: Injection, dev_is_host: bool) -> list[Mount]:
                     hint="add --contain (a minimal /dev the device is bound into)",
                 )
         plan.append(Mount(dest, "bind", fd, is_dir=False, devices=True))  # nosuid, not nodev
+    for dest, data in inj.tmpfs:  # a user namespace may mount tmpfs (nosuid, nodev)
+        plan.append(Mount(dest, "tmpfs", data=data))
     for host, dest, readonly in inj.binds:
         fd = pin(host, "GPU file")
         is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)

@@ -23,6 +23,8 @@ from sifpy.util.proc import PIPE, TimeoutExpired
 from sifpy.util.proc import run as run_program
 
 BEFORE_PIVOT = ("createRuntime", "createContainer", "prestart")
+AFTER_START = ("poststart",)
+AFTER_STOP = ("poststop",)
 OCI_VERSION = "1.0.2"
 
 
@@ -36,6 +38,21 @@ def write_bundle(bundle: str, root: str, argv: list[str], env: dict[str, str]) -
     }
     with open(os.path.join(bundle, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f)
+
+
+def run_logged(
+    hooks: list[dict[str, object]], stages: tuple[str, ...], bundle: str, status: str
+) -> None:
+    """:func:`run` for ``poststart`` and ``poststop``, whose failures the runtime spec
+    makes warnings: the container has started (or ended) whatever they say."""
+    from sifpy.util import log
+
+    for hook in hooks:
+        if hook["stage"] in stages:
+            try:
+                run([hook], stages, bundle, status)
+            except RuntimeSetupError as exc:
+                log.warn(exc.message)
 
 
 def run(hooks: list[dict[str, object]], stages: tuple[str, ...], bundle: str, status: str) -> None:

@@ -83,6 +83,7 @@ _WAITED = FORWARDED | {signal.SIGCHLD}
 # Inside the monitor's mount namespace: a tmpfs over /tmp holds the image mount, the
 # container root and generated files. /tmp always exists, and host /tmp is pinned first.
 _SESSION = "/tmp"
+_BUNDLE = f"{_SESSION}/bundle"  # the OCI bundle CDI hooks are given (runtime.hooks)
 _IMAGE = f"{_SESSION}/image"
 _ROOT = f"{_SESSION}/root"
 _FILES = f"{_SESSION}/files"
@@ -356,13 +357,15 @@ def _monitor(
 ) -> NoReturn:
     """The monitor process (see the module docstring); never returns."""
     servers: list[int] = []  # FUSE servers (image, overlay), killed when the container ends
+    started: list[int] = []
     try:
         # If the caller is SIGKILLed, the kernel kills us, which kills the FUSE server
         # and the container (both set PDEATHSIG on us in turn).
         ns.set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != caller:
             os._exit(ExitStatus.LAUNCH_FAILED)
-        pid, own_fd = _set_up(spec, ident, driver, report, servers, sync)
+        pid, own_fd = _set_up(spec, ident, driver, report, servers, sync, started=started)
+        _post_start(spec, started)
     except SifpyError as exc:
         _report(report, ExitStatus.LAUNCH_FAILED, exc.message, exc.hint)
         _stop(servers)
@@ -372,6 +375,7 @@ def _monitor(
         _stop(servers)
         os._exit(ExitStatus.LAUNCH_FAILED)
     status = _supervise(pid, pid, reap_all=True)
+    _post_stop(spec)
     _stop(servers)
     if own_fd >= 0:
         _own_by_root(own_fd)
@@ -389,8 +393,9 @@ def _monitor_inline(
     container's wait status. Set-up errors are raised, not reported; the report pipe's write
     end is closed here, once the container holds its own copy."""
     servers: list[int] = []
+    started: list[int] = []
     try:
-        pid, own_fd = _set_up(spec, ident, driver, report, servers, None, served)
+        pid, own_fd = _set_up(spec, ident, driver, report, servers, None, served, started=started)
     except SifpyError:
         _stop(servers)
         raise
@@ -399,11 +404,44 @@ def _monitor_inline(
         raise RuntimeSetupError(f"can't start container: {exc!r}") from exc
     finally:
         os.close(report)
+    _post_start(spec, started)
     status = _supervise(pid, pid, reap_all=True)
+    _post_stop(spec)
     _stop(servers)
     if own_fd >= 0:
         _own_by_root(own_fd)
     return status
+
+
+def _hooks(spec: LaunchSpec, stage: str) -> list[dict[str, object]]:
+    """The CDI hooks of ``stage`` this start runs (see :mod:`.hooks`)."""
+    inj = spec.options.inject
+    return [h for h in inj.hooks if h["stage"] == stage] if inj is not None else []
+
+
+def _post_start(spec: LaunchSpec, started: list[int]) -> None:
+    """The runtime spec's ``poststart`` hooks, once the command was exec'd (its exec closed
+    the pipe's last write end), in this monitor's mount namespace, where the bundle and the
+    container's root are (as for ``createContainer``)."""
+    for fd in started:
+        try:
+            while os.read(fd, 64):
+                pass
+        finally:
+            os.close(fd)
+    if started:
+        from sifpy.runtime import hooks as hooks_
+
+        hooks_.run_logged(_hooks(spec, "poststart"), hooks_.AFTER_START, _BUNDLE, "running")
+
+
+def _post_stop(spec: LaunchSpec) -> None:
+    """The runtime spec's ``poststop`` hooks, once the container has ended, before its
+    image is unmounted."""
+    if _hooks(spec, "poststop"):
+        from sifpy.runtime import hooks as hooks_
+
+        hooks_.run_logged(_hooks(spec, "poststop"), hooks_.AFTER_STOP, _BUNDLE, "stopped")
 
 
 def _set_up(
@@ -415,6 +453,7 @@ def _set_up(
     sync: tuple[int, int, int, int] | None,
     served: Served | None = None,
     keeper: int = -1,
+    started: list[int] | None = None,
 ) -> tuple[int, int]:
     """Enter the namespaces (unless ``served`` did), mount the image (its servers go to
     ``servers``) and fork the container; return its pid and, for ``own_root_after``, the
@@ -492,9 +531,17 @@ def _set_up(
     if opts.pid_ns:
         ns.unshare(ns.CLONE_NEWPID)  # our next child is PID 1 of a new namespace
     me = os.getpid()
+    # poststart hooks: a pipe whose write end the command's exec closes (started).
+    start_r, start_w = os.pipe() if started is not None and _hooks(spec, "poststart") else (-1, -1)
     pid = os.fork()
     if pid == 0:
-        _container(spec, ident, plan, cwd_fd, report, me, keeper)
+        if start_r >= 0:
+            os.close(start_r)
+        _container(spec, ident, plan, cwd_fd, report, me, keeper, start_w)
+    if start_w >= 0:
+        os.close(start_w)
+        assert started is not None
+        started.append(start_r)
     # Close what only the container needed; keep the report pipe until it is done.
     for fd in [m.fd for m in plan] + [cwd_fd, overlay_fd]:
         if fd >= 0:
@@ -640,6 +687,7 @@ def _container(
     report: int,
     parent: int,
     keeper: int = -1,
+    started: int = -1,
 ) -> NoReturn:
     """The container's first process: build the root, pivot_root, exec. Never returns.
 
@@ -657,8 +705,8 @@ def _container(
         if hooks:  # CDI's OCI hooks (runtime.hooks): the root is complete, not yet entered
             from sifpy.runtime import hooks as hooks_
 
-            hooks_.write_bundle(f"{_SESSION}/bundle", root, spec.argv, spec.env)
-            hooks_.run(hooks, hooks_.BEFORE_PIVOT, f"{_SESSION}/bundle", "creating")
+            hooks_.write_bundle(_BUNDLE, root, spec.argv, spec.env)
+            hooks_.run(hooks, hooks_.BEFORE_PIVOT, _BUNDLE, "creating")
         # A mount namespace of our own (a copy, binds included) before pivot_root, which
         # re-roots *every* process of the namespace that shares the old root: the monitor
         # and its FUSE servers must keep the host's root (fuse-overlayfs reaches its layers
@@ -694,7 +742,7 @@ def _container(
         os._exit(ExitStatus.LAUNCH_FAILED)
     del cwd
     opts = spec.options
-    _exec(spec.argv, spec.env, report, opts.pid_ns and not opts.no_init, opts.pass_fds)
+    _exec(spec.argv, spec.env, report, opts.pid_ns and not opts.no_init, opts.pass_fds, started)
 
 
 def _enter_cwd(spec: LaunchSpec, ident: Identity) -> str:
@@ -1003,6 +1051,7 @@ def _exec(
     report: int,
     init: bool = False,
     pass_fds: Sequence[int] = (),
+    started: int = -1,
 ) -> NoReturn:
     """Exec the command with a clean process state, or report why not (126/127).
 
@@ -1020,7 +1069,7 @@ def _exec(
         # PEP 446 does not cover fds that C code or set_inheritable() made inheritable.
         # closerange uses close_range(2), one call per gap.
         pass_fds = [fd for fd in pass_fds if fd > 2]
-        keep = sorted({report, *pass_fds})
+        keep = sorted({report, *pass_fds, *([started] if started >= 0 else [])})
         low = 3
         for fd in keep:
             os.closerange(low, fd)
@@ -1032,6 +1081,8 @@ def _exec(
         if child != 0:
             for fd in pass_fds:  # only the command holds them (see LaunchOptions.pass_fds)
                 os.close(fd)
+            if started >= 0:  # the command's exec closes it (poststart), not init's life
+                os.close(started)
             _init(child)
         # Python ignores SIGPIPE (and SIG_IGN survives execve): `yes | head` would spin.
         for sig in range(1, signal.NSIG):

@@ -167,25 +167,44 @@ def test_all_and_groups(tmp_path: Path) -> None:
     ]
 
 
-def test_unsupported_mount_type_and_hook_stage(tmp_path: Path) -> None:
+def test_mount_types_and_post_hooks(tmp_path: Path) -> None:
+    """tmpfs mounts (with their size and mode) and poststart/poststop hooks are taken; a
+    mount type an unprivileged user can't mount is refused with the spec named."""
     write(
         tmp_path,
         "a.json",
         spec(
             "0.4.0",
             containerEdits={
-                "mounts": [{"hostPath": "tmpfs", "containerPath": "/x", "type": "tmpfs"}]
+                "mounts": [
+                    {
+                        "hostPath": "tmpfs",
+                        "containerPath": "/scratch",
+                        "type": "tmpfs",
+                        "options": ["nosuid", "size=16m", "mode=1777"],
+                    }
+                ],
+                "hooks": [
+                    {"hookName": "poststart", "path": "/bin/true"},
+                    {"hookName": "poststop", "path": "/bin/true"},
+                ],
             },
         ),
     )
-    with pytest.raises(RuntimeSetupError, match="type 'tmpfs' needs privileges"):
-        cdi.Registry.load([str(tmp_path)]).inject(["example.com/gpu=dev0"])
+    inj = cdi.Registry.load([str(tmp_path)]).inject(["example.com/gpu=dev0"])
+    assert inj.tmpfs == [("/scratch", "size=16m,mode=1777")]
+    assert [h["stage"] for h in inj.hooks] == ["poststart", "poststop"]
     write(
         tmp_path,
         "a.json",
-        spec(containerEdits={"hooks": [{"hookName": "poststop", "path": "/bin/true"}]}),
+        spec(
+            "0.4.0",
+            containerEdits={
+                "mounts": [{"hostPath": "proc", "containerPath": "/x", "type": "proc"}]
+            },
+        ),
     )
-    with pytest.raises(RuntimeSetupError, match="stage poststop is not supported"):
+    with pytest.raises(RuntimeSetupError, match="type 'proc' needs privileges"):
         cdi.Registry.load([str(tmp_path)]).inject(["example.com/gpu=dev0"])
 
 
