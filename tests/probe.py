@@ -15,8 +15,10 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 def require(reason: str | None) -> None:
     """Skip (locally) or fail (in CI) when ``reason`` says a capability is missing; None:
     nothing is missing."""
-    if not reason:
+    if reason is None:
         return
+    if not isinstance(reason, str) or not reason:
+        raise TypeError(f"require() takes the reason a capability is missing, or None: {reason!r}")
     if IN_CI:
         pytest.fail(f"missing capability in CI: {reason}", pytrace=False)
     pytest.skip(reason)

@@ -14,7 +14,7 @@ RECIPE = REPO / "recipes" / "busybox-hello.def"
 
 
 def test_terminal_gets_a_live_display(tmp_path: Path) -> None:
-    require(shutil.which("script") is not None, "script (util-linux) is not installed")
+    require(None if shutil.which("script") is not None else "script (util-linux) is not installed")
     out = tmp_path / "p.sif"
     cmd = f"{sys.executable} -m sifpy build {out} {RECIPE}"
     r = subprocess.run(
@@ -44,8 +44,8 @@ def test_debootstrap_shows_a_spinner(tmp_path: Path) -> None:
     import signal
     import time
 
-    require(shutil.which("script") is not None, "script (util-linux) is not installed")
-    require(shutil.which("mmdebstrap") is not None, "mmdebstrap is not installed")
+    require(None if shutil.which("script") is not None else "script (util-linux) is not installed")
+    require(None if shutil.which("mmdebstrap") is not None else "mmdebstrap is not installed")
     deffile = tmp_path / "d.def"
     deffile.write_text("Bootstrap: debootstrap\nOSVersion: bookworm\n")
     cmd = f"{sys.executable} -m sifpy build {tmp_path / 'd.sif'} {deffile}"

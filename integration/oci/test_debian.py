@@ -50,7 +50,11 @@ def minbase_tar(pytestconfig: pytest.Config, tmp: Path) -> Path:
     if out.is_file() and out.stat().st_size > 0:
         return out
     partial = out.with_suffix(".tar.partial")
-    require(os.geteuid() == 0 or shutil.which("newuidmap") is not None, "mmdebstrap needs root")
+    require(
+        None
+        if os.geteuid() == 0 or shutil.which("newuidmap") is not None
+        else "mmdebstrap needs root"
+    )
     proc = subprocess.run(
         [mmdebstrap, "--quiet", "--variant=minbase", "--format=tar", "bookworm", str(partial)],
         capture_output=True,
@@ -58,7 +62,7 @@ def minbase_tar(pytestconfig: pytest.Config, tmp: Path) -> Path:
         stdin=subprocess.DEVNULL,
         timeout=600,
     )
-    require(proc.returncode == 0, f"mmdebstrap failed: {proc.stderr[-1500:]}")
+    require(None if proc.returncode == 0 else f"mmdebstrap failed: {proc.stderr[-1500:]}")
     partial.rename(out)  # atomic: an interrupted run leaves no half tar under the final name
     return out
 

@@ -162,7 +162,9 @@ LD_CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("name", "opts", "exec_opts", "want"), LD_CASES, ids=[c[0] for c in LD_CASES])
+@pytest.mark.parametrize(
+    ("name", "opts", "exec_opts", "want"), LD_CASES, ids=[c[0] for c in LD_CASES]
+)
 def test_apptainer_env_option_ld_library_path(
     conf: Sifpy,
     images: dict[str, str],
@@ -243,7 +245,9 @@ def test_path_forms_on_the_apptainer_layout(conf: Sifpy, images: dict[str, str])
     own PATH (its 10-docker2singularity.sh, completed by the default PATH)."""
     img = images["apptainer"]
     base = echo(conf, img, "PATH")
-    assert base.startswith("/opt/tool/bin:") and all(d in base.split(":") for d in DEFAULT_PATH.split(":"))
+    assert base.startswith("/opt/tool/bin:") and all(
+        d in base.split(":") for d in DEFAULT_PATH.split(":")
+    )
     assert echo(conf, img, "PATH", "--env", "APPEND_PATH=/foo") == base + ":/foo"
     assert echo(conf, img, "PATH", "--env", "PREPEND_PATH=/foo") == "/foo:" + base
     assert echo(conf, img, "PATH", "--env", "PATH=$PATH:/foo") == base + ":/foo"
@@ -290,7 +294,9 @@ def test_options_users_type(
 
 def test_contain_all_no_pid(conf: Sifpy, images: dict[str, str]) -> None:
     """actionExec ContainAllNoPID: --no-pid undoes --containall's PID namespace."""
-    r = conf("exec", "--containall", "--no-init", "--no-pid", images["default"], "sh", "-c", "echo $$")
+    r = conf(
+        "exec", "--containall", "--no-init", "--no-pid", images["default"], "sh", "-c", "echo $$"
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout != "1\n"
 
@@ -418,7 +424,9 @@ BIND_CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("name", "args", "code", "created"), BIND_CASES, ids=[c[0] for c in BIND_CASES])
+@pytest.mark.parametrize(
+    ("name", "args", "code", "created"), BIND_CASES, ids=[c[0] for c in BIND_CASES]
+)
 def test_action_binds(
     conf: Sifpy,
     images: dict[str, str],

@@ -648,7 +648,7 @@ def test_every_read_path_serves_the_image_bytes(
     image, files = data_image
     names = " ".join(sorted(files))
     script = (
-        f"cd /data && for i in 1 2 3 4; do (md5sum {names} | sed \"s/^/$i /\") & done; wait; "
+        f'cd /data && for i in 1 2 3 4; do (md5sum {names} | sed "s/^/$i /") & done; wait; '
         "dd if=big bs=1000 skip=131 count=400 2>/dev/null | md5sum | sed 's/ .*/ range1/'; "
         "dd if=text bs=777 skip=300 count=900 2>/dev/null | md5sum | sed 's/ .*/ range2/'"
     )

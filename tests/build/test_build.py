@@ -241,9 +241,7 @@ def test_fix_perms_gives_the_owner_rwx(tmp_path: Path) -> None:
     for fix in (False, True):
         out = tmp_path / f"out-{fix}"
         build(str(out), str(d), BuildOptions(sandbox=True, fix_perms=fix))
-        modes[fix] = [
-            (out / p).stat().st_mode & 0o777 for p in ("locked", "locked/secret", "tool")
-        ]
+        modes[fix] = [(out / p).stat().st_mode & 0o777 for p in ("locked", "locked/secret", "tool")]
         os.chmod(out / "locked", 0o700)  # so that pytest can remove it
     assert modes[False] == [0o500, 0o000, 0o055]
     assert modes[True] == [0o700, 0o600, 0o755]
