@@ -15,10 +15,10 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 def require(reason: str | None) -> None:
     """Skip (locally) or fail (in CI) when ``reason`` says a capability is missing; None:
     nothing is missing."""
-    if reason is None:
-        return
-    if not isinstance(reason, str) or not reason:
+    if not isinstance(reason, (str, type(None))):  # the old require(ok, reason) form
         raise TypeError(f"require() takes the reason a capability is missing, or None: {reason!r}")
+    if not reason:
+        return
     if IN_CI:
         pytest.fail(f"missing capability in CI: {reason}", pytrace=False)
     pytest.skip(reason)
