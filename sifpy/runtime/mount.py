@@ -110,12 +110,12 @@ def _move_fds(fds: list[int]) -> None:
 
 def exec_helper(argv: list[str], unprivileged: bool = False, program_fd: int = -1) -> NoReturn:
     """Exec a helper by absolute path with :data:`HELPER_ENV` only (in a forked child);
-    ``unprivileged``: with no capability at all (:func:`ns.drop_all_caps`). ``program_fd``:
+    ``unprivileged``: with no capability at all (``ns.limit_caps(0)``). ``program_fd``:
     exec the file open there (``O_PATH``) instead of looking ``argv[0]`` up again, for a
     helper whose path the parent may cover meanwhile (see :func:`fuse_serve`)."""
     try:
         if unprivileged:
-            ns.drop_all_caps()
+            ns.limit_caps(0)
         if program_fd >= 0:
             os.set_inheritable(program_fd, False)  # the helper itself does not keep it
             os.execve(program_fd, argv, HELPER_ENV)

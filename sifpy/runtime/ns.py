@@ -211,7 +211,11 @@ def drop_inherited_caps() -> None:
         raise _fail("clear", "ambient capabilities", get_errno())
     with open("/proc/self/status", "rb") as f:
         fields = dict(line.split(b":\t", 1) for line in f.read().splitlines() if b":\t" in line)
-    effective, permitted = int(fields[b"CapEff"], 16), int(fields[b"CapPrm"], 16)
+    _capset(int(fields[b"CapEff"], 16), int(fields[b"CapPrm"], 16))
+
+
+def _capset(effective: int, permitted: int) -> None:
+    """Set this process's effective and permitted sets (bit masks); inheritable empty."""
     order = sys.byteorder
     header = _CAP_VERSION_3.to_bytes(4, order) + bytes(4)  # this process
     data = b"".join(
@@ -225,26 +229,6 @@ def drop_inherited_caps() -> None:
 
 
 PR_CAPBSET_DROP = 24
-
-
-def drop_all_caps() -> None:
-    """Give up every capability, and any to gain at exec: the ambient set cleared, the
-    bounding set emptied (so that even uid 0 of the namespace, with ``--fakeroot``, gets none
-    from execve), then the effective, permitted and inheritable sets zeroed.
-
-    For a helper that parses untrusted input and needs no privilege (squashfuse reads the
-    image through the fds it is given), in the forked child just before it execs.
-    """
-    if _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
-        raise _fail("clear", "ambient capabilities", get_errno())
-    cap = 0
-    while _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
-        cap += 1
-    if get_errno() != errno.EINVAL:  # EINVAL: past the kernel's last capability
-        raise _fail("drop", "bounding capability set", get_errno())
-    header = _CAP_VERSION_3.to_bytes(4, sys.byteorder) + bytes(4)  # this process
-    if _libc.capset(header, bytes(24)) != 0:
-        raise _fail("set", "capabilities", get_errno())
 
 
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
@@ -275,6 +259,8 @@ def limit_caps(keep: int) -> None:
     them back), and from the effective and permitted sets; clear the inheritable and ambient
     sets. runc does this for a container's process (its bounding, effective, permitted sets
     are the configured list, inheritable and ambient empty since CVE-2022-24769).
+    ``limit_caps(0)``: none at all, and none to gain at exec, even as uid 0 of the namespace
+    (a helper that parses untrusted input, such as squashfuse).
     """
     if _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
         raise _fail("clear", "ambient capabilities", get_errno())
@@ -297,15 +283,7 @@ def limit_caps(keep: int) -> None:
     for i in (0, 1):
         effective |= int.from_bytes(raw[12 * i : 12 * i + 4], order) << (32 * i)
         permitted |= int.from_bytes(raw[12 * i + 4 : 12 * i + 8], order) << (32 * i)
-    effective, permitted = effective & keep, permitted & keep
-    data = b"".join(
-        (effective >> (32 * i) & 0xFFFFFFFF).to_bytes(4, order)
-        + (permitted >> (32 * i) & 0xFFFFFFFF).to_bytes(4, order)
-        + bytes(4)  # inheritable
-        for i in (0, 1)
-    )
-    if _libc.capset(header, data) != 0:
-        raise _fail("set", "capabilities", get_errno())
+    _capset(effective & keep, permitted & keep)
 
 
 def set_parent_death_signal(sig: int) -> None:
