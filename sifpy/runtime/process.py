@@ -1065,18 +1065,8 @@ def _exec(
                 os.fstat(fd)
             except OSError:
                 os.dup2(os.open("/dev/null", os.O_RDWR), fd)
-        # Close everything else but the report pipe (close-on-exec) and the passed fds:
-        # PEP 446 does not cover fds that C code or set_inheritable() made inheritable.
-        # closerange uses close_range(2), one call per gap.
-        pass_fds = [fd for fd in pass_fds if fd > 2]
-        keep = sorted({report, *pass_fds, *([started] if started >= 0 else [])})
-        low = 3
-        for fd in keep:
-            os.closerange(low, fd)
-            low = fd + 1
-        os.closerange(low, mount.max_fd())
-        for fd in pass_fds:
-            os.set_inheritable(fd, True)
+        # The report pipe and ``started`` stay open until the exec closes them.
+        pass_fds = _keep_only(pass_fds, [report, *([started] if started >= 0 else [])])
         child = os.fork() if init else 0
         if child != 0:
             for fd in pass_fds:  # only the command holds them (see LaunchOptions.pass_fds)
@@ -1084,19 +1074,40 @@ def _exec(
             if started >= 0:  # the command's exec closes it (poststart), not init's life
                 os.close(started)
             _init(child)
-        # Python ignores SIGPIPE (and SIG_IGN survives execve): `yes | head` would spin.
-        for sig in range(1, signal.NSIG):
-            if sig not in (signal.SIGKILL, signal.SIGSTOP):
-                with lean.suppress(OSError, ValueError):
-                    signal.signal(sig, signal.SIG_DFL)
-        ns.reset_reserved_signals()
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        _default_signals()
     except BaseException as exc:
         _report(report, ExitStatus.LAUNCH_FAILED, f"can't prepare exec: {exc!r}")
         os._exit(ExitStatus.LAUNCH_FAILED)
     code, message = _execvpe(argv, env)
     _report(report, code, message)
     os._exit(code)
+
+
+def _keep_only(pass_fds: Sequence[int], close_on_exec: Sequence[int] = ()) -> list[int]:
+    """Close every fd above 2 but ``pass_fds`` (made inheritable: the command gets them) and
+    ``close_on_exec`` (closed by the exec itself); return the passed fds above 2. PEP 446
+    does not cover fds that C code or set_inheritable() made inheritable; closerange uses
+    close_range(2), one call per gap."""
+    passed = [fd for fd in pass_fds if fd > 2]
+    low = 3
+    for fd in sorted({*passed, *close_on_exec}):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, mount.max_fd())
+    for fd in passed:
+        os.set_inheritable(fd, True)
+    return passed
+
+
+def _default_signals() -> None:
+    """Default dispositions and an empty mask for the command: Python ignores SIGPIPE (and
+    SIG_IGN survives execve), so `yes | head` would spin."""
+    for sig in range(1, signal.NSIG):
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            with lean.suppress(OSError, ValueError):
+                signal.signal(sig, signal.SIG_DFL)
+    ns.reset_reserved_signals()
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 def _execvpe(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
@@ -1133,20 +1144,8 @@ def exec_joined(argv: list[str], env: dict[str, str], pass_fds: Sequence[int] = 
     try:
         ns.set_no_new_privs()
         seccomp.install_payload_filter(False)
-        pass_fds = [fd for fd in pass_fds if fd > 2]
-        low = 3
-        for fd in sorted(pass_fds):
-            os.closerange(low, fd)
-            low = fd + 1
-        os.closerange(low, mount.max_fd())
-        for fd in pass_fds:
-            os.set_inheritable(fd, True)
-        for sig in range(1, signal.NSIG):
-            if sig not in (signal.SIGKILL, signal.SIGSTOP):
-                with lean.suppress(OSError, ValueError):
-                    signal.signal(sig, signal.SIG_DFL)
-        ns.reset_reserved_signals()
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        _keep_only(pass_fds)
+        _default_signals()
     except BaseException as exc:
         os.write(2, f"error: can't prepare exec: {exc!r}\n".encode(errors="replace"))
         os._exit(ExitStatus.LAUNCH_FAILED)
