@@ -29,10 +29,7 @@ start into its phases (bench/results/exec-breakdown.txt).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
-import pwd
-import resource
 import shlex
 import shutil
 import statistics
@@ -42,55 +39,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from _harness import (
+    become_subreaper,
+    bench_user,
+    busybox_root,
+    children,
+    cpu,
+    reap_all,
+    squashfs,
+)
 from _report import provenance, report
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-
-
-def busybox_root(root: Path) -> None:
-    (root / "bin").mkdir(parents=True)
-    shutil.copy2("/bin/busybox", root / "bin" / "busybox")
-    for applet in ("sh", "true", "id", "cat"):
-        (root / "bin" / applet).symlink_to("busybox")
-    for d in ("dev", "proc", "sys", "tmp", "home", "etc", "mnt", "var/tmp", "root", "run"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    for f in ("passwd", "group", "hosts", "resolv.conf"):
-        (root / "etc" / f).touch()
-
-
-def _children() -> set[int]:
-    return {int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == os.getpid()}
-
-
-def _reap_all(keep: frozenset[int] = frozenset()) -> None:
-    """Reap every descendant left over (a FUSE server exits once unmounted), but ``keep``."""
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            left = _children() - keep
-            if not left:
-                return
-            if time.monotonic() > deadline:
-                sys.exit(f"bench/exec: descendants did not exit within 5 s: {sorted(left)}")
-            time.sleep(0.001)
-
-
-def _ppid(pid: int) -> int:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return -1
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 def timed(
@@ -100,18 +61,18 @@ def timed(
     for argv in cmds.values():  # warm-up: page cache, Python's bytecode cache
         for _ in range(3):
             subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
-            _reap_all(keep)
+            reap_all("bench/exec", keep)
     wall: dict[str, list[float]] = {k: [] for k in cmds}
-    cpu: dict[str, list[float]] = {k: [] for k in cmds}
+    spent: dict[str, list[float]] = {k: [] for k in cmds}
     for _ in range(runs):
         for k, argv in cmds.items():
-            c = _cpu()
+            c = cpu()
             t = time.perf_counter()
             subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
             wall[k].append(time.perf_counter() - t)
-            _reap_all(keep)
-            cpu[k].append(_cpu() - c)
-    return wall, cpu
+            reap_all("bench/exec", keep)
+            spent[k].append(cpu() - c)
+    return wall, spent
 
 
 def main() -> int:
@@ -129,31 +90,13 @@ def main() -> int:
     for tool in ("ch-run", "squashfuse_ll", "mksquashfs", "fusermount3", "setpriv"):
         if not shutil.which(tool):
             sys.exit(f"bench/exec needs {tool} (apt-get install charliecloud-runtime squashfuse)")
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER: count orphaned servers
-        sys.exit("bench/exec: can't become a child subreaper")
+    become_subreaper("bench/exec")
     sys.path.insert(0, str(REPO))
     from sifpy.sif import ObjectInput, create
     from sifpy.sif import format as F
 
     root = os.getuid() == 0
-    user = pwd.getpwuid(os.getuid())
-    if root:
-        name = a.user or next(
-            n for n in ("sifpytest", "nobody") if n in {p.pw_name for p in pwd.getpwall()}
-        )
-        user = pwd.getpwnam(name)
-    as_user = (
-        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--"]
-        if root
-        else []
-    )
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "USER": user.pw_name,
-        "HOME": user.pw_dir,
-        "LANG": "C.UTF-8",
-    }
+    user, as_user, env = bench_user(a.user)
     # As an installed sifpy runs: with its bytecode compiled (pip does this on install).
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "sifpy")], check=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,8 +104,7 @@ def main() -> int:
         t.chmod(0o755)
         busybox_root(t / "root")
         sqfs = t / "img.sqfs"
-        subprocess.run(["mksquashfs", str(t / "root"), str(sqfs), "-comp", "zstd", "-noappend",
-                        "-quiet", "-all-root"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        squashfs(t / "root", sqfs)
         sif = t / "img.sif"
         create(sif, [ObjectInput.partition(sqfs, F.FSType.SQUASH, F.PartType.PRIMSYS, "amd64")])
         for f in (sqfs, sif):
@@ -198,17 +140,17 @@ def main() -> int:
         for spec in a.compare:
             name, _, other = spec.partition("=")
             cmds[f"sifpy exec, {name}"] = [*as_user, other, *sifpy[1:]]
-        wall, cpu = timed(cmds, a.runs, env)
+        wall, spent = timed(cmds, a.runs, env)
         subprocess.run([*as_user, "squashfuse_ll", str(sqfs), str(mnt)], check=True, env=env)
         pre = {"ch-run (pre-mounted)": [*as_user, "ch-run", str(mnt), "--", "/bin/true"]}
         try:
-            w, c = timed(pre, a.runs, env, frozenset(_children()))  # the mount's server
+            w, c = timed(pre, a.runs, env, frozenset(children()))  # the mount's server
             wall.update(w)
-            cpu.update(c)
+            spent.update(c)
         finally:
             subprocess.run([*as_user, "fusermount3", "-u", str(mnt)], check=True, env=env)
     med = {k: statistics.median(v) for k, v in wall.items()}
-    mcpu = {k: statistics.median(v) for k, v in cpu.items()}
+    mcpu = {k: statistics.median(v) for k, v in spent.items()}
     base = med["sifpy exec"]
     lines = [
         f"bench/exec: median of {a.runs} alternating runs, /bin/true in a busybox squashfs, "

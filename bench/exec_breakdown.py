@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pwd
 import re
 import statistics
 import subprocess
@@ -24,8 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _harness import bench_user, busybox_root, squashfs
 from _report import provenance, report
-from exec import busybox_root
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -70,14 +69,7 @@ def main() -> int:
     from sifpy.sif import ObjectInput, create
     from sifpy.sif import format as F
 
-    as_user: list[str] = []
-    user = pwd.getpwuid(os.getuid())
-    if os.getuid() == 0:
-        names = {p.pw_name for p in pwd.getpwall()}
-        user = pwd.getpwnam(a.user or next(n for n in ("sifpytest", "nobody") if n in names))
-        as_user = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
-                   "--init-groups", "--"]  # fmt: skip
-    env = {"PATH": "/usr/bin:/bin", "HOME": user.pw_dir, "USER": user.pw_name, "LANG": "C.UTF-8"}
+    user, as_user, env = bench_user(a.user)
     sifpy = str(REPO / ".venv" / "bin" / "sifpy")
     runs: list[list[float]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,8 +77,7 @@ def main() -> int:
         t.chmod(0o755)
         busybox_root(t / "root")
         sqfs, sif = t / "img.sqfs", t / "img.sif"
-        subprocess.run(["mksquashfs", str(t / "root"), str(sqfs), "-comp", "zstd", "-noappend",
-                        "-quiet", "-all-root"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        squashfs(t / "root", sqfs)
         create(sif, [ObjectInput.partition(sqfs, F.FSType.SQUASH, F.PartType.PRIMSYS, "amd64")])
         sif.chmod(0o644)
         logs = t / "logs"

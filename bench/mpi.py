@@ -25,10 +25,7 @@ the commands. Writes bench/results/mpi.txt.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
-import pwd
-import resource
 import shutil
 import statistics
 import subprocess
@@ -38,6 +35,7 @@ import threading
 import time
 from pathlib import Path
 
+from _harness import become_subreaper, bench_user, busybox_root, cpu, reap_all, squashfs
 from _report import provenance, report
 
 HERE = Path(__file__).resolve().parent
@@ -49,51 +47,14 @@ TRUE = ["/bin/true"]
 SLEEP = ["/bin/sleep", "0.3"]
 
 
-def busybox_root(root: Path) -> None:
-    (root / "bin").mkdir(parents=True)
-    shutil.copy2("/bin/busybox", root / "bin" / "busybox")
-    for applet in ("sh", "true", "sleep"):
-        (root / "bin" / applet).symlink_to("busybox")
-    for d in ("dev", "proc", "sys", "tmp", "home", "etc", "mnt", "var/tmp", "root", "run"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    for f in ("passwd", "group", "hosts", "resolv.conf"):
-        (root / "etc" / f).touch()
-
-
-def _ppid(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
-
-
-def _reap_all() -> None:
-    """Reap every descendant left over (holders and servers exit after their ranks)."""
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            if time.monotonic() > deadline:
-                sys.exit("bench/mpi: descendants did not exit within 10 s")
-            time.sleep(0.001)
-
-
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
 def run(argv: list[str], env: dict[str, str]) -> tuple[float, float, bool]:
     """Wall and CPU seconds of ``argv``, and whether it succeeded."""
-    c = _cpu()
+    c = cpu()
     t = time.perf_counter()
     done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t
-    _reap_all()
-    return wall, _cpu() - c, done.returncode == 0
+    reap_all("bench/mpi", limit=10)  # holders and servers exit after their ranks
+    return wall, cpu() - c, done.returncode == 0
 
 
 def servers(argv: list[str], env: dict[str, str], uid: int) -> int:
@@ -129,7 +90,7 @@ def servers(argv: list[str], env: dict[str, str], uid: int) -> int:
     finally:
         done.set()
         t.join()
-    _reap_all()
+    reap_all("bench/mpi", limit=10)
     return seen
 
 
@@ -144,41 +105,21 @@ def main() -> int:
             sys.exit(f"bench/mpi needs {tool} (apt-get install charliecloud-runtime squashfuse)")
     if mpiexec is None:
         sys.exit("bench/mpi needs mpiexec.mpich (apt-get install mpich)")
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER: count orphaned servers
-        sys.exit("bench/mpi: can't become a child subreaper")
+    become_subreaper("bench/mpi")
     sys.path.insert(0, str(REPO))
     from sifpy.sif import ObjectInput, create
     from sifpy.sif import format as F
 
-    user = pwd.getpwuid(os.getuid())
-    root = os.getuid() == 0
-    if root:
-        name = a.user or next(
-            n for n in ("sifpytest", "nobody") if n in {p.pw_name for p in pwd.getpwall()}
-        )
-        user = pwd.getpwnam(name)
-    as_user = (
-        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--"]
-        if root
-        else []
-    )
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "USER": user.pw_name,
-        "HOME": user.pw_dir,
-        "LANG": "C.UTF-8",
-    }
+    user, as_user, env = bench_user(a.user)
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "sifpy")], check=True)
     program = REPO / ".venv" / "bin" / "sifpy"
     kind = "starter" if program.read_bytes()[:4] == b"\x7fELF" else "script"
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         t.chmod(0o755)
-        busybox_root(t / "root")
+        busybox_root(t / "root", ("sh", "true", "sleep"))
         sqfs = t / "img.sqfs"
-        subprocess.run(["mksquashfs", str(t / "root"), str(sqfs), "-comp", "zstd", "-noappend",
-                        "-quiet", "-all-root"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        squashfs(t / "root", sqfs)
         sif = t / "img.sif"
         create(sif, [ObjectInput.partition(sqfs, F.FSType.SQUASH, F.PartType.PRIMSYS, "amd64")])
         for f in (sqfs, sif):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pwd
 import shlex
 import shutil
 import statistics
@@ -31,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _harness import bench_user, squashfs
 from _report import provenance, report
 
 HERE = Path(__file__).resolve().parent
@@ -64,9 +64,7 @@ def main() -> int:
     from sifpy.sif import ObjectInput, SifImage, create
     from sifpy.sif import format as F
 
-    names = {p.pw_name for p in pwd.getpwall()}
-    user = pwd.getpwnam(a.user or next(n for n in ("sifpytest", "nobody") if n in names))
-    as_user = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups"]
+    user, as_user, _ = bench_user(a.user)  # root (checked above): as_user is setpriv
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         t.chmod(0o755)
@@ -83,8 +81,7 @@ def main() -> int:
             for applet in ("sh", "tar", "cat"):
                 (busybox / applet).symlink_to("busybox")
         sqfs, sif = t / "img.sqfs", t / "img.sif"
-        subprocess.run(["mksquashfs", str(src), str(sqfs), "-comp", "zstd", "-noappend", "-quiet",
-                        "-all-root"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        squashfs(src, sqfs)
         create(sif, [ObjectInput.partition(sqfs, F.FSType.SQUASH, F.PartType.PRIMSYS, "amd64")])
         with SifImage.open(sif) as img:
             offset = img.primary_partition().offset
@@ -100,7 +97,7 @@ def main() -> int:
         # tar read()s every byte into memory (cat would sendfile(), which the kernel can
         # satisfy from the page cache without copying: not what a program reading does).
         read_all = f"tar cf - {' '.join(tops)} | cat"
-        sifpy = [*as_user, "--", str(REPO / ".venv" / "bin" / "sifpy"), "exec", "--no-home",
+        sifpy = [*as_user, str(REPO / ".venv" / "bin" / "sifpy"), "exec", "--no-home",
                  str(sif), "/bin/sh", "-c"]  # fmt: skip
         sif.chmod(0o644)
         subprocess.run(["mount", "-t", "squashfs", "-o", f"ro,loop,offset={offset}", str(sif),
