@@ -1,8 +1,9 @@
-"""Reading a pulled SIF back, the reference tree umoci makes from the same image, and the
-base of the test HTTP servers."""
+"""Reading a pulled SIF back, the reference tree umoci makes from the same image, a
+one-layer OCI layout written by hand, and the base of the test HTTP servers."""
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import stat
@@ -16,6 +17,55 @@ from tests.conftest import need_tool
 from tests.rootfs.tars import describe_tree as describe
 
 ADDED_BY_SIFPY = {".singularity.d", "var", *MOUNT_POINTS}
+
+
+def oci_blob(layout: Path, data: bytes) -> dict[str, object]:
+    """Store ``data`` in the layout's blobs; its descriptor's digest and size."""
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    return {"digest": f"sha256:{digest}", "size": len(data)}
+
+
+def finish_oci_layout(
+    layout: Path,
+    layer: dict[str, object],
+    diff_id: str,
+    tag: str,
+    arch: str = "amd64",
+    **config: object,
+) -> None:
+    """Config, manifest and index.json around one gzip ``layer`` (a descriptor of a blob
+    already in the layout) whose uncompressed digest is ``diff_id``; ``config``: more keys
+    of the image config (``config``, ``history``)."""
+    image = {
+        "architecture": arch,
+        "os": "linux",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        **config,
+    }
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            **oci_blob(layout, json.dumps(image).encode()),
+        },
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **layer}],
+    }
+    index = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {
+                "mediaType": manifest["mediaType"],
+                **oci_blob(layout, json.dumps(manifest).encode()),
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }
+        ],
+    }
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (layout / "index.json").write_text(json.dumps(index))
 
 
 def sif_rootfs(sif: Path, dest: Path) -> Path:

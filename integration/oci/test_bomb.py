@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from typing import IO
 import pytest
 
 from integration.oci.conftest import Registry, SifpyEnv, skopeo_push
+from integration.oci.helpers import finish_oci_layout, oci_blob
 from tests.conftest import need_tool, require
 
 BOMB_MIB = 300  # expanded: a few hundred MiB from a few hundred KiB
@@ -49,12 +49,6 @@ class _Tee:
         return self.out.write(data)
 
 
-def _blob(blobs: Path, data: bytes) -> dict[str, object]:
-    digest = hashlib.sha256(data).hexdigest()
-    (blobs / digest).write_bytes(data)
-    return {"digest": f"sha256:{digest}", "size": len(data)}
-
-
 def make_bomb_layout(layout: Path, tag: str, mib: int) -> int:
     """An OCI layout whose one layer is a gzip of a tar holding ``mib`` MiB of zeros;
     returns the layer's compressed size."""
@@ -67,35 +61,9 @@ def make_bomb_layout(layout: Path, tag: str, mib: int) -> int:
             info = tarfile.TarInfo("zeros")
             info.size = mib << 20
             tar.addfile(info, _Zeros(info.size))
-    layer = _blob(blobs, raw.read_bytes())
+    layer = oci_blob(layout, raw.read_bytes())
     raw.unlink()
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{tee.sha.hexdigest()}"]},
-    }
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            **_blob(blobs, json.dumps(config).encode()),
-        },
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **layer}],
-    }
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                **_blob(blobs, json.dumps(manifest).encode()),
-                "annotations": {"org.opencontainers.image.ref.name": tag},
-            }
-        ],
-    }
-    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (layout / "index.json").write_text(json.dumps(index))
+    finish_oci_layout(layout, layer, f"sha256:{tee.sha.hexdigest()}", tag)
     return int(layer["size"])  # type: ignore[call-overload]
 
 

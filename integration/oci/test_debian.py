@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import os
 import shutil
 import stat
@@ -24,7 +23,12 @@ from pathlib import Path
 import pytest
 
 from integration.oci.conftest import Registry, SifpyEnv, skopeo_push
-from integration.oci.helpers import assert_same_tree, sif_rootfs, umoci_rootfs
+from integration.oci.helpers import (
+    assert_same_tree,
+    finish_oci_layout,
+    sif_rootfs,
+    umoci_rootfs,
+)
 from sifpy.sif import SifImage
 from tests.conftest import need_tool, require
 
@@ -67,17 +71,10 @@ def minbase_tar(pytestconfig: pytest.Config, tmp: Path) -> Path:
     return out
 
 
-def _blob(layout: Path, data: bytes) -> dict[str, object]:
-    digest = hashlib.sha256(data).hexdigest()
-    (layout / "blobs/sha256" / digest).write_bytes(data)
-    return {"digest": f"sha256:{digest}", "size": len(data)}
-
-
 def write_layout(layout: Path, tar: Path, tag: str, arch: str) -> None:
     """One gzip layer (the tar as is), a config, a manifest and index.json, by hand."""
     blobs = layout / "blobs/sha256"
     blobs.mkdir(parents=True)
-    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     diff_id = hashlib.sha256()
     tmp = blobs / "layer.tmp"
     with open(tar, "rb") as src, gzip.GzipFile(tmp, "wb", compresslevel=1, mtime=0) as gz:
@@ -90,34 +87,15 @@ def write_layout(layout: Path, tar: Path, tag: str, arch: str) -> None:
             layer_hash.update(chunk)
     layer = {"digest": f"sha256:{layer_hash.hexdigest()}", "size": tmp.stat().st_size}
     tmp.rename(blobs / layer_hash.hexdigest())
-    config = {
-        "architecture": arch,
-        "os": "linux",
-        "config": {"Env": [PATH_ENV], "Cmd": ["bash"]},
-        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{diff_id.hexdigest()}"]},
-        "history": [{"created_by": "mmdebstrap --variant=minbase bookworm"}],
-    }
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            **_blob(layout, json.dumps(config).encode()),
-        },
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **layer}],
-    }
-    index = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [
-            {
-                "mediaType": manifest["mediaType"],
-                **_blob(layout, json.dumps(manifest).encode()),
-                "annotations": {"org.opencontainers.image.ref.name": tag},
-            }
-        ],
-    }
-    (layout / "index.json").write_text(json.dumps(index))
+    finish_oci_layout(
+        layout,
+        layer,
+        f"sha256:{diff_id.hexdigest()}",
+        tag,
+        arch,
+        config={"Env": [PATH_ENV], "Cmd": ["bash"]},
+        history=[{"created_by": "mmdebstrap --variant=minbase bookworm"}],
+    )
 
 
 @pytest.fixture(scope="module")

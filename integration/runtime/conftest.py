@@ -151,8 +151,9 @@ def driver(workdir: Path) -> str:
     return str(path)
 
 
-def user_processes(uid: int, name: str) -> list[int]:
-    """Pids of processes of ``uid`` whose command name is ``name``."""
+def user_processes(uid: int, name: str, live: bool = False) -> list[int]:
+    """Pids of processes of ``uid`` whose command name is ``name`` (``live``: zombies not
+    counted)."""
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -162,7 +163,9 @@ def user_processes(uid: int, name: str) -> list[int]:
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if fields.get("Name", "").strip() == name and fields["Uid"].split()[0] == str(uid):
+        if fields.get("Name", "").strip() != name or fields["Uid"].split()[0] != str(uid):
+            continue
+        if not live or fields.get("State", "").split()[:1] != ["Z"]:
             out.append(int(entry))
     return out
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from integration.conftest import UserRunner, require
-from integration.runtime.conftest import busybox_rootfs, make_sif
+from integration.runtime.conftest import busybox_rootfs, make_sif, user_processes
 
 HOLDER = "sifpy-holder"  # the holder's process name (sifpy.runtime.sharens.HOLDER_NAME)
 WAIT_GO = "while [ ! -e go ]; do sleep 0.05; done"
@@ -29,23 +29,7 @@ WAIT_GO = "while [ ! -e go ]; do sleep 0.05; done"
 
 def live_processes(uid: int, name: str) -> list[int]:
     """Pids of the live (not zombie) processes of ``uid`` named ``name``."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{entry}/status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        state = fields.get("State", "").split()
-        if (
-            fields.get("Name", "").strip() == name
-            and fields["Uid"].split()[0] == str(uid)
-            and state[:1] != ["Z"]
-        ):
-            out.append(int(entry))
-    return out
+    return user_processes(uid, name, live=True)
 
 
 def ns_holders(ns: str) -> list[int]:
