@@ -33,7 +33,7 @@ REPO = HERE.parent
 PHASES = [
     ("starter: load, parse argv, open the image, read the SIF header", r"unshare\(CLONE_NEWNS\|"),
     ("user + mount namespaces, detached FUSE mount", r"fsmount\("),
-    ("fork the FUSE server (in-process) and the read-ahead", r"execve\(\".*python"),
+    ("fork the FUSE server (squashfuse_ll by default) and the read-ahead", r"execve\(\".*python"),
     ("Python: interpreter start, imports, checks, plan (image served meanwhile)", r"move_mount\("),
     ("assemble the root: tmpfs, binds, /dev, /proc, files", r"pivot_root\("),
     ("pivot_root, identity, seccomp, exec the action shell", r"execve\(\"/bin/sh\""),
@@ -106,7 +106,7 @@ def main() -> int:
     med = [statistics.median(r[i] for r in runs) for i in range(len(PHASES))]
     lines = [
         f"bench/exec_breakdown: `sifpy exec IMG.sif /bin/true` (busybox squashfs, the starter "
-        f"serving in-process), median of {a.runs} runs under strace --seccomp-bpf, as "
+        f"serving the image), median of {a.runs} runs under strace --seccomp-bpf, as "
         f"{user.pw_name} (uid {user.pw_uid})",
         f"measured on: {provenance()}",
     ]
