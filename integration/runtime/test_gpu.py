@@ -165,8 +165,13 @@ class Gpu:
         self, args: list[str], nodes: list[str], env: dict[str, str] | None = None, cwd: str = "/"
     ) -> subprocess.CompletedProcess[str]:
         """``sifpy ARGS`` in the private namespaces with the fake driver."""
-        argv = ["/usr/bin/python3", "-c", SETUP, str(self.top), "/usr/bin/python3", "-m", "sifpy"]
-        argv += args
+        return self.shell(["/usr/bin/python3", "-m", "sifpy", *args], nodes, env, cwd)
+
+    def shell(
+        self, cmd: list[str], nodes: list[str], env: dict[str, str] | None = None, cwd: str = "/"
+    ) -> subprocess.CompletedProcess[str]:
+        """``cmd`` in the private namespaces with the fake driver."""
+        argv = ["/usr/bin/python3", "-c", SETUP, str(self.top), *cmd]
         full = {
             "FAKE_NODES": " ".join(nodes),
             "PATH": f"{self.top}/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
@@ -347,3 +352,20 @@ def test_build_nv_binds_the_driver_for_post_only(
     res = gpu_run.sifpy(["build", "plain.sif", "nv.def"], NVIDIA_NODES, cwd=str(user_dir))
     assert res.returncode != 0
     assert "nvidia-smi: not found" in res.stderr
+
+
+@pytest.mark.unpriv
+def test_instance_started_with_nv_has_the_driver(gpu_run: Gpu, fake_driver: Path) -> None:
+    """``instance start --nv``: what is joined through instance:// has the driver's files."""
+    sifpy = "/usr/bin/python3 -m sifpy"
+    script = (
+        f"{sifpy} instance start --nv {gpu_run.image} gpuinst || exit 9;"
+        f" {sifpy} exec instance://gpuinst sh -c 'ls -1 /.singularity.d/libs; echo ==; nvidia-smi -L';"
+        f" s=$?; {sifpy} instance stop gpuinst; exit $s"
+    )
+    res = gpu_run.shell(["/bin/sh", "-c", script], NVIDIA_NODES)
+    assert res.returncode == 0, res.stderr
+    libs, smi = res.stdout.split("==\n")
+    expected = _expected_libs(fake_driver / "ld.so.cache", f"{gpu.ETC}/nvliblist.conf")
+    assert set(libs.split()) == expected
+    assert smi.strip() == SMI.split("'")[1]

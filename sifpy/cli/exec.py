@@ -702,7 +702,14 @@ def _run_in_instance(
     a.image = info["img"]
     args = ([a.command] if action == "exec" else []) + a.args
     image = Sandbox(info["img"])  # only named: the instance's root is joined
-    spec = _spec(action, a, ident, image, action_argv(action, args), (), "auto", None, passed)
+    inject = None
+    if info.get("inject"):  # the instance's --nv/--rocm/--device: their variables and PATH
+        from sifpy.runtime.gpu import Injection
+
+        inject = Injection()
+        inject.env.update(info["inject"]["env"])
+        inject.path += info["inject"]["path"]
+    spec = _spec(action, a, ident, image, action_argv(action, args), (), "auto", inject, passed)
     sharens.run_joined(spec, ident, base, create=False)
 
 

@@ -62,6 +62,8 @@ def _start(a: argparse.Namespace) -> int:
         command = action_argv("start", a.args)
         spec = exec_._spec("start", a, ident, image, command, (), a.mount_driver, inject)
         info = {"instance": a.name, "img": os.path.abspath(a.image), "ip": "", "time": time.time()}
+        if inject is not None:  # what a joining exec needs too: the devices' variables, PATH
+            info["inject"] = {"env": inject.env, "path": inject.path}
         pid = sharens.start_instance(base, spec, ident, info)
     finally:
         if fd >= 0:
