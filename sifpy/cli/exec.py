@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from sifpy.cli._args import ArgumentParser
     from sifpy.runtime.gpu import Injection
     from sifpy.runtime.process import LaunchSpec
+    from sifpy.sign.policy import Policy
 else:
     SimpleNamespace = type(sys.implementation)  # what types.py does, without importing it
 
@@ -189,6 +190,25 @@ OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     ),
     (("--no-sharens",), {"action": "store_true", "help": "a container of its own per rank"}),
     (
+        ("--hooks-dir",),
+        {
+            "action": "append",
+            "default": [],
+            "metavar": "DIR",
+            "help": "OCI hook definitions (*.json), besides /etc/sifpy/hooks.d and sifpy.conf's "
+            "(repeatable; later directories win)",
+        },
+    ),
+    (
+        ("--annotation",),
+        {
+            "action": "append",
+            "default": [],
+            "metavar": "KEY=VALUE",
+            "help": "an annotation of the container, for OCI hooks (repeatable)",
+        },
+    ),
+    (
         ("--verify",),
         {"action": "store_true", "help": "refuse to run unless the image's signatures verify"},
     ),
@@ -348,12 +368,9 @@ def _overlay_dir(spec: str) -> str:
     return path
 
 
-def _config_binds() -> list[str]:
+def _config_binds(rules: Policy) -> list[str]:
     """``bind path = SRC[:DEST]`` lines of sifpy.conf (and ``$SIFPY_CONFIG``); as Apptainer,
     a source missing on this host is skipped, not an error (one file serves many nodes)."""
-    from sifpy.sign import policy
-
-    rules = policy.load()
     out = []
     for spec in rules.system.binds + rules.user.binds:
         if os.path.exists(spec.split(":", 1)[0]):
@@ -762,7 +779,10 @@ def _spec(
     # Apptainer's order: the site's `bind path` lines, the options' binds, then
     # $APPTAINER_BIND's.
     bind_specs = [environ[v] for v in ("APPTAINER_BIND", "SIFPY_BIND") if environ.get(v)]
-    site_binds = parse_binds([] if "bind-paths" in no_mount else _config_binds())
+    from sifpy.sign import policy
+
+    rules = policy.load()
+    site_binds = parse_binds([] if "bind-paths" in no_mount else _config_binds(rules))
     binds = parse_binds(a.bind + bind_specs)
     mount_specs = [
         line
@@ -774,6 +794,7 @@ def _spec(
     # $APPTAINER_BIND in the container: the destinations, for nested containers to bind
     # again (Apptainer's setBinds), less the --mount ones marked nonested.
     nested = [d for _, d, _ in binds] + [d for _, d, _, no_nest in mounts if not no_nest]
+    hooks, annotations = _oci_hooks(action, a, command, rules, bool(binds or mounts))
     binds = site_binds + binds + [(s, d, ro) for s, d, ro, _ in mounts]
     home_src = home_dest = None
     if a.home:
@@ -833,6 +854,50 @@ def _spec(
             inject=inject,
             pass_fds=passed,
             pwd=a.pwd,
+            hooks=hooks,
+            annotations=annotations,
         ),
     )
     return spec
+
+
+# hooksd.DEFAULT_DIR, named here so that a start without hooks imports nothing for them
+# (tests/cli/test_hooks_cli.py checks that they agree).
+_HOOKS_DIR = "/etc/sifpy/hooks.d"
+# What a hook's `when.commands` sees as the command of each action (the OCI config's
+# process.args[0]): exec's COMMAND, else the Apptainer metadata script the action runs.
+_ACTION_COMMAND = {
+    "run": "/.singularity.d/runscript",
+    "test": "/.singularity.d/test",
+    "shell": "/.singularity.d/actions/shell",
+    "start": "/.singularity.d/startscript",
+}
+
+
+def _oci_hooks(
+    action: str, a: Any, command: list[str], rules: Policy, has_binds: bool
+) -> tuple[tuple[dict[str, object], ...], tuple[tuple[str, str], ...]]:
+    """The OCI hooks (hooks.d: /etc/sifpy/hooks.d, sifpy.conf's ``hooks dir``s, then
+    ``--hooks-dir``) that apply to this start, and its ``--annotation``s. Without any hook
+    file this costs one failed (or empty) directory read and no import."""
+    annotations = []
+    for item in a.annotation:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UsageError(f"invalid --annotation: {item!r}", hint="use KEY=VALUE")
+        annotations.append((key, value))
+    conf = [*rules.system.hooks_dirs, *rules.user.hooks_dirs]
+    given = [os.path.abspath(d) for d in a.hooks_dir]
+    if not conf and not given:
+        try:
+            if not any(n.endswith(".json") for n in os.listdir(_HOOKS_DIR)):
+                return (), tuple(annotations)
+        except OSError:  # no such directory (the usual case): no hooks
+            return (), tuple(annotations)
+    from sifpy.runtime import hooksd
+
+    argv0 = a.command if action == "exec" else _ACTION_COMMAND.get(action, command[0])
+    found = hooksd.matching(
+        [_HOOKS_DIR, *conf, *given], [argv0], dict(annotations), has_binds, required=given
+    )
+    return tuple(found), tuple(annotations)

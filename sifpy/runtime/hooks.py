@@ -1,4 +1,4 @@
-"""OCI hooks (from CDI specs), run at the stage they name.
+"""OCI hooks (from CDI specs and from hooks.d directories), run at the stage they name.
 
 The OCI runtime spec (https://github.com/opencontainers/runtime-spec/blob/main/config.md,
 "POSIX-platform Hooks") gives each hook the container's state as JSON on stdin: ``ociVersion``,
@@ -10,17 +10,23 @@ sifpy's stages: ``createRuntime``, ``createContainer`` and ``prestart`` run once
 assembled, before ``pivot_root``, in the container's mount namespace (the root at its
 session path, the host's paths around it); ``startContainer`` runs inside the container
 (after ``pivot_root``), just before the command. A hook that fails (non-zero status, or its
-timeout) stops the start, as in runc.
+timeout) stops the start, as in runc, with its status and stderr in the error;
+``poststart`` and ``poststop`` failures are warnings (:func:`run_logged`).
+
+A hook runs as the user who starts the container, in the container's user namespace (it can
+do what that user can), with exactly the environment its definition gives (none by
+default), in a session of its own: at its timeout the whole session is killed, so a shell
+hook's children do not outlive it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 
 from sifpy.errors import RuntimeSetupError, ToolError
-from sifpy.util.proc import PIPE, TimeoutExpired
-from sifpy.util.proc import run as run_program
+from sifpy.util.proc import PIPE, Popen, TimeoutExpired, popen
 
 BEFORE_PIVOT = ("createRuntime", "createContainer", "prestart")
 AFTER_START = ("poststart",)
@@ -28,20 +34,33 @@ AFTER_STOP = ("poststop",)
 OCI_VERSION = "1.0.2"
 
 
-def write_bundle(bundle: str, root: str, argv: list[str], env: dict[str, str]) -> None:
-    """A minimal OCI bundle: ``config.json`` with the root path and the process."""
+def write_bundle(
+    bundle: str,
+    root: str,
+    argv: list[str],
+    env: dict[str, str],
+    annotations: dict[str, str] | None = None,
+) -> None:
+    """A minimal OCI bundle: ``config.json`` with the root path, the process and the
+    annotations."""
     os.makedirs(bundle, mode=0o700, exist_ok=True)
     config = {
         "ociVersion": OCI_VERSION,
         "root": {"path": root, "readonly": True},
         "process": {"args": argv, "env": [f"{k}={v}" for k, v in env.items()], "cwd": "/"},
+        "annotations": annotations or {},
     }
     with open(os.path.join(bundle, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f)
 
 
 def run_logged(
-    hooks: list[dict[str, object]], stages: tuple[str, ...], bundle: str, status: str
+    hooks: list[dict[str, object]],
+    stages: tuple[str, ...],
+    bundle: str,
+    status: str,
+    annotations: dict[str, str] | None = None,
+    pid: int | None = None,
 ) -> None:
     """:func:`run` for ``poststart`` and ``poststop``, whose failures the runtime spec
     makes warnings: the container has started (or ended) whatever they say."""
@@ -50,47 +69,97 @@ def run_logged(
     for hook in hooks:
         if hook["stage"] in stages:
             try:
-                run([hook], stages, bundle, status)
+                run([hook], stages, bundle, status, annotations, pid)
             except RuntimeSetupError as exc:
                 log.warn(exc.message)
 
 
-def run(hooks: list[dict[str, object]], stages: tuple[str, ...], bundle: str, status: str) -> None:
-    """Run the hooks of ``stages``, in order, each with the state on stdin."""
-    state = json.dumps(
+def state(
+    bundle: str, status: str, annotations: dict[str, str] | None = None, pid: int | None = None
+) -> str:
+    """The runtime spec's state of this container, as a hook reads it on stdin."""
+    return json.dumps(
         {
             "ociVersion": OCI_VERSION,
-            "id": f"sifpy-{os.getpid()}",
+            "id": f"sifpy-{os.getpid() if pid is None else pid}",
             "status": status,
-            "pid": os.getpid(),
+            "pid": os.getpid() if pid is None else pid,
             "bundle": bundle,
-            "annotations": {},
+            "annotations": annotations or {},
         }
     )
+
+
+def run(
+    hooks: list[dict[str, object]],
+    stages: tuple[str, ...],
+    bundle: str,
+    status: str,
+    annotations: dict[str, str] | None = None,
+    pid: int | None = None,
+) -> None:
+    """Run the hooks of ``stages``, in order, each with the state on stdin; the first that
+    fails raises :class:`RuntimeSetupError` with its status and stderr."""
+    text = state(bundle, status, annotations, pid)
     for hook in hooks:
-        if hook["stage"] not in stages:
-            continue
-        path = str(hook["path"])
-        argv = [str(a) for a in hook["args"]]  # type: ignore[attr-defined]
-        env = dict(e.partition("=")[::2] for e in hook["env"])  # type: ignore[attr-defined]
-        try:
-            done = run_program(
-                argv,
-                f"run {hook['stage']} hook",
-                executable=path,
-                input=state,
-                env=env,
-                stdout=PIPE,
-                text=True,
-                timeout=int(hook["timeout"]),  # type: ignore[call-overload]
-                ok=None,
-            )
-        except TimeoutExpired as exc:
-            raise RuntimeSetupError(
-                f"can't run {hook['stage']} hook: {path}: timed out after {exc.timeout} s"
-            ) from exc
-        except ToolError as exc:
-            raise RuntimeSetupError(exc.message, exc.hint) from exc
-        if done.returncode != 0:
-            tail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
-            raise RuntimeSetupError(f"can't run {hook['stage']} hook: {path}: {tail[0]}")
+        if hook["stage"] in stages:
+            _run_one(hook, text)
+
+
+def _run_one(hook: dict[str, object], text: str) -> None:
+    path = str(hook["path"])
+    stage = hook["stage"]
+    argv = [str(a) for a in hook["args"]]  # type: ignore[attr-defined]
+    env = dict(e.partition("=")[::2] for e in hook["env"])  # type: ignore[attr-defined]
+    timeout = hook.get("timeout")  # seconds; None: no limit (the runtime spec's default)
+    source = hook.get("source")
+    hint = f"the hook is defined in {source}" if source else None
+    try:
+        proc = popen(
+            argv,
+            f"run {stage} hook",
+            executable=path,
+            stdin=PIPE,
+            stdout=PIPE,
+            stderr=PIPE,
+            env=env,
+            # Its own session: at the timeout, its children go with it (killpg).
+            start_new_session=True,
+            text=True,
+        )
+    except ToolError as exc:
+        raise RuntimeSetupError(f"can't run {stage} hook: {path}: not found", hint) from exc
+    try:
+        _, err = proc.communicate(text, timeout=None if timeout is None else float(str(timeout)))
+    except TimeoutExpired as exc:
+        _kill(proc)
+        raise RuntimeSetupError(
+            f"can't run {stage} hook: {path}: timed out after {timeout} s (stopped)", hint
+        ) from exc
+    except BaseException:
+        _kill(proc)
+        raise
+    if proc.returncode != 0:
+        how = (
+            f"killed by signal {-proc.returncode}"
+            if proc.returncode < 0
+            else f"exit status {proc.returncode}"
+        )
+        tail = err.strip()[-_TAIL:]
+        message = f"can't run {stage} hook: {path}: {how}"
+        raise RuntimeSetupError(f"{message}: {tail}" if tail else message, hint)
+
+
+_TAIL = 1500  # characters of a hook's stderr an error keeps
+
+
+def _kill(proc: Popen[str]) -> None:
+    """Kill the hook's session (its process group: start_new_session made it the leader)
+    and reap the hook."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except PermissionError:  # a setuid hook's group: only the hook itself can be waited for
+        pass
+    proc.wait()

@@ -145,6 +145,10 @@ class LaunchOptions(NamedTuple):
     # copies of the host's /etc files instead of binds (see DOCKER_CAPS, seccomp, plan).
     confine: bool = False
     inject: Injection | None = None  # GPU/CDI devices and driver files (runtime.gpu)
+    # OCI hooks from hooks.d directories (runtime.hooksd.matching), run after the CDI ones,
+    # and the annotations the hooks' state and bundle carry.
+    hooks: tuple[dict[str, object], ...] = ()
+    annotations: tuple[tuple[str, str], ...] = ()
     # fds above 2 the command inherits at the same numbers (subprocess's pass_fds): the
     # caller's, such as an MPI launcher's PMI socket. Every other fd is closed at exec, and
     # the monitor closes its copies once the container has them (a pipe's reader then sees
@@ -365,7 +369,7 @@ def _monitor(
         if os.getppid() != caller:
             os._exit(ExitStatus.LAUNCH_FAILED)
         pid, own_fd = _set_up(spec, ident, driver, report, servers, sync, started=started)
-        _post_start(spec, started)
+        _post_start(spec, started, pid)
     except SifpyError as exc:
         _report(report, ExitStatus.LAUNCH_FAILED, exc.message, exc.hint)
         _stop(servers)
@@ -375,7 +379,7 @@ def _monitor(
         _stop(servers)
         os._exit(ExitStatus.LAUNCH_FAILED)
     status = _supervise(pid, pid, reap_all=True)
-    _post_stop(spec)
+    _post_stop(spec, pid)
     _stop(servers)
     if own_fd >= 0:
         _own_by_root(own_fd)
@@ -404,44 +408,73 @@ def _monitor_inline(
         raise RuntimeSetupError(f"can't start container: {exc!r}") from exc
     finally:
         os.close(report)
-    _post_start(spec, started)
+    _post_start(spec, started, pid)
     status = _supervise(pid, pid, reap_all=True)
-    _post_stop(spec)
+    _post_stop(spec, pid)
     _stop(servers)
     if own_fd >= 0:
         _own_by_root(own_fd)
     return status
 
 
-def _hooks(spec: LaunchSpec, stage: str) -> list[dict[str, object]]:
-    """The CDI hooks of ``stage`` this start runs (see :mod:`.hooks`)."""
+def _all_hooks(spec: LaunchSpec) -> list[dict[str, object]]:
+    """Every OCI hook of this start: the CDI devices' first, then the hooks.d ones."""
     inj = spec.options.inject
-    return [h for h in inj.hooks if h["stage"] == stage] if inj is not None else []
+    cdi = inj.hooks if inj is not None else []
+    return [*cdi, *spec.options.hooks] if spec.options.hooks else cdi
 
 
-def _post_start(spec: LaunchSpec, started: list[int]) -> None:
+def _hooks(spec: LaunchSpec, stage: str) -> list[dict[str, object]]:
+    """The hooks of ``stage`` this start runs (see :mod:`.hooks`)."""
+    return [h for h in _all_hooks(spec) if h["stage"] == stage]
+
+
+def _post_start(spec: LaunchSpec, started: list[int], pid: int) -> None:
     """The runtime spec's ``poststart`` hooks, once the command was exec'd (its exec closed
     the pipe's last write end), in this monitor's mount namespace, where the bundle and the
-    container's root are (as for ``createContainer``)."""
+    container's root are (as for ``createContainer``). A container that failed before its
+    exec wrote to the pipe (:func:`_not_started`): it never started, nothing runs."""
+    failed = False
     for fd in started:
         try:
             while os.read(fd, 64):
-                pass
+                failed = True
         finally:
             os.close(fd)
-    if started:
+    if started and not failed:
         from sifpy.runtime import hooks as hooks_
 
-        hooks_.run_logged(_hooks(spec, "poststart"), hooks_.AFTER_START, _BUNDLE, "running")
+        hooks_.run_logged(
+            _hooks(spec, "poststart"),
+            hooks_.AFTER_START,
+            _BUNDLE,
+            "running",
+            dict(spec.options.annotations),
+            pid,
+        )
 
 
-def _post_stop(spec: LaunchSpec) -> None:
+def _post_stop(spec: LaunchSpec, pid: int) -> None:
     """The runtime spec's ``poststop`` hooks, once the container has ended, before its
     image is unmounted."""
     if _hooks(spec, "poststop"):
         from sifpy.runtime import hooks as hooks_
 
-        hooks_.run_logged(_hooks(spec, "poststop"), hooks_.AFTER_STOP, _BUNDLE, "stopped")
+        hooks_.run_logged(
+            _hooks(spec, "poststop"),
+            hooks_.AFTER_STOP,
+            _BUNDLE,
+            "stopped",
+            dict(spec.options.annotations),
+            pid,
+        )
+
+
+def _not_started(started: int) -> None:
+    """Tell the monitor's :func:`_post_start` that the command will not run."""
+    if started >= 0:
+        with lean.suppress(OSError):
+            os.write(started, b"f")
 
 
 def _set_up(
@@ -485,7 +518,7 @@ def _set_up(
             own_fd = os.open(image.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     cwd_fd = plan_.pin(spec.cwd, "cwd") if os.path.isdir(spec.cwd) else -1
     plan = plan_.plan(spec, ident)
-    if opts.inject is not None and opts.inject.hooks:
+    if opts.hooks or (opts.inject is not None and opts.inject.hooks):
         # Imported now: the session tmpfs may cover the package's directory (under /tmp).
         from sifpy.runtime import hooks  # noqa: F401
     overlay_fd = plan_.pin(opts.overlay, "--overlay") if opts.overlay else -1
@@ -701,12 +734,13 @@ def _container(
         if os.getppid() not in (parent, 0):
             os._exit(ExitStatus.LAUNCH_FAILED)
         root = _assemble(spec, ident, plan, cwd_fd)
-        hooks = spec.options.inject.hooks if spec.options.inject is not None else []
-        if hooks:  # CDI's OCI hooks (runtime.hooks): the root is complete, not yet entered
+        hooks = _all_hooks(spec)
+        annotations = dict(spec.options.annotations)
+        if hooks:  # OCI hooks (runtime.hooks): the root is complete, not yet entered
             from sifpy.runtime import hooks as hooks_
 
-            hooks_.write_bundle(_BUNDLE, root, spec.argv, spec.env)
-            hooks_.run(hooks, hooks_.BEFORE_PIVOT, _BUNDLE, "creating")
+            hooks_.write_bundle(_BUNDLE, root, spec.argv, spec.env, annotations)
+            hooks_.run(hooks, hooks_.BEFORE_PIVOT, _BUNDLE, "creating", annotations)
         # A mount namespace of our own (a copy, binds included) before pivot_root, which
         # re-roots *every* process of the namespace that shares the old root: the monitor
         # and its FUSE servers must keep the host's root (fuse-overlayfs reaches its layers
@@ -721,7 +755,7 @@ def _container(
         os.chdir("/")
         cwd = _enter_cwd(spec, ident)
         if hooks:
-            hooks_.run(hooks, ("startContainer",), "/", "created")
+            hooks_.run(hooks, ("startContainer",), "/", "created", annotations)
         if keeper >= 0:
             os.write(keeper, b"k")
             os.close(keeper)
@@ -735,9 +769,11 @@ def _container(
         # rule, see seccomp), so nothing in the image can type into the caller's terminal.
         seccomp.install_payload_filter(spec.options.confine)
     except SifpyError as exc:
+        _not_started(started)
         _report(report, ExitStatus.LAUNCH_FAILED, exc.message, exc.hint)
         os._exit(ExitStatus.LAUNCH_FAILED)
     except BaseException as exc:
+        _not_started(started)
         _report(report, ExitStatus.LAUNCH_FAILED, f"can't set up container: {exc!r}")
         os._exit(ExitStatus.LAUNCH_FAILED)
     del cwd
@@ -1076,9 +1112,11 @@ def _exec(
             _init(child)
         _default_signals()
     except BaseException as exc:
+        _not_started(started)
         _report(report, ExitStatus.LAUNCH_FAILED, f"can't prepare exec: {exc!r}")
         os._exit(ExitStatus.LAUNCH_FAILED)
     code, message = _execvpe(argv, env)
+    _not_started(started)
     _report(report, code, message)
     os._exit(code)
 

@@ -15,6 +15,12 @@ nothing a bind could not)::
     rocmliblist = /etc/sifpy/rocmliblist.conf
     cdi spec dirs = /etc/cdi:/var/run/cdi    # where --device looks for CDI specs
 
+and where OCI hooks are defined, besides ``/etc/sifpy/hooks.d`` (repeatable; the system
+file's directories come first, a user's after them, and a later directory's file masks a
+same-named one of an earlier directory: see :mod:`sifpy.runtime.hooksd`)::
+
+    hooks dir = /opt/site/hooks.d
+
 The system file is the floor. A user's file (``$SIFPY_CONFIG``, same syntax) and
 ``--verify`` may only add requirements: ``verify = required`` in either side requires
 verification; a user's ``verify = optional`` lowers nothing; while the system file requires
@@ -38,7 +44,7 @@ from sifpy.errors import SifpyError, SignatureError
 SYSTEM_CONFIG = "/etc/sifpy/sifpy.conf"
 _HINT = (
     "settings: verify, trusted key, trusted keyring, trusted fingerprint, bind path, "
-    "nvliblist, rocmliblist, cdi spec dirs (see the README)"
+    "nvliblist, rocmliblist, cdi spec dirs, hooks dir (see the README)"
 )
 DEVICE_SETTINGS = ("nvliblist", "rocmliblist", "cdi spec dirs")
 
@@ -58,6 +64,8 @@ class Rules:
         # `bind path = SRC[:DEST]`, as in apptainer.conf: binds into every container (not a
         # rule: a user's file may add some too, as -B could).
         self.binds: list[str] = []
+        # `hooks dir = DIR`: more directories of OCI hook definitions (runtime.hooksd).
+        self.hooks_dirs: list[str] = []
 
 
 class Policy:
@@ -126,6 +134,13 @@ def _read(path: str, rules: Rules, missing_ok: bool) -> None:
             rules.fingerprints.add(value.replace(" ", "").upper())
         elif key == "bind path":
             rules.binds.append(value)
+        elif key == "hooks dir":
+            if not value.startswith("/"):
+                raise SifpyError(
+                    f"can't read config: {path}:{n}: hooks dir must be an absolute path",
+                    hint=_HINT,
+                )
+            rules.hooks_dirs.append(value)
         else:
             raise SifpyError(f"can't read config: {path}:{n}: unknown setting {key!r}", hint=_HINT)
 

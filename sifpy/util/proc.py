@@ -164,11 +164,14 @@ def popen(
     stdout: int | IO[Any] | None = None,
     stderr: int | IO[Any] | None = None,
     env: Mapping[str, str] | None = None,
+    executable: str | None = None,
     pass_fds: Sequence[int] = (),
     preexec_fn: Callable[[], object] | None = None,
+    start_new_session: bool = False,
     bufsize: int = -1,
+    text: bool = False,
     redact: Sequence[str] = (),
-) -> subprocess.Popen[bytes]:
+) -> subprocess.Popen[Any]:
     """Start ``argv`` and return it running (a pipeline stage); a missing program raises
     ToolError. The caller waits for it and reports its status with :func:`failure`."""
     argv = [os.fspath(a) for a in argv]
@@ -180,9 +183,12 @@ def popen(
             stdout=stdout,
             stderr=stderr,
             env=env,
+            executable=executable,
             pass_fds=tuple(pass_fds),
             preexec_fn=preexec_fn,
+            start_new_session=start_new_session,
             bufsize=bufsize,
+            text=text,
         )
     except OSError as exc:
         raise _not_found(what, argv, exc) from exc
