@@ -28,7 +28,9 @@ import signal
 from sifpy.errors import RuntimeSetupError, ToolError
 from sifpy.util.proc import PIPE, Popen, TimeoutExpired, popen
 
-BEFORE_PIVOT = ("createRuntime", "createContainer", "prestart")
+# In the runtime spec's order (runtime.md, "Lifecycle"): prestart, createRuntime, then
+# createContainer; within a stage, in the order the hooks were given.
+BEFORE_PIVOT = ("prestart", "createRuntime", "createContainer")
 AFTER_START = ("poststart",)
 AFTER_STOP = ("poststop",)
 OCI_VERSION = "1.0.2"
@@ -101,9 +103,10 @@ def run(
     """Run the hooks of ``stages``, in order, each with the state on stdin; the first that
     fails raises :class:`RuntimeSetupError` with its status and stderr."""
     text = state(bundle, status, annotations, pid)
-    for hook in hooks:
-        if hook["stage"] in stages:
-            _run_one(hook, text)
+    for stage in stages:
+        for hook in hooks:
+            if hook["stage"] == stage:
+                _run_one(hook, text)
 
 
 def _run_one(hook: dict[str, object], text: str) -> None:
@@ -155,11 +158,20 @@ _TAIL = 1500  # characters of a hook's stderr an error keeps
 
 def _kill(proc: Popen[str]) -> None:
     """Kill the hook's session (its process group: start_new_session made it the leader)
-    and reap the hook."""
+    and reap all of it: this process adopts the hook's children as they are orphaned
+    (subreaper), so none is left running, nor as a zombie of the host's init."""
+    from sifpy.runtime import ns
+    from sifpy.util import lean
+
+    ns.set_child_subreaper(True)
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    except PermissionError:  # a setuid hook's group: only the hook itself can be waited for
-        pass
-    proc.wait()
+        with lean.suppress(ProcessLookupError, PermissionError):  # gone, or setuid
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        while True:  # the group's other members, now ours
+            try:
+                os.waitpid(-proc.pid, 0)
+            except ChildProcessError:
+                break
+    finally:
+        ns.set_child_subreaper(False)

@@ -44,6 +44,7 @@ MNT_DETACH = 0x2
 
 # prctl(2) options (include/uapi/linux/prctl.h).
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
 
@@ -294,6 +295,14 @@ def set_parent_death_signal(sig: int) -> None:
     """
     if _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         raise _fail("set", "parent death signal", get_errno())
+
+
+def set_child_subreaper(on: bool) -> None:
+    """Make the caller adopt its descendants orphaned from now on (prctl(2),
+    PR_SET_CHILD_SUBREAPER), so that it can reap them; ``on=False`` undoes it (the setting
+    survives execve: the payload must not inherit it)."""
+    if _libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        raise _fail("set", "child subreaper", get_errno())
 
 
 def _b(s: str | None) -> bytes | None:
