@@ -131,7 +131,8 @@ def _run_one(hook: dict[str, object], text: str) -> None:
             text=True,
         )
     except ToolError as exc:
-        raise RuntimeSetupError(f"can't run {stage} hook: {path}: not found", hint) from exc
+        why = exc.message.rsplit(": ", 1)[-1]  # not found, permission denied, ...
+        raise RuntimeSetupError(f"can't run {stage} hook: {path}: {why}", hint) from exc
     try:
         _, err = proc.communicate(text, timeout=None if timeout is None else float(str(timeout)))
     except TimeoutExpired as exc:
