@@ -36,12 +36,13 @@ LAYERS: dict[str, int] = {
     "build": 5,
     "pull": 5,
     "push": 5,
+    "export": 5,
     "cli": 6,
     "__main__": 7,
 }
 
 # The parts that are modules, not packages.
-MODULES = {"__init__", "__main__", "errors", "config", "build", "pull", "push"}
+MODULES = {"__init__", "__main__", "errors", "config", "build", "pull", "push", "export"}
 
 # Kernel calls that set up containers: runtime/ owns them.
 KERNEL_CALLS = {

@@ -93,7 +93,7 @@ def test_chunked_upload_protocol(registry: Registry, tmp_path: Path) -> None:
 
         client.call = spy  # type: ignore[method-assign]
         pusher = oras.Pusher(client, "test/oras-proto", 65_537)
-        blob = oras._bytes_blob(data)
+        blob = oras.bytes_blob(data)
         pusher.upload(blob, oras.NoProgress(), "blob")
     assert calls == ["HEAD", "POST"] + ["PATCH"] * 4 + ["PUT"]
     got = requests.get(f"http://{registry.host}/v2/test/oras-proto/blobs/{blob.digest}", timeout=10)

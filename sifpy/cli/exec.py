@@ -472,12 +472,17 @@ def open_image(
     try:
         policy.enforce(fd, path, rules, verify, verify_keys or [])
         img = SifImage.from_fd(fd, path)
-        part = img.primary_partition()
-        if part.partition().fstype != F.FSType.SQUASH:
-            raise ImageError(
-                f"can't run {path}: the primary partition is not squashfs",
-                hint="sifpy runs squashfs images; rebuild the image",
-            )
+        if img.find(F.DataType.OCI_ROOT_INDEX):  # an OCI-SIF, maybe: JSON only then
+            from sifpy.sif import ocisif
+
+            part = ocisif.rootfs(img)
+        else:
+            part = img.primary_partition()
+            if part.partition().fstype != F.FSType.SQUASH:
+                raise ImageError(
+                    f"can't run {path}: the primary partition is not squashfs",
+                    hint="sifpy runs squashfs images; rebuild the image",
+                )
     except BaseException:
         os.close(fd)
         raise

@@ -11,7 +11,7 @@ from argparse import Namespace
 from sifpy.cli._args import ArgumentParser, add_registry_options
 from sifpy.errors import UsageError
 from sifpy.oci.progress import layer_progress, transfer_progress
-from sifpy.oci.reference import parse_platform, parse_reference
+from sifpy.oci.reference import Platform, Reference, parse_platform, parse_reference
 from sifpy.oci.registry import ClientOptions
 from sifpy.util import log
 
@@ -23,6 +23,12 @@ def build_parser(prog: str) -> ArgumentParser:
     p.add_argument("--platform", help="platform to pull: os/arch[/variant]")
     add_registry_options(p)
     p.add_argument("--no-cache", action="store_true", help="don't reuse a cached SIF")
+    p.add_argument(
+        "--oci",
+        action="store_true",
+        help="write an OCI-SIF (the image as OCI blobs, its layer a squashfs), as Apptainer's "
+        "--oci mode",
+    )
     p.add_argument(
         "output",
         nargs="?",
@@ -45,6 +51,26 @@ def _pull_oras(a: Namespace) -> int:
     return 0
 
 
+def _pull_oci(a: Namespace, ref: Reference, platform: Platform, options: ClientOptions) -> int:
+    """``--oci``: the native SIF (pulled, or from the SIF cache) becomes an OCI-SIF whose one
+    layer is its squashfs."""
+    import tempfile
+    from pathlib import Path
+
+    from sifpy.export import write_ocisif
+    from sifpy.oci.cache import output_path
+    from sifpy.pull import pull
+
+    out = output_path(a.output, a.force)  # refuses an existing file before the download
+    with tempfile.TemporaryDirectory(prefix="sifpy-pull-oci-") as tmp:
+        with layer_progress() as bar:
+            result = pull(ref, Path(tmp) / "native.sif", platform=platform, options=options,
+                          progress=bar, use_sif_cache=not a.no_cache)  # fmt: skip
+        digest = write_ocisif(result.path, out)
+    log.info(f"wrote {out} (OCI-SIF, manifest {digest}, from {result.digest})")
+    return 0
+
+
 def main(argv: list[str], prog: str = "sifpy pull") -> int:
     """Run ``sifpy pull``."""
     a = build_parser(prog).parse_args(argv)
@@ -62,6 +88,8 @@ def main(argv: list[str], prog: str = "sifpy pull") -> int:
     from sifpy.pull import pull
 
     log.info(f"pulling {ref} ({platform})")
+    if a.oci:
+        return _pull_oci(a, ref, platform, options)
     # Plain lines go through log.info, so -q silences them; a bar only on a terminal.
     with layer_progress() as bar:
         result = pull(

@@ -1,6 +1,9 @@
-"""``sifpy push [--insecure] [--ca-cert FILE] [--chunk-size N] app.sif oras://host/repo:tag``.
+"""``sifpy push [--insecure] [--ca-cert FILE] [--chunk-size N] app.sif oras://host/repo:tag``
+or ``docker://host/repo:tag``.
 
-The SIF becomes an OCI artifact with Apptainer's media types (:mod:`sifpy.oci.oras`).
+With ``oras://`` the SIF file becomes an OCI artifact with Apptainer's media types
+(:mod:`sifpy.oci.oras`); with ``docker://`` the image is exported as an OCI image of one
+layer (:mod:`sifpy.export`) that any OCI tool can pull and run.
 Progress is a rich bar when stderr is a terminal, plain lines otherwise, nothing with
 ``-q``.
 """
@@ -14,7 +17,9 @@ from sifpy.util import log
 
 
 def build_parser(prog: str) -> ArgumentParser:
-    p = ArgumentParser(prog=prog, description="Push a SIF file to an OCI registry (oras://).")
+    p = ArgumentParser(
+        prog=prog, description="Push a SIF file to an OCI registry (oras:// or docker://)."
+    )
     add_registry_options(p)
     p.add_argument(
         "--chunk-size",
@@ -25,7 +30,7 @@ def build_parser(prog: str) -> ArgumentParser:
         "request",
     )
     p.add_argument("image", help="the SIF file to push")
-    p.add_argument("target", help="oras://host[:port]/name:tag")
+    p.add_argument("target", help="oras://host[:port]/name:tag or docker://host[:port]/name:tag")
     return p
 
 
@@ -42,9 +47,12 @@ def _size_arg(text: str) -> int:
 def main(argv: list[str], prog: str = "sifpy push") -> int:
     """Run ``sifpy push``."""
     a = build_parser(prog).parse_args(argv)
+    if a.target.startswith("docker://"):
+        return _push_docker(a.image, a.target, a.insecure, a.ca_cert)
     if not a.target.startswith("oras://"):
         raise UsageError(
-            f"can't push to {a.target}: only oras:// is supported", "oras://host/name:tag"
+            f"can't push to {a.target}: only oras:// and docker:// are supported",
+            "oras://host/name:tag (the SIF file) or docker://host/name:tag (an OCI image)",
         )
     from sifpy.oci import oras
     from sifpy.oci.registry import ClientOptions
@@ -56,4 +64,18 @@ def main(argv: list[str], prog: str = "sifpy push") -> int:
     with transfer_progress("uploaded") as bar:
         digest = oras.push(a.image, ref, options=options, chunk_size=chunk, progress=bar)
     log.info(f"pushed oras://{ref} ({digest})")
+    return 0
+
+
+def _push_docker(image: str, target: str, insecure: bool, ca_cert: str | None) -> int:
+    """The SIF exported as an OCI image and pushed as ``docker://`` names it."""
+    from sifpy.export import push
+    from sifpy.oci.reference import parse_reference
+    from sifpy.oci.registry import ClientOptions
+
+    ref = parse_reference(target)
+    log.info(f"pushing {image} to docker://{ref}")
+    with transfer_progress("uploaded") as bar:
+        digest = push(image, ref, ClientOptions(insecure=insecure, ca_cert=ca_cert), bar)
+    log.info(f"pushed docker://{ref} ({digest})")
     return 0

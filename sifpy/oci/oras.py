@@ -109,11 +109,11 @@ class _Blob:
     data: bytes = b""  # the bytes themselves (a small blob)
 
 
-def _file_blob(path: Path, digest: str, size: int) -> _Blob:
+def file_blob(path: Path, digest: str, size: int) -> _Blob:
     return _Blob(digest, size, path)
 
 
-def _bytes_blob(data: bytes) -> _Blob:
+def bytes_blob(data: bytes) -> _Blob:
     return _Blob(sha256_hex(data), len(data), None, data)
 
 
@@ -303,8 +303,8 @@ def push(
     with RegistryClient(ref.registry, options, creds) as client:
         client.action = "push"
         pusher = Pusher(client, ref.repository, chunk_size, ref.tag)
-        pusher.upload(_bytes_blob(EMPTY_CONFIG), NoProgress(), "config")
-        pusher.upload(_file_blob(path, digest, size), progress, path.name)
+        pusher.upload(bytes_blob(EMPTY_CONFIG), NoProgress(), "config")
+        pusher.upload(file_blob(path, digest, size), progress, path.name)
         raw = pusher.put_manifest(sif_manifest(EMPTY_CONFIG, digest, size, path.name))
     return sha256_hex(raw)
 

@@ -131,10 +131,10 @@ def open_image_files(path: str) -> tuple[ImageFiles, bytes | None]:
     from sifpy.sif import SifImage
     from sifpy.sif import format as F
 
+    from sifpy.sif.ocisif import rootfs
+
     with SifImage.open(path) as img:
-        part = img.primary_partition()
-        if part.partition().fstype != F.FSType.SQUASH:
-            raise ImageError(f"can't inspect {path}: the primary partition is not squashfs")
+        part = rootfs(img)  # the primary partition, or an OCI-SIF's squashfs layer
         defs = img.find(F.DataType.DEFFILE)
         deffile = img.read(defs[0]) if defs else None
         offset = part.offset
