@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sifpy.squashfs.read import ImageFiles
@@ -163,7 +163,7 @@ def labels(files: ImageFiles) -> dict[str, str]:
 
 
 def rfc3339(seconds: int) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def image_config(files: ImageFiles, arch: str, created: int, diff_id: str) -> dict[str, Any]:

@@ -108,7 +108,7 @@ def write_layer(entries: Iterable[Entry], read: ReadFn, out: IO[bytes]) -> Layer
     blob = _Hashing(out)
     tar = _Hashing(None)
     # mtime=0 and no file name: the gzip header carries nothing of this run.
-    with gzip.GzipFile(filename="", mode="wb", fileobj=blob, mtime=0, compresslevel=6) as gz:  # type: ignore[arg-type]
+    with gzip.GzipFile(filename="", mode="wb", fileobj=blob, mtime=0, compresslevel=6) as gz:
         for piece in tar_stream(entries, read):
             tar.write(piece)
             gz.write(piece)

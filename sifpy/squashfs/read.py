@@ -130,7 +130,6 @@ def open_image_files(path: str) -> tuple[ImageFiles, bytes | None]:
         return DirectoryFiles(path), None
     from sifpy.sif import SifImage
     from sifpy.sif import format as F
-
     from sifpy.sif.ocisif import rootfs
 
     with SifImage.open(path) as img:
