@@ -111,6 +111,9 @@ def image_from_sif(sif: str | os.PathLike[str], work: Path, squashfs: bool = Fal
     path = os.fspath(sif)
     with SifImage.open(path) as img:
         part = ocisif.rootfs(img)
+        # An OCI-SIF carries its config: the original, not one guessed from metadata
+        # (which an Apptainer-made OCI-SIF does not have).
+        own = ocisif.read_image(img).config if ocisif.is_ocisif(img) else None
         arch, created = _arch(img, part), img.header.created_at
         layer = work / "layer"
         if squashfs:
@@ -126,11 +129,14 @@ def image_from_sif(sif: str | os.PathLike[str], work: Path, squashfs: bool = Fal
             with SquashfsTree(path, part.offset) as tree, open(layer, "wb") as out:
                 d = write_layer(tree.walk(), tree.chunks, out)
             digest, diff_id, size, media = d.digest, d.diff_id, d.size, TAR_GZIP_LAYER
-    files = SquashfsFiles(path, part.offset)
-    try:
-        config = _json(ociconfig.image_config(files, arch, created, diff_id))
-    finally:
-        files.close()
+    if own is not None:
+        config = _json(ociconfig.relayered(own, diff_id))
+    else:
+        files = SquashfsFiles(path, part.offset)
+        try:
+            config = _json(ociconfig.image_config(files, arch, created, diff_id))
+        finally:
+            files.close()
     return OciImage(layer, digest, size, config, _manifest(config, media, digest, size))
 
 

@@ -22,6 +22,8 @@ from tests.probe import need_tool
 from tests.rootfs.tars import describe_tree
 
 SIFPY = ["/usr/bin/python3", "-m", "sifpy"]
+META = (".singularity.d", ".exec", ".run", ".shell", ".test", "singularity", "environment",
+        "dev", "proc", "sys", "tmp", "var", "home", "root", "etc/hosts", "etc/resolv.conf")  # fmt: skip
 # The image's config, as an image pulled with these would carry it; export must give it
 # back from the SIF's metadata.
 CONFIG: dict[str, Any] = {
@@ -201,6 +203,17 @@ def test_pull_oci_writes_ocisif_that_runs(
     assert (res.returncode, res.stdout) == (0, "hi\n"), res.stderr
     res = runtime_ready([*SIFPY, "inspect", "--labels", str(out)], env=env)
     assert res.returncode == 0 and "org.example.test" in res.stdout, res.stderr
+    # Exported again, the OCI-SIF gives the pulled image's own config and tree.
+    layout = user_dir / "layout"
+    res = runtime_ready([*SIFPY, "export", str(out), f"oci:{layout}:t"], env=env)
+    assert res.returncode == 0, res.stderr
+    src_layout, src_tag = registry.layouts["test/plain:1"]
+    assert _config_of(layout, "t")["config"] == _config_of(src_layout, src_tag)["config"]
+    exported = _unpack(f"{layout}:t", user_dir / "bundle")
+    original = _unpack(f"{src_layout}:{src_tag}", user_dir / "orig")
+    # The squashfs holds the image plus Apptainer's metadata and mount points.
+    assert {k: v for k, v in exported.items() if k in original} == original
+    assert all(k.startswith(META) for k in exported.keys() - original.keys())
     # Pulling again to the same name is refused without --force.
     res = runtime_ready([*SIFPY, "pull", "--insecure", "--oci", str(out), ref], env=env)
     assert res.returncode != 0 and "file exists" in res.stderr

@@ -15,7 +15,7 @@
   runs it with the arguments given, as ``apptainer run`` does.
 - ``Labels``: ``/.singularity.d/labels.json``.
 - ``PATH`` defaults to the runtime's default when no script sets it (an OCI runtime gives a
-  process no PATH of its own).
+  process no PATH of its own), and ``$PATH`` means that default until a script sets it.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def _value(raw: str, env: dict[str, str]) -> str | None:
         return None
 
     def ref(m: re.Match[str]) -> str:
-        return env.get(m[1] or m[2], "")
+        name = m[1] or m[2]
+        return env.get(name, DEFAULT_PATH if name == "PATH" else "")
 
     pieces = re.split(r"(\\[\\\"`$])", inner)  # escaped characters are literal
     return "".join(p[1] if p.startswith("\\") else _REF.sub(ref, p) for p in pieces)
@@ -108,7 +109,7 @@ def parse_env_script(text: str, env: dict[str, str]) -> list[str]:
 
 def environment(files: ImageFiles) -> list[str]:
     """The image's environment as OCI ``Env`` entries (``K=V``), in the scripts' order."""
-    env = {"PATH": DEFAULT_PATH}  # what $PATH means before a script sets it
+    env: dict[str, str] = {}
     skipped: list[str] = []
     for name in sorted(files.listdir(ENV_DIR)):
         if name in _RUNTIME_SCRIPTS or not name.endswith(".sh"):
@@ -121,6 +122,7 @@ def environment(files: ImageFiles) -> list[str]:
             f"{len(skipped)} statement(s) of the image's environment scripts are shell code "
             f"that a static OCI config can't hold; left out (last line: {skipped[0][:80]!r})"
         )
+    env.setdefault("PATH", DEFAULT_PATH)
     return [f"{k}={v}" for k, v in env.items()]
 
 
@@ -187,3 +189,16 @@ def image_config(files: ImageFiles, arch: str, created: int, diff_id: str) -> di
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
         "history": [{"created": when, "created_by": "sifpy export"}],
     }
+
+
+def relayered(config: dict[str, Any], diff_id: str) -> dict[str, Any]:
+    """An image's own ``config`` for the one layer ``diff_id``: its layers and their
+    history (one entry per layer, which readers match up) become that one."""
+    out = {k: v for k, v in config.items() if k not in ("rootfs", "history")}
+    out["rootfs"] = {"type": "layers", "diff_ids": [diff_id]}
+    when = config.get("created")
+    entry: dict[str, Any] = {"created_by": "sifpy export"}
+    if isinstance(when, str):
+        entry["created"] = when
+    out["history"] = [entry]
+    return out

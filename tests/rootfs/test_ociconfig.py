@@ -58,8 +58,8 @@ def test_environment_section_static_lines_only(tmp_path: Path) -> None:
     )
     got = ociconfig.environment(DirectoryFiles(str(tmp_path)))
     assert got == [
-        f"PATH=/opt/x:{ociconfig.DEFAULT_PATH}",
         "FOO=bar baz",
+        f"PATH=/opt/x:{ociconfig.DEFAULT_PATH}",
         "LIT=a $b",
         "REF=bar baz/sub",
     ]
