@@ -276,6 +276,7 @@ def push(
     ref: Reference,
     options: ClientOptions | None = None,
     progress: Any = None,
+    chunk: int | None = None,
 ) -> str:
     """``sifpy push IMG.sif docker://...``: upload the exported image; return its manifest
     digest. The uploads are the ones ``push oras://`` makes (:class:`sifpy.oci.oras.Pusher`:
@@ -291,7 +292,7 @@ def push(
         creds = lookup_credentials(ref.registry)
         with RegistryClient(ref.registry, options, creds) as client:
             client.action = "push"
-            pusher = oras.Pusher(client, ref.repository, oras.DEFAULT_CHUNK, ref.tag)
+            pusher = oras.Pusher(client, ref.repository, chunk or oras.DEFAULT_CHUNK, ref.tag)
             bar = progress or oras.NoProgress()
             pusher.upload(oras.file_blob(image.layer, image.layer_digest, image.layer_size),
                           bar, "layer")  # fmt: skip

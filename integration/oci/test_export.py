@@ -138,7 +138,8 @@ def test_push_docker_read_by_skopeo(
 ) -> None:
     sif, root = image
     target = f"{registry.host}/test/exported:v1"
-    pushed = sifpy.run("push", "--insecure", sif, f"docker://{target}")
+    # Small chunks: the layer goes up in PATCH requests, the config in one PUT.
+    pushed = sifpy.run("push", "--insecure", "--chunk-size", "256K", sif, f"docker://{target}")
     assert "pushed docker://" in pushed.stderr
     skopeo = need_tool("skopeo")
     info = json.loads(run(skopeo, "inspect", "--tls-verify=false", f"docker://{target}"))

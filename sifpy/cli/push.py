@@ -15,6 +15,10 @@ from sifpy.errors import UsageError
 from sifpy.oci.progress import transfer_progress
 from sifpy.util import log
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from sifpy.oci.registry import ClientOptions
+
 
 def build_parser(prog: str) -> ArgumentParser:
     p = ArgumentParser(
@@ -47,15 +51,18 @@ def _size_arg(text: str) -> int:
 def main(argv: list[str], prog: str = "sifpy push") -> int:
     """Run ``sifpy push``."""
     a = build_parser(prog).parse_args(argv)
+    from sifpy.oci.registry import ClientOptions
+
     if a.target.startswith("docker://"):
-        return _push_docker(a.image, a.target, a.insecure, a.ca_cert)
+        return _push_docker(
+            a.image, a.target, ClientOptions(insecure=a.insecure, ca_cert=a.ca_cert), a.chunk_size
+        )
     if not a.target.startswith("oras://"):
         raise UsageError(
             f"can't push to {a.target}: only oras:// and docker:// are supported",
             "oras://host/name:tag (the SIF file) or docker://host/name:tag (an OCI image)",
         )
     from sifpy.oci import oras
-    from sifpy.oci.registry import ClientOptions
 
     ref = oras.parse_oras(a.target)
     options = ClientOptions(insecure=a.insecure, ca_cert=a.ca_cert)
@@ -67,15 +74,14 @@ def main(argv: list[str], prog: str = "sifpy push") -> int:
     return 0
 
 
-def _push_docker(image: str, target: str, insecure: bool, ca_cert: str | None) -> int:
+def _push_docker(image: str, target: str, options: ClientOptions, chunk: int | None) -> int:
     """The SIF exported as an OCI image and pushed as ``docker://`` names it."""
     from sifpy.export import push
     from sifpy.oci.reference import parse_reference
-    from sifpy.oci.registry import ClientOptions
 
     ref = parse_reference(target)
     log.info(f"pushing {image} to docker://{ref}")
     with transfer_progress("uploaded") as bar:
-        digest = push(image, ref, ClientOptions(insecure=insecure, ca_cert=ca_cert), bar)
+        digest = push(image, ref, options, bar, chunk)
     log.info(f"pushed docker://{ref} ({digest})")
     return 0
