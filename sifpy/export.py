@@ -11,8 +11,10 @@ blobs, so the same digests: exporting twice, or pushing again, changes nothing.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -206,8 +208,6 @@ def write_layout(image: OciImage, directory: Path, tag: str) -> None:
             continue  # content-addressed: the same name is the same bytes
         tmp = dest.with_name(dest.name + ".tmp")
         if isinstance(data, Path):
-            import shutil
-
             shutil.copyfile(data, tmp)
         else:
             tmp.write_bytes(data)
@@ -247,17 +247,11 @@ def write_archive(image: OciImage, out: Path, tag: str) -> None:
                     with open(data, "rb") as src:
                         tar.addfile(member(name, _size(data)), src)
                 else:
-                    tar.addfile(member(name, len(data)), _bytes_io(data))
+                    tar.addfile(member(name, len(data)), io.BytesIO(data))
             index = _index(None, image, tag)
-            tar.addfile(member("index.json", len(index)), _bytes_io(index))
-            tar.addfile(member("oci-layout", len(LAYOUT_FILE)), _bytes_io(LAYOUT_FILE))
+            tar.addfile(member("index.json", len(index)), io.BytesIO(index))
+            tar.addfile(member("oci-layout", len(LAYOUT_FILE)), io.BytesIO(LAYOUT_FILE))
         af.commit()
-
-
-def _bytes_io(data: bytes) -> Any:
-    import io
-
-    return io.BytesIO(data)
 
 
 def export(sif: str | os.PathLike[str], destination: str) -> tuple[str, str]:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
+from sifpy.errors import ImageError
 from sifpy.squashfs.tree import Entry
 from sifpy.util import log
 
@@ -97,7 +98,7 @@ def tar_stream(entries: Iterable[Entry], read: ReadFn) -> Iterator[bytes]:
                 done += len(chunk)
                 yield chunk
             if done != e.size:
-                raise ValueError(f"/{e.path}: read {done} bytes of {e.size}")
+                raise ImageError(f"can't read /{e.path} from the image: {done} of {e.size} bytes")
             if e.size % _BLOCK:
                 yield b"\0" * (_BLOCK - e.size % _BLOCK)
     yield b"\0" * (2 * _BLOCK)

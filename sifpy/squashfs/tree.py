@@ -83,9 +83,10 @@ class SquashfsTree:
             raise ImageError(f"can't read the squashfs in {self.path}: {exc}") from exc
 
     def _children(self, directory: Any, prefix: str) -> Iterator[Entry]:
-        for child in sorted(directory.iterdir(), key=lambda c: c._name):
-            raw = child._name
-            name = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+        # Byte order of the names (the library's files compare by their raw names). A name
+        # that is not UTF-8 already fails when the library opens the image: an ImageError.
+        for child in sorted(directory.iterdir()):
+            name = child.name
             if name in ("", ".", "..") or "/" in name:
                 raise ImageError(f"can't read the squashfs in {self.path}: bad name {name!r}")
             path = prefix + name
