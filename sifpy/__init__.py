@@ -7,6 +7,8 @@ The data flow, and the module for each stage::
     layers --rootfs.unpack--> rootfs dir --%post (runtime)--> finished rootfs
     rootfs --squashfs.pack--> .sqfs --sif.create--> app.sif (sifpy.squashfs, sifpy.sif)
     app.sif --runtime.launch--> the command's exit status   (sifpy.runtime)
+    app.sif --squashfs.tree, rootfs.treetar--> OCI image     (sifpy.export: oci:, docker://,
+                                                             and OCI-SIF, sifpy.sif.ocisif)
 
 Errors come from one tree (:mod:`sifpy.errors`); only :mod:`sifpy.cli` prints and exits.
 The SIF format itself is declared in :mod:`sifpy.sif.format` and used through
