@@ -79,6 +79,11 @@ def main(argv: list[str], prog: str = "sifpy pull") -> int:
 
         a.output = default_sif_name(a.image)
     if a.image.startswith("oras://"):
+        if a.oci:
+            raise UsageError(
+                f"can't pull {a.image} with --oci: an oras:// artifact is a SIF file already",
+                "pull it without --oci, or pull a docker:// image with --oci",
+            )
         return _pull_oras(a)
     if a.image.startswith("library://"):
         raise UsageError(f"can't pull {a.image}: only docker:// and oras:// are supported")
