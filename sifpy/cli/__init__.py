@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("sifpy.cli.cache", "list, verify and clean the image cache"),
     "registry": ("sifpy.cli.registry", "log in to and out of OCI registries"),
     "cdi": ("sifpy.cli.cdi", "list the CDI devices that --device can use"),
+    "oci": ("sifpy.cli.oci", "run OCI bundles as an OCI runtime (runc's command line)"),
     "overlay": ("sifpy.cli.overlay", "create an ext3 overlay image for --overlay"),
     "version": ("sifpy.cli.misc", "print the version"),
     "help": ("sifpy.cli.misc", "show a command's help: sifpy help COMMAND"),

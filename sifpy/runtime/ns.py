@@ -25,6 +25,8 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWNET = 0x40000000
 
 # mount(2) flags (include/uapi/linux/mount.h).
 MS_RDONLY = 0x1
@@ -303,6 +305,33 @@ def set_child_subreaper(on: bool) -> None:
     survives execve: the payload must not inherit it)."""
     if _libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
         raise _fail("set", "child subreaper", get_errno())
+
+
+def set_hostname(name: str) -> None:
+    """sethostname(2), in the container's own UTS namespace (an OCI bundle's ``hostname``)."""
+    import socket
+
+    try:
+        socket.sethostname(name)
+    except OSError as exc:
+        raise _fail("set", f"hostname {name}", exc.errno or 0) from exc
+
+
+def set_rlimit(resource: int, soft: int, hard: int) -> None:
+    """setrlimit(2) for the command (an OCI bundle's ``process.rlimits``); raising a hard
+    limit above the caller's is refused by the kernel (EPERM), and said so."""
+    import resource as resource_
+
+    try:
+        resource_.setrlimit(resource, (soft, hard))
+    except (OSError, ValueError) as exc:
+        err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EPERM
+        raise _fail(
+            "set",
+            f"resource limit {resource} to {soft}/{hard}",
+            err,
+            "a hard limit can only be lowered without privilege",
+        ) from exc
 
 
 def _b(s: str | None) -> bytes | None:

@@ -157,6 +157,18 @@ class LaunchOptions(NamedTuple):
     # --pwd/--cwd: the working directory inside the container; it must exist there (an
     # error, as Apptainer's "failed to set working directory", not a fallback to home).
     pwd: str | None = None
+    # What an OCI bundle's config.json may ask for (runtime.bundle): new UTS and network
+    # namespaces, a hostname (needs the UTS one), resource limits as (RLIMIT_*, soft, hard).
+    uts_ns: bool = False
+    net_ns: bool = False
+    hostname: str | None = None
+    rlimits: tuple[tuple[int, int, int], ...] = ()
+    caps: int | None = None  # a capability bounding set for the command (a mask)
+    # An OCI runtime's create/start split (runtime.oci): (ready, gate) fds. The monitor
+    # writes ``p<pid>\n`` (the container's pid) to ``ready``; the container, once its root
+    # is entered and nothing but the exec is left, writes ``r`` and blocks reading ``gate``
+    # until ``start`` writes to it (end of file instead: it was deleted, it exits).
+    gate: tuple[int, int] = (-1, -1)
 
 
 class LaunchSpec(NamedTuple):
@@ -495,6 +507,7 @@ def _set_up(
     opts = spec.options
     image = spec.image
     ipc = ns.CLONE_NEWIPC if opts.ipc_ns else 0
+    ipc |= (ns.CLONE_NEWUTS if opts.uts_ns else 0) | (ns.CLONE_NEWNET if opts.net_ns else 0)
     image_fd = kernel_fd = -1
     if served is not None:
         if ipc:
@@ -571,6 +584,8 @@ def _set_up(
         if start_r >= 0:
             os.close(start_r)
         _container(spec, ident, plan, cwd_fd, report, me, keeper, start_w)
+    if opts.gate[0] >= 0:
+        os.write(opts.gate[0], f"p{pid}\n".encode())
     if start_w >= 0:
         os.close(start_w)
         assert started is not None
@@ -765,9 +780,17 @@ def _container(
         ns.set_no_new_privs()
         if spec.options.confine:
             ns.limit_caps(DOCKER_CAPS)
+        elif spec.options.caps is not None:
+            ns.limit_caps(spec.options.caps)
+        if spec.options.hostname is not None:
+            ns.set_hostname(spec.options.hostname)
+        for res, soft, hard in spec.options.rlimits:
+            ns.set_rlimit(res, soft, hard)
         # Last, once the runtime's own mounts are made: TIOCSTI/TIOCLINUX refused (flatpak's
         # rule, see seccomp), so nothing in the image can type into the caller's terminal.
         seccomp.install_payload_filter(spec.options.confine)
+        if spec.options.gate[0] >= 0:
+            _await_start(spec.options.gate)
     except SifpyError as exc:
         _not_started(started)
         _report(report, ExitStatus.LAUNCH_FAILED, exc.message, exc.hint)
@@ -779,6 +802,15 @@ def _container(
     del cwd
     opts = spec.options
     _exec(spec.argv, spec.env, report, opts.pid_ns and not opts.no_init, opts.pass_fds, started)
+
+
+def _await_start(gate: tuple[int, int]) -> None:
+    """The OCI ``created`` state: say so, then wait for ``start`` (see LaunchOptions.gate).
+    The fds are closed by the exec (_keep_only)."""
+    ready, wait = gate
+    os.write(ready, b"r\n")
+    if os.read(wait, 1) != b"s":  # the runtime went away without a start: never run
+        os._exit(ExitStatus.LAUNCH_FAILED)
 
 
 def _enter_cwd(spec: LaunchSpec, ident: Identity) -> str:
