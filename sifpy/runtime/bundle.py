@@ -152,6 +152,7 @@ def _spec(bundle: str, config_path: str, c: dict[str, Any]) -> LaunchSpec:
     opts: dict[str, Any] = {
         "fakeroot": fakeroot,
         "contain": True,  # an OCI container sees what config.json mounts, not the host's
+        "no_init": True,  # the command is PID 1 of its PID namespace, as in runc
         "no_home": True,
         "passwd": False,  # the image's own /etc/passwd, as runc leaves it
         "writable": not readonly,

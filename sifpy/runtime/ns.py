@@ -122,6 +122,7 @@ else:
         capset=((_CCharP, _CCharP), _CInt),
         capget=(None, _CInt),  # (header bytes, a _c_buffer the kernel writes)
         syscall=(None, _CLong),  # variadic: pass _CLong/_CInt/_CULong, bytes or None
+        sethostname=((_CCharP, _CULong), _CInt),
     )
 
 
@@ -309,17 +310,15 @@ def set_child_subreaper(on: bool) -> None:
 
 def set_hostname(name: str) -> None:
     """sethostname(2), in the container's own UTS namespace (an OCI bundle's ``hostname``)."""
-    import socket
-
-    try:
-        socket.sethostname(name)
-    except OSError as exc:
-        raise _fail("set", f"hostname {name}", exc.errno or 0) from exc
+    data = os.fsencode(name)
+    if _libc.sethostname(data, len(data)) != 0:
+        raise _fail("set", f"hostname {name}", get_errno())
 
 
 def set_rlimit(resource: int, soft: int, hard: int) -> None:
     """setrlimit(2) for the command (an OCI bundle's ``process.rlimits``); raising a hard
-    limit above the caller's is refused by the kernel (EPERM), and said so."""
+    limit above the caller's is refused by the kernel (EPERM), and said so. The caller
+    imports ``resource`` before pivot_root (the host's modules are gone after it)."""
     import resource as resource_
 
     try:

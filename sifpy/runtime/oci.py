@@ -192,6 +192,8 @@ def exec_in(
     b = bundle_.load(state["bundle"])
     pid = state["pid"]
     fds = {}
+    # Only the namespaces the container has of its own (setns to one's own is refused for
+    # the user namespace); compared before any join changes what /proc shows.
     for name, flag in (
         ("user", ns.CLONE_NEWUSER),
         ("mnt", ns.CLONE_NEWNS),
@@ -201,15 +203,18 @@ def exec_in(
         ("pid", ns.CLONE_NEWPID),
     ):
         try:
+            if os.readlink(f"/proc/self/ns/{name}") == os.readlink(f"/proc/{pid}/ns/{name}"):
+                continue
             fds[name] = (os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag)
         except OSError as exc:
             raise RuntimeSetupError(f"can't exec in container: {cid}: {exc.strerror}") from exc
     if not ocistate.alive(pid, state.get("pidStart")):  # the pid was not reused meanwhile
         raise RuntimeSetupError(f"can't exec in container: {cid}: it is not running")
     for name, (fd, flag) in fds.items():
-        if os.readlink(f"/proc/self/ns/{name}") != os.readlink(f"/proc/{pid}/ns/{name}"):
+        try:
             ns.setns(fd, flag, f"the container's {name} namespace")
-        os.close(fd)
+        finally:
+            os.close(fd)
     child = os.fork()  # a new PID namespace takes only children
     if child == 0:
         try:

@@ -5,7 +5,7 @@ The image's squashfs is served by ``squashfuse_ll`` on ``BUNDLE/rootfs`` in the 
 own mount namespace (an unprivileged FUSE mount goes through the setuid ``fusermount3``), so
 any OCI runtime can use the bundle, runc included; the server stays until ``umount``. A
 ``config.json`` is written unless the bundle has one: a rootless configuration that runs the
-image's runscript as the caller.
+image's runscript (as 0 in the container, the caller outside, as runc's rootless spec).
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ def mount(image: str, offset: int, bundle: str) -> str:
     """Serve ``image`` (its squashfs at ``offset``) on ``bundle/rootfs``; return the bundle."""
     bundle = os.path.abspath(bundle)
     rootfs = os.path.join(bundle, "rootfs")
-    os.makedirs(rootfs, 0o755, exist_ok=True)
-    if os.path.ismount(rootfs) or os.listdir(rootfs):
+    try:
+        os.makedirs(rootfs, 0o755, exist_ok=True)
+        busy = os.path.ismount(rootfs) or bool(os.listdir(rootfs))
+    except OSError as exc:
+        raise RuntimeSetupError(f"can't create bundle: {rootfs}: {exc.strerror}") from exc
+    if busy:
         raise RuntimeSetupError(
             f"can't mount image: {rootfs}: not an empty directory",
             f"run 'sifpy oci umount {bundle}' first, or give another bundle",
@@ -78,7 +82,8 @@ def umount(bundle: str) -> None:
 
 
 def default_config(args: list[str], image: str) -> dict[str, object]:
-    """A rootless runtime-spec 1.0 configuration: the caller's own ids, new pid, ipc and uts
+    """A rootless runtime-spec 1.0 configuration, as ``runc spec --rootless`` writes it: the
+    caller's ids mapped to 0 (runc requires a mapping of 0), new pid, ipc and uts
     namespaces, the kernel file systems a container expects, a read-only root."""
     uid, gid = os.getuid(), os.getgid()
     nosuid = ["nosuid", "noexec", "nodev"]
@@ -86,7 +91,7 @@ def default_config(args: list[str], image: str) -> dict[str, object]:
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
-            "user": {"uid": uid, "gid": gid},
+            "user": {"uid": 0, "gid": 0},
             "args": args,
             "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
             "cwd": "/",
@@ -128,8 +133,8 @@ def default_config(args: list[str], image: str) -> dict[str, object]:
             },
         ],
         "linux": {
-            "uidMappings": [{"containerID": uid, "hostID": uid, "size": 1}],
-            "gidMappings": [{"containerID": gid, "hostID": gid, "size": 1}],
+            "uidMappings": [{"containerID": 0, "hostID": uid, "size": 1}],
+            "gidMappings": [{"containerID": 0, "hostID": gid, "size": 1}],
             "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user")],
         },
         "annotations": {MARK: os.path.abspath(image)},

@@ -531,6 +531,8 @@ def _set_up(
             own_fd = os.open(image.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     cwd_fd = plan_.pin(spec.cwd, "cwd") if os.path.isdir(spec.cwd) else -1
     plan = plan_.plan(spec, ident)
+    if opts.rlimits:  # used by the container after pivot_root (ns.set_rlimit)
+        import resource  # noqa: F401
     if opts.hooks or (opts.inject is not None and opts.inject.hooks):
         # Imported now: the session tmpfs may cover the package's directory (under /tmp).
         from sifpy.runtime import hooks  # noqa: F401
@@ -778,14 +780,15 @@ def _container(
             while True:  # PDEATHSIG (SIGKILL) ends it with the holder
                 signal.sigwaitinfo({signal.SIGUSR1})
         ns.set_no_new_privs()
-        if spec.options.confine:
-            ns.limit_caps(DOCKER_CAPS)
-        elif spec.options.caps is not None:
-            ns.limit_caps(spec.options.caps)
+        # The hostname and limits first: they need capabilities the bounding set may drop.
         if spec.options.hostname is not None:
             ns.set_hostname(spec.options.hostname)
         for res, soft, hard in spec.options.rlimits:
             ns.set_rlimit(res, soft, hard)
+        if spec.options.confine:
+            ns.limit_caps(DOCKER_CAPS)
+        elif spec.options.caps is not None:
+            ns.limit_caps(spec.options.caps)
         # Last, once the runtime's own mounts are made: TIOCSTI/TIOCLINUX refused (flatpak's
         # rule, see seccomp), so nothing in the image can type into the caller's terminal.
         seccomp.install_payload_filter(spec.options.confine)

@@ -1,0 +1,269 @@
+"""``sifpy oci`` against runc, as the unprivileged test user, on one bundle: a busybox OCI
+image made by umoci (``insert``, then ``unpack --rootless``), with ``runc spec --rootless``'s
+configuration. Both runtimes must give the same output, exit status and state transitions;
+create/start/kill/delete must leave nothing behind; a config.json field sifpy can't honour
+is one error naming it. ``sifpy oci mount`` turns a SIF into a bundle both can run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from integration.conftest import UserRunner, require
+from integration.runtime.conftest import busybox_rootfs, make_sif, user_processes
+
+SIFPY = ["/usr/bin/python3", "-m", "sifpy", "oci"]
+OS_RELEASE = 'NAME="sifpy test image"\nID=sifpytest\n'
+
+
+def _os_release(root: Path) -> None:
+    (root / "etc" / "os-release").write_text(OS_RELEASE)
+
+
+@pytest.fixture(scope="module")
+def oci_bundle(runtime_ready: UserRunner, workdir: Path) -> Path:
+    """A bundle: umoci's rootless unpack of a one-layer image of busybox, and the
+    configuration of ``runc spec --rootless`` (made by the test user)."""
+    for tool in ("runc", "umoci"):
+        require(None if shutil.which(tool) else f"{tool} is not installed (Debian: {tool})")
+    base = workdir / "oci-runtime"
+    base.mkdir()
+    os.chown(base, runtime_ready.user.uid, runtime_ready.user.gid)
+    rootfs = busybox_rootfs(workdir / "oci-rootfs", _os_release)
+    script = (
+        "set -e\n"
+        f"cp -R {rootfs} src\n"  # the user's own: a rootless insert changes modes on its way
+        "umoci init --layout img\n"
+        "umoci new --image img:t\n"
+        "umoci insert --rootless --image img:t src /\n"
+        "umoci unpack --rootless --image img:t bundle\n"
+        "rm bundle/config.json\n"
+        "cd bundle && runc spec --rootless\n"
+    )
+    res = runtime_ready(["sh", "-c", script], cwd=base, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return base / "bundle"
+
+
+def _configure(bundle: Path, args: list[str], **top: Any) -> None:
+    """Set the command (no terminal: the tests have none) and top-level fields."""
+    path = bundle / "config.json"
+    config = json.loads(path.read_text())
+    config["process"]["terminal"] = False
+    config["process"]["args"] = args
+    for key, value in top.items():
+        config[key] = value
+    path.write_text(json.dumps(config))
+
+
+def _runtimes(workdir: Path, user: UserRunner, name: str) -> dict[str, list[str]]:
+    """Each runtime's command line, with a state directory of its own (made by the user)."""
+    out = {}
+    for rt, argv in (("runc", ["runc"]), ("sifpy", SIFPY)):
+        root = workdir / f"oci-state-{name}-{rt}"
+        root.mkdir(mode=0o700)
+        os.chown(root, user.user.uid, user.user.gid)
+        out[rt] = [*argv, "--root", str(root)]
+    return out
+
+
+def _quiet(user: UserRunner, argv: list[str]) -> tuple[int, str]:
+    """``create``/``start``: the container inherits stdout and stderr, so they go to a file
+    (a captured pipe would stay open as long as the container runs). Returns the status
+    and what was written to stderr by then."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as err:
+        code = subprocess.run(
+            user.argv(argv),
+            env=user.env(),
+            cwd=user.user.home,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            timeout=60,
+        ).returncode
+        err.seek(0)
+        return code, err.read()
+
+
+def _live(pid: int) -> bool:
+    """``pid`` runs (a zombie waiting for this machine's reaper does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def _status(user: UserRunner, rt: list[str], cid: str) -> tuple[str, int]:
+    res = user([*rt, "state", cid])
+    assert res.returncode == 0, res.stderr
+    state = json.loads(res.stdout)
+    assert state["id"] == cid and state["ociVersion"].startswith("1.")
+    return state["status"], state["pid"]
+
+
+def test_run_same_as_runc(
+    runtime_ready: UserRunner, oci_bundle: Path, workdir: Path, no_leftovers: None
+) -> None:
+    cmd = (
+        "cat /etc/os-release; id -u; id -g; hostname; echo pid $$; ulimit -n; echo oops >&2; exit 7"
+    )
+    _configure(oci_bundle, ["sh", "-c", cmd])
+    results = {}
+    for rt, argv in _runtimes(workdir, runtime_ready, "run").items():
+        res = runtime_ready([*argv, "run", "--bundle", str(oci_bundle), f"run-{rt}"])
+        results[rt] = (res.returncode, res.stdout, res.stderr)
+        assert runtime_ready([*argv, "list", "-q"]).stdout == ""  # deleted after the run
+    assert results["sifpy"] == results["runc"]
+    code, out, err = results["runc"]
+    assert code == 7 and err == "oops\n"
+    assert out == OS_RELEASE + "0\n0\nrunc\npid 1\n1024\n"
+
+
+def test_lifecycle_same_as_runc(
+    runtime_ready: UserRunner, oci_bundle: Path, workdir: Path, no_leftovers: None
+) -> None:
+    _configure(oci_bundle, ["sleep", "300"])
+    uid = runtime_ready.user.uid
+    seen = {}
+    for rt, argv in _runtimes(workdir, runtime_ready, "life").items():
+        cid = f"life-{rt}"
+        pid_file = oci_bundle.parent / f"{rt}.pid"  # a directory of the user's
+        code, err = _quiet(
+            runtime_ready,
+            [*argv, "create", "-b", str(oci_bundle), "--pid-file", str(pid_file), cid],
+        )
+        assert code == 0, err
+        steps = [_status(runtime_ready, argv, cid)[0]]
+        assert runtime_ready([*argv, "list", "-q"]).stdout == f"{cid}\n"
+        assert _quiet(runtime_ready, [*argv, "start", cid])[0] == 0
+        status, pid = _status(runtime_ready, argv, cid)
+        steps.append(status)
+        assert int(pid_file.read_text()) == pid
+        for _ in range(100):  # exec(sleep) follows start's return closely
+            if Path(f"/proc/{pid}/comm").read_text() == "sleep\n":
+                break
+            time.sleep(0.02)
+        assert Path(f"/proc/{pid}/comm").read_text() == "sleep\n"
+        assert runtime_ready([*argv, "kill", cid, "KILL"]).returncode == 0
+        for _ in range(250):
+            status, _pid = _status(runtime_ready, argv, cid)
+            if status == "stopped":
+                break
+            time.sleep(0.02)
+        steps.append(status)
+        res = runtime_ready([*argv, "delete", cid])
+        assert res.returncode == 0, res.stderr
+        assert runtime_ready([*argv, "state", cid]).returncode != 0
+        seen[rt] = steps
+        root = Path(argv[argv.index("--root") + 1])
+        assert list(root.iterdir()) == []  # no state left
+        assert not _live(pid)
+        assert user_processes(uid, "sleep", live=True) == []
+        assert user_processes(uid, "python3", live=True) == []  # no daemon or monitor left
+    assert seen["sifpy"] == seen["runc"] == ["created", "running", "stopped"]
+
+
+def test_exec_in_running(
+    runtime_ready: UserRunner, oci_bundle: Path, workdir: Path, no_leftovers: None
+) -> None:
+    _configure(oci_bundle, ["sleep", "300"])
+    argv = _runtimes(workdir, runtime_ready, "exec")["sifpy"]
+    assert _quiet(runtime_ready, [*argv, "run", "-d", "-b", str(oci_bundle), "ex"])[0] == 0
+    try:
+        res = runtime_ready([*argv, "exec", "ex", "sh", "-c", "cat /etc/os-release; hostname"])
+        assert (res.returncode, res.stdout) == (0, OS_RELEASE + "runc\n"), res.stderr
+    finally:
+        runtime_ready([*argv, "delete", "--force", "ex"])
+    assert user_processes(runtime_ready.user.uid, "sleep", live=True) == []
+
+
+@pytest.mark.parametrize(
+    ("field", "change"),
+    [
+        ("linux.resources.memory", {"resources": {"memory": {"limit": 100000000}}}),
+        ("linux.namespaces[5].path", {"namespaces": "+net-path"}),
+        ("linux.uidMappings[0]", {"uidMappings": [{"containerID": 0, "hostID": 0, "size": 65536}]}),
+        ("linux.seccomp", {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW"}}),
+    ],
+)
+def test_bad_config_names_the_field(
+    runtime_ready: UserRunner,
+    oci_bundle: Path,
+    workdir: Path,
+    no_leftovers: None,
+    field: str,
+    change: dict[str, Any],
+) -> None:
+    _configure(oci_bundle, ["true"])
+    path = oci_bundle / "config.json"
+    config = json.loads(path.read_text())
+    saved = path.read_text()
+    for key, value in change.items():
+        if value == "+net-path":
+            config["linux"]["namespaces"].append({"type": "network", "path": "/proc/1/ns/net"})
+        else:
+            config["linux"][key] = value
+    path.write_text(json.dumps(config))
+    try:
+        argv = _runtimes(workdir, runtime_ready, f"bad{abs(hash(field))}")["sifpy"]
+        res = runtime_ready([*argv, "run", "-b", str(oci_bundle), "bad"])
+    finally:
+        path.write_text(saved)
+    assert res.returncode == 125
+    lines = res.stderr.splitlines()
+    assert len([ln for ln in lines if ln.startswith("error:")]) == 1, res.stderr
+    assert lines[0].startswith(f"error: can't use bundle: {path}: {field}: "), res.stderr
+    assert runtime_ready([*argv, "list", "-q"]).stdout == ""
+
+
+def test_oci_mount_sif(runtime_ready: UserRunner, workdir: Path, no_leftovers: None) -> None:
+    """A SIF served as a bundle's rootfs (``oci mount``), run by sifpy and by runc, then
+    unmounted with its server gone."""
+    require(None if shutil.which("runc") else "runc is not installed (Debian: runc)")
+
+    def image_dirs(root: Path) -> None:
+        # runc makes missing mount points in the rootfs, which a read-only squashfs refuses:
+        # an image has them (sifpy does without, its root is assembled).
+        _os_release(root)
+        for name in ("proc", "dev", "sys", "tmp"):
+            (root / name).mkdir()
+
+    rootfs = busybox_rootfs(workdir / "oci-mount-rootfs", image_dirs)
+    sif = make_sif(rootfs, workdir / "oci-mount.sif")["sif"]
+    mine = workdir / "oci-mount"
+    mine.mkdir()
+    os.chown(mine, runtime_ready.user.uid, runtime_ready.user.gid)
+    bundle = mine / "bundle"
+    res = runtime_ready([*SIFPY, "mount", sif, str(bundle)])
+    assert res.returncode == 0, res.stderr
+    try:
+        # The mount is the user's (FUSE without allow_other): only they can read it.
+        res = runtime_ready(["cat", str(bundle / "rootfs" / "etc" / "os-release")])
+        assert res.stdout == OS_RELEASE, res.stderr
+        _configure(bundle, ["sh", "-c", "cat /etc/os-release; id -u"])
+        outs = []
+        for rt, argv in _runtimes(workdir, runtime_ready, "mount").items():
+            res = runtime_ready([*argv, "run", "-b", str(bundle), f"m-{rt}"])
+            outs.append((res.returncode, res.stdout, res.stderr))
+        assert outs[0] == outs[1] == (0, f"{OS_RELEASE}0\n", "")
+    finally:
+        res = runtime_ready([*SIFPY, "umount", str(bundle)])
+    assert res.returncode == 0, res.stderr
+    assert not os.path.ismount(bundle / "rootfs")
+    assert not (bundle / "config.json").exists()
+    for _ in range(500):  # the server exits with its mount; this machine's init reaps it
+        if not user_processes(runtime_ready.user.uid, "squashfuse_ll"):
+            break
+        time.sleep(0.01)
+    assert user_processes(runtime_ready.user.uid, "squashfuse_ll") == []
