@@ -79,7 +79,8 @@ def main(argv: list[str], prog: str = "sifpy oci") -> int:
 
         ocimount.umount(a.bundle)
         return 0
-    root = ocistate.check_root(a.root) if a.root else ocistate.default_root()
+    making = a.action in ("create", "run")
+    root = ocistate.check_root(a.root, making) if a.root else ocistate.default_root()
     if a.action == "create":
         oci.create(root, a.id, a.bundle, a.pid_file, a.console_socket)
     elif a.action == "run":

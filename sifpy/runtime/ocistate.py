@@ -31,17 +31,23 @@ def default_root() -> str:
     return path
 
 
-def check_root(root: str) -> str:
-    """Create ``root`` if needed; it must be a directory of the caller's, not a symlink."""
+def check_root(root: str, create: bool = False) -> str:
+    """The state directory: a directory of the caller's (root may read any user's: Slurm's
+    step daemon queries, kills and deletes as root), not a symlink. ``create``: make it if
+    missing (only create and run do: a query as root must not make a user's directory)."""
     root = os.path.abspath(root)
     try:
-        os.makedirs(root, 0o700, exist_ok=True)
+        if create:
+            os.makedirs(root, 0o700, exist_ok=True)
         st = os.lstat(root)
+    except FileNotFoundError:
+        return root  # nothing was created there: every id is unknown
     except OSError as exc:
         raise RuntimeSetupError(f"can't use state directory: {root}: {exc.strerror}") from exc
-    if not os.path.isdir(root) or os.path.islink(root) or st.st_uid != os.getuid():
+    uid = os.getuid()
+    if not os.path.isdir(root) or os.path.islink(root) or (uid != 0 and st.st_uid != uid):
         raise RuntimeSetupError(
-            f"can't use state directory: {root}: not a directory of uid {os.getuid()}",
+            f"can't use state directory: {root}: not a directory of uid {uid}",
             "give --root a directory of your own",
         )
     return root
@@ -139,7 +145,7 @@ def public(state: dict[str, Any]) -> dict[str, Any]:
 
 def listing(root: str) -> list[dict[str, Any]]:
     out = []
-    for name in sorted(os.listdir(root)):
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         try:
             out.append(public(read(root, name)))
         except (RuntimeSetupError, UsageError):
