@@ -77,7 +77,7 @@ def main(argv: list[str], prog: str = "sifpy oci") -> int:
     if a.action == "umount":
         from sifpy.runtime import ocimount
 
-        ocimount.umount(a.bundle)
+        ocimount.unmount_image(a.bundle)
         return 0
     making = a.action in ("create", "run")
     root = ocistate.check_root(a.root, making) if a.root else ocistate.default_root()
@@ -165,5 +165,5 @@ def _mount(image: str, bundle: str) -> int:
         os.close(fd)
     if not isinstance(part, SifPartition):
         raise UsageError(f"can't mount: {image}: not a SIF file", "give a SIF image")
-    ocimount.mount(image, part.offset, bundle)
+    ocimount.mount_image(image, part.offset, bundle)
     return 0

@@ -19,11 +19,11 @@ import time
 from sifpy.errors import RuntimeSetupError, ToolError
 from sifpy.util.proc import run as run_program
 
-# Marks a config.json written by mount, which umount removes (a user's own stays).
+# Marks a config.json written by mount_image, which unmount_image removes (a user's own stays).
 MARK = "org.sifpy.oci.mount"
 
 
-def mount(image: str, offset: int, bundle: str) -> str:
+def mount_image(image: str, offset: int, bundle: str) -> str:
     """Serve ``image`` (its squashfs at ``offset``) on ``bundle/rootfs``; return the bundle."""
     bundle = os.path.abspath(bundle)
     rootfs = os.path.join(bundle, "rootfs")
@@ -57,8 +57,8 @@ def mount(image: str, offset: int, bundle: str) -> str:
     return bundle
 
 
-def umount(bundle: str) -> None:
-    """Unmount ``bundle/rootfs`` (its server then exits); remove what :func:`mount` made."""
+def unmount_image(bundle: str) -> None:
+    """Unmount ``bundle/rootfs`` (its server then exits); remove what :func:`mount_image` made."""
     bundle = os.path.abspath(bundle)
     rootfs = os.path.join(bundle, "rootfs")
     if not os.path.ismount(rootfs):
