@@ -9,6 +9,7 @@ The data flow, and the module for each stage::
     app.sif --runtime.launch--> the command's exit status   (sifpy.runtime)
     app.sif --squashfs.tree, rootfs.treetar--> OCI image     (sifpy.export: oci:, docker://,
                                                              and OCI-SIF, sifpy.sif.ocisif)
+    OCI bundle --runtime.bundle--> the same launch          (sifpy.runtime.oci, `sifpy oci`)
 
 Errors come from one tree (:mod:`sifpy.errors`); only :mod:`sifpy.cli` prints and exits.
 The SIF format itself is declared in :mod:`sifpy.sif.format` and used through

@@ -267,3 +267,89 @@ def test_oci_mount_sif(runtime_ready: UserRunner, workdir: Path, no_leftovers: N
             break
         time.sleep(0.01)
     assert user_processes(runtime_ready.user.uid, "squashfuse_ll") == []
+
+
+def test_config_hooks(
+    runtime_ready: UserRunner, oci_bundle: Path, workdir: Path, no_leftovers: None
+) -> None:
+    """config.json's own hooks run at their stages with the state on stdin; a failing
+    createRuntime hook stops the start with its stderr in the error."""
+    home = Path(runtime_ready.user.home)  # the hooks' output: /tmp is the session's there
+    out = home / "oci-hooks"
+    shutil.rmtree(out, ignore_errors=True)
+    runtime_ready(["mkdir", str(out)])
+    sh = shutil.which("sh") or "/bin/sh"
+
+    def hook(name: str) -> dict[str, Any]:
+        return {"path": sh, "args": ["sh", "-c", f"cat > {out}/{name}.json"]}
+
+    _configure(
+        oci_bundle,
+        ["sh", "-c", "echo ran"],
+        hooks={"prestart": [hook("prestart")], "poststop": [hook("poststop")]},
+    )
+    argv = _runtimes(workdir, runtime_ready, "hooks")["sifpy"]
+    res = runtime_ready([*argv, "run", "-b", str(oci_bundle), "hk"])
+    assert (res.returncode, res.stdout) == (0, "ran\n"), res.stderr
+    for stage, status in (("prestart", "creating"), ("poststop", "stopped")):
+        state = json.loads((out / f"{stage}.json").read_text())
+        assert state["status"] == status and state["ociVersion"].startswith("1.")
+    bad = {"path": sh, "args": ["sh", "-c", "echo the hook broke >&2; exit 3"]}
+    _configure(oci_bundle, ["sh", "-c", "echo ran"], hooks={"createRuntime": [bad]})
+    res = runtime_ready([*argv, "run", "-b", str(oci_bundle), "hk2"])
+    _configure(oci_bundle, ["true"], hooks={})
+    assert res.returncode == 125 and res.stdout == ""
+    assert "can't run createRuntime hook" in res.stderr and "the hook broke" in res.stderr
+    shutil.rmtree(out)
+
+
+def test_console_socket_same_as_runc(
+    runtime_ready: UserRunner, oci_bundle: Path, workdir: Path, no_leftovers: None
+) -> None:
+    """``process.terminal``: the pseudo-terminal's master arrives on --console-socket (runc's
+    protocol), and the command's output comes through it."""
+    import socket
+
+    config = json.loads((oci_bundle / "config.json").read_text())
+    config["process"]["terminal"] = True
+    config["process"]["args"] = ["sh", "-c", "test -t 0 && test -t 1 && echo on a tty"]
+    (oci_bundle / "config.json").write_text(json.dumps(config))
+    sock_dir = oci_bundle.parent / "console"
+    runtime_ready(["mkdir", "-p", str(sock_dir)])
+    outs = {}
+    try:
+        for rt, argv in _runtimes(workdir, runtime_ready, "tty").items():
+            path = sock_dir / f"{rt}.sock"
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+                server.bind(str(path))
+                os.chmod(path, 0o777)
+                server.listen(1)
+                server.settimeout(30)
+                code, err = _quiet(
+                    runtime_ready,
+                    [*argv, "run", "-d", "--console-socket", str(path), "-b", str(oci_bundle), rt],
+                )
+                assert code == 0, err
+                conn, _ = server.accept()
+                with conn:
+                    _msg, fds, _flags, _addr = socket.recv_fds(conn, 1024, 1)
+            assert len(fds) == 1
+            data = b""
+            with open(fds[0], "rb", buffering=0) as master:
+                while b"on a tty" not in data:
+                    try:
+                        chunk = master.read(1024)
+                    except OSError:  # EIO: every slave closed
+                        break
+                    if not chunk:
+                        break
+                    data += chunk
+            outs[rt] = data.replace(b"\r\n", b"\n")
+            for _ in range(250):
+                if json.loads(runtime_ready([*argv, "state", rt]).stdout)["status"] == "stopped":
+                    break
+                time.sleep(0.02)
+            assert runtime_ready([*argv, "delete", rt]).returncode == 0
+    finally:
+        _configure(oci_bundle, ["true"])
+    assert outs["sifpy"] == outs["runc"] == b"on a tty\n"

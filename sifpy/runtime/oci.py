@@ -163,12 +163,15 @@ def run(
         os.close(gate_w)
         if tty >= 0:
             _use_terminal(tty)
-        opts = b.spec.options._replace(gate=(ready_w, gate_r))
+        spec, poststop = _without_poststop(b)
+        opts = spec.options._replace(gate=(ready_w, gate_r))
         old_umask = os.umask(b.umask) if b.umask is not None else None
         try:
             # The monitor is forked (not inline): this process keeps the host's namespaces
             # to remove the state after, and relays the signals it gets (Slurm's) as exec's.
-            return launch(b.spec._replace(options=opts), inline=False)
+            code = launch(spec._replace(options=opts), inline=False)
+            _post_stop(b, poststop)
+            return code
         finally:
             if old_umask is not None:
                 os.umask(old_umask)
@@ -242,8 +245,9 @@ def _daemon(b: bundle_.Bundle, gate: tuple[int, int], tty: int) -> None:
             _use_terminal(tty)
         if b.umask is not None:
             os.umask(b.umask)
-        opts = b.spec.options._replace(gate=gate)
-        code = launch(b.spec._replace(options=opts), inline=False)
+        spec, poststop = _without_poststop(b)
+        code = launch(spec._replace(options=spec.options._replace(gate=gate)), inline=False)
+        _post_stop(b, poststop)
     except SifpyError as exc:
         msg = f"{exc.message}\0{exc.hint or ''}".replace("\n", " ")
         os.write(ready, f"e{msg}\n".encode(errors="replace")[:3500])
@@ -251,6 +255,31 @@ def _daemon(b: bundle_.Bundle, gate: tuple[int, int], tty: int) -> None:
         msg = f"can't create container: {exc!r}".replace("\n", " ")
         os.write(ready, f"e{msg}\n".encode(errors="replace")[:3500])
     os._exit(code)
+
+
+def _without_poststop(b: bundle_.Bundle) -> tuple[Any, list[dict[str, object]]]:
+    """The launch less its ``poststop`` hooks, which run here once it returned: in the
+    runtime's namespaces, as the spec asks, with the bundle's own path. The monitor can't
+    run them with a PID namespace: once its init has died, the namespace takes no new
+    process (fork fails with ENOMEM, pid_namespaces(7))."""
+    inject = b.spec.options.inject
+    if inject is None or not any(h["stage"] == "poststop" for h in inject.hooks):
+        return b.spec, []
+    from sifpy.runtime.gpu import Injection
+
+    rest = Injection()
+    rest.tmpfs = list(inject.tmpfs)
+    rest.hooks = [h for h in inject.hooks if h["stage"] != "poststop"]
+    poststop = [h for h in inject.hooks if h["stage"] == "poststop"]
+    keep = rest if rest.hooks or rest.tmpfs else None
+    return b.spec._replace(options=b.spec.options._replace(inject=keep)), poststop
+
+
+def _post_stop(b: bundle_.Bundle, poststop: list[dict[str, object]]) -> None:
+    if poststop:  # failures are warnings (runtime-spec): the container has ended anyway
+        from sifpy.runtime import hooks
+
+        hooks.run_logged(poststop, hooks.AFTER_STOP, b.path, "stopped")
 
 
 def _await_created(fd: int) -> tuple[int, int]:

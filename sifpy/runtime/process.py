@@ -166,7 +166,7 @@ class LaunchOptions(NamedTuple):
     caps: int | None = None  # a capability bounding set for the command (a mask)
     # An OCI runtime's create/start split (runtime.oci): (ready, gate) fds. The monitor
     # writes ``p<pid>\n`` (the container's pid) to ``ready``; the container, once its root
-    # is entered and nothing but the exec is left, writes ``r`` and blocks reading ``gate``
+    # is entered and nothing but the exec is left, writes ``r\n`` and blocks reading ``gate``
     # until ``start`` writes to it (end of file instead: it was deleted, it exits).
     gate: tuple[int, int] = (-1, -1)
 
