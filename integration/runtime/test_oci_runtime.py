@@ -353,3 +353,23 @@ def test_console_socket_same_as_runc(
     finally:
         _configure(oci_bundle, ["true"])
     assert outs["sifpy"] == outs["runc"] == b"on a tty\n"
+
+
+def test_delete_created_leaves_nothing(
+    runtime_ready: UserRunner, oci_bundle: Path, workdir: Path, no_leftovers: None
+) -> None:
+    """A container deleted before start never runs its command, and nothing stays."""
+    marker = Path(runtime_ready.user.home) / "oci-never-ran"
+    _configure(oci_bundle, ["sh", "-c", f"echo ran > {marker}"])
+    argv = _runtimes(workdir, runtime_ready, "del")["sifpy"]
+    code, err = _quiet(runtime_ready, [*argv, "create", "-b", str(oci_bundle), "dc"])
+    assert code == 0, err
+    status, pid = _status(runtime_ready, argv, "dc")
+    assert status == "created" and _live(pid)
+    res = runtime_ready([*argv, "start", "nosuch"])
+    assert res.returncode == 125 and "nosuch: no such container" in res.stderr
+    res = runtime_ready([*argv, "delete", "dc"])
+    assert res.returncode == 0, res.stderr
+    assert not _live(pid) and not marker.exists()
+    assert runtime_ready([*argv, "list", "-q"]).stdout == ""
+    assert user_processes(runtime_ready.user.uid, "python3", live=True) == []
