@@ -183,6 +183,8 @@ def _spec(bundle: str, config_path: str, c: dict[str, Any]) -> LaunchSpec:
     _refuse_linux(cp, linux)
     inject = Injection()
     binds = _mounts(cp, bundle, c, opts, inject)
+    # The one place the hooks are gathered: hooks from elsewhere (hooks.d directories,
+    # matched against this config) are appended to config.json's own here, before any runs.
     inject.hooks = hooks(cp, c)
     opts["inject"] = inject if inject.hooks or inject.tmpfs else None
     return LaunchSpec(Sandbox(root_path), list(args), env, cwd, binds, LaunchOptions(**opts))

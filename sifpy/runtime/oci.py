@@ -239,6 +239,7 @@ def _daemon(b: bundle_.Bundle, gate: tuple[int, int], tty: int) -> None:
 
     ready = gate[0]
     os.write(ready, f"m{os.getpid()}\n".encode())
+    os.chdir("/")  # the caller's directory is not kept busy while the container lives
     code: int = ExitStatus.LAUNCH_FAILED
     try:
         if tty >= 0:

@@ -506,12 +506,13 @@ def _set_up(
     ``spec.argv`` (see :func:`_container`)."""
     opts = spec.options
     image = spec.image
-    ipc = ns.CLONE_NEWIPC if opts.ipc_ns else 0
-    ipc |= (ns.CLONE_NEWUTS if opts.uts_ns else 0) | (ns.CLONE_NEWNET if opts.net_ns else 0)
+    # Namespaces besides user and mount, made with them (the container's own).
+    flags = ns.CLONE_NEWIPC if opts.ipc_ns else 0
+    flags |= (ns.CLONE_NEWUTS if opts.uts_ns else 0) | (ns.CLONE_NEWNET if opts.net_ns else 0)
     image_fd = kernel_fd = -1
     if served is not None:
-        if ipc:
-            ns.unshare(ipc)
+        if flags:
+            ns.unshare(flags)
     else:
         image_fd = _open_image(image) if isinstance(image, SifPartition) else -1
         # Real root: the kernel mounts the squashfs now, detached, in the initial user
@@ -520,7 +521,7 @@ def _set_up(
             kernel_fd = drivers.kernel_squashfs(image_fd, image.offset, image.size)
 
         handshake = None if sync is None else lambda: _await_id_maps(sync)
-        enter(opts.fakeroot, ipc, handshake)
+        enter(opts.fakeroot, flags, handshake)
     # Pin every host path now: bind sources must be opened in *this* mount namespace
     # (the kernel refuses to bind from a mount of another one), and before /tmp is
     # covered by the session tmpfs. Likewise the Python FUSE server imports its modules.
