@@ -8,8 +8,13 @@ systems it provides itself: proc, sysfs, devpts, the /dev tmpfs), ``hostname``,
 ``linux.namespaces`` (pid, ipc, uts, network; user and mount always), ``hooks`` and
 ``annotations``. A field asking for what it can't do (cgroup limits, joining another
 namespace, a custom seccomp profile, device nodes, sysctls, ids outside the mapping) is an
-error naming the field, never silently dropped. Unknown fields are ignored, as the spec
-requires.
+error naming the field. Unknown fields are ignored, as the spec requires.
+
+Accepted without effect, on purpose: ``linux.maskedPaths`` and ``linux.readonlyPaths``
+(the files they hide, such as /proc/kcore or /proc/sys, belong to the initial user
+namespace, where the container has no privilege: the kernel already refuses it what
+masking would), ``process.noNewPrivileges: false`` (sifpy always sets no_new_privs),
+``linux.cgroupsPath`` (no cgroup is made), ``/dev/mqueue`` (not mounted).
 """
 
 from __future__ import annotations
