@@ -22,24 +22,27 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, NamedTuple
 
 from sifpy.errors import RootfsError
+from sifpy.rootfs import entries
 from sifpy.rootfs.compress import open_tar_stream
+from sifpy.rootfs.entries import (
+    DIR,
+    HIDE,
+    LINK,
+    NAME_MAX,
+    NODE,
+    REG,
+    ROOT,
+    SYM,
+    BadEntry,
+    Key,
+    Touched,
+    show,
+)
 from sifpy.rootfs.imageconfig import META_DIRS, MOUNT_POINTS, metadata_files
 from sifpy.rootfs.limits import Budget
-from sifpy.rootfs.unpack import (
-    _HINT,
-    NAME_MAX,
-    OPAQUE,
-    PATH_MAX,
-    WHITEOUT,
-    _BadEntry,
-    _clean,
-    _real_root,
-    _show,
-)
 from sifpy.util import log
 from sifpy.util.paths import MAX_SYMLINKS, PathError
 
-DIR, REG, SYM, FIFO = "d", "f", "l", "p"
 READ_BUF = 1 << 20
 _TAR_BUF = 1 << 16
 _BLOCK = tarfile.BLOCKSIZE
@@ -55,7 +58,6 @@ class TarStream:
 
 
 LayerSource = str | os.PathLike[str] | BinaryIO  # a stream is read twice: seekable
-Key = tuple[str, ...]
 
 
 class Rec(NamedTuple):
@@ -65,9 +67,8 @@ class Rec(NamedTuple):
     name: str
     type: bytes
     mode: int
-    mtime: int
+    mtime: float  # as the tar says: the rules refuse what is out of range
     linkname: str
-    kind: str  # DIR, REG, SYM, FIFO, "h" (hardlink), "c" (device), "?" (unknown)
 
 
 class _Node:
@@ -84,12 +85,6 @@ class _Node:
         # A regular file's data: (layer, ordinal) in the layer blobs, or bytes (metadata).
         self.src: tuple[int, int] | bytes | None = None
         self.children: dict[str, _Node] | None = {} if kind == DIR else None
-
-
-# A member's kind by its type byte, for tarfile's members and rawtar's alike (tarfile's
-# REGULAR_TYPES: regular, old regular, contiguous, GNU sparse); "?" for any other type.
-_KINDS = {b"0": REG, b"\0": REG, b"7": REG, b"S": REG, b"5": DIR, b"2": SYM, b"1": "h"}
-_KINDS.update({b"6": FIFO, b"3": "c", b"4": "c"})
 
 
 class _Forward:
@@ -159,36 +154,37 @@ def index_layer(layer: LayerSource, budget: Budget | None = None) -> list[Rec]:
                     end = m.offset_data + m.size
                     budget.add(end - pos, label)
                     pos = end
-                recs.append(
-                    Rec(
-                        len(recs),
-                        m.name,
-                        m.type,
-                        m.mode,
-                        int(m.mtime),
-                        m.linkname,
-                        _KINDS.get(m.type, "?"),
-                    )
-                )
-    except (tarfile.TarError, EOFError, OSError, ValueError, OverflowError) as exc:
-        # OverflowError: int() of an infinite PAX mtime ("-1e400").
-        raise RootfsError(f"can't read layer: {_label(layer)}: {exc}", _HINT) from exc
+                recs.append(Rec(len(recs), m.name, m.type, m.mode, m.mtime, m.linkname))
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        raise RootfsError(f"can't read layer: {_label(layer)}: {exc}", entries.HINT) from exc
     return recs
 
 
-class _Everything:
-    """The ``touched`` set of a one-layer image: its whiteouts can only hide what the same
-    layer wrote, which they never do, so every key counts as touched (and none is stored)."""
+class _Tree:
+    """The merged tree as :func:`sifpy.rootfs.entries.hide_lower` walks it."""
 
-    def __contains__(self, key: object) -> bool:
-        return True
+    def names(self, d: _Node) -> list[str]:
+        assert d.children is not None
+        return list(d.children)
+
+    def subdir(self, d: _Node, name: str) -> _Node | None:
+        assert d.children is not None
+        child = d.children.get(name)
+        return child if child is not None and child.kind == DIR else None
+
+    def release(self, d: _Node) -> None:
+        pass
+
+    def remove(self, d: _Node, name: str) -> None:
+        assert d.children is not None
+        d.children.pop(name, None)
 
 
 class Merger:
     """The in-memory tree of names and inodes that the layers build (pass 1)."""
 
     def __init__(self, *, privileged: bool | None = None, now: int | None = None) -> None:
-        self.privileged = _real_root() if privileged is None else privileged
+        self.privileged = entries.real_root() if privileged is None else privileged
         self.now = int(time.time()) if now is None else now
         self.root = _Node(DIR, 0o755, self.now)
 
@@ -216,7 +212,7 @@ class Merger:
                 if not create:
                     raise FileNotFoundError(comp)
                 if "\0" in comp or len(os.fsencode(comp)) > NAME_MAX:
-                    raise PathError(f"{_show(comp)}: file name too long")
+                    raise PathError(f"{show(comp)}: file name too long")
                 child = children[comp] = _Node(DIR, 0o755, self.now)
             elif child.kind == SYM:
                 followed += 1
@@ -227,144 +223,89 @@ class Merger:
                 todo.extend(reversed(child.link.split("/")))
                 continue
             elif child.kind != DIR:
-                raise PathError(f"{_show(comp)}: not a directory")
+                raise PathError(f"{show(comp)}: not a directory")
             stack.append((child, comp))
         return stack[-1][0], tuple(name for _, name in stack[1:])
 
     def _mode(self, mode: int, *, is_dir: bool) -> int:
-        mode &= 0o7777
-        if self.privileged:
-            return mode
-        if is_dir:
-            return mode | 0o700
-        return mode & ~0o6000
+        return entries.mode(mode, is_dir=is_dir, privileged=self.privileged)
 
     # -- layers ---------------------------------------------------------------------
 
     def apply_layer(self, index: int, recs: Sequence[Rec], label: str) -> None:
         """Apply one indexed layer (number ``index`` in the image) to the tree."""
-        touched: set[Key] = {()}
+        touched = Touched()
         for rec in recs:
             try:
-                self._apply(index, rec, touched)
-            except (_BadEntry, PathError) as exc:
-                raise RootfsError(
-                    f"can't apply layer: {label}: {_show(rec.name)}: {exc}", _HINT
-                ) from exc
+                self.apply(index, rec, touched)
+            except (BadEntry, PathError) as exc:
+                raise entries.layer_error(label, rec.name, exc) from exc
 
-    def _apply(
-        self, index: int, rec: Rec, touched: set[Key] | _Everything
-    ) -> tuple[Key, _Node, Key] | None:
+    def apply(self, index: int, rec: Rec, touched: Touched) -> tuple[Key, _Node, Key] | None:
         """Apply one entry; for an entry that names a node: its cleaned name, the
         directory it went into and its real key (symlinks resolved), else None."""
-        parts = _clean(rec.name)
-        if not parts:
-            if rec.kind != DIR:
-                raise _BadEntry("refusing to change the type of the root directory")
+        e = entries.classify(rec.name, rec.type, rec.mtime, rec.linkname)
+        mtime = int(rec.mtime)
+        if e.action == ROOT:
             self.root.mode = self._mode(rec.mode, is_dir=True)
-            self.root.mtime = rec.mtime
+            self.root.mtime = mtime
             return None
-        *parent, name = parts
-        if any(p.startswith(WHITEOUT) for p in parent):
-            raise _BadEntry("whiteout prefix on a directory component")
-        if name.startswith(WHITEOUT):
-            self._whiteout(parent, name[len(WHITEOUT) :], touched)
+        if e.action == HIDE:
+            self._hide(e.parent, e.name, touched)
             return None
-        if rec.kind == "c":
-            log.tally("device nodes in layers skipped (the runtime provides /dev)", _show(rec.name))
-            return None
-        if rec.kind == "?":
-            log.warn(f"skipping entry of unknown type {rec.type!r} in layer: {_show(rec.name)}")
-            return None
-        pdir, real = self.resolve(parent, create=True)
+        if e.action != NODE:
+            return None  # skipped (and logged) by the rules
+        name = e.name
+        assert name is not None
+        pdir, real = self.resolve(e.parent, create=True)
         children = pdir.children
         assert children is not None
         key = (*real, name)
-        if rec.kind == "h":
-            self._hardlink(rec, children, name, key)
-        elif rec.kind == DIR:
+        if e.kind == LINK:
+            self._hardlink(rec.linkname, e.link, children, name, key)
+        elif e.kind == DIR:
             node = children.get(name)
             if node is None or node.kind != DIR:
                 node = children[name] = _Node(DIR, 0, 0)
             node.mode = self._mode(rec.mode, is_dir=True)
-            node.mtime = rec.mtime
-        elif rec.kind == SYM:
-            target = rec.linkname
-            if not target or "\0" in target or len(os.fsencode(target)) >= PATH_MAX:
-                raise _BadEntry("symlink target is empty, too long or has a NUL byte")
-            children[name] = _Node(SYM, 0o777, rec.mtime, target)
+            node.mtime = mtime
+        elif e.kind == SYM:
+            children[name] = _Node(SYM, 0o777, mtime, rec.linkname)
         else:  # REG or FIFO
-            node = children[name] = _Node(rec.kind, self._mode(rec.mode, is_dir=False), rec.mtime)
-            if rec.kind == REG:
+            node = children[name] = _Node(e.kind, self._mode(rec.mode, is_dir=False), mtime)
+            if e.kind == REG:
                 node.src = (index, rec.ordinal)
-        if not isinstance(touched, _Everything):
-            for i in range(len(key) + 1):
-                touched.add(key[:i])
-        return parts, pdir, key
+        touched.add(key)
+        return (*e.parent, name), pdir, key
 
-    def _hardlink(self, rec: Rec, children: dict[str, _Node], name: str, key: Key) -> bool:
-        """Link ``name`` to the inode at the entry's target; False: it already is it."""
-        shown = _show(rec.linkname)
-        tparts = _clean(rec.linkname, "hardlink target")
-        if not tparts:
-            raise _BadEntry("hardlink to the root directory")
+    def _hardlink(
+        self, linkname: str, tparts: Key, children: dict[str, _Node], name: str, key: Key
+    ) -> None:
+        """Link ``name`` to the inode at the entry's target."""
         try:
             tdir, treal = self.resolve(tparts[:-1], create=False)
         except FileNotFoundError:
-            raise _BadEntry(f"hardlink target not in the rootfs: {shown}") from None
+            raise entries.missing_link(linkname) from None
         assert tdir.children is not None
         target = tdir.children.get(tparts[-1])
-        if target is None:
-            raise _BadEntry(f"hardlink target not in the rootfs: {shown}")
-        if target.kind == DIR:
-            raise _BadEntry(f"hardlink target is a directory: {shown}")
+        entries.check_link_target(None if target is None else target.kind, linkname)
+        assert target is not None
         tkey = (*treal, tparts[-1])
         if tkey == key:
-            return True  # a link to itself: already there (still "touched")
+            return  # a link to itself: already there (still "touched")
         old = children.get(name)
         if old is not None and old.kind == DIR and tkey[: len(key)] == key:
             # Replacing the directory removes the target with it (unpack: ENOENT).
-            raise _BadEntry(f"hardlink target not in the rootfs: {shown}")
+            raise entries.missing_link(linkname)
         children[name] = target
-        return True
 
-    def _whiteout(self, parent: list[str], target: str, touched: set[Key] | _Everything) -> None:
-        if target == OPAQUE:
-            try:
-                d, real = self.resolve(parent, create=False)
-            except FileNotFoundError:
-                return
-            assert d.children is not None
-            for child in list(d.children):
-                self._remove_lower(d, child, (*real, child), touched)
-            return
-        if target.startswith(WHITEOUT):
-            log.debug(f"skipping aufs metadata entry {WHITEOUT}{target}")
-            return
-        if target in ("", ".", ".."):
-            raise _BadEntry("invalid whiteout name")
+    def _hide(self, parent: Key, name: str | None, touched: Touched) -> None:
+        """A whiteout (``name``) or an opaque marker (None) in ``parent``."""
         try:
             d, real = self.resolve(parent, create=False)
         except FileNotFoundError:
             return
-        assert d.children is not None
-        if target in d.children:
-            self._remove_lower(d, target, (*real, target), touched)
-
-    @staticmethod
-    def _remove_lower(d: _Node, name: str, key: Key, touched: set[Key] | _Everything) -> None:
-        """Remove ``name`` unless this layer wrote it; descend where it wrote inside."""
-        todo = [(d, name, key)]
-        while todo:
-            parent, n, k = todo.pop()
-            assert parent.children is not None
-            if k not in touched:
-                parent.children.pop(n, None)
-                continue
-            node = parent.children.get(n)
-            if node is not None and node.kind == DIR:
-                assert node.children is not None
-                todo.extend((node, c, (*k, c)) for c in node.children)
+        entries.hide_lower(_Tree(), d, real, None if name is None else [name], touched)
 
     # -- metadata -------------------------------------------------------------------
 

@@ -8,14 +8,14 @@ shortcut and tar2sqfs):
 
 1. **Index** (headers only, layers in parallel threads): every entry's name, type, mode,
    mtime and link target. The entries are then applied in layer order to an in-memory
-   tree of names and inodes (no contents) with exactly the rules of
-   :mod:`sifpy.rootfs.unpack`: whiteouts and opaque directories hide only lower content,
-   a later entry replaces an earlier one, a parent symlink is resolved inside the tree
-   with chroot semantics (at most 40 links), hardlinks name an inode already in the tree,
-   and everything that fails or is skipped there fails or is skipped here, with the same
-   messages (``..``, NUL, over-long names, bad whiteouts, a non-directory root, device
-   nodes skipped). Apptainer's metadata (:func:`sifpy.rootfs.imageconfig.metadata_files`) is then
-   applied the way :func:`~sifpy.rootfs.imageconfig.config_to_metadata` writes it.
+   tree of names and inodes (no contents) with the rules of :mod:`sifpy.rootfs.entries`,
+   the same that :mod:`sifpy.rootfs.unpack` applies: whiteouts and opaque directories
+   hide only lower content, a later entry replaces an earlier one, a parent symlink is
+   resolved inside the tree with chroot semantics (at most 40 links), hardlinks name an
+   inode already in the tree, and everything that fails or is skipped there fails or is
+   skipped here, with the same messages. Apptainer's metadata
+   (:func:`sifpy.rootfs.imageconfig.metadata_files`) is then applied the way
+   :func:`~sifpy.rootfs.imageconfig.config_to_metadata` writes it.
 2. **Stream**: the root, every directory (parents first), symlink, FIFO and metadata file
    come from the tree; then each layer is read again in order and the regular files that
    survived are copied through, each followed by hardlink entries for its other names.
@@ -43,37 +43,25 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, cast
 
-from sifpy.errors import RootfsError, ToolError
+from sifpy.errors import ToolError
+from sifpy.rootfs import entries
 from sifpy.rootfs.compress import grow_pipe, open_tar_stream
+from sifpy.rootfs.entries import DIR, LINK, REG, SYM, BadEntry, Key, Touched
 from sifpy.rootfs.limits import Budget
 from sifpy.rootfs.merge import (
     _BLOCK,
-    _KINDS,
-    DIR,
     READ_BUF,
-    REG,
-    SYM,
-    Key,
     LayerSource,
     Merger,
     Plan,
     Rec,
     TarStream,
-    _Everything,
     _label,
     _Node,
     index_layer,
 )
 from sifpy.rootfs.rawtar import NotPlain, RawTar, pipe_fd
-from sifpy.rootfs.tarwrite import (
-    TarWriter,
-    write_plan,
-)
-from sifpy.rootfs.unpack import (
-    _HINT,
-    _BadEntry,
-    _show,
-)
+from sifpy.rootfs.tarwrite import TarWriter, write_plan
 from sifpy.squashfs.pack import compression_args, default_compression, parse_compression
 from sifpy.util import log
 from sifpy.util.paths import PathError
@@ -143,7 +131,7 @@ def single_pass(
     w = TarWriter(cast(IO[bytes], _FdOut(out_fd)) if out_fd >= 0 else out)
     written: dict[Key, tuple[int, str, int, int, str]] = {}
     first_path: dict[int, str] = {}  # inode -> the name it was written under
-    touched = _Everything()
+    touched = Touched(everything=True)
     label = _label(layer)
 
     def put(key: Key, node: _Node, src: IO[bytes] | RawTar | None = None, size: int = 0) -> None:
@@ -181,14 +169,11 @@ def single_pass(
                 ordinal += 1
                 if budget is not None:
                     budget.add(_BLOCK + m.size, label)
-                kind = _KINDS.get(m.type, "?")
-                rec = Rec(ordinal, m.name, m.type, m.mode, m.mtime, m.linkname, kind)
+                rec = Rec(ordinal, m.name, m.type, m.mode, m.mtime, m.linkname)
                 try:
-                    applied = merger._apply(0, rec, touched)
-                except (_BadEntry, PathError) as exc:
-                    raise RootfsError(
-                        f"can't apply layer: {label}: {_show(rec.name)}: {exc}", _HINT
-                    ) from exc
+                    applied = merger.apply(0, rec, touched)
+                except (BadEntry, PathError) as exc:
+                    raise entries.layer_error(label, rec.name, exc) from exc
                 # None: the root (written last, with its final attributes), a whiteout
                 # (nothing below it in a one-layer image) or a skipped device node.
                 if applied is None:
@@ -200,10 +185,11 @@ def single_pass(
                     raise NeedsMerge(f"{rec.name}: written twice")
                 assert pdir.children is not None
                 node = pdir.children[key[-1]]
-                if rec.kind == "h" and id(node) not in first_path:
+                kind = entries.kind(m.type)
+                if kind == LINK and id(node) not in first_path:
                     raise NeedsMerge(f"{rec.name}: link to an entry not written")
                 put_parents(key)
-                put(key, node, raw if rec.kind == REG else None, m.size if rec.kind == REG else 0)
+                put(key, node, raw if kind == REG else None, m.size if kind == REG else 0)
     except NotPlain as exc:
         raise NeedsMerge(f"{label}: {exc}") from exc
     if config is not None:

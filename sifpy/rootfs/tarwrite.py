@@ -10,20 +10,16 @@ from collections.abc import Sequence
 from typing import IO
 
 from sifpy.errors import RootfsError
+from sifpy.rootfs.entries import HINT, REG, SYM
 from sifpy.rootfs.merge import (
     _BLOCK,
     READ_BUF,
-    REG,
-    SYM,
     LayerSource,
     Plan,
     _label,
     _layer_tar,
     _next,
     _Node,
-)
-from sifpy.rootfs.unpack import (
-    _HINT,
 )
 
 _USTAR = struct.Struct("100s8s8s8s12s12s8s1s100s8s32s32s8s8s155s12x")
@@ -97,7 +93,7 @@ class TarWriter:
             while left:
                 buf = src.read(min(left, READ_BUF))
                 if not buf:
-                    raise RootfsError("can't read layer: unexpected end of data", _HINT)
+                    raise RootfsError("can't read layer: unexpected end of data", HINT)
                 self.out.write(buf)
                 left -= len(buf)
         if size % _BLOCK:
@@ -156,7 +152,7 @@ def write_plan(plan: Plan, layers: Sequence[LayerSource], out: IO[bytes]) -> Non
                 if todo:
                     raise RootfsError(f"can't read layer: {_label(layer)}: changed")
         except (tarfile.TarError, EOFError, ValueError) as exc:
-            raise RootfsError(f"can't read layer: {_label(layer)}: {exc}", _HINT) from exc
+            raise RootfsError(f"can't read layer: {_label(layer)}: {exc}", HINT) from exc
     w.close()
 
 

@@ -20,8 +20,8 @@ import pytest
 
 from sifpy.errors import RootfsError
 from sifpy.rootfs import apply_layers, stream, tarwrite
+from sifpy.rootfs.entries import real_root as _real_root
 from sifpy.rootfs.imageconfig import MOUNT_POINTS
-from sifpy.rootfs.unpack import _real_root
 from tests.rootfs import test_unpack_attacks as attacks
 from tests.rootfs.tars import describe_tree, dir_, hard, layer, node, reg, sym, wh
 

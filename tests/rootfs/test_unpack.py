@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sifpy.errors import RootfsError
-from sifpy.rootfs import apply_layer, apply_layers, unpack
+from sifpy.rootfs import apply_layer, apply_layers, entries
 from sifpy.util import log
 
 from .tars import MTIME, Box, dir_, hard, layer, node, reg, sym, wh
@@ -219,7 +219,7 @@ def test_root_entry_sets_root_mode(root: Path) -> None:
     assert tree(root) == {"x": b""}
 
 
-@pytest.mark.skipif(not unpack._real_root(), reason="needs real root to chown")
+@pytest.mark.skipif(not entries.real_root(), reason="needs real root to chown")
 def test_root_keeps_modes_and_ownership(root: Path) -> None:
     apply_layer(
         root,
@@ -240,7 +240,7 @@ def test_root_keeps_modes_and_ownership(root: Path) -> None:
 
 def test_unprivileged_mode_policy(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The policy itself, as an unprivileged build applies it; ownership is not attempted.
-    monkeypatch.setattr(unpack, "_real_root", lambda: False)
+    monkeypatch.setattr(entries, "real_root", lambda: False)
     apply_layer(
         root,
         io.BytesIO(
