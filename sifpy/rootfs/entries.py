@@ -175,7 +175,8 @@ def classify(name: str, tar_type: bytes, mtime: float, linkname: str) -> Entry:
     """Decide what an entry (its name, tar type byte, mtime and link target) asks for;
     :class:`BadEntry` if no layer may hold it. Skipped entries are logged here."""
     if not abs(mtime) < MAX_MTIME:
-        raise BadEntry(f"timestamp out of range: {mtime}")
+        # float(): the same text whether a reader parsed the PAX record to a float or an int.
+        raise BadEntry(f"timestamp out of range: {float(mtime)}")
     k = kind(tar_type)
     parts = clean(name)
     if not parts:
@@ -220,13 +221,20 @@ def missing_link(linkname: str) -> BadEntry:
     return BadEntry(f"hardlink target not in the rootfs: {show(linkname)}")
 
 
-def check_link_target(target_kind: str | None, linkname: str) -> None:
-    """A hardlink's target, found in the rootfs as ``target_kind`` (None: missing), must
-    be an entry other than a directory."""
+def check_link(target_kind: str | None, linkname: str, target: Key, key: Key) -> bool:
+    """May the hardlink entry at real path ``key`` link to ``target`` (its real path),
+    found in the rootfs as ``target_kind`` (None: missing)? False: it is that entry
+    already, nothing to do; :class:`BadEntry` if no layer may hold it."""
     if target_kind is None:
         raise missing_link(linkname)
     if target_kind == DIR:
         raise BadEntry(f"hardlink target is a directory: {show(linkname)}")
+    if target == key:
+        return False
+    if target[: len(key)] == key:
+        # The entry replaces the directory that holds its own target.
+        raise missing_link(linkname)
+    return True
 
 
 class Touched:

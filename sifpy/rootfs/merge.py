@@ -288,15 +288,10 @@ class Merger:
             raise entries.missing_link(linkname) from None
         assert tdir.children is not None
         target = tdir.children.get(tparts[-1])
-        entries.check_link_target(None if target is None else target.kind, linkname)
-        assert target is not None
-        tkey = (*treal, tparts[-1])
-        if tkey == key:
+        found = None if target is None else target.kind
+        if not entries.check_link(found, linkname, (*treal, tparts[-1]), key):
             return  # a link to itself: already there (still "touched")
-        old = children.get(name)
-        if old is not None and old.kind == DIR and tkey[: len(key)] == key:
-            # Replacing the directory removes the target with it (unpack: ENOENT).
-            raise entries.missing_link(linkname)
+        assert target is not None
         children[name] = target
 
     def _hide(self, parent: Key, name: str | None, touched: Touched) -> None:

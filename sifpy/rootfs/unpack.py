@@ -234,8 +234,7 @@ class _Applier:
         try:
             st = lstat_at(tfd, tparts[-1])
             found = None if st is None else DIR if stat.S_ISDIR(st.st_mode) else REG
-            entries.check_link_target(found, m.linkname)
-            if (*treal, tparts[-1]) == key:
+            if not entries.check_link(found, m.linkname, (*treal, tparts[-1]), key):
                 return  # a link to itself: already there
             _remove(pfd, name)
             # follow_symlinks=False: linkat without AT_SYMLINK_FOLLOW links a symlink
