@@ -1,9 +1,11 @@
 """``sifpy exec | run | shell | test``: run a command in a container, as Apptainer does.
 
 This is the hot path (once per MPI rank): it parses its options without argparse (built only
-for --help and errors), opens the image once (the partition mounted is the one in that open
-file), has it served (:func:`sifpy.runtime.start.serve`), and only then imports and computes
-the rest (environment, the container's mounts) while the FUSE server starts.
+for --help and errors) and opens the image once (the partition mounted is the one in that
+open file). The compiled starter (cli/starter.c) may have served that image already, before
+Python started (:func:`sifpy.runtime.start.adopt`): the rest (environment, the container's
+mounts) is then computed while the FUSE server starts; otherwise the container is mounted
+in order.
 Exit status: the command's own (128+N when killed by signal N); 125 when sifpy fails
 before the command starts, 126 not executable, 127 not found.
 """
@@ -597,8 +599,6 @@ def _main(argv: list[str], prog: str) -> int:
             prepare = _joiner(ident)
             sharens.run_joined(spec, ident, base, prepare=prepare, alias=alias, release=fast_lock)
         _release(fast_lock)
-        if served is None and isinstance(image, SifPartition):
-            served = start.serve(image, fd, a.fakeroot, driver, prefetch)
         return _run(action, a, ident, image, served, command, prefetch, driver, inject, passed)
     finally:
         if served is not None:

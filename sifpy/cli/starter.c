@@ -3,16 +3,16 @@
  * It runs sifpy's Python CLI (the interpreter with -I -S and the package paths baked in at
  * build time, see launcher.py), and for `exec`, `run`, `shell` and `test` of a SIF image it
  * first does the one thing that can't wait for Python's start-up: it enters the user and
- * mount namespaces and starts serving the image with squashfuse (a detached FUSE mount,
- * exactly as sifpy.runtime.start.serve does) and reads the programs the container starts
- * with ahead, so that squashfuse decompresses them while Python starts and plans the
+ * mount namespaces and starts serving the image with squashfuse (a detached FUSE mount)
+ * and reads the programs the container starts with ahead, so that squashfuse decompresses them while Python starts and plans the
  * container (~10 ms of interpreter start, imports and planning, about the time squashfuse
  * needs for a 2 MB busybox on one core).
  *
  * Everything else stays in Python: the image is validated, verified and adopted there
  * (sifpy.runtime.start.adopt, through SIFPY_SERVED), and any case this file does not
  * recognize (an option it doesn't know, a sandbox directory, root, a site policy file, no
- * FUSE or squashfuse) simply starts Python, which then does all of it itself. No privilege
+ * FUSE or squashfuse) simply starts Python, which then does all of it itself, in order
+ * (this file is the only code that serves an image early). No privilege
  * is involved: this is the caller's own process, as the Python code is.
  *
  * Failures before unshare(2) fall back silently; after it, the process is in new
@@ -372,7 +372,7 @@ static void read_ahead(int root, const char *name, dev_t *seen_dev, ino_t *seen_
     } while (d != NULL && (d = strtok_r(NULL, ":", &save)) != NULL);
 }
 
-/* Serve the image as sifpy.runtime.start.serve does; 0 if this start is not served early. */
+/* Serve the image early (the only place that does); 0 if this start is not served early. */
 static int serve(const struct start *s)
 {
     char program[PATH_MAX], text[256];

@@ -112,7 +112,7 @@ def exec_helper(argv: list[str], unprivileged: bool = False, program_fd: int = -
     """Exec a helper by absolute path with :data:`HELPER_ENV` only (in a forked child);
     ``unprivileged``: with no capability at all (``ns.limit_caps(0)``). ``program_fd``:
     exec the file open there (``O_PATH``) instead of looking ``argv[0]`` up again, for a
-    helper whose path the parent may cover meanwhile (see :func:`fuse_serve`)."""
+    helper whose path the parent may cover meanwhile (see :func:`mount_squashfs`)."""
     try:
         if unprivileged:
             ns.limit_caps(0)
@@ -221,38 +221,6 @@ def fuse_mount(
         os.close(fuse_fd)
     wait_served(mountpoint, name, pid)
     return pid
-
-
-def fuse_serve(
-    name: str,
-    fds: list[int],
-    run: Callable[[], NoReturn],
-    readonly: bool,
-    extra: tuple[int, ...] = (),
-) -> tuple[int, int]:
-    """:func:`fuse_mount`, but the mount is created detached (fsopen/fsmount, Linux 5.2:
-    see :func:`ns.new_mount_api`), attached nowhere until :func:`ns.move_mount` and reachable
-    through its fd meanwhile, and the server is not waited for; return the mount's fd and
-    the server's pid. ``extra`` fds follow the connection's (from 4 + len(fds) on).
-
-    Not waiting means the caller goes on (and may mount the session over ``/tmp``) while the
-    child is still to exec its server: a server outside the system directories (sifpy's
-    own, installed wherever sifpy is, ``/tmp`` included) must be opened before the fork and
-    exec'd through that fd (``extra``, :func:`exec_helper`'s ``program_fd``)."""
-    fuse_fd = _open_fuse()
-    try:
-        attrs = ns.MOUNT_ATTR_NOSUID | ns.MOUNT_ATTR_NODEV
-        attrs |= ns.MOUNT_ATTR_RDONLY if readonly else 0
-        options = (*_fuse_options(fuse_fd), ("subtype", name))
-        mount_fd = ns.detached_mount("fuse", name, readonly, attrs, options)
-        try:
-            pid = fork_helper([*fds, fuse_fd, *extra], run)
-        except BaseException:
-            os.close(mount_fd)
-            raise
-    finally:
-        os.close(fuse_fd)
-    return mount_fd, pid
 
 
 def wait_served(path: str, name: str, pid: int) -> None:

@@ -422,16 +422,6 @@ def set_readonly_recursive(path: str, what: str) -> bool:
     raise _fail("remount", f"{what} (read-only, recursively)", err)
 
 
-def new_mount_api() -> bool:
-    """Whether the kernel has the new mount API (fsopen(2), Linux 5.2), probed without
-    privilege: EPERM (or an fd, as root) means it exists, ENOSYS that it does not."""
-    fd = int(_libc.syscall(_CLong(_SYS_FSOPEN), b"fuse", 1))
-    if fd >= 0:
-        os.close(fd)
-        return True
-    return get_errno() != errno.ENOSYS
-
-
 def move_mount(mount_fd: int, target: str) -> None:
     """Attach the detached mount ``mount_fd`` on ``target`` (``move_mount(2)``)."""
     _syscall(

@@ -197,8 +197,9 @@ def launch(spec: LaunchSpec, inline: bool = False, served: Served | None = None)
     exits right after, such as ``sifpy exec``. Real root's identity map still needs a
     process outside the namespace, so there the monitor is forked as usual.
 
-    ``served``: the image, already served by :func:`sifpy.runtime.start.serve` (which entered
-    the namespaces); only with ``inline``, a SIF partition and the same ``fakeroot``.
+    ``served``: the image, already served by the starter (which entered the namespaces,
+    :func:`sifpy.runtime.start.adopt`); only with ``inline``, a SIF partition and the same
+    ``fakeroot``.
     """
     if not spec.argv:
         raise RuntimeSetupError("can't execute: empty command")
@@ -645,7 +646,7 @@ def _await_id_maps(sync: tuple[int, int, int, int]) -> None:
 
 
 def _attach_served(served: Served) -> int:
-    """Attach the image :func:`sifpy.runtime.start.serve` mounted (detached) on _IMAGE and
+    """Attach the image the starter mounted (detached) on _IMAGE and
     wait until its server answers; return the server's pid."""
     mount_fd, pid = served.take()
     try:

@@ -1,15 +1,18 @@
 """The first steps of a start: what runs (a SIF partition or a sandbox), as whom, and the
-image served before the container is planned.
+image the starter served before Python started.
 
 ``sifpy exec``'s critical path is the FUSE server more than Python: before the command's
 first instruction, squashfuse must decompress the action shell and the program (a 2 MB
-busybox: ~5 ms of one core), and it can only start once sifpy has entered its namespaces.
-:func:`serve` therefore does that as soon as the image is open: it enters the user and mount
-namespaces, creates the image's FUSE mount *detached* (attached nowhere: the session that
-will hold it can only be mounted over ``/tmp`` once every host path the container needs has
-been pinned), starts squashfuse and the read-ahead of the programs, and returns. The CLI then
-imports and computes the rest (environment, mount plan: ~2 ms) while the server works on the
-other CPU, and :func:`sifpy.runtime.process.launch` attaches the mount in the session.
+busybox: ~5 ms of one core), and it can only start once the namespaces are entered. The
+compiled starter (``sifpy/cli/starter.c``) is the one place that serves the image early: it
+enters the user and mount namespaces, creates the image's FUSE mount *detached* (attached
+nowhere: the session that will hold it can only be mounted over ``/tmp`` once every host
+path the container needs has been pinned), starts squashfuse and the read-ahead of the
+programs, and execs Python, which takes them over here (:func:`adopt`) and computes the
+rest (environment, mount plan) while the server works on the other CPU;
+:func:`sifpy.runtime.process.launch` attaches the mount in the session. Without the starter
+(no C compiler at install time, or a start it leaves to Python) Python mounts in order:
+bench/exec's "Python only" line says what that costs.
 
 This module is on the hot path before that work: it imports only :mod:`.ns` and :mod:`.mount`.
 """
@@ -21,7 +24,7 @@ import os
 import pwd
 import stat
 
-from sifpy.errors import RuntimeSetupError, ToolError
+from sifpy.errors import RuntimeSetupError
 from sifpy.runtime import mount, ns
 from sifpy.util.lean import NamedTuple
 
@@ -52,12 +55,6 @@ def server_program(name: str = SQUASHFUSE) -> str:
     if name == SQUASHFUSE and os.environ.get(SERVER_ENV) == "sifpy" and os.access(SERVER, os.X_OK):
         return SERVER
     return mount.find_program(name)
-
-
-def server_argv(program: str, offset: int) -> list[str]:
-    """The server's command line (fd 3: the image, fd 4: the FUSE connection)."""
-    single = FUSE_SINGLE_THREAD and program != SERVER
-    return mount.squashfuse_argv(program, offset, single)
 
 
 # Records are NamedTuples, not dataclasses: importing dataclasses (and inspect) and
@@ -145,7 +142,7 @@ def enter(fakeroot: bool, flags: int = 0, handshake: Callable[[], None] | None =
 
 
 class Served:
-    """An image served by :func:`serve`: its detached mount and its FUSE server, until
+    """An image the starter served (:func:`adopt`): its detached mount and FUSE server, until
     :func:`sifpy.runtime.process.launch` takes them (:meth:`take`); :meth:`stop` ends them
     if it never did (a usage error found after serving)."""
 
@@ -170,58 +167,11 @@ class Served:
             self._mount_fd = self._server = -1
 
 
-def serve(
-    image: SifPartition,
-    image_fd: int,
-    fakeroot: bool,
-    mount_driver: str,
-    prefetch: tuple[str, ...],
-) -> Served | None:
-    """Enter the namespaces and start serving ``image`` (open as ``image_fd``, which the
-    server shares) with squashfuse; read ``prefetch`` ahead (see :func:`mount.prefetch`).
-
-    None when this start can't be served early, and nothing was done: as root (the kernel
-    driver, or the identity map written from outside), with another driver, or without a
-    usable FUSE or squashfuse; :func:`sifpy.runtime.process.launch` then chooses and
-    reports as usual. The caller must be single-threaded and must start the container with
-    ``launch(..., inline=True, served=...)`` (it stays in these namespaces).
-    """
-    if os.getuid() == 0 or mount_driver not in ("auto", "squashfuse"):
-        return None
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        return None
-    try:
-        program = server_program()
-    except ToolError:
-        return None
-    if not ns.new_mount_api():
-        return None
-    enter(fakeroot)
-    argv = server_argv(program, image.offset)
-    # sifpy's own server lies where sifpy does (maybe under /tmp or $HOME, which the
-    # session covers while the child may still be on its way to exec): pinned by an fd.
-    extra = (os.open(program, os.O_PATH | os.O_CLOEXEC),) if program == SERVER else ()
-    try:
-        mount_fd, pid = mount.fuse_serve(
-            "squashfuse",
-            [image_fd],
-            lambda: mount.exec_helper(argv, True, 5 if extra else -1),  # 3 image, 4 FUSE
-            True,
-            extra,
-        )
-    finally:
-        for fd in extra:
-            os.close(fd)
-    if prefetch:
-        mount.prefetch(os.dup(mount_fd), prefetch, DEFAULT_PATH)
-    return Served(mount_fd, pid, fakeroot, image.offset)
-
-
 def adopt() -> tuple[Served, int, tuple[int, int]] | None:
-    """The image the starter (``sifpy/cli/starter.c``) served before Python started, as
-    :func:`serve` would have: its :class:`Served`, the image's fd (the file to validate and
-    run) and the caller's host uid and gid (with ``--fakeroot`` this process is uid 0
-    already); None when the starter did not serve (or this is not the starter).
+    """The image the starter (``sifpy/cli/starter.c``) served before Python started: its
+    :class:`Served`, the image's fd (the file to validate and run) and the caller's host
+    uid and gid (with ``--fakeroot`` this process is uid 0 already); None when the starter
+    did not serve (or this is not the starter).
 
     The state comes in ``SIFPY_SERVED``, which is removed here (the container never sees it):
     ``MOUNT_FD,SERVER_PID,IMAGE_FD,OFFSET,FAKEROOT,UID,GID``. Only our own child can be the
