@@ -203,6 +203,21 @@ def test_a_stale_served_state_is_refused() -> None:
     assert "hint: " in r.stderr
 
 
+def test_only_the_starter_serves_early() -> None:
+    """One owner for the early serve: the starter (starter.c) creates the image's detached
+    FUSE mount and starts its server before Python starts, and hands them over in
+    SIFPY_SERVED. No Python module creates a FUSE mount detached (without the starter,
+    Python mounts in order), so two copies of that sequence can't drift apart."""
+    hits = []
+    for path in sorted((REPO / "sifpy").rglob("*.py")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if 'detached_mount("fuse"' in line or "def fuse_serve(" in line:
+                hits.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert hits == []
+    starter = (REPO / "sifpy/cli/starter.c").read_text()
+    assert "syscall(SYS_fsmount, fs" in starter and 'setenv("SIFPY_SERVED"' in starter
+
+
 def test_did_you_mean() -> None:
     r = run("biuld", "x.def")
     assert r.returncode == 2
