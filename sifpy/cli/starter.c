@@ -429,7 +429,7 @@ static int serve(const struct start *s)
                 fail("ambient capabilities");
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0)
         fail("/ (make private)");
-    /* The detached FUSE mount, as sifpy.runtime.mount.fuse_serve. */
+    /* The detached FUSE mount (attributes and options as sifpy.runtime.mount.fuse_mount). */
     int fuse = open("/dev/fuse", O_RDWR | O_CLOEXEC);
     int fs = (int)syscall(SYS_fsopen, "fuse", FSOPEN_CLOEXEC_);
     if (fuse < 0 || fs < 0)
