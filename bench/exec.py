@@ -10,7 +10,9 @@ once beforehand (ch-run's lower bound).
 
 ``sifpy`` is the program ``make venv`` installs (.venv/bin/sifpy): the starter, compiled
 from sifpy/cli/starter.c, when a C compiler was there. For reference the same start also
-runs through the Python-only launcher script (what is installed without a compiler).
+runs through the Python-only launcher script (what is installed without a compiler): there
+nothing serves the image early (only the starter does), Python mounts it in order, and the
+difference between the two lines is what the starter saves.
 
 Every command runs the same busybox squashfs (sifpy: the same bytes as a SIF), in the same
 run, as the same unprivileged user (when started as root: ``--user``, default
