@@ -13,9 +13,11 @@ APT_RUN := squashfs-tools squashfs-tools-ng squashfuse fuse3 fuse-overlayfs zstd
 	busybox-static python3-venv util-linux uidmap gpg gpgv mmdebstrap gcc libc6-dev make e2fsprogs \
 	libsquashfuse-dev libfuse3-dev pkg-config
 # ... and what only the tests need: the SIF reference tools, a real registry, independent
-# OCI tools, the pure-Python FUSE fallback, Slurm and MPI for the HPC tests.
+# OCI tools, the pure-Python FUSE fallback, Slurm and MPI for the HPC tests (iproute2: the
+# virtual cluster's bridge and veth pairs).
 APT_TEST := siftool golang-github-sylabs-sif-dev umoci skopeo docker-registry apache2-utils \
-	python3-pyfuse3 slurm-wlm munge mpich libmpich-dev openmpi-bin libopenmpi-dev strace runc
+	python3-pyfuse3 slurm-wlm munge mpich libmpich-dev openmpi-bin libopenmpi-dev strace runc \
+	iproute2
 # ... and what the benchmarks compare with (bench/exec: ch-run; bench/build: ch-image).
 APT_BENCH := charliecloud-runtime charliecloud-builders time
 APT_PACKAGES := $(APT_RUN) $(APT_TEST) $(APT_BENCH)
