@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -91,10 +91,10 @@ def _processes(uid: int, names: tuple[str, ...]) -> dict[str, list[int]]:
     return out
 
 
-def _wait_for(check: object, timeout: float = 60.0) -> bool:
+def _wait_for(check: Callable[[], object], timeout: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
+        if check():
             return True
         time.sleep(0.05)
     return False

@@ -99,6 +99,10 @@ class Machine:
     def net_ns(self) -> str:
         return os.readlink(f"/proc/{self.pid}/ns/net")
 
+    def unshared(self) -> bool:
+        """Whether the holder has its namespaces yet (``unshare`` has run)."""
+        return self.net_ns() != os.readlink("/proc/self/ns/net")
+
     def counters(self, dev: str) -> tuple[int, int]:
         """(received, sent) bytes of a network device in this machine's namespace."""
         for line in Path(f"/proc/{self.pid}/net/dev").read_text().splitlines()[2:]:
@@ -164,7 +168,7 @@ class VirtualCluster:
             self._make_dirs(m, munge, slurm)
             self._hold(m)
         for m in self.machines:
-            self._wait(lambda m=m: m.net_ns() != os.readlink("/proc/self/ns/net"), m.name)
+            self._wait(m.unshared, f"{m.name}'s namespaces")
             self._setup(m)
         self._network()
         env = dict(os.environ, SLURM_CONF=str(self.conf))
