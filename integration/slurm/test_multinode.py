@@ -105,6 +105,26 @@ def test_one_container_per_node(
 ) -> None:
     """4 ranks on 2 nodes: each node's two ranks share one container (one holder, one FUSE
     server in that node), and the two nodes' containers are different ones."""
+    _one_container_per_node(vc, runtime_ready, starter, mpi_image)
+
+
+def test_nodes_sharing_tmp(runtime_ready: UserRunner, starter: str, mpi_image: str) -> None:
+    """Nodes whose runtime directory is one (``/tmp`` shared, no ``XDG_RUNTIME_DIR``)
+    still get a container each: the job step's name, the same on every node, no longer
+    names the node's holder alone (before, the second node's ranks found the first node's
+    socket and joined its container)."""
+    require(vcluster.missing())
+    c = vcluster.start(NODES, private_tmp=False)
+    try:
+        _one_container_per_node(c, runtime_ready, starter, mpi_image)
+    finally:
+        c.stop()
+        shutil.rmtree(c.base, ignore_errors=True)
+
+
+def _one_container_per_node(
+    vc: vcluster.VirtualCluster, runtime_ready: UserRunner, starter: str, mpi_image: str
+) -> None:
     home = Path(runtime_ready.user.home)
     tag = uuid.uuid4().hex[:8]
     go = home / f"go-{tag}"
@@ -124,9 +144,9 @@ def test_one_container_per_node(
         holders = _processes(uid, (HOLDER,))
         servers = _processes(uid, FUSE_SERVERS)
         where = {nodes.get(net, net): len(pids) for net, pids in holders.items()}
-        assert where == {n.name: 1 for n in vc.nodes}, vc.log()
+        assert where == {n.name: 1 for n in vc.nodes}, f"holders: {where}\n{vc.log()}"
         where = {nodes.get(net, net): len(pids) for net, pids in servers.items()}
-        assert where == {n.name: 1 for n in vc.nodes}, vc.log()
+        assert where == {n.name: 1 for n in vc.nodes}, f"FUSE servers: {where}\n{vc.log()}"
     finally:
         go.touch()
         stdout, stderr = proc.communicate(timeout=60)

@@ -116,8 +116,11 @@ class Machine:
 class VirtualCluster:
     """The running cluster: :meth:`on_head` runs a client where ``srun`` can reach every node."""
 
-    def __init__(self, base: Path, nodes: int, shared: Sequence[str]) -> None:
+    def __init__(
+        self, base: Path, nodes: int, shared: Sequence[str], private_tmp: bool = True
+    ) -> None:
         self.base = base
+        self.private_tmp = private_tmp
         self.conf = base / "slurm.conf"
         self.shared = [os.path.realpath(p) for p in shared]
         self.head = Machine("vhead", f"{SUBNET}.1", base / "vhead")
@@ -263,7 +266,7 @@ ReturnToService=2
                     f"hostname {q(m.name)}",
                     f"mount --bind {q(str(self.base / 'hosts'))} /etc/hosts",
                     *binds,
-                    f"mount --rbind {q(str(m.root / 'tmp'))} /tmp",
+                    *([f"mount --rbind {q(str(m.root / 'tmp'))} /tmp"] if self.private_tmp else []),
                     f"mount --bind {q(str(m.root / 'run'))} /run",
                     "ip link set lo up",
                 ]
@@ -351,12 +354,13 @@ ReturnToService=2
             m.holder = None
 
 
-def start(nodes: int = 2, shared: Sequence[str] = ()) -> VirtualCluster:
+def start(nodes: int = 2, shared: Sequence[str] = (), private_tmp: bool = True) -> VirtualCluster:
     """A virtual cluster of ``nodes`` compute nodes and a head; ``shared``: paths under /tmp
-    every node sees (others are visible everywhere anyway)."""
+    every node sees (others are visible everywhere anyway); ``private_tmp=False``: the
+    nodes share the host's /tmp (as a site with /tmp on a shared file system would)."""
     base = Path(tempfile.mkdtemp(prefix="sifpy-vcluster-", dir="/var/spool"))
     base.chmod(0o755)
-    vc = VirtualCluster(base, nodes, shared)
+    vc = VirtualCluster(base, nodes, shared, private_tmp)
     try:
         vc.start()
     except BaseException:

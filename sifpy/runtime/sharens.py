@@ -71,14 +71,20 @@ def job_step(environ: dict[str, str] | os._Environ[str]) -> str | None:
     Slurm names the step (``SLURM_JOB_ID.SLURM_STEP_ID``, with ``SLURM_PROCID``), PMIx its
     namespace, Open MPI its job; MPICH's Hydra names nothing, but starts every rank of a
     node from one proxy: the parent process (pid and start time) stands for the step.
+
+    The node's name ends each: the job's name is the same on every node, and the runtime
+    directory that the ranks meet in is node-local only by convention. Where two nodes
+    share it (a ``/tmp`` or ``$XDG_RUNTIME_DIR`` on a shared file system, or "nodes" that
+    are namespaces of one kernel), the names would otherwise make one node's ranks take
+    another node's lock and socket, or join its container.
     """
     get = environ.get
     if get("SLURM_STEP_ID") and get("SLURM_PROCID") and get("SLURM_JOB_ID"):
-        return f"slurm:{get('SLURM_JOB_ID')}.{get('SLURM_STEP_ID')}"
+        return _on_node(f"slurm:{get('SLURM_JOB_ID')}.{get('SLURM_STEP_ID')}")
     if get("PMIX_RANK") and get("PMIX_NAMESPACE"):
-        return f"pmix:{get('PMIX_NAMESPACE')}"
+        return _on_node(f"pmix:{get('PMIX_NAMESPACE')}")
     if get("OMPI_COMM_WORLD_RANK") and get("OMPI_MCA_ess_base_jobid"):
-        return f"ompi:{get('OMPI_MCA_ess_base_jobid')}"
+        return _on_node(f"ompi:{get('OMPI_MCA_ess_base_jobid')}")
     if any(get(v) for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")):
         return parent_step()
     return None
@@ -94,7 +100,12 @@ def parent_step() -> str:
         started = fields[19].decode()  # field 22, starttime, counted after "pid (comm)"
     except (OSError, IndexError):
         started = "?"
-    return f"parent:{ppid}:{started}"
+    return _on_node(f"parent:{ppid}:{started}")
+
+
+def _on_node(step: str) -> str:
+    """``step`` on this node (the starter's job_step appends the same)."""
+    return f"{step} on {os.uname().nodename}"
 
 
 def runtime_dir() -> str:

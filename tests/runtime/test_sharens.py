@@ -14,12 +14,13 @@ from sifpy.runtime.start import SifPartition
 
 
 def test_job_step_from_each_launcher() -> None:
+    node = os.uname().nodename  # a job's name is the same on every node: the node's isn't
     parent = sharens.parent_step()
-    assert parent.startswith(f"parent:{os.getppid()}:")
+    assert parent.startswith(f"parent:{os.getppid()}:") and parent.endswith(f" on {node}")
     cases = {
-        "slurm:12.3": {"SLURM_JOB_ID": "12", "SLURM_STEP_ID": "3", "SLURM_PROCID": "1"},
-        "pmix:prterun-x@1": {"PMIX_RANK": "0", "PMIX_NAMESPACE": "prterun-x@1"},
-        "ompi:77": {"OMPI_COMM_WORLD_RANK": "2", "OMPI_MCA_ess_base_jobid": "77"},
+        f"slurm:12.3 on {node}": {"SLURM_JOB_ID": "12", "SLURM_STEP_ID": "3", "SLURM_PROCID": "1"},
+        f"pmix:prterun-x@1 on {node}": {"PMIX_RANK": "0", "PMIX_NAMESPACE": "prterun-x@1"},
+        f"ompi:77 on {node}": {"OMPI_COMM_WORLD_RANK": "2", "OMPI_MCA_ess_base_jobid": "77"},
         parent: {"PMI_RANK": "0", "PMI_SIZE": "4"},  # Hydra names no job: its proxy does
     }
     for want, env in cases.items():
