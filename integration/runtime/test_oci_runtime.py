@@ -373,3 +373,100 @@ def test_delete_created_leaves_nothing(
     assert not _live(pid) and not marker.exists()
     assert runtime_ready([*argv, "list", "-q"]).stdout == ""
     assert user_processes(runtime_ready.user.uid, "python3", live=True) == []
+
+
+# A hooks.d hook: records the state it read on stdin, and the annotations of the config.json
+# found at the state's bundle path (the hook fails if it can't read it).
+PROOF = """#!/usr/bin/python3 -I
+import json, os, sys
+state = json.load(sys.stdin)
+config = json.load(open(os.path.join(state["bundle"], "config.json")))
+name = sys.argv[1] + "." + sys.argv[2]
+with open(os.path.join(os.environ["OUT"], name + ".json"), "w") as f:
+    json.dump({"state": state, "config_annotations": config.get("annotations")}, f)
+"""
+
+
+def test_hooksd_hooks_with_the_containers_state(
+    runtime_ready: UserRunner, oci_bundle: Path, workdir: Path, no_leftovers: None
+) -> None:
+    """``sifpy oci`` runs the hooks.d hooks as ``sifpy exec`` does (sifpy.conf's ``hooks
+    dir``, then ``--hooks-dir``), matched against config.json's process.args, annotations
+    and binds; every hook reads the OCI container's own state: its id, bundle, pid."""
+    home = Path(runtime_ready.user.home)
+    top = home / "oci-hooksd"
+    shutil.rmtree(top, ignore_errors=True)
+    runtime_ready(["mkdir", "-p", f"{top}/conf", f"{top}/given", f"{top}/out"])
+    out = top / "out"
+    proof = top / "proof"
+    proof.write_text(PROOF)
+    proof.chmod(0o755)
+
+    def write(d: str, name: str, stages: list[str], when: dict[str, Any]) -> None:
+        hook = {
+            "version": "1.0.0",
+            "hook": {"path": str(proof), "args": ["proof", name, "x"], "env": [f"OUT={out}"]},
+            "when": when,
+            "stages": stages,
+        }
+        # The stage goes in the hook's argv: one definition per stage.
+        for stage in stages:
+            hook["hook"]["args"] = ["proof", name, stage]  # type: ignore[index]
+            hook["stages"] = [stage]
+            (top / d / f"{name}-{stage}.json").write_text(json.dumps(hook))
+
+    every = ["prestart", "createRuntime", "createContainer", "poststart", "poststop"]
+    write("conf", "always", every, {"always": True})
+    write("given", "annotated", ["createRuntime"], {"annotations": {"^org\\.site\\.mpi$": "^on$"}})
+    write("given", "command", ["prestart"], {"commands": ["^sh$"]})
+    write("given", "never-command", ["prestart"], {"commands": ["^python"]})
+    write("given", "binds", ["poststop"], {"hasBindMounts": True})
+    for dirpath, _dirs, files in os.walk(top):
+        for name in [".", *files]:
+            os.chown(os.path.join(dirpath, name), runtime_ready.user.uid, runtime_ready.user.gid)
+    conf = top / "sifpy.conf"
+    conf.write_text(f"hooks dir = {top / 'conf'}\n")
+    config = json.loads((oci_bundle / "config.json").read_text())
+    mounts = [*config["mounts"], {"destination": "/mnt", "type": "bind", "source": str(top)}]
+    annotations = {"org.site.mpi": "on"}
+    _configure(oci_bundle, ["sh", "-c", "echo ran"], annotations=annotations)
+    argv = _runtimes(workdir, runtime_ready, "hooksd")["sifpy"]
+    argv.insert(-2, "--hooks-dir")
+    argv.insert(-2, str(top / "given"))
+    env = {"SIFPY_CONFIG": str(conf)}
+    try:
+        res = runtime_ready([*argv, "run", "-b", str(oci_bundle), "hooked"], env=env)
+        assert (res.returncode, res.stdout) == (0, "ran\n"), res.stderr
+        found = {p.stem: json.loads(p.read_text()) for p in out.iterdir()}
+        assert set(found) == {
+            *(f"always.{s}" for s in every),
+            "annotated.createRuntime",
+            "command.prestart",
+        }, res.stderr
+        status = {"poststart": "running", "poststop": "stopped"}
+        for name, proof_of in found.items():
+            state, stage = proof_of["state"], name.split(".")[1]
+            assert state["id"] == "hooked", name
+            assert state["bundle"] == str(oci_bundle), name
+            assert state["status"] == status.get(stage, "creating"), name
+            assert state["annotations"] == annotations == proof_of["config_annotations"], name
+            if stage != "poststop":
+                assert state["pid"] > 1, name  # the host's pid of the container's process
+        # With a bind and no annotation: the binds hook runs, the annotated one does not.
+        for p in out.iterdir():
+            p.unlink()
+        _configure(oci_bundle, ["true"], annotations={}, mounts=mounts)
+        res = runtime_ready([*argv, "run", "-b", str(oci_bundle), "hooked2"], env=env)
+        assert res.returncode == 0, res.stderr
+        assert {p.stem for p in out.iterdir()} == {
+            *(f"always.{s}" for s in every),
+            "binds.poststop",
+        }
+        # A --hooks-dir that does not exist is an error naming it.
+        bad = [*argv[:-2], "--hooks-dir", str(top / "nosuch"), *argv[-2:]]
+        res = runtime_ready([*bad, "run", "-b", str(oci_bundle), "hooked3"], env=env)
+        assert res.returncode == 125 and f"{top / 'nosuch'}: no such directory" in res.stderr
+    finally:
+        config.pop("annotations", None)
+        _configure(oci_bundle, ["true"], **config)
+        shutil.rmtree(top)

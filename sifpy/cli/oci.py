@@ -20,6 +20,14 @@ from sifpy.errors import UsageError
 def build_parser(prog: str) -> ArgumentParser:
     p = ArgumentParser(prog=prog, description="Run OCI bundles (runc's command line).")
     p.add_argument("--root", help="the state directory (default: $XDG_RUNTIME_DIR/sifpy/oci)")
+    p.add_argument(
+        "--hooks-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also run the OCI hooks of DIR (JSON 1.0.0 hook files; repeatable), after "
+        "/etc/sifpy/hooks.d and sifpy.conf's 'hooks dir's",
+    )
     for flag in ("--log", "--log-format", "--rootless", "--criu"):
         p.add_argument(flag, help=argparse.SUPPRESS)
     p.add_argument("--systemd-cgroup", action="store_true", help=argparse.SUPPRESS)
@@ -81,14 +89,15 @@ def main(argv: list[str], prog: str = "sifpy oci") -> int:
         return 0
     making = a.action in ("create", "run")
     root = ocistate.check_root(a.root, making) if a.root else ocistate.default_root()
+    hooks = _hooks_dirs(a.hooks_dir) if making else ([], [])
     if a.action == "create":
-        oci.create(root, a.id, a.bundle, a.pid_file, a.console_socket)
+        oci.create(root, a.id, a.bundle, a.pid_file, a.console_socket, hooks)
     elif a.action == "run":
         if a.detach:
-            oci.create(root, a.id, a.bundle, a.pid_file, a.console_socket)
+            oci.create(root, a.id, a.bundle, a.pid_file, a.console_socket, hooks)
             oci.start(root, a.id)
             return 0
-        return oci.run(root, a.id, a.bundle, a.pid_file, a.console_socket, a.keep)
+        return oci.run(root, a.id, a.bundle, a.pid_file, a.console_socket, a.keep, hooks)
     elif a.action == "start":
         oci.start(root, a.id)
     elif a.action == "state":
@@ -115,6 +124,20 @@ def main(argv: list[str], prog: str = "sifpy oci") -> int:
                 env[name] = value
         return oci.exec_in(root, a.id, a.command, env, a.cwd)
     return 0
+
+
+def _hooks_dirs(given: list[str]) -> tuple[list[str], list[str]]:
+    """The hooks.d directories, as ``sifpy exec`` reads them: the site's default, sifpy.conf's
+    ``hooks dir`` lines (system, then user), then ``--hooks-dir`` (which must exist)."""
+    import os
+
+    from sifpy.runtime.hooksd import DEFAULT_DIR
+    from sifpy.sign import policy
+
+    rules = policy.load()
+    explicit = [os.path.abspath(d) for d in given]
+    dirs = [DEFAULT_DIR, *rules.system.hooks_dirs, *rules.user.hooks_dirs, *explicit]
+    return dirs, explicit
 
 
 def _signal(name: str) -> int:

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sifpy.errors import RuntimeSetupError
 from sifpy.runtime.gpu import Injection
 from sifpy.runtime.process import LaunchOptions, LaunchSpec
 from sifpy.runtime.start import Sandbox
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 HOOK_STAGES = (
     "prestart",
@@ -87,9 +90,11 @@ def _bad(config: str, field: str, reason: str, hint: str | None = None) -> Runti
     )
 
 
-def load(bundle: str) -> Bundle:
+def load(bundle: str, hooks_dirs: Sequence[str] = (), required: Sequence[str] = ()) -> Bundle:
     """Read and check ``bundle/config.json``; raise an error naming the first field that
-    sifpy can't honour."""
+    sifpy can't honour. ``hooks_dirs``: hooks.d directories (the caller reads sifpy.conf)
+    whose hooks matching this config join config.json's; ``required``: those that must
+    exist."""
     bundle = os.path.abspath(bundle)
     path = os.path.join(bundle, "config.json")
     try:
@@ -104,7 +109,7 @@ def load(bundle: str) -> Bundle:
         raise RuntimeSetupError(f"can't read bundle: {path}: not JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise _bad(path, "(top level)", "not a JSON object")
-    return Bundle(bundle, config, _spec(bundle, path, config))
+    return Bundle(bundle, config, _spec(bundle, path, config, hooks_dirs, required))
 
 
 def _get(obj: Any, field: str, kind: type | tuple[type, ...], config: str, default: Any) -> Any:
@@ -116,7 +121,13 @@ def _get(obj: Any, field: str, kind: type | tuple[type, ...], config: str, defau
     return value
 
 
-def _spec(bundle: str, config_path: str, c: dict[str, Any]) -> LaunchSpec:
+def _spec(
+    bundle: str,
+    config_path: str,
+    c: dict[str, Any],
+    hooks_dirs: Sequence[str] = (),
+    required: Sequence[str] = (),
+) -> LaunchSpec:
     cp = config_path
     version = _get(c, "ociVersion", str, cp, None)
     if version is None or not version.startswith("1."):
@@ -191,6 +202,14 @@ def _spec(bundle: str, config_path: str, c: dict[str, Any]) -> LaunchSpec:
     # The one place the hooks are gathered: hooks from elsewhere (hooks.d directories,
     # matched against this config) are appended to config.json's own here, before any runs.
     inject.hooks = hooks(cp, c)
+    annotations = _get(c, "annotations", dict, cp, {})
+    opts["annotations"] = tuple((str(k), str(v)) for k, v in annotations.items())
+    if hooks_dirs:
+        from sifpy.runtime import hooksd
+
+        # hasBindMounts: a bind the config asks for beyond the runtime's own mounts (the
+        # rootless spec's /sys rbind is one of those, and would make it always true).
+        inject.hooks += hooksd.matching(hooks_dirs, args, annotations, bool(binds), required)
     opts["inject"] = inject if inject.hooks or inject.tmpfs else None
     return LaunchSpec(Sandbox(root_path), list(args), env, cwd, binds, LaunchOptions(**opts))
 

@@ -63,6 +63,7 @@ def run_logged(
     status: str,
     annotations: dict[str, str] | None = None,
     pid: int | None = None,
+    cid: str | None = None,
 ) -> None:
     """:func:`run` for ``poststart`` and ``poststop``, whose failures the runtime spec
     makes warnings: the container has started (or ended) whatever they say."""
@@ -71,19 +72,24 @@ def run_logged(
     for hook in hooks:
         if hook["stage"] in stages:
             try:
-                run([hook], stages, bundle, status, annotations, pid)
+                run([hook], stages, bundle, status, annotations, pid, cid)
             except RuntimeSetupError as exc:
                 log.warn(exc.message)
 
 
 def state(
-    bundle: str, status: str, annotations: dict[str, str] | None = None, pid: int | None = None
+    bundle: str,
+    status: str,
+    annotations: dict[str, str] | None = None,
+    pid: int | None = None,
+    cid: str | None = None,
 ) -> str:
-    """The runtime spec's state of this container, as a hook reads it on stdin."""
+    """The runtime spec's state of this container, as a hook reads it on stdin. ``cid``:
+    the container's id (an OCI runtime's); ``sifpy exec`` names it after the pid."""
     return json.dumps(
         {
             "ociVersion": OCI_VERSION,
-            "id": f"sifpy-{os.getpid() if pid is None else pid}",
+            "id": cid or f"sifpy-{os.getpid() if pid is None else pid}",
             "status": status,
             "pid": os.getpid() if pid is None else pid,
             "bundle": bundle,
@@ -99,10 +105,11 @@ def run(
     status: str,
     annotations: dict[str, str] | None = None,
     pid: int | None = None,
+    cid: str | None = None,
 ) -> None:
     """Run the hooks of ``stages``, in order, each with the state on stdin; the first that
     fails raises :class:`RuntimeSetupError` with its status and stderr."""
-    text = state(bundle, status, annotations, pid)
+    text = state(bundle, status, annotations, pid, cid)
     for stage in stages:
         for hook in hooks:
             if hook["stage"] == stage:

@@ -33,9 +33,11 @@ def create(
     bundle: str,
     pid_file: str | None = None,
     console_socket: str | None = None,
+    hooks_dirs: tuple[list[str], list[str]] = ([], []),
 ) -> int:
-    """Create container ``cid`` from ``bundle``; return its pid (still waiting for start)."""
-    b = bundle_.load(bundle)
+    """Create container ``cid`` from ``bundle``; return its pid (still waiting for start).
+    ``hooks_dirs``: the hooks.d directories to read, and those of them that must exist."""
+    b = bundle_.load(bundle, *hooks_dirs)
     tty = _terminal(b, console_socket, detached=True)
     path = ocistate.make(root, cid)
     try:
@@ -51,7 +53,7 @@ def create(
                 os.setsid()
                 if os.fork() != 0:
                     os._exit(0)
-                _daemon(b, (ready_w, gate), tty)
+                _daemon(b, cid, (ready_w, gate), tty)
             finally:
                 os._exit(ExitStatus.LAUNCH_FAILED)
         os.close(ready_w)
@@ -133,13 +135,14 @@ def run(
     pid_file: str | None = None,
     console_socket: str | None = None,
     keep: bool = False,
+    hooks_dirs: tuple[list[str], list[str]] = ([], []),
 ) -> int:
     """Create and start ``cid`` in the foreground; return the command's exit status. The
     state is kept while it runs (``state``, ``kill`` work), and deleted after unless
     ``keep``."""
     from sifpy.runtime.process import launch
 
-    b = bundle_.load(bundle)
+    b = bundle_.load(bundle, *hooks_dirs)
     tty = _terminal(b, console_socket, detached=False)
     path = ocistate.make(root, cid)
     try:
@@ -164,13 +167,13 @@ def run(
         if tty >= 0:
             _use_terminal(tty)
         spec, poststop = _without_poststop(b)
-        opts = spec.options._replace(gate=(ready_w, gate_r))
+        opts = spec.options._replace(gate=(ready_w, gate_r), oci_id=cid, oci_bundle=b.path)
         old_umask = os.umask(b.umask) if b.umask is not None else None
         try:
             # The monitor is forked (not inline): this process keeps the host's namespaces
             # to remove the state after, and relays the signals it gets (Slurm's) as exec's.
             code = launch(spec._replace(options=opts), inline=False)
-            _post_stop(b, poststop)
+            _post_stop(b, cid, poststop)
             return code
         finally:
             if old_umask is not None:
@@ -233,7 +236,7 @@ def exec_in(
 # --- helpers ------------------------------------------------------------------------------
 
 
-def _daemon(b: bundle_.Bundle, gate: tuple[int, int], tty: int) -> None:
+def _daemon(b: bundle_.Bundle, cid: str, gate: tuple[int, int], tty: int) -> None:
     """The created container's daemon (see the module docstring); exits."""
     from sifpy.runtime.process import launch
 
@@ -247,8 +250,9 @@ def _daemon(b: bundle_.Bundle, gate: tuple[int, int], tty: int) -> None:
         if b.umask is not None:
             os.umask(b.umask)
         spec, poststop = _without_poststop(b)
-        code = launch(spec._replace(options=spec.options._replace(gate=gate)), inline=False)
-        _post_stop(b, poststop)
+        opts = spec.options._replace(gate=gate, oci_id=cid, oci_bundle=b.path)
+        code = launch(spec._replace(options=opts), inline=False)
+        _post_stop(b, cid, poststop)
     except SifpyError as exc:
         msg = f"{exc.message}\0{exc.hint or ''}".replace("\n", " ")
         os.write(ready, f"e{msg}\n".encode(errors="replace")[:3500])
@@ -276,11 +280,12 @@ def _without_poststop(b: bundle_.Bundle) -> tuple[Any, list[dict[str, object]]]:
     return b.spec._replace(options=b.spec.options._replace(inject=keep)), poststop
 
 
-def _post_stop(b: bundle_.Bundle, poststop: list[dict[str, object]]) -> None:
+def _post_stop(b: bundle_.Bundle, cid: str, poststop: list[dict[str, object]]) -> None:
     if poststop:  # failures are warnings (runtime-spec): the container has ended anyway
         from sifpy.runtime import hooks
 
-        hooks.run_logged(poststop, hooks.AFTER_STOP, b.path, "stopped")
+        # The pid the container had is gone; the state's pid is then 0 (runc's, too).
+        hooks.run_logged(poststop, hooks.AFTER_STOP, b.path, "stopped", b.annotations, 0, cid)
 
 
 def _await_created(fd: int) -> tuple[int, int]:

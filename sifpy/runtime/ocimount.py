@@ -139,3 +139,19 @@ def default_config(args: list[str], image: str) -> dict[str, object]:
         },
         "annotations": {MARK: os.path.abspath(image)},
     }
+
+
+def show_bundle(fd: int, bundle: str, session: str, taken: set[str]) -> None:
+    """Bind the bundle (pinned as ``fd``) at its own path inside the runtime's ``session``
+    tmpfs when that tmpfs covers it (a bundle under /tmp): the hooks read ``config.json``
+    at the path their state gives, and run before the container's root is entered, where
+    the session covers /tmp. ``taken``: the session's own entries, never replaced (a
+    bundle named like one stays hidden)."""
+    from sifpy.runtime import mount
+
+    rel = os.path.relpath(bundle, session)
+    if rel.startswith("..") or rel == "." or rel.split(os.sep, 1)[0] in taken:
+        return
+    target = os.path.join(session, rel)
+    os.makedirs(target, 0o700, exist_ok=True)
+    mount.bind(mount.fd_path(fd), target, what="bundle")

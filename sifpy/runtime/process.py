@@ -169,6 +169,10 @@ class LaunchOptions(NamedTuple):
     # is entered and nothing but the exec is left, writes ``r\n`` and blocks reading ``gate``
     # until ``start`` writes to it (end of file instead: it was deleted, it exits).
     gate: tuple[int, int] = (-1, -1)
+    # An OCI runtime's container: its id and bundle directory, which the hooks' state gives
+    # instead of sifpy exec's (an id from the pid, a bundle the runtime writes).
+    oci_id: str | None = None
+    oci_bundle: str | None = None
 
 
 class LaunchSpec(NamedTuple):
@@ -455,32 +459,47 @@ def _post_start(spec: LaunchSpec, started: list[int], pid: int) -> None:
         finally:
             os.close(fd)
     if started and not failed:
-        from sifpy.runtime import hooks as hooks_
-
-        hooks_.run_logged(
-            _hooks(spec, "poststart"),
-            hooks_.AFTER_START,
-            _BUNDLE,
-            "running",
-            dict(spec.options.annotations),
-            pid,
-        )
+        _after(spec, "poststart", pid)
 
 
 def _post_stop(spec: LaunchSpec, pid: int) -> None:
     """The runtime spec's ``poststop`` hooks, once the container has ended, before its
     image is unmounted."""
     if _hooks(spec, "poststop"):
-        from sifpy.runtime import hooks as hooks_
+        _after(spec, "poststop", pid)
+    if spec.options.pid_ns and _hooks_after(spec):
+        from sifpy.runtime import outside
 
-        hooks_.run_logged(
-            _hooks(spec, "poststop"),
-            hooks_.AFTER_STOP,
-            _BUNDLE,
-            "stopped",
-            dict(spec.options.annotations),
-            pid,
-        )
+        outside.stop()
+
+
+def _hooks_after(spec: LaunchSpec) -> bool:
+    return bool(_hooks(spec, "poststart") or _hooks(spec, "poststop"))
+
+
+def _after(spec: LaunchSpec, stage: str, pid: int) -> None:
+    """Run ``stage`` (poststart or poststop): through the helper outside the PID namespace
+    when there is one (:mod:`.outside`), else here."""
+    if spec.options.pid_ns:
+        from sifpy.runtime import outside
+
+        if outside.ask(stage, pid):
+            return
+    _run_after(spec, stage, pid)
+
+
+def _run_after(spec: LaunchSpec, stage: str, pid: int) -> None:
+    from sifpy.runtime import hooks as hooks_
+
+    hooks_.run_logged(
+        _hooks(spec, stage),
+        (stage,),
+        spec.options.oci_bundle or _BUNDLE,
+        "running" if stage == "poststart" else "stopped",
+        dict(spec.options.annotations),
+        pid,
+        spec.options.oci_id,
+    )
 
 
 def _not_started(started: int) -> None:
@@ -538,7 +557,14 @@ def _set_up(
     if opts.hooks or (opts.inject is not None and opts.inject.hooks):
         # Imported now: the session tmpfs may cover the package's directory (under /tmp).
         from sifpy.runtime import hooks  # noqa: F401
+
+        if opts.pid_ns and _hooks_after(spec):
+            from sifpy.runtime import outside
     overlay_fd = plan_.pin(opts.overlay, "--overlay") if opts.overlay else -1
+    # An OCI runtime's bundle under /tmp: shown again over the session (for its hooks).
+    bundle_fd = plan_.pin(opts.oci_bundle, "bundle") if opts.oci_bundle else -1
+    if bundle_fd >= 0:
+        from sifpy.runtime import ocimount  # before the session covers the package
     if isinstance(image, SifPartition) and driver.name == "python":
         serve = drivers.python_server(image_fd, image.offset)
     ns.mount("tmpfs", _SESSION, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=0700", "session")
@@ -549,6 +575,10 @@ def _set_up(
     os.mkdir(_FILES)
     # The generated files are bind sources, so they need a mount that is not unbindable.
     ns.mount("tmpfs", _FILES, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=0755", "files")
+    if bundle_fd >= 0:
+        taken = {os.path.basename(p) for p in (_BUNDLE, _IMAGE, _ROOT, _FILES, _RW, _OVERLAY)}
+        ocimount.show_bundle(bundle_fd, str(opts.oci_bundle), _SESSION, taken)
+        os.close(bundle_fd)
     if served is not None:
         servers.append(_attach_served(served))
     elif not isinstance(image, SifPartition):
@@ -579,6 +609,10 @@ def _set_up(
         root_fd = os.open(_IMAGE, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         mount.prefetch(root_fd, opts.prefetch, spec.env.get("PATH", DEFAULT_PATH))
     if opts.pid_ns:
+        if _hooks_after(spec):  # see runtime.outside: they can't run in the new namespace
+            from sifpy.runtime import outside
+
+            outside.start(lambda stage, pid: _run_after(spec, stage, pid))
         ns.unshare(ns.CLONE_NEWPID)  # our next child is PID 1 of a new namespace
     me = os.getpid()
     # poststart hooks: a pipe whose write end the command's exec closes (started).
@@ -755,11 +789,20 @@ def _container(
         root = _assemble(spec, ident, plan, cwd_fd)
         hooks = _all_hooks(spec)
         annotations = dict(spec.options.annotations)
+        cid, bundle = spec.options.oci_id, spec.options.oci_bundle
         if hooks:  # OCI hooks (runtime.hooks): the root is complete, not yet entered
             from sifpy.runtime import hooks as hooks_
 
-            hooks_.write_bundle(_BUNDLE, root, spec.argv, spec.env, annotations)
-            hooks_.run(hooks, hooks_.BEFORE_PIVOT, _BUNDLE, "creating", annotations)
+            # The pid as the host sees it (the state's, as runc gives it): the host's /proc
+            # is still mounted here, whatever PID namespace this process is in.
+            try:
+                host_pid = int(os.readlink("/proc/self"))
+            except (OSError, ValueError):
+                host_pid = os.getpid()
+            if bundle is None:
+                hooks_.write_bundle(_BUNDLE, root, spec.argv, spec.env, annotations)
+            stages = hooks_.BEFORE_PIVOT
+            hooks_.run(hooks, stages, bundle or _BUNDLE, "creating", annotations, host_pid, cid)
         # A mount namespace of our own (a copy, binds included) before pivot_root, which
         # re-roots *every* process of the namespace that shares the old root: the monitor
         # and its FUSE servers must keep the host's root (fuse-overlayfs reaches its layers
@@ -774,7 +817,9 @@ def _container(
         os.chdir("/")
         cwd = _enter_cwd(spec, ident)
         if hooks:
-            hooks_.run(hooks, ("startContainer",), "/", "created", annotations)
+            hooks_.run(
+                hooks, ("startContainer",), bundle or "/", "created", annotations, host_pid, cid
+            )
         if keeper >= 0:
             os.write(keeper, b"k")
             os.close(keeper)
