@@ -352,3 +352,42 @@ def test_bad_hook_file_names_file_and_field(
     )
     assert res.returncode == 125
     assert f"can't read hooks directory: {hooks_home / 'nope'}: no such directory" in res.stderr
+
+
+@pytest.mark.unpriv
+def test_poststart_poststop_with_a_pid_namespace(
+    runtime_ready: UserRunner,
+    images: dict[str, Any],
+    hooks_home: Path,
+    no_leftovers: None,
+) -> None:
+    """With ``--pid`` the hooks after the start still run: a poststart hook outlives a short
+    command (the namespace's end kills every process in it), and a poststop hook starts
+    once the namespace's init is gone (it takes no new process then)."""
+    site, out = hooks_home / "site", hooks_home / "out"
+    proof = str(hooks_home / "proof")
+    for stage in ("poststart", "poststop"):
+        hook = _hook("pid", stage, proof, out, {"always": True})
+        if stage == "poststart":  # slower than the command: must not be killed with it
+            hook["hook"]["path"] = "/bin/sh"
+            hook["hook"]["args"] = ["sh", "-c", f"sleep 0.5; {proof} pid poststart"]
+        _write(site / f"10-{stage}.json", hook, runtime_ready)
+    image = images["plain"]["sif"]
+    res = runtime_ready(
+        [
+            "/usr/bin/python3",
+            "-m",
+            "sifpy",
+            "exec",
+            "--pid",
+            "--hooks-dir",
+            str(site),
+            image,
+            "true",
+        ]
+    )
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+    proofs = _proofs(out)
+    assert set(proofs) == {"pid.poststart", "pid.poststop"}, res.stderr
+    assert proofs["pid.poststop"]["state"]["status"] == "stopped"
+    assert proofs["pid.poststart"]["state"]["pid"] > 1  # the host's pid of the command
