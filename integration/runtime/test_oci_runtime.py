@@ -470,3 +470,51 @@ def test_hooksd_hooks_with_the_containers_state(
         config.pop("annotations", None)
         _configure(oci_bundle, ["true"], **config)
         shutil.rmtree(top)
+
+
+def test_masked_and_readonly_paths_as_runc(
+    runtime_ready: UserRunner, oci_bundle: Path, workdir: Path, no_leftovers: None
+) -> None:
+    """``runc spec --rootless``'s linux.maskedPaths and linux.readonlyPaths: masked files read
+    as empty, masked directories are empty, a read-only path refuses writes; the same under
+    runc and sifpy oci."""
+    config = json.loads((oci_bundle / "config.json").read_text())
+    linux = config["linux"]
+    assert "/proc/kcore" in linux["maskedPaths"] and "/proc/sys" in linux["readonlyPaths"]
+    saved = dict(linux)
+    # A directory of the image masked and one made read-only, so both kinds are seen
+    # whatever the host's /proc and /sys have.
+    linux["maskedPaths"] = [*linux["maskedPaths"], "/etc", "/bin/busybox-missing"]
+    linux["readonlyPaths"] = [*linux["readonlyPaths"], "/root"]
+    config["root"]["readonly"] = False
+    cmd = (
+        "for f in /proc/kcore /proc/keys /proc/timer_list; do"
+        ' [ -e $f ] && echo "$f $(wc -c < $f)"; done;'
+        " echo etc: $(ls -A /etc | wc -l);"
+        " touch /etc/x 2>/dev/null && echo etc writable;"
+        " touch /root/x 2>/dev/null && echo root writable;"
+        " { echo 1 > /proc/sys/kernel/ns_last_pid; } 2>/dev/null && echo proc/sys writable;"
+        " grep -c ' /proc/sys ' /proc/self/mountinfo; echo done"
+    )
+    config["process"]["args"] = ["sh", "-c", cmd]
+    config["process"]["terminal"] = False
+    (oci_bundle / "config.json").write_text(json.dumps(config))
+    try:
+        results = {}
+        for rt, argv in _runtimes(workdir, runtime_ready, "masked").items():
+            res = runtime_ready([*argv, "run", "--bundle", str(oci_bundle), f"masked-{rt}"])
+            results[rt] = (res.returncode, res.stdout, res.stderr)
+        assert results["sifpy"] == results["runc"]
+        code, out, err = results["runc"]
+        assert code == 0 and err == "", err
+        lines = out.splitlines()
+        # /proc/timer_list is unreadable to the user unless masked by /dev/null (then empty).
+        assert "/proc/timer_list 0" in lines and "etc: 0" in lines and lines[-1] == "done", out
+        if os.path.exists("/proc/kcore"):  # not on every kernel
+            assert "/proc/kcore 0" in lines, out
+        assert not [ln for ln in lines if "writable" in ln], out
+        assert int(lines[-2]) >= 1, out  # /proc/sys is a mount of its own (the read-only bind)
+    finally:
+        config["linux"] = saved
+        config["root"]["readonly"] = True
+        (oci_bundle / "config.json").write_text(json.dumps(config))

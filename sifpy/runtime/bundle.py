@@ -10,10 +10,9 @@ systems it provides itself: proc, sysfs, devpts, the /dev tmpfs), ``hostname``,
 namespace, a custom seccomp profile, device nodes, sysctls, ids outside the mapping) is an
 error naming the field. Unknown fields are ignored, as the spec requires.
 
-Accepted without effect, on purpose: ``linux.maskedPaths`` and ``linux.readonlyPaths``
-(the files they hide, such as /proc/kcore or /proc/sys, belong to the initial user
-namespace, where the container has no privilege: the kernel already refuses it what
-masking would), ``process.noNewPrivileges: false`` (sifpy always sets no_new_privs),
+``linux.maskedPaths`` and ``linux.readonlyPaths`` are applied as runc applies them
+(:mod:`sifpy.runtime.ocipaths`). Accepted without effect, on purpose:
+``process.noNewPrivileges: false`` (sifpy always sets no_new_privs),
 ``linux.cgroupsPath`` (no cgroup is made), ``/dev/mqueue`` (not mounted).
 """
 
@@ -197,6 +196,12 @@ def _spec(
             )
         opts["hostname"] = hostname
     _refuse_linux(cp, linux)
+    for field, key in (("maskedPaths", "masked_paths"), ("readonlyPaths", "readonly_paths")):
+        paths = _get(linux, f"linux.{field}", list, cp, [])
+        for i, p in enumerate(paths):
+            if not isinstance(p, str) or not p.startswith("/"):
+                raise _bad(cp, f"linux.{field}[{i}]", f"{p!r}: not an absolute path")
+        opts[key] = tuple(paths)
     inject = Injection()
     binds = _mounts(cp, bundle, c, opts, inject)
     # The one place the hooks are gathered: hooks from elsewhere (hooks.d directories,

@@ -173,6 +173,9 @@ class LaunchOptions(NamedTuple):
     # instead of sifpy exec's (an id from the pid, a bundle the runtime writes).
     oci_id: str | None = None
     oci_bundle: str | None = None
+    # config.json's linux.maskedPaths and linux.readonlyPaths (runtime.ocipaths).
+    masked_paths: tuple[str, ...] = ()
+    readonly_paths: tuple[str, ...] = ()
 
 
 class LaunchSpec(NamedTuple):
@@ -560,6 +563,8 @@ def _set_up(
 
         if opts.pid_ns and _hooks_after(spec):
             from sifpy.runtime import outside
+    if opts.masked_paths or opts.readonly_paths:  # used after pivot_root
+        from sifpy.runtime import ocipaths  # noqa: F401
     overlay_fd = plan_.pin(opts.overlay, "--overlay") if opts.overlay else -1
     # An OCI runtime's bundle under /tmp: shown again over the session (for its hooks).
     bundle_fd = plan_.pin(opts.oci_bundle, "bundle") if opts.oci_bundle else -1
@@ -815,6 +820,11 @@ def _container(
         ns.pivot_root(".", ".")
         ns.umount2(".", ns.MNT_DETACH)
         os.chdir("/")
+        if spec.options.masked_paths or spec.options.readonly_paths:
+            from sifpy.runtime import ocipaths  # imported before the session covered /tmp
+
+            ocipaths.make_readonly(spec.options.readonly_paths)  # runc's order
+            ocipaths.mask(spec.options.masked_paths)
         cwd = _enter_cwd(spec, ident)
         if hooks:
             hooks_.run(

@@ -78,6 +78,7 @@ def test_rootless_spec(tmp_path: Path) -> None:
     assert list(spec.binds) == [(str(tmp_path), "/data", True)]
     assert opts.fakeroot and opts.pid_ns and opts.no_init and opts.ipc_ns and opts.uts_ns
     assert not opts.net_ns and not opts.writable and opts.contain
+    assert (opts.masked_paths, opts.readonly_paths) == (("/proc/kcore",), ("/proc/sys",))
     assert opts.hostname == "runc"
     assert opts.rlimits == ((resource.RLIMIT_NOFILE, 1024, 1024),)
     assert opts.caps == (1 << 29) | (1 << 5) | (1 << 10)  # AUDIT_WRITE, KILL, NET_BIND_SERVICE
@@ -154,6 +155,8 @@ def _set(path: str, value: Any) -> Any:
         ),
         ("hostname", lambda c: c["linux"].update(namespaces=[{"type": "user"}])),
         ("hooks.prestart[0].path", _set("hooks", {"prestart": [{"path": "rel"}]})),
+        ("linux.maskedPaths[1]", _linux("maskedPaths", ["/proc/kcore", "proc/keys"])),
+        ("linux.readonlyPaths", _linux("readonlyPaths", "/proc/sys")),
     ],
 )
 def test_refused_field_is_named(tmp_path: Path, field: str, change: Any) -> None:
