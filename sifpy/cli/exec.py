@@ -437,10 +437,15 @@ def _check_duration(value: str) -> None:
 
 
 def open_image(
-    path: str, verify: bool = False, verify_keys: list[str] | None = None, fd: int = -1
+    path: str,
+    verify: bool = False,
+    verify_keys: list[str] | None = None,
+    fd: int = -1,
+    oci_config: dict[str, Any] | None = None,
 ) -> tuple[SifPartition | Sandbox, int]:
     """Open the image once (verifying it if asked or required); returns what to mount
-    and the fd that must stay open. ``fd``: the image, already open (the starter's)."""
+    and the fd that must stay open. ``fd``: the image, already open (the starter's).
+    ``oci_config``: filled with an OCI-SIF's image config (Env, Entrypoint, ...)."""
     if fd < 0:
         try:
             # O_NONBLOCK: opening a FIFO (or a device) given as the image must not block;
@@ -477,7 +482,14 @@ def open_image(
         if img.find(F.DataType.OCI_ROOT_INDEX):  # an OCI-SIF, maybe: JSON only then
             from sifpy.sif import ocisif
 
-            part = ocisif.rootfs(img)
+            if ocisif.is_ocisif(img):
+                oci = ocisif.read_image(img)
+                part = oci.rootfs(img.path)
+                if oci_config is not None:  # what the image runs (see _oci_image_config)
+                    own = oci.config.get("config")
+                    oci_config.update(own if isinstance(own, dict) else {})
+            else:
+                part = ocisif.rootfs(img)
         else:
             part = img.primary_partition()
             if part.partition().fstype != F.FSType.SQUASH:
@@ -491,6 +503,37 @@ def open_image(
     # The monitor opens /proc/self/fd/N: the same open file, so what was checked here is
     # what squashfuse serves even if the path is replaced meanwhile.
     return SifPartition(f"/proc/self/fd/{fd}", part.offset, part.size), fd
+
+
+def _oci_image_config(
+    action: str, a: Any, args: list[str], config: dict[str, Any]
+) -> list[str] | None:
+    """An OCI-SIF's image config, as Apptainer's OCI mode runs it: ``Env`` set before the
+    user's own variables (passed as the first part of the env file, so --env-file and
+    --env override it), ``WorkingDir`` as the default --pwd, and for ``run`` the
+    ``Entrypoint`` followed by the arguments, or by ``Cmd`` without any. Returns the
+    command for ``run`` (None: the action's own)."""
+    from sifpy.runtime.action import action_argv
+
+    lines = []
+    for entry in config.get("Env") or []:
+        name, eq, value = str(entry).partition("=")
+        if eq and name.isidentifier():  # literal values: single-quoted, nothing evaluated
+            lines.append(f"{name}='{value.replace(chr(39), chr(39) + chr(92) + chr(39) * 2)}'")
+    a.image_env = "\n".join(lines) + "\n" if lines else None
+    workdir = config.get("WorkingDir")
+    if isinstance(workdir, str) and workdir.startswith("/") and not a.pwd:
+        a.pwd = workdir
+    if action != "run":
+        return None
+    entrypoint = [str(x) for x in config.get("Entrypoint") or []]
+    cmd = [str(x) for x in config.get("Cmd") or []]
+    argv = entrypoint + (args or cmd)
+    return action_argv("exec", argv) if argv else None
+
+
+def _join_env(image: str | None, user: str | None) -> str | None:
+    return user if image is None else image + (user or "")
 
 
 def devices(a: Any) -> Injection:
@@ -560,13 +603,15 @@ def _main(argv: list[str], prog: str) -> int:
             from sifpy.cli.pull import pull_to_cache
 
             a.image = pull_to_cache(a.image)
+        oci_config: dict[str, Any] = {}
         if served is None:
-            image, fd = open_image(a.image, a.verify or bool(a.verify_key), a.verify_key)
+            verify = a.verify or bool(a.verify_key)
+            image, fd = open_image(a.image, verify, a.verify_key, -1, oci_config)
         else:  # the file served is the file validated and run
             log.verbose("note: the starter entered the namespaces and served the image")
             # open_image owns the fd from here: it closes it when it fails.
             taken, fd = fd, -1
-            image, fd = open_image(a.image, False, None, taken)
+            image, fd = open_image(a.image, False, None, taken, oci_config)
             if served.offset != getattr(image, "offset", None) or served.fakeroot != a.fakeroot:
                 raise RuntimeSetupError("can't start container: the starter served another image")
         if a.overlay:
@@ -579,6 +624,8 @@ def _main(argv: list[str], prog: str) -> int:
 
         args = ([a.command] if action == "exec" else []) + a.args
         command = action_argv(action, args)
+        if oci_config:
+            command = _oci_image_config(action, a, args, oci_config) or command
         # The action script's shell, then the command: both start cold on a fresh mount.
         prefetch = (command[0], *args[:1]) if action == "exec" else (command[0],)
         driver = "unsquash" if a.unsquash else a.mount_driver
@@ -824,7 +871,9 @@ def _spec(
     env = renv.process_env(
         host=renv.host_env(environ, a.cleanenv, renv.parse_no_env(a.no_env, environ)),
         injected=injected,
-        env_file=renv.read_env_files(a.env_file, a.no_eval),
+        env_file=_join_env(
+            getattr(a, "image_env", None), renv.read_env_files(a.env_file, a.no_eval)
+        ),
         late=env_opts,
         no_eval=a.no_eval,
         home=home_dest or ident.home,
