@@ -524,7 +524,7 @@ def _oci_image_config(
     workdir = config.get("WorkingDir")
     if isinstance(workdir, str) and workdir.startswith("/") and not a.pwd:
         a.pwd = workdir
-    if action != "run":
+    if action != "run" or a.app:  # a SCIF app's runscript is the image's own
         return None
     entrypoint = [str(x) for x in config.get("Entrypoint") or []]
     cmd = [str(x) for x in config.get("Cmd") or []]
