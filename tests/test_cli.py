@@ -108,6 +108,50 @@ def test_exec_family_exits_with_its_messages_flushed() -> None:
     assert r.stderr.startswith("error: can't open image: /nonexistent.sif")
 
 
+def test_exec_family_starts_without_cyclic_collections() -> None:
+    """The collector is paused while exec/run/shell/test start a container: the exec path's
+    imports alone trigger several collections (~0.3 ms of every start, bench/exec). A
+    collection that starts after sifpy.cli is imported is printed; none may run."""
+    code = (
+        f"import gc, os, sys; sys.path.insert(0, {str(REPO)!r}); from sifpy.cli import entry; "
+        "gc.callbacks.append(lambda phase, info: phase == 'start' and os.write(2, b'collect\\n')); "
+        "sys.argv = ['sifpy', 'exec', '/nonexistent.sif', 'true']; entry()"
+    )
+    r = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=False
+    )
+    assert r.returncode == 125
+    assert r.stderr.startswith("error: can't open image: /nonexistent.sif"), r.stderr
+    assert "collect" not in r.stderr
+
+
+def test_other_commands_and_the_monitor_collect() -> None:
+    """Every other command runs with the collector on (a build or a pull may run for hours),
+    and so does a start once it only waits for the container (the monitor)."""
+    import gc
+    import signal
+
+    from sifpy.cli import _dispatch
+    from sifpy.runtime import process
+
+    try:
+        gc.disable()
+        assert _dispatch(["version"]) == ("version", 0)
+        assert gc.isenabled()
+        gc.disable()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(3)
+            assert os.waitstatus_to_exitcode(process._supervise(pid, pid, False)) == 3
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_launcher_script_runs_without_site(tmp_path: Path) -> None:
     """The launcher script (make venv writes .venv/bin/sifpy when no C compiler is there):
     Python with -I -S and the directories site would have added listed in the script, so

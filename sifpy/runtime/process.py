@@ -32,6 +32,7 @@ pipe, which the successful ``execve`` closes.
 
 from __future__ import annotations
 
+import gc
 import os
 import stat
 import sys
@@ -343,6 +344,7 @@ def _supervise(main: int, forward_to: int, reap_all: bool) -> int:
     before this loop) and taken synchronously with sigwaitinfo: no handler ever runs, and the
     si_code tells a terminal's signal from a kill(2).
     """
+    gc.enable()  # paused while the container started (sifpy.cli.entry); this may wait long
     while True:
         info = signal.sigwaitinfo(_WAITED)
         if info.si_signo != signal.SIGCHLD:

@@ -631,10 +631,12 @@ def _serve(
 ) -> None:
     """Answer joins and watch the members until the last one is gone (or, ``persistent``,
     until told to stop); returns with the lock held (no rank can be joining)."""
+    import gc
     import select
     import signal
     import time
 
+    gc.enable()  # paused while the first rank started (sifpy.cli.entry); this lives long
     members: dict[int, int] = {}  # pidfd -> pid
     poller = select.poll()
     poller.register(listener.fileno(), select.POLLIN)
