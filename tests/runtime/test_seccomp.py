@@ -85,3 +85,121 @@ def test_filter_programs_assemble() -> None:
             code, jt, jf, _ = struct.unpack("=HBBI", prog[8 * i : 8 * i + 8])
             if code & 0x07 == 0x05:  # BPF_JMP
                 assert i + 1 + max(jt, jf) < len(prog) // 8
+
+
+# --- what the kernel can cache --------------------------------------------------------------
+#
+# Since Linux 5.11 (kernel/seccomp.c, seccomp_cache_prepare), a filter is not run at all for a
+# syscall whose answer is ALLOW whatever its arguments: the kernel emulates the program once
+# per (arch, nr) with only those two known, and records the constant ALLOWs in a bitmap. A
+# program that loads anything else (an argument, the instruction pointer) on a syscall's way,
+# or uses an instruction the emulator doesn't know, runs on every such syscall of the payload,
+# HPC codes making millions. The interpreter below follows that emulation: on the way to a
+# return, a load of any other field makes the answer "not constant" (None).
+
+_LD_W_ABS, _RET_K, _JA = 0x20, 0x06, 0x05
+_JUMPS = {0x15: "jeq", 0x25: "jgt", 0x35: "jge", 0x45: "jset"}
+_AND_K = 0x54
+_ALLOW = 0x7FFF0000
+_NATIVE_AND_COMPAT = {"x86_64": (0xC000003E, 0x40000003), "aarch64": (0xC00000B7, 0x40000028)}
+
+
+def run_bpf(prog: bytes, arch: int, nr: int, args: tuple[int, ...] | None = None) -> int | None:
+    """The filter's answer for (arch, nr) and, if given, the arguments; without them, None
+    where the answer depends on anything but arch and nr (as the kernel's emulator sees it)."""
+    insns = [struct.unpack("=HBBI", prog[i : i + 8]) for i in range(0, len(prog), 8)]
+    acc, pc = 0, 0
+    while True:
+        code, jt, jf, k = insns[pc]
+        pc += 1
+        if code == _LD_W_ABS:
+            if k == 0:
+                acc = nr
+            elif k == 4:
+                acc = arch
+            elif args is not None and 16 <= k < 64 and k % 4 == 0:
+                word = args[(k - 16) // 8] & 0xFFFFFFFFFFFFFFFF
+                acc = (word >> 32) if k % 8 else (word & 0xFFFFFFFF)
+            else:
+                return None
+        elif code == _AND_K:
+            acc &= k
+        elif code == _RET_K:
+            return k
+        elif code == _JA:
+            pc += k
+        elif code in _JUMPS:
+            op = _JUMPS[code]
+            taken = {
+                "jeq": acc == k,
+                "jgt": acc > k,
+                "jge": acc >= k,
+                "jset": bool(acc & k),
+            }[op]
+            pc += jt if taken else jf
+        else:
+            return None  # the kernel's emulator gives up on any other instruction
+
+
+@pytest.mark.parametrize("machine", sorted(_NATIVE_AND_COMPAT))
+@pytest.mark.parametrize("confine", [False, True])
+def test_payload_filter_is_a_constant_allow_but_for_what_it_inspects(
+    machine: str, confine: bool
+) -> None:
+    """On the machine's native ABI and its compat ABI, every syscall number the kernel caches
+    (0..1023 covers every table) is a constant ALLOW, but ioctl (and, for a build's %post,
+    unshare and clone, whose flags are read; clone3 is a constant ENOSYS)."""
+    prog = seccomp.payload_filter(confine)
+    for arch in _NATIVE_AND_COMPAT[machine]:
+        ioctls, unshares, clones, clone3s = seccomp._PAYLOAD_ARCHES[arch]
+        inspected = {nr for nr in ioctls if nr < 1024}  # x32's carry bit 30: never cached
+        if confine:
+            inspected |= set(unshares) | set(clones)
+        for nr in range(1024):
+            got = run_bpf(prog, arch, nr)
+            if nr in inspected:
+                assert got is None, (hex(arch), nr)
+            elif confine and nr in clone3s:
+                assert got == 0x00050000 | errno.ENOSYS, (hex(arch), nr)
+            else:
+                assert got == _ALLOW, (hex(arch), nr, got)
+
+
+@pytest.mark.parametrize("arch", sorted(seccomp._PAYLOAD_ARCHES))
+def test_payload_filter_refuses_tiocsti_on_every_abi(arch: int) -> None:
+    """The answers the filter gives with the arguments known, on each of the four ABIs (x32's
+    ioctl included): the compat ABIs can't be tried on a 64-bit test machine."""
+    prog = seccomp.payload_filter(False)
+    eperm = 0x00050000 | errno.EPERM
+    for nr in seccomp._PAYLOAD_ARCHES[arch][0]:
+        for request in (0x5412, 0xFFFFFFFF00005412, 0x541C):
+            assert run_bpf(prog, arch, nr, (3, request, 0, 0, 0, 0)) == eperm
+        assert run_bpf(prog, arch, nr, (3, 0x5413, 0, 0, 0, 0)) == _ALLOW  # TIOCGWINSZ
+    # An ABI the filter doesn't list passes whole (it can't occur on these machines).
+    assert run_bpf(prog, 0x12345678, 16) == _ALLOW
+
+
+@pytest.mark.parametrize("machine", sorted(_NATIVE_AND_COMPAT))
+def test_root_emulation_filter_inspects_only_mknod(machine: str) -> None:
+    prog = seccomp.build_filter(machine)
+    assert prog is not None
+    audit_arch, calls, mknods = seccomp._ARCHES[machine]
+    for nr in range(1024):
+        got = run_bpf(prog, audit_arch, nr)
+        if nr in mknods:
+            assert got is None
+        elif nr in calls.values():
+            assert got == 0x00050000  # "succeeds", doing nothing
+        else:
+            assert got == _ALLOW, (nr, got)
+
+
+def test_the_interpreter_sees_what_defeats_the_cache() -> None:
+    """run_bpf is no rubber stamp: a program that reads the instruction pointer or an
+    argument before it decides on nr, or uses an instruction the kernel's emulator lacks,
+    is "not constant" for every syscall, as the kernel then runs it on each."""
+    for first in ((0x20, 8), (0x20, 16), (0x61, 0)):  # load ip, load args[0], BPF_LDX_MEM
+        p = seccomp._Prog()
+        p.op(*first)
+        p.op(0x06, _ALLOW)
+        assert run_bpf(p.assemble(), 0xC000003E, 39) is None
