@@ -238,23 +238,29 @@ PR_CAPBSET_DROP = 24
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 
 
-def set_seccomp_filter(prog: bytes) -> None:
-    """Install the classic-BPF program ``prog`` (``struct sock_filter[]`` bytes) on the calling
-    thread with ``prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER)``; it is inherited by every
-    child and kept across ``execve``. The caller sets no_new_privs first (the kernel requires
-    it without CAP_SYS_ADMIN). Filters stack: every installed one runs, the most
-    restrictive answer wins.
-    """
-    buf = _c_buffer(prog)
+def seccomp_fprog(prog: bytes) -> Any:
+    """The C ``struct sock_fprog`` for the classic-BPF program ``prog`` (``struct
+    sock_filter[]`` bytes), for :func:`set_seccomp_filter`. Build it before forking the
+    process that installs it: in a freshly forked child, making it (a ctypes class, the pages
+    it touches copied) costs ~0.2 ms of every container start."""
     # struct sock_fprog { unsigned short len; struct sock_filter *filter; }: on the 64-bit
-    # ABIs supported, the pointer sits at offset 8 (6 bytes of padding after len).
+    # ABIs supported, the pointer sits at offset 8 (6 bytes of padding after len). One C
+    # buffer holds it and, after it, the program.
     order = sys.byteorder
-    fprog = _c_buffer(
-        (len(prog) // 8).to_bytes(2, order) + bytes(6) + _ctypes.addressof(buf).to_bytes(8, order)
-    )
+    buf = _c_buffer((len(prog) // 8).to_bytes(2, order) + bytes(14) + prog)
+    buf[8:16] = (_ctypes.addressof(buf) + 16).to_bytes(8, order)
+    return buf
+
+
+def set_seccomp_filter(fprog: Any) -> None:
+    """Install the filter ``fprog`` (:func:`seccomp_fprog`) on the calling thread with
+    ``prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER)``; it is inherited by every child and kept
+    across ``execve``. The caller sets no_new_privs first (the kernel requires it without
+    CAP_SYS_ADMIN). Filters stack: every installed one runs, the most restrictive answer
+    wins.
+    """
     if _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, _ctypes.addressof(fprog), 0, 0) != 0:
         raise _fail("install", "seccomp filter", get_errno())
-    del buf, fprog  # the kernel copied the program
 
 
 def limit_caps(keep: int) -> None:

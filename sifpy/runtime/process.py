@@ -557,6 +557,7 @@ def _set_up(
             own_fd = os.open(image.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     cwd_fd = plan_.pin(spec.cwd, "cwd") if os.path.isdir(spec.cwd) else -1
     plan = plan_.plan(spec, ident)
+    seccomp.prepare_payload_filter(opts.confine)  # here, not in the forked container (~0.3 ms)
     if opts.rlimits:  # used by the container after pivot_root (ns.set_rlimit)
         import resource  # noqa: F401
     if opts.hooks or (opts.inject is not None and opts.inject.hooks):

@@ -118,17 +118,18 @@ class _Prog:
         self.labels[name] = len(self.ops)
 
     def assemble(self) -> bytes:
-        out = b""
+        # struct sock_filter { __u16 code; __u8 jt; __u8 jf; __u32 k; }, native order. Built
+        # in the container's first process on every start: one plain loop, no closures.
+        order, labels, out = sys.byteorder, self.labels, []
         for i, (code, jt, jf, k) in enumerate(self.ops):
-
-            def rel(t: int | str, i: int = i) -> int:
-                return t if isinstance(t, int) else self.labels[t] - i - 1
-
-            # struct sock_filter { __u16 code; __u8 jt; __u8 jf; __u32 k; }, native order
-            order = sys.byteorder
-            out += code.to_bytes(2, order) + bytes((rel(jt), rel(jf)))
-            out += (k & 0xFFFFFFFF).to_bytes(4, order)
-        return out
+            if isinstance(jt, str):
+                jt = labels[jt] - i - 1
+            if isinstance(jf, str):
+                jf = labels[jf] - i - 1
+            out.append(
+                code.to_bytes(2, order) + bytes((jt, jf)) + (k & 0xFFFFFFFF).to_bytes(4, order)
+            )
+        return b"".join(out)
 
 
 def build_filter(machine: str | None = None) -> bytes | None:
@@ -174,7 +175,7 @@ def install() -> bool:
     if prog is None:
         return False
     ns.set_no_new_privs()
-    ns.set_seccomp_filter(prog)
+    ns.set_seccomp_filter(ns.seccomp_fprog(prog))
     return True
 
 
@@ -235,6 +236,18 @@ def payload_filter(confine: bool = False) -> bytes:
     return p.assemble()
 
 
+_prepared: dict[bool, object] = {}  # confine -> the payload's filter, ready to install
+
+
+def prepare_payload_filter(confine: bool = False) -> None:
+    """Build the payload's filter now, for :func:`install_payload_filter` in a child forked
+    later: built there, in a fresh copy of this process, it costs ~0.4 ms of every start
+    (the pages its objects touch are copied; measured in a forked child: 0.25 ms for the
+    program, 0.15 ms for its C struct), built here ~0.07 ms."""
+    if confine not in _prepared:
+        _prepared[confine] = ns.seccomp_fprog(payload_filter(confine))
+
+
 def install_payload_filter(confine: bool = False) -> None:
     """Install :func:`payload_filter` on the calling thread; no_new_privs must be set.
 
@@ -244,8 +257,10 @@ def install_payload_filter(confine: bool = False) -> None:
     checks that no change loses this. Measured (CPU time of a getppid() loop, 2-CPU VM,
     kernel 6.18): 66 ns without a filter, 75 ns under an allow-all filter (the seccomp
     entry path any filter costs), 76 ns under this one, 93 ns under a program that reads
-    an argument first. Installing it (one filter, once per container) takes 0.1 ms.
+    an argument first. The prctl installing it takes 15 us (one filter, once per
+    container); build it beforehand with :func:`prepare_payload_filter`.
     SECCOMP_FILTER_FLAG_SPEC_ALLOW changed nothing here (this kernel forces no store-bypass
     mitigation on filtered tasks).
     """
-    ns.set_seccomp_filter(payload_filter(confine))
+    prepare_payload_filter(confine)
+    ns.set_seccomp_filter(_prepared[confine])
