@@ -880,14 +880,17 @@ def _spec(
         runtime=runtime,
         uid=0 if a.fakeroot else ident.uid,
     )
-    from sifpy.runtime.mpi import launcher_binds
+    launcher: list[tuple[str, str, bool]] = []
+    if any(name.startswith("PMIX_") for name in environ):  # the module only where it matters
+        from sifpy.runtime.mpi import launcher_binds
 
+        launcher = launcher_binds(environ)
     spec = LaunchSpec(
         image=image,
         argv=command,
         env=env,
         cwd=cwd,
-        binds=[*launcher_binds(environ), *binds],  # the user's binds win
+        binds=[*launcher, *binds],  # the user's binds win
         options=LaunchOptions(
             fakeroot=a.fakeroot,
             contain=a.contain,

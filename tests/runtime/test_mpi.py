@@ -31,3 +31,12 @@ def test_only_existing_absolute_directories(tmp_path: Path) -> None:
     }
     assert launcher_binds(environ) == [(str(store), str(store), False)]
     assert launcher_binds({}) == []
+
+
+def test_every_job_directory_variable_starts_with_pmix() -> None:
+    """``sifpy exec`` imports this module only when a variable starting with ``PMIX_`` is
+    set (one module less on every other start): a variable named here that didn't would be
+    missed."""
+    from sifpy.runtime import mpi
+
+    assert mpi.PMIX_DIRS and all(name.startswith("PMIX_") for name in mpi.PMIX_DIRS)
