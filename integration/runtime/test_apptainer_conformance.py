@@ -399,6 +399,9 @@ BIND_CASES = [
     ("CustomHomeBindWritableOK", ["--home", "{home}:/home/e2e", "--bind", "{canary}:/home/e2e/canaryRW",
                                   "--writable", "{sandbox}", "test", "-f", "/home/e2e/canaryRW/file"],
      0, "{home}/canaryRW"),
+    # The home's top-level directory (/canary) is missing in the sandbox: nothing is created.
+    ("CustomHomeBindWritableKO", ["--home", "{canary}:/canary", "--writable", "{sandbox}", "true"],
+     125, None),
     ("WorkdirTmpBind", ["--workdir", "{work}", "--contain", "--bind", "{canary}:/tmp/canary/dir",
                         "{sandbox}", "test", "-f", "/tmp/canary/dir/file"], 0, "{work}/tmp/canary/dir"),
     ("WorkdirTmpBindWritable", ["--writable", "--workdir", "{work}", "--contain", "--bind",
@@ -447,6 +450,7 @@ def test_action_binds(
     # Nothing is left behind in the sandbox (with --writable too).
     assert set(os.listdir(images["sandbox"])) == before
     assert not os.path.exists(os.path.join(images["sandbox"], "canary"))
+    assert not os.path.exists(os.path.join(images["sandbox"], "home", "e2e"))
 
 
 def test_nested_bind_on_a_sif(conf: Sifpy, images: dict[str, str], ws: dict[str, str]) -> None:

@@ -927,6 +927,8 @@ def _assemble(spec: LaunchSpec, ident: Identity, plan: list[plan_.Mount], cwd_fd
         res.close()
         if res.missing:
             plan.append(plan_.Mount(spec.cwd, "bind", cwd_fd))
+    if opts.writable:
+        _stage_home(image_fd, spec, ident, plan)
     overlay = opts.writable_tmpfs or opts.overlay
     if opts.writable:
         root = _IMAGE
@@ -959,6 +961,36 @@ def _assemble(spec: LaunchSpec, ident: Identity, plan: list[plan_.Mount], cwd_fd
     if not opts.writable and not overlay:
         mount.remount(root, readonly=True, what="container root")
     return root
+
+
+def _stage_home(image_fd: int, spec: LaunchSpec, ident: Identity, plan: list[plan_.Mount]) -> None:
+    """The home of a ``--writable`` sandbox, as Apptainer mounts it without a layer (its
+    addHomeNoLayer, https://github.com/apptainer/apptainer/blob/main/internal/pkg/runtime/
+    engine/apptainer/container_linux.go): a staging directory replaces the home's top-level
+    directory, which the sandbox must have ("destination ... doesn't exist in container");
+    nothing is created in the sandbox. Only when the home itself is missing there: an
+    existing one is bound directly, hiding nothing else under its top-level directory."""
+    opts = spec.options
+    if opts.no_home or "home" in opts.no_mount:
+        return
+    dest = opts.home_dest or opts.home or ident.home
+    at = next((i for i, m in enumerate(plan) if m.dest == dest), -1)
+    if at < 0 or dest == "/":
+        return
+    res = mount.resolve(image_fd, dest)
+    res.close()
+    if not res.missing:
+        return
+    top = "/" + dest.strip("/").split("/", 1)[0]
+    res = mount.resolve(image_fd, top)
+    res.close()
+    if res.missing:
+        raise RuntimeSetupError(
+            f"can't mount home: {dest}: destination {top} doesn't exist in the container",
+            f"with --writable sifpy can't create it: create {top} in the sandbox, or run "
+            "without --writable",
+        )
+    plan.insert(at, plan_.Mount(top, "tmpfs", data="mode=0755"))
 
 
 def _reserve_dirs(root: str) -> None:
