@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sifpy.cli.exec import _check_duration, build_parser, fast_parse, parse_binds, parse_mounts
+from sifpy.cli.exec import build_parser, fast_parse, parse_binds, parse_duration, parse_mounts
 from sifpy.errors import UsageError
 
 CASES = [
@@ -115,11 +115,12 @@ def test_parse_mounts_refuses_other_types() -> None:
         parse_mounts(["type=tmpfs,destination=/b"])
 
 
-@pytest.mark.parametrize(("value", "ok"), [("1m", True), ("30s", True), ("1h30m", True),
-                                           ("1.5s", True), ("10", False), ("soon", False)])  # fmt: skip
-def test_runscript_timeout_is_a_go_duration(value: str, ok: bool) -> None:
-    if ok:
-        _check_duration(value)
+@pytest.mark.parametrize(("value", "seconds"), [("1m", 60), ("30s", 30), ("1h30m", 5400),
+                                                ("1.5s", 1.5), ("250ms", 0.25), ("0", 0),
+                                                ("10", None), ("soon", None), ("1m30", None)])  # fmt: skip
+def test_runscript_timeout_is_a_go_duration(value: str, seconds: float | None) -> None:
+    if seconds is not None:
+        assert parse_duration(value) == pytest.approx(seconds)
     else:
         with pytest.raises(UsageError):
-            _check_duration(value)
+            parse_duration(value)

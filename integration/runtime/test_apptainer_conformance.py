@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from integration.conftest import UserRunner
-from integration.runtime.conftest import busybox_rootfs
+from integration.runtime.conftest import busybox_rootfs, user_processes
 from integration.runtime.test_apptainer_image import _chmod_scripts, apptainer_layout
 from tests.runtime.test_env_apptainer import (
     CUSTOM_PATH,
@@ -269,6 +269,7 @@ OPTION_CASES = [
     ("actionFakerootHome contained", ["--fakeroot", "--contain"], ["sh", "-c", "echo $HOME"], 0,
      "/root"),
     ("runscript timeout accepted", ["--runscript-timeout", "1m"], ["true"], 0, ""),
+    ("runscript timeout in ms", ["--runscript-timeout", "1500ms"], ["true"], 0, ""),
     ("runscript timeout not a duration", ["--runscript-timeout", "soon"], ["true"], 125, ""),
 ]  # fmt: skip
 
@@ -290,6 +291,36 @@ def test_options_users_type(
     assert r.stdout.strip() == out
     if code == 125:
         assert r.stderr.startswith("error: ") and len(r.stderr.splitlines()) <= 2
+
+
+@pytest.mark.parametrize(
+    "opts", [[], ["--pid"], ["--pid", "--no-init"]], ids=["host-pid", "pid", "no-init"]
+)
+def test_runscript_timeout(
+    conf: Sifpy, images: dict[str, str], runtime_ready: UserRunner, no_leftovers: None,
+    opts: list[str],
+) -> None:  # fmt: skip
+    """e2e/env/env.go apptainerRuntimeTimeoutEnv: an env script that runs `sleep 2s` under
+    --runscript-timeout 1s: the command is killed, Apptainer exits 255 (125 here) with
+    `command "sleep 2s" was killed after 1s timeout`; nothing of it is left running."""
+    script = conf.cwd / "sleep.sh"
+    script.write_text("sleep 2s")
+    script.chmod(0o755)
+    bind = f"{script}:/.singularity.d/env/91-slow_env.sh"
+    r = conf("run", *opts, "-B", bind, "--runscript-timeout", "1s", images["default"], "true")
+    assert r.returncode == 125, r.stderr
+    assert 'command "sleep 2s" was killed after 1s timeout' in r.stderr
+    assert r.stderr.startswith("error: ")
+    assert user_processes(runtime_ready.user.uid, "sleep", live=True) == []
+    # Under the limit it runs; the limit bounds the scripts, not the command they exec.
+    r = conf("run", *opts, "-B", bind, "--runscript-timeout", "3s", images["default"], "true")
+    assert r.returncode == 0, r.stderr
+    r = conf("exec", *opts, "--runscript-timeout", "1s", images["default"], "sleep", "2")
+    assert r.returncode == 0, r.stderr
+    # $APPTAINER_RUNSCRIPT_TIMEOUT (Apptainer's flag's environment key) sets it too.
+    env = {"APPTAINER_RUNSCRIPT_TIMEOUT": "1s"}
+    r = conf("run", *opts, "-B", bind, images["default"], "true", env=env)
+    assert r.returncode == 125 and "was killed after 1s timeout" in r.stderr, r.stderr
 
 
 def test_contain_all_no_pid(conf: Sifpy, images: dict[str, str]) -> None:

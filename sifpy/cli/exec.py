@@ -157,7 +157,7 @@ OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         ("--runscript-timeout",),
         {
             "metavar": "DURATION",
-            "help": "accepted for Apptainer's scripts (e.g. 1m, 30s); sifpy sets no timeout",
+            "help": "time the image's environment scripts may take (default 1m; e.g. 30s)",
         },
     ),
     (
@@ -424,16 +424,33 @@ def parse_mounts(specs: list[str]) -> list[tuple[str, str, bool, bool]]:
     return binds
 
 
-def _check_duration(value: str) -> None:
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: str) -> float:
     """A Go duration (``1m``, ``30s``, ``1h30m``, ``1.5s``) as Apptainer's
-    ``--runscript-timeout`` takes it; anything else is refused, as there."""
+    ``--runscript-timeout`` takes it, in seconds; anything else is refused, as there."""
     import re
 
-    unit = r"(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h)"
-    if not re.fullmatch(rf"[+-]?(?:{unit})+|0", value):
+    unit = r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)"
+    if value == "0":
+        return 0.0
+    if not re.fullmatch(rf"[+-]?(?:{unit})+", value):
         raise UsageError(
             f"invalid --runscript-timeout: {value!r}", hint="use a duration such as 30s or 1m"
         )
+    seconds = sum(float(n) * _UNITS[u] for n, u in re.findall(unit, value))
+    return -seconds if value.startswith("-") else seconds
+
+
+def _runscript_timeout(a: Any, environ: Mapping[str, str]) -> float:
+    """Apptainer's deadline for the action script: ``--runscript-timeout``, else
+    $APPTAINER_RUNSCRIPT_TIMEOUT ($SIFPY_ first), else one minute."""
+    value = a.runscript_timeout
+    for name in ("SIFPY_RUNSCRIPT_TIMEOUT", "APPTAINER_RUNSCRIPT_TIMEOUT"):
+        if value is None and environ.get(name):
+            value = environ[name]
+    return 60.0 if value is None else parse_duration(value)
 
 
 def open_image(
@@ -824,9 +841,8 @@ def _spec(
         a.contain = a.cleanenv = a.pid = a.ipc = True
     if a.no_pid:
         a.pid = False
-    if a.runscript_timeout is not None:
-        _check_duration(a.runscript_timeout)
     environ = os.environ if environ is None else environ
+    start_timeout = _runscript_timeout(a, environ)
     no_mount = tuple(n.strip() for item in a.no_mount for n in item.split(",") if n.strip())
     # Apptainer's order: the site's `bind path` lines, the options' binds, then
     # $APPTAINER_BIND's.
@@ -913,6 +929,7 @@ def _spec(
             pwd=a.pwd,
             hooks=hooks,
             annotations=annotations,
+            start_timeout=start_timeout,
         ),
     )
     return spec

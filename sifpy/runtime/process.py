@@ -36,6 +36,7 @@ import gc
 import os
 import stat
 import sys
+import time as _time
 
 from sifpy.errors import ExitStatus, RuntimeSetupError, SifpyError
 from sifpy.runtime import drivers, mount, ns, seccomp
@@ -177,6 +178,9 @@ class LaunchOptions(NamedTuple):
     # config.json's linux.maskedPaths and linux.readonlyPaths (runtime.ocipaths).
     masked_paths: tuple[str, ...] = ()
     readonly_paths: tuple[str, ...] = ()
+    # --runscript-timeout in seconds (Apptainer's default: 60): the action script
+    # (``argv``) must have exec'd its command by then, else it is killed (_expire).
+    start_timeout: float | None = None
 
 
 class LaunchSpec(NamedTuple):
@@ -337,16 +341,138 @@ def _exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def _supervise(main: int, forward_to: int, reap_all: bool) -> int:
+# --- --runscript-timeout ---------------------------------------------------------------
+#
+# ``--runscript-timeout``: the action script's time limit, as Apptainer's.
+#
+# Apptainer runs the action script (the image's ``/.singularity.d/env/*.sh``, the injected
+# variables, a Docker runscript's evaluation) in an interpreter under a deadline, one minute
+# unless ``--runscript-timeout`` says otherwise; a command those scripts run that is still
+# going at the deadline is killed (SIGKILL) and Apptainer fails with ``command "CMD" was
+# killed after 1m0s timeout``. The command the script finally execs is not bounded. See
+# runActionScript in https://github.com/apptainer/apptainer/blob/main/internal/pkg/runtime/
+# engine/apptainer/process_linux.go and defaultExecHandler in
+# https://github.com/apptainer/apptainer/blob/main/internal/pkg/util/shell/interpreter/
+# interpreter.go.
+#
+# sifpy's action script is the image's own ``/bin/sh``: the monitor waits until the deadline
+# (nothing at all is done before it), then looks whether the container's process still runs
+# the action script (its command line is still ``spec.argv``, unchanged until its final
+# exec). If it does, that shell and everything it started are killed.
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return raw.decode(errors="replace").split("\0")[:-1]
+
+
+def _children(pid: int) -> list[int]:
+    """The children of ``pid`` (every thread's list; CONFIG_PROC_CHILDREN)."""
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(p) for p in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _expire(main: int, argv: list[str]) -> str | None:
+    """At the deadline: if the container's process (``main``, or its child under sifpy's
+    init) still runs the action script ``argv``, kill it and all it started, and return
+    the command it was running (as Apptainer names it: its arguments joined by spaces; ""
+    when the script itself was busy). None when the script had already exec'd."""
+    shell = main if _cmdline(main) == argv else None
+    if shell is None:
+        shell = next((c for c in _children(main) if _cmdline(c) == argv), None)
+    if shell is None:
+        return None
+    tree: list[int] = []
+    todo = _children(shell)
+    while todo:
+        pid = todo.pop(0)
+        tree.append(pid)
+        todo += _children(pid)
+    # The command: the first descendant that is not the shell itself (a `$(...)` subshell
+    # carries the same command line).
+    cmd = next((c for c in map(_cmdline, tree) if c is not None and c != argv), None)
+    # The shell first, so that it starts nothing more; then what it started.
+    for pid in [shell, *tree]:
+        with lean.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return " ".join(cmd) if cmd else ""
+
+
+def _go_duration(seconds: float) -> str:
+    """``seconds`` as Go's time.Duration prints it (``1m0s``, ``1.5s``, ``1h0m0s``)."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{secs:.9f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{int(hours)}h{int(minutes)}m{text}"
+    if minutes:
+        return f"{int(minutes)}m{text}"
+    return text
+
+
+class _Start:
+    """The action script's deadline (``LaunchOptions.start_timeout``) and, once it passed
+    with the script still running, the command that was killed (``killed``)."""
+
+    def __init__(self, seconds: float, argv: list[str]) -> None:
+        self.seconds, self.argv = seconds, argv
+        self.killed: str | None = None
+
+    def error(self) -> RuntimeSetupError:
+        what = "the action script"
+        if self.killed:  # quoted as Go's %q, as Apptainer prints it
+            quoted = self.killed.replace("\\", "\\\\").replace('"', '\\"')
+            what = f'command "{quoted}"'
+        return RuntimeSetupError(
+            f"can't start container: {what} was killed after {_go_duration(self.seconds)} timeout",
+            "the image's environment scripts ran past --runscript-timeout (default 1m): "
+            "give it more time, e.g. --runscript-timeout 5m",
+        )
+
+
+def _start_of(spec: LaunchSpec) -> _Start | None:
+    seconds = spec.options.start_timeout
+    return None if seconds is None else _Start(seconds, list(spec.argv))
+
+
+def _supervise(main: int, forward_to: int, reap_all: bool, start: _Start | None = None) -> int:
     """Wait until ``main`` ends, relaying signals to ``forward_to``; return its wait status.
 
     The waited signals are blocked (inherited across fork, so none is lost in the window
     before this loop) and taken synchronously with sigwaitinfo: no handler ever runs, and the
-    si_code tells a terminal's signal from a kill(2).
+    si_code tells a terminal's signal from a kill(2). With ``start``, the wait until its
+    deadline is a sigtimedwait, after which the action script is killed if still running.
     """
     gc.enable()  # paused while the container started (sifpy.cli.entry); this may wait long
+    deadline = None if start is None else _time.monotonic() + start.seconds
     while True:
-        info = signal.sigwaitinfo(_WAITED)
+        if deadline is None:
+            info = signal.sigwaitinfo(_WAITED)
+        else:
+            info = signal.sigtimedwait(_WAITED, max(0.0, deadline - _time.monotonic()))
+            if info is None:
+                assert start is not None
+                deadline = None
+                start.killed = _expire(main, start.argv)
+                continue
         if info.si_signo != signal.SIGCHLD:
             if info.si_code != _SI_KERNEL:
                 with lean.suppress(ProcessLookupError):
@@ -400,11 +526,16 @@ def _monitor(
         _report(report, ExitStatus.LAUNCH_FAILED, f"can't start container: {exc!r}")
         _stop(servers)
         os._exit(ExitStatus.LAUNCH_FAILED)
-    status = _supervise(pid, pid, reap_all=True)
+    start = _start_of(spec)
+    status = _supervise(pid, pid, reap_all=True, start=start)
     _post_stop(spec, pid)
     _stop(servers)
     if own_fd >= 0:
         _own_by_root(own_fd)
+    if start is not None and start.killed is not None:
+        exc = start.error()
+        _report(report, ExitStatus.LAUNCH_FAILED, exc.message, exc.hint)
+        os._exit(ExitStatus.LAUNCH_FAILED)
     os._exit(_exit_code(status))
 
 
@@ -431,11 +562,14 @@ def _monitor_inline(
     finally:
         os.close(report)
     _post_start(spec, started, pid)
-    status = _supervise(pid, pid, reap_all=True)
+    start = _start_of(spec)
+    status = _supervise(pid, pid, reap_all=True, start=start)
     _post_stop(spec, pid)
     _stop(servers)
     if own_fd >= 0:
         _own_by_root(own_fd)
+    if start is not None and start.killed is not None:
+        raise start.error()
     return status
 
 
