@@ -10,7 +10,7 @@ PREFIX ?= /usr/local
 # as root): squashfs tools, FUSE, a compiler and libraries for the starter and FUSE server, mmdebstrap for debootstrap
 # recipes, busybox for the offline demo, gpg for signatures.
 APT_RUN := squashfs-tools squashfs-tools-ng squashfuse fuse3 fuse-overlayfs zstd pigz \
-	busybox-static python3-venv util-linux uidmap gpg gpgv mmdebstrap gcc libc6-dev make e2fsprogs \
+	busybox-static python3-venv util-linux uidmap gpg gpgv mmdebstrap gcc libc6-dev make e2fsprogs fuse2fs \
 	libsquashfuse-dev libfuse3-dev pkg-config
 # ... and what only the tests need: the SIF reference tools, a real registry, independent
 # OCI tools, the pure-Python FUSE fallback, Slurm and MPI for the HPC tests (iproute2: the

@@ -98,7 +98,13 @@ OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     ),
     (
         ("-o", "--overlay"),
-        {"metavar": "DIR", "help": "a persistent writable overlay: changes go to DIR/upper"},
+        {
+            "action": "append",
+            "default": [],
+            "metavar": "DIR|IMAGE[:ro]",
+            "help": "a persistent overlay (repeatable): a directory or an ext3 image (`sifpy "
+            "overlay create`); changes go to the writable one, :ro ones are layers below it",
+        },
     ),
     (("-e", "--cleanenv"), {"action": "store_true", "help": "don't pass the host environment"}),
     (
@@ -358,16 +364,18 @@ def parse_binds(specs: list[str]) -> list[tuple[str, str, bool]]:
     return binds
 
 
-def _overlay_dir(spec: str) -> str:
-    """``--overlay DIR`` (``DIR:rw`` is the same); Apptainer's ext3 images and ``:ro``
-    layers are not served yet: say so instead of "not a directory"."""
-    path, _, mode = spec.rpartition(":") if spec.endswith((":ro", ":rw")) else (spec, "", "")
-    if mode == "ro" or (os.path.exists(path) and not os.path.isdir(path)):
+def parse_overlays(specs: list[str]) -> tuple[tuple[str, bool], ...]:
+    """``--overlay PATH[:ro|:rw]`` options: (absolute path, writable), in order; at most one
+    writable, as Apptainer allows."""
+    out = []
+    for spec in specs:
+        path, _, mode = spec.rpartition(":") if spec.endswith((":ro", ":rw")) else (spec, "", "")
+        out.append((os.path.abspath(path), mode != "ro"))
+    if sum(w for _, w in out) > 1:
         raise UsageError(
-            f"--overlay {spec}: overlay images and read-only overlays are not supported yet",
-            hint="use a directory: --overlay DIR (its upper/ and work/ hold the changes)",
+            "only one --overlay can be writable", hint="add :ro to all the others but one"
         )
-    return path
+    return tuple(out)
 
 
 def _config_binds(rules: Policy) -> list[str]:
@@ -631,8 +639,12 @@ def _main(argv: list[str], prog: str) -> int:
             image, fd = open_image(a.image, False, None, taken, oci_config)
             if served.offset != getattr(image, "offset", None) or served.fakeroot != a.fakeroot:
                 raise RuntimeSetupError("can't start container: the starter served another image")
-        if a.overlay:
-            a.overlay = _overlay_dir(a.overlay)
+        overlays = parse_overlays(a.overlay)
+        if a.writable_tmpfs and any(w for _, w in overlays):
+            raise UsageError(
+                "--writable-tmpfs can't be combined with a writable --overlay",
+                hint="add :ro to the --overlay, or leave out --writable-tmpfs",
+            )
         if a.writable and not isinstance(image, Sandbox):
             raise UsageError("--writable needs a sandbox directory", hint="build with --sandbox")
         if a.writable and (a.writable_tmpfs or a.overlay):
@@ -915,7 +927,7 @@ def _spec(
             ipc_ns=a.ipc,
             writable=a.writable,
             writable_tmpfs=a.writable_tmpfs,
-            overlay=os.path.abspath(a.overlay) if a.overlay else None,
+            overlays=parse_overlays(a.overlay),
             no_mount=no_mount,
             workdir=os.path.abspath(a.workdir) if a.workdir else None,
             mount_driver=driver,

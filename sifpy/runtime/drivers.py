@@ -216,7 +216,13 @@ def extract(image_fd: int, offset: int, dest: str, unsquashfs: str) -> None:
 
 
 def mount_overlay(
-    lower: str, upper: str, work: str, target: str, driver: str, owner: tuple[int, int] | None
+    lower: str,
+    upper: str,
+    work: str,
+    target: str,
+    driver: str,
+    owner: tuple[int, int] | None,
+    noacl: bool = False,
 ) -> int:
     """Mount an overlay of ``upper`` on ``lower`` at ``target``; return the pid of its FUSE
     server, or 0 for the kernel's overlayfs.
@@ -228,7 +234,9 @@ def mount_overlay(
     ``owner`` (uid, gid: the container's user when it is not root) ``auto`` prefers
     ``fuse-overlayfs -o squash_to_uid,squash_to_gid``, where every file is the user's, as
     Apptainer's squashfuse ``-o uid,gid`` does; the kernel's is the fallback, and the choice
-    for (fake)root.
+    for (fake)root. ``noacl``: fuse-overlayfs without POSIX ACLs, for an upper layer that
+    has none (fuse2fs answers EOPNOTSUPP, which fuse-overlayfs >= 1.8 passes on to every
+    lookup; Apptainer always gives it noacl).
     """
     opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
     fuse = ""
@@ -255,6 +263,8 @@ def mount_overlay(
             log.verbose(f"note: kernel overlayfs refused ({exc.message}): using fuse-overlayfs")
     if owner is not None:
         opts += f",squash_to_uid={owner[0]},squash_to_gid={owner[1]}"
+    if noacl:
+        opts += ",noacl"
     argv = [fuse, "-f", "-o", opts, "/dev/fd/3"]
     return mount.fuse_mount(target, "fuse-overlayfs", [], lambda: mount.exec_helper(argv), False)
 

@@ -218,18 +218,38 @@ def drop_inherited_caps() -> None:
     _capset(int(fields[b"CapEff"], 16), int(fields[b"CapPrm"], 16))
 
 
-def _capset(effective: int, permitted: int) -> None:
-    """Set this process's effective and permitted sets (bit masks); inheritable empty."""
+def _capset(effective: int, permitted: int, inheritable: int = 0) -> None:
+    """Set this process's effective, permitted and inheritable sets (bit masks)."""
     order = sys.byteorder
     header = _CAP_VERSION_3.to_bytes(4, order) + bytes(4)  # this process
     data = b"".join(
         (effective >> (32 * i) & 0xFFFFFFFF).to_bytes(4, order)
         + (permitted >> (32 * i) & 0xFFFFFFFF).to_bytes(4, order)
-        + bytes(4)  # inheritable
+        + (inheritable >> (32 * i) & 0xFFFFFFFF).to_bytes(4, order)
         for i in (0, 1)
     )
     if _libc.capset(header, data) != 0:
         raise _fail("set", "capabilities", get_errno())
+
+
+CAP_DAC_OVERRIDE, CAP_SYS_ADMIN = 1, 21
+_PR_CAP_AMBIENT_RAISE = 2
+
+
+def keep_caps_across_exec(caps: tuple[int, ...]) -> None:
+    """Put ``caps`` (held now, in this user namespace) in the ambient set, so that the next
+    ``execve`` of an ordinary program keeps them although this process's uid is not 0 here.
+    For a FUSE server built on libfuse 2 (fuse2fs), which can't take a connection that is
+    already mounted and so must call mount(2) itself; Apptainer starts it the same way
+    (AmbientCaps in https://github.com/apptainer/apptainer/blob/main/internal/pkg/image/
+    driver/imagedriver.go). no_new_privs does not stop it: nothing is gained at exec."""
+    with open("/proc/self/status", "rb") as f:
+        fields = dict(line.split(b":\t", 1) for line in f.read().splitlines() if b":\t" in line)
+    mask = sum(1 << cap for cap in caps)
+    _capset(int(fields[b"CapEff"], 16), int(fields[b"CapPrm"], 16), mask)
+    for cap in caps:
+        if _libc.prctl(PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, cap, 0, 0) != 0:
+            raise _fail("raise", f"ambient capability {cap}", get_errno())
 
 
 PR_CAPBSET_DROP = 24

@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any, NoReturn
 
+    from sifpy.runtime import overlays
     from sifpy.runtime.gpu import Injection
 else:
     import _signal as signal  # the signal module builds enums (~4 ms)
@@ -131,6 +132,9 @@ class LaunchOptions(NamedTuple):
     no_home: bool = False
     writable_tmpfs: bool = False  # overlay with a tmpfs upper layer (gone after the run)
     overlay: str | None = None  # overlay with DIR/upper, DIR/work on the host (persistent)
+    # Every --overlay in order (runtime.overlays): (a directory or an ext3 image, writable);
+    # ``overlay`` above is one more writable directory, after these.
+    overlays: tuple[tuple[str, bool], ...] = ()
     overlay_driver: str = "auto"  # auto | kernel | fuse (fuse-overlayfs)
     tmpfs_size_mb: int = 64  # the --writable-tmpfs cap (Apptainer's sessiondir max size)
     no_mount: tuple[str, ...] = ()  # default mounts to skip: plan.NO_MOUNT names, system binds
@@ -319,9 +323,16 @@ def _prepare_dirs(opts: LaunchOptions) -> None:
             f"can't skip mount: {', '.join(bad)}: unknown",
             f"use {', '.join(sorted(plan_.NO_MOUNT))} or an absolute path",
         )
-    if opts.writable and (opts.writable_tmpfs or opts.overlay):
+    layers = _layers(opts)
+    if opts.writable and (opts.writable_tmpfs or layers):
         raise RuntimeSetupError("can't use --writable with --writable-tmpfs or --overlay")
-    subdirs: list[tuple[str | None, tuple[str, ...]]] = [(opts.overlay, ("upper", "work"))]
+    if sum(w for _, w in layers) > 1:
+        raise RuntimeSetupError(
+            "can't use overlays: more than one is writable", "add :ro to all but one --overlay"
+        )
+    subdirs: list[tuple[str | None, tuple[str, ...]]] = [
+        (path, ("upper", "work")) for path, w in layers if w and os.path.isdir(path)
+    ]
     if opts.contain:
         subdirs.append((opts.workdir, ("tmp", "var_tmp", "home")))
     for base, names in subdirs:
@@ -334,6 +345,10 @@ def _prepare_dirs(opts: LaunchOptions) -> None:
                 os.makedirs(os.path.join(base, name), 0o700, exist_ok=True)
             except OSError as exc:
                 raise RuntimeSetupError(f"can't create: {base}/{name}: {exc.strerror}") from exc
+
+
+def _layers(opts: LaunchOptions) -> tuple[tuple[str, bool], ...]:
+    return (*opts.overlays, (opts.overlay, True)) if opts.overlay else opts.overlays
 
 
 def _exit_code(status: int) -> int:
@@ -467,12 +482,13 @@ def _supervise(main: int, forward_to: int, reap_all: bool, start: _Start | None 
         if deadline is None:
             info = signal.sigwaitinfo(_WAITED)
         else:
-            info = signal.sigtimedwait(_WAITED, max(0.0, deadline - _time.monotonic()))
-            if info is None:
+            timed = signal.sigtimedwait(_WAITED, max(0.0, deadline - _time.monotonic()))
+            if timed is None:
                 assert start is not None
                 deadline = None
                 start.killed = _expire(main, start.argv)
                 continue
+            info = timed
         if info.si_signo != signal.SIGCHLD:
             if info.si_code != _SI_KERNEL:
                 with lean.suppress(ProcessLookupError):
@@ -533,8 +549,8 @@ def _monitor(
     if own_fd >= 0:
         _own_by_root(own_fd)
     if start is not None and start.killed is not None:
-        exc = start.error()
-        _report(report, ExitStatus.LAUNCH_FAILED, exc.message, exc.hint)
+        late = start.error()
+        _report(report, ExitStatus.LAUNCH_FAILED, late.message, late.hint)
         os._exit(ExitStatus.LAUNCH_FAILED)
     os._exit(_exit_code(status))
 
@@ -702,11 +718,16 @@ def _set_up(
             from sifpy.runtime import outside
     if opts.masked_paths or opts.readonly_paths:  # used after pivot_root
         from sifpy.runtime import ocipaths  # noqa: F401
-    overlay_fd = plan_.pin(opts.overlay, "--overlay") if opts.overlay else -1
     # An OCI runtime's bundle under /tmp: shown again over the session (for its hooks).
     bundle_fd = plan_.pin(opts.oci_bundle, "bundle") if opts.oci_bundle else -1
     if bundle_fd >= 0:
         from sifpy.runtime import ocimount  # before the session covers the package
+    layers: list[overlays.Layer] = []
+    if _layers(opts):
+        # Imported here, before the session covers /tmp (sifpy may be installed there).
+        from sifpy.runtime import overlays
+
+        layers = overlays.open_layers(_layers(opts), opts.fakeroot)
     if isinstance(image, SifPartition) and driver.name == "python":
         serve = drivers.python_server(image_fd, image.offset)
     ns.mount("tmpfs", _SESSION, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=0700", "session")
@@ -744,8 +765,12 @@ def _set_up(
         )
     if image_fd >= 0:
         os.close(image_fd)
-    if opts.writable_tmpfs or opts.overlay:
-        servers += _mount_overlay(opts, overlay_fd)
+    if opts.writable_tmpfs or layers:
+        try:
+            servers += _mount_overlay(opts, layers)
+        finally:
+            if layers:
+                overlays.close(layers)  # a served image stays locked by its server
     # Before unshare(CLONE_NEWPID): after it, this process can't start threads.
     if opts.prefetch and driver.name in ("squashfuse", "python") and served is None:
         root_fd = os.open(_IMAGE, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -771,7 +796,7 @@ def _set_up(
         assert started is not None
         started.append(start_r)
     # Close what only the container needed; keep the report pipe until it is done.
-    for fd in [m.fd for m in plan] + [cwd_fd, overlay_fd]:
+    for fd in [m.fd for m in plan] + [cwd_fd]:
         if fd >= 0:
             os.close(fd)
     for fd in opts.pass_fds:
@@ -869,7 +894,12 @@ def _own_by_root(root_fd: int) -> None:
 
 def _stop(servers: list[int]) -> None:
     for pid in reversed(servers):  # the overlay's server first: it reads the image
-        mount.stop_server(pid)
+        if pid in _FLUSHED:
+            from sifpy.runtime import overlays  # imported already (_set_up)
+
+            overlays.stop([pid])
+        else:
+            mount.stop_server(pid)
 
 
 def _open_image(image: SifPartition) -> int:
@@ -885,23 +915,46 @@ def _open_image(image: SifPartition) -> int:
     return image_fd
 
 
-def _mount_overlay(opts: LaunchOptions, overlay_fd: int) -> list[int]:
-    """Mount the writable overlay on _OVERLAY: upper and work in a size-capped tmpfs
-    (--writable-tmpfs) or in the user's DIR (--overlay, bound to _RW); lower = the image."""
-    os.mkdir(_RW)
-    if overlay_fd >= 0:
-        mount.bind(mount.fd_path(overlay_fd), _RW, what="--overlay directory")
-    else:
+def _mount_overlay(opts: LaunchOptions, layers: list[overlays.Layer]) -> list[int]:
+    """Mount the overlay on _OVERLAY: lower = the read-only --overlay layers (top first)
+    over the image; upper and work in the writable --overlay (a directory or an ext3
+    image, runtime.overlays), else in a size-capped tmpfs (--writable-tmpfs, or read-only
+    layers only: the root is made read-only once assembled)."""
+    servers: list[int] = []
+    lowers: list[str] = []
+    base = None
+    if layers:
+        from sifpy.runtime import overlays
+
+        lowers, base, flushed = overlays.mount_layers(layers, _SESSION)
+        servers += flushed
+        _FLUSHED.update(flushed)
+    if base is None:
+        base = _RW
+        os.mkdir(_RW)
         data = f"mode=0755,size={opts.tmpfs_size_mb}m"
         ns.mount("tmpfs", _RW, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, data, "--writable-tmpfs")
-        os.mkdir(f"{_RW}/upper", 0o755)
-        os.mkdir(f"{_RW}/work", 0o700)
+    for name, mode in (("upper", 0o755), ("work", 0o700)):
+        # An ext3 image with a plain file system gets them, as in Apptainer.
+        if not os.path.isdir(f"{base}/{name}"):
+            try:
+                os.mkdir(f"{base}/{name}", mode)
+            except OSError as exc:
+                raise RuntimeSetupError(f"can't create: overlay {name}/: {exc.strerror}") from exc
     os.mkdir(_OVERLAY)
     owner = None if opts.fakeroot or os.getuid() == 0 else (os.getuid(), os.getgid())
+    lower = ":".join([*lowers, _IMAGE])
+    # Layers served by fuse2fs: not under the kernel's overlayfs, which refuses or breaks on
+    # FUSE layers (Apptainer skips it likewise when a writable overlay sits on FUSE).
+    driver = "fuse" if servers and opts.overlay_driver == "auto" else opts.overlay_driver
     pid = drivers.mount_overlay(
-        _IMAGE, f"{_RW}/upper", f"{_RW}/work", _OVERLAY, opts.overlay_driver, owner
+        lower, f"{base}/upper", f"{base}/work", _OVERLAY, driver, owner, noacl=bool(servers)
     )
-    return [pid] if pid else []
+    return [*servers, pid] if pid else servers
+
+
+# fuse2fs servers (runtime.overlays): stopped with SIGTERM, so that they write the image out.
+_FLUSHED: set[int] = set()
 
 
 # --- the container ------------------------------------------------------------------------
@@ -1063,7 +1116,10 @@ def _assemble(spec: LaunchSpec, ident: Identity, plan: list[plan_.Mount], cwd_fd
             plan.append(plan_.Mount(spec.cwd, "bind", cwd_fd))
     if opts.writable:
         _stage_home(image_fd, spec, ident, plan)
-    overlay = opts.writable_tmpfs or opts.overlay
+    overlay = opts.writable_tmpfs or bool(_layers(opts))
+    # Only read-only layers: the tmpfs upper takes the mount points, then the root is made
+    # read-only like the underlay's (Apptainer's overlay without an upper layer).
+    writable_root = opts.writable_tmpfs or any(w for _, w in _layers(opts))
     if opts.writable:
         root = _IMAGE
     elif overlay:
@@ -1082,7 +1138,7 @@ def _assemble(spec: LaunchSpec, ident: Identity, plan: list[plan_.Mount], cwd_fd
     writable = {mount.mount_id(root_fd)}
     # Replacing an image's entry is for roots that vanish with the container (the tmpfs
     # underlay, --writable-tmpfs), not for the user's sandbox or --overlay directory.
-    ephemeral = not opts.writable and not opts.overlay
+    ephemeral = not opts.writable and not any(w for _, w in _layers(opts))
     # A --writable sandbox is the user's: a missing destination of theirs is an error, one
     # of the runtime's optional files is skipped (Apptainer's mountGeneric: "destination
     # doesn't exist in container", "Skipping mount"), nothing is created in it for them.
@@ -1092,7 +1148,7 @@ def _assemble(spec: LaunchSpec, ident: Identity, plan: list[plan_.Mount], cwd_fd
     for m in plan:
         _apply(root_fd, m, writable, ephemeral, host_dirs, sandbox, m.dest in user)
     os.close(root_fd)
-    if not opts.writable and not overlay:
+    if not opts.writable and not writable_root:
         mount.remount(root, readonly=True, what="container root")
     return root
 
