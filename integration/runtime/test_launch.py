@@ -73,6 +73,9 @@ def test_writable_sandbox(
     run = Launcher(runtime_ready, driver, {"sandbox": str(root)})
     _ok(run(["sh", "-c", "echo built > /etc/built"], options={"writable": True, "fakeroot": True}))
     assert (root / "etc" / "built").read_text() == "built\n"
+    # The caller's home was not created in it (the sandbox has no /home, as Apptainer's
+    # would fail; it may not be left behind either).
+    assert not (root / "home").exists() or not any((root / "home").iterdir())
 
 
 # --- process state at exec -----------------------------------------------------------------

@@ -53,7 +53,7 @@ from sifpy.runtime.start import (
     enter,
     host_identity,
 )
-from sifpy.util import lean
+from sifpy.util import lean, log
 from sifpy.util.lean import NamedTuple
 
 TYPE_CHECKING = False
@@ -1174,6 +1174,12 @@ def _stage_home(image_fd: int, spec: LaunchSpec, ident: Identity, plan: list[pla
     top = "/" + dest.strip("/").split("/", 1)[0]
     res = mount.resolve(image_fd, top)
     res.close()
+    if res.missing and not (opts.home or opts.home_dest):
+        # The caller's own home where the sandbox has no /home at all (a minimal root):
+        # left out, where Apptainer fails; a --home asked for is an error as there.
+        log.verbose(f"note: no {top} in the --writable sandbox: the home is not mounted")
+        del plan[at]
+        return
     if res.missing:
         raise RuntimeSetupError(
             f"can't mount home: {dest}: destination {top} doesn't exist in the container",
