@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from sifpy.cli.exec import build_parser, fast_parse, parse_binds, parse_duration, parse_mounts
+from sifpy.cli.exec import (
+    build_parser,
+    fast_parse,
+    parse_binds,
+    parse_duration,
+    parse_mounts,
+    parse_overlays,
+)
 from sifpy.errors import UsageError
 
 CASES = [
@@ -124,3 +133,12 @@ def test_runscript_timeout_is_a_go_duration(value: str, seconds: float | None) -
     else:
         with pytest.raises(UsageError):
             parse_duration(value)
+
+
+def test_overlays_in_order_with_one_writable() -> None:
+    got = parse_overlays(["/a.img:ro", "rel", "/b:ro", "/c:rw:ro"])
+    assert got == (("/a.img", False), (os.path.abspath("rel"), True), ("/b", False),
+                   ("/c:rw", False))  # fmt: skip
+    assert parse_overlays(["/x:rw"]) == (("/x", True),)
+    with pytest.raises(UsageError, match="only one --overlay can be writable"):
+        parse_overlays(["/a", "/b:rw"])
