@@ -232,7 +232,7 @@ def _capset(effective: int, permitted: int, inheritable: int = 0) -> None:
         raise _fail("set", "capabilities", get_errno())
 
 
-CAP_DAC_OVERRIDE, CAP_SYS_ADMIN = 1, 21
+CAP_SYS_ADMIN = 21
 _PR_CAP_AMBIENT_RAISE = 2
 
 

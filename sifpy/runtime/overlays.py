@@ -158,7 +158,7 @@ def _fuse2fs(layer: Layer, dst: str, log_path: str) -> int:
     out = os.open(log_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def run() -> NoReturn:
-        ns.keep_caps_across_exec((ns.CAP_SYS_ADMIN, ns.CAP_DAC_OVERRIDE))
+        ns.keep_caps_across_exec((ns.CAP_SYS_ADMIN,))
         mount.exec_helper(argv)
 
     try:
