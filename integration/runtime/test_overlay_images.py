@@ -159,3 +159,25 @@ def test_refused(ov: Sifpy, image: str, opts: list[str], message: str) -> None:
     r = ov("exec", *(o.format(**fields) for o in opts), image, "true")
     assert r.returncode == 125 and r.stderr.startswith("error: "), r.stderr
     assert message in r.stderr
+
+
+def test_image_made_by_root(ov: Sifpy, image: str, no_leftovers: None) -> None:
+    """An overlay image whose upper/ and work/ are root's (Apptainer's ``overlay create``
+    run as root): refused writable with a message (no one's in the user's namespace),
+    usable read-only, and refused again at once (the failed run released its lock)."""
+    root = ov.cwd / "root-made"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "upper" / "data").mkdir(parents=True)
+    (root / "upper" / "data" / "r").write_text("root\n")
+    (root / "work").mkdir(mode=0o700)
+    path = ov.cwd / "root.img"
+    path.unlink(missing_ok=True)
+    subprocess.run(["truncate", "-s", "8M", str(path)], check=True)
+    subprocess.run(["mkfs.ext3", "-q", "-F", "-d", str(root), str(path)], check=True)
+    path.chmod(0o666)
+    for _ in range(2):
+        r = ov("exec", "--overlay", str(path), image, "true")
+        assert r.returncode == 125 and "its upper/ is not yours" in r.stderr, r.stderr
+    r = ov("exec", "--overlay", f"{path}:ro", image, "cat", "/data/r")
+    assert (r.returncode, r.stdout) == (0, "root\n"), r.stderr
+    _clean(str(path))

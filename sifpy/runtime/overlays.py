@@ -129,12 +129,14 @@ def close(layers: Sequence[Layer]) -> None:
             layer.fd = -1
 
 
-def mount_layers(layers: Sequence[Layer], session: str) -> tuple[list[str], str | None, list[int]]:
+def mount_layers(
+    layers: Sequence[Layer], session: str, servers: list[int]
+) -> tuple[list[str], str | None]:
     """Mount each layer under ``session``; return the lower directories (top first, the
-    image not included), the writable layer's mount (or None) and the fuse2fs pids."""
+    image not included) and the writable layer's mount (or None). Each fuse2fs pid is
+    added to ``servers`` as soon as it serves, for the caller to stop even on an error."""
     lowers: list[str] = []
     upper: str | None = None
-    servers: list[int] = []
     for i, layer in enumerate(layers):
         dst = f"{session}/ov{i}"
         os.mkdir(dst)
@@ -144,9 +146,30 @@ def mount_layers(layers: Sequence[Layer], session: str) -> tuple[list[str], str 
             servers.append(_fuse2fs(layer, dst, f"{session}/ov{i}.log"))
         if layer.writable:
             upper = dst
+            if layer.kind == "ext3":
+                _check_owner(layer, dst)
         else:
             lowers.insert(0, f"{dst}/upper" if os.path.isdir(f"{dst}/upper") else dst)
-    return lowers, upper, servers
+    return lowers, upper
+
+
+def _check_owner(layer: Layer, dst: str) -> None:
+    """A writable image's upper/ and work/ must be the user's: made by root (Apptainer's
+    ``overlay create`` as root), they belong to no one in this namespace, and
+    fuse-overlayfs can't use them."""
+    if os.getuid() == 0:
+        return
+    for name in ("upper", "work"):
+        try:
+            owner = os.stat(f"{dst}/{name}").st_uid
+        except FileNotFoundError:
+            continue  # created by the caller, as the user
+        if owner != os.getuid():
+            raise RuntimeSetupError(
+                f"can't use overlay: {layer.path}: its {name}/ is not yours",
+                "an overlay image made by root is writable by root only: use it with "
+                ":ro, or make your own with `sifpy overlay create`",
+            )
 
 
 def _fuse2fs(layer: Layer, dst: str, log_path: str) -> int:

@@ -767,7 +767,7 @@ def _set_up(
         os.close(image_fd)
     if opts.writable_tmpfs or layers:
         try:
-            servers += _mount_overlay(opts, layers)
+            _mount_overlay(opts, layers, servers)
         finally:
             if layers:
                 overlays.close(layers)  # a served image stays locked by its server
@@ -915,20 +915,24 @@ def _open_image(image: SifPartition) -> int:
     return image_fd
 
 
-def _mount_overlay(opts: LaunchOptions, layers: list[overlays.Layer]) -> list[int]:
+def _mount_overlay(opts: LaunchOptions, layers: list[overlays.Layer], servers: list[int]) -> None:
     """Mount the overlay on _OVERLAY: lower = the read-only --overlay layers (top first)
     over the image; upper and work in the writable --overlay (a directory or an ext3
     image, runtime.overlays), else in a size-capped tmpfs (--writable-tmpfs, or read-only
-    layers only: the root is made read-only once assembled)."""
-    servers: list[int] = []
+    layers only: the root is made read-only once assembled). Each server is added to
+    ``servers`` as soon as it runs, so that an error later still stops it."""
     lowers: list[str] = []
     base = None
+    fuse_layers = False
     if layers:
         from sifpy.runtime import overlays
 
-        lowers, base, flushed = overlays.mount_layers(layers, _SESSION)
-        servers += flushed
-        _FLUSHED.update(flushed)
+        first = len(servers)
+        try:
+            lowers, base = overlays.mount_layers(layers, _SESSION, servers)
+        finally:
+            _FLUSHED.update(servers[first:])
+        fuse_layers = len(servers) > first
     if base is None:
         base = _RW
         os.mkdir(_RW)
@@ -946,11 +950,12 @@ def _mount_overlay(opts: LaunchOptions, layers: list[overlays.Layer]) -> list[in
     lower = ":".join([*lowers, _IMAGE])
     # Layers served by fuse2fs: not under the kernel's overlayfs, which refuses or breaks on
     # FUSE layers (Apptainer skips it likewise when a writable overlay sits on FUSE).
-    driver = "fuse" if servers and opts.overlay_driver == "auto" else opts.overlay_driver
+    driver = "fuse" if fuse_layers and opts.overlay_driver == "auto" else opts.overlay_driver
     pid = drivers.mount_overlay(
-        lower, f"{base}/upper", f"{base}/work", _OVERLAY, driver, owner, noacl=bool(servers)
+        lower, f"{base}/upper", f"{base}/work", _OVERLAY, driver, owner, noacl=fuse_layers
     )
-    return [*servers, pid] if pid else servers
+    if pid:
+        servers.append(pid)
 
 
 # fuse2fs servers (runtime.overlays): stopped with SIGTERM, so that they write the image out.
