@@ -26,7 +26,7 @@ APT_PACKAGES := $(APT_RUN) $(APT_TEST) $(APT_BENCH)
 PIP := PYTHONWARNINGS=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 $(BIN)/pip
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: all setup apt apt-run venv test lint demo golden install clean
+.PHONY: all setup apt apt-run venv test lint demo golden settings install clean
 
 all: test
 
@@ -92,6 +92,10 @@ test: setup
 # Regenerate the committed golden SIF files (only on purpose: tests compare against them).
 golden: venv
 	$(BIN)/python -m tests.sif.golden --write
+
+# Rewrite the README's settings table from sifpy/config.py (tests/test_config.py checks they agree).
+settings: venv
+	$(BIN)/python -c 'from sifpy import config; config.write_readme("README.md")'
 
 demo: setup
 	bash recipes/demo.sh

@@ -126,7 +126,7 @@ def main() -> int:
     kept = res["sifpy warm, kept mount"] / res["kernel warm"]
     from sifpy.runtime import start
 
-    own = os.environ.get(start.SERVER_ENV) == "sifpy" and os.access(start.SERVER, os.X_OK)
+    own = os.environ.get("SIFPY_FUSE_SERVER") == "sifpy" and os.access(start.SERVER, os.X_OK)
     server = "sifpy's own (SIFPY_FUSE_SERVER=sifpy)" if own else "squashfuse_ll (the default)"
     lines = [
         f"bench/read: {nfiles} files, {size / 2**20:.0f} MiB, read with tar, median of "

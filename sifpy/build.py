@@ -44,6 +44,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from sifpy import config
 from sifpy.deffile import Recipe, Stage, parse, parse_file, write
 from sifpy.errors import BuildError, Interrupted, SifpyError, UsageError
 from sifpy.rootfs import metadata
@@ -650,8 +651,8 @@ def _work_parent(dest: str, opts: BuildOptions) -> str:
         return beside
     for name, candidate in (
         ("--tmpdir", opts.tmpdir),
-        ("$SIFPY_TMPDIR", os.environ.get("SIFPY_TMPDIR")),
-        ("$APPTAINER_TMPDIR", os.environ.get("APPTAINER_TMPDIR")),
+        ("$SIFPY_TMPDIR", config.get("SIFPY_TMPDIR")),
+        ("$APPTAINER_TMPDIR", config.get("APPTAINER_TMPDIR")),
     ):
         if candidate:
             if not os.path.isdir(candidate):

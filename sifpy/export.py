@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sifpy import config
 from sifpy.errors import ImageError, UsageError
 from sifpy.oci import media as M
 from sifpy.oci.reference import Reference
@@ -145,7 +146,7 @@ def image_from_sif(sif: str | os.PathLike[str], work: Path, squashfs: bool = Fal
 @contextmanager
 def exported(sif: str | os.PathLike[str], squashfs: bool = False) -> Iterator[OciImage]:
     """:func:`image_from_sif` in a private work directory removed afterwards."""
-    tmp_root = os.environ.get("SIFPY_TMPDIR") or None
+    tmp_root = config.get("SIFPY_TMPDIR")
     with tempfile.TemporaryDirectory(prefix="sifpy-export-", dir=tmp_root) as work:
         yield image_from_sif(sif, Path(work), squashfs)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from sifpy import config
 from sifpy.errors import CacheError, SifpyError, ToolError
 from sifpy.oci.auth import lookup_credentials
 from sifpy.oci.cache import Cache, IndexEntry, install_copy, output_path
@@ -103,7 +104,7 @@ class _Tee:
 def _can_overlap(image: Image, cache: Cache) -> bool:
     """One gzip layer, not in the cache, streaming on, a host gunzip: download and pack at
     once (``SIFPY_PULL_OVERLAP=0`` turns it off)."""
-    if os.environ.get("SIFPY_PULL_OVERLAP", "1") == "0" or len(image.layers) != 1:
+    if config.raw("SIFPY_PULL_OVERLAP") == "0" or len(image.layers) != 1:
         return False
     desc = image.layers[0]
     return (
@@ -167,7 +168,7 @@ def _stream_while_downloading(
 
     log.verbose("streaming 1 layer into squashfs while it downloads")
     thread = threading.Thread(target=fetch_into_pipe, name="download", daemon=True)
-    tmp_root = os.environ.get("SIFPY_TMPDIR") or None
+    tmp_root = config.get("SIFPY_TMPDIR")
     work = Path(tempfile.mkdtemp(prefix="sifpy-pull-", dir=tmp_root))  # 0700
     why: BaseException | None = None
     try:
@@ -224,7 +225,7 @@ def use_streaming() -> bool:
     """Pull by streaming (no rootfs on disk) unless tar2sqfs is missing.
 
     ``SIFPY_PULL_STREAM=0`` forces the unpack path, ``1`` requires streaming."""
-    choice = os.environ.get("SIFPY_PULL_STREAM", "auto").strip().lower()
+    choice = (config.raw("SIFPY_PULL_STREAM") or "auto").strip().lower()
     if choice in ("0", "no", "false", "off"):
         return False
     if choice in ("1", "yes", "true", "on"):
@@ -251,7 +252,7 @@ def build_sif(
     layers are unpacked into a temporary rootfs and packed with mksquashfs."""
     if streaming is None:
         streaming = use_streaming()
-    tmp_root = os.environ.get("SIFPY_TMPDIR") or None
+    tmp_root = config.get("SIFPY_TMPDIR")
     work = Path(tempfile.mkdtemp(prefix="sifpy-pull-", dir=tmp_root))  # 0700
     try:
         sqfs = work / "rootfs.sqfs"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from sifpy import config
 from sifpy.cli._args import ArgumentParser, add_registry_options
 from sifpy.errors import UsageError
 
@@ -85,7 +86,7 @@ def build_parser(prog: str) -> ArgumentParser:
     )
     p.add_argument(
         "--mksquashfs-args",
-        default=os.environ.get("APPTAINER_MKSQUASHFS_ARGS", ""),
+        default=config.get("APPTAINER_MKSQUASHFS_ARGS") or "",
         metavar="ARGS",
         help="extra mksquashfs arguments, e.g. '-b 1M'",
     )
@@ -143,9 +144,9 @@ def main(argv: list[str], prog: str = "sifpy build") -> int:
     # The bootstrap agents (docker, oras) read their registry settings from the environment,
     # as Apptainer's do (APPTAINER_NOHTTPS): the flags set the same variables.
     if a.insecure:
-        os.environ["SIFPY_NOHTTPS"] = "1"
+        config.export("SIFPY_NOHTTPS", "1")
     if a.ca_cert:
-        os.environ["SIFPY_DOCKER_CA_CERT"] = os.path.abspath(a.ca_cert)
+        config.export("SIFPY_DOCKER_CA_CERT", os.path.abspath(a.ca_cert))
 
     sections = frozenset(s.strip() for v in a.section for s in v.split(",") if s.strip())
     opts = BuildOptions(

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
+from sifpy import config
 from sifpy.cli._args import ArgumentParser
 from sifpy.runtime import cdi
 from sifpy.sign import policy
@@ -23,7 +23,7 @@ def build_parser(prog: str) -> ArgumentParser:
 def main(argv: list[str], prog: str = "sifpy cdi") -> int:
     """Run ``sifpy cdi``."""
     a = build_parser(prog).parse_args(argv)
-    dirs = os.environ.get("SIFPY_CDI_SPEC_DIRS") or policy.load().device_setting("cdi spec dirs")
+    dirs = config.get("SIFPY_CDI_SPEC_DIRS") or policy.load().device_setting("cdi spec dirs")
     reg = cdi.Registry.load(dirs.split(":") if dirs else None)
     for err in reg.errors:
         log.warn(err.message)

@@ -16,6 +16,7 @@ import os
 import stat
 import sys
 
+from sifpy import config
 from sifpy.errors import ExitStatus, ImageError, RuntimeSetupError, SifpyError, UsageError
 from sifpy.runtime import start
 from sifpy.runtime.start import DRIVERS, Sandbox, SifPartition
@@ -578,7 +579,7 @@ def devices(a: Any) -> Injection:
     if a.device:
         from sifpy.runtime import cdi
 
-        dirs = os.environ.get("SIFPY_CDI_SPEC_DIRS") or rules.device_setting("cdi spec dirs")
+        dirs = config.get("SIFPY_CDI_SPEC_DIRS") or rules.device_setting("cdi spec dirs")
         registry = cdi.Registry.load(dirs.split(":") if dirs else None)
         inject.merge(registry.inject(a.device))
     for message in inject.warnings:
@@ -726,7 +727,7 @@ def _fast_lock() -> tuple[int, str] | None:
     """The lock the starter took for this rank (``SIFPY_FAST_LOCK``: ``FD:PATH``, see
     starter_join.c): the other ranks of the job wait on it until this one has the shared
     container up, or gives up sharing. Never the command's."""
-    value = os.environ.pop("SIFPY_FAST_LOCK", None)
+    value = config.take("SIFPY_FAST_LOCK")
     if value is None:
         return None
     fd_s, _, path = value.partition(":")
@@ -858,7 +859,7 @@ def _spec(
     no_mount = tuple(n.strip() for item in a.no_mount for n in item.split(",") if n.strip())
     # Apptainer's order: the site's `bind path` lines, the options' binds, then
     # $APPTAINER_BIND's.
-    bind_specs = [environ[v] for v in ("APPTAINER_BIND", "SIFPY_BIND") if environ.get(v)]
+    bind_specs = config.get_all("SIFPY_BIND", environ)
     from sifpy.sign import policy
 
     rules = policy.load()
@@ -866,8 +867,8 @@ def _spec(
     binds = parse_binds(a.bind + bind_specs)
     mount_specs = [
         line
-        for v in ("APPTAINER_MOUNT", "SIFPY_MOUNT")
-        for line in environ.get(v, "").split("\n")
+        for value in config.get_all("SIFPY_MOUNT", environ)
+        for line in value.split("\n")
         if line.strip()
     ]
     mounts = parse_mounts(a.mount + mount_specs)

@@ -12,6 +12,7 @@ import sys
 from argparse import Namespace
 from datetime import UTC, datetime
 
+from sifpy import config
 from sifpy.cli._args import ArgumentParser
 from sifpy.errors import UsageError
 from sifpy.sign.keyring import Key, Keyring
@@ -44,7 +45,7 @@ def build_parser(prog: str) -> ArgumentParser:
 
 
 def _ask_passphrase() -> str:
-    env = os.environ.get("SIFPY_PASSPHRASE")
+    env = config.raw("SIFPY_PASSPHRASE")
     if env is not None:
         return env
     if not sys.stdin.isatty():
@@ -90,7 +91,7 @@ def _main(a: Namespace, ring: Keyring) -> int:
         for i, k in enumerate(keys):
             out.write(render_key(i, k))
     elif a.action == "export":
-        secret_pass = os.environ.get("SIFPY_PASSPHRASE", "") if a.secret else None
+        secret_pass = (config.raw("SIFPY_PASSPHRASE") or "") if a.secret else None
         data = ring.export(a.key, secret=a.secret, armor=not a.binary, passphrase=secret_pass)
         if a.output:
             fd = os.open(a.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,

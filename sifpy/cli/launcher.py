@@ -81,11 +81,11 @@ def _offsets(layout: Any) -> dict[str, int]:
 def starter_config(python: str, boot: str) -> str:
     """``starter_config.h``: what the starter must agree on with the Python side (the SIF
     layout included: it finds the primary partition itself)."""
+    from sifpy import config
     from sifpy.cli.exec import OPTIONS
     from sifpy.runtime import mount, start
     from sifpy.runtime.action import action_argv
     from sifpy.sif import format as F
-    from sifpy.sign.policy import SYSTEM_CONFIG
 
     # Options whose start the starter leaves to Python: it never verifies, unsquashes or
     # runs a sandbox.
@@ -105,9 +105,8 @@ def starter_config(python: str, boot: str) -> str:
         "SIFPY_BOOT": c_string(boot),
         "SIFPY_SQUASHFUSE": c_string(start.SQUASHFUSE),
         "SIFPY_SINGLE_THREAD": str(int(start.FUSE_SINGLE_THREAD)),
-        "SIFPY_SERVER_ENV": c_string(start.SERVER_ENV),
         "SIFPY_SERVER_THREADS": str(start.SERVER_THREADS),
-        "SIFPY_SYSTEM_CONFIG": c_string(SYSTEM_CONFIG),
+        "SIFPY_SYSTEM_CONFIG": c_string(config.SYSTEM_CONFIG),
         "SIFPY_SYSTEM_DIRS": c_string(":".join(mount.SYSTEM_DIRS)),
         "SIFPY_DEFAULT_PATH": c_string(start.DEFAULT_PATH),
         "SIFPY_ACTION_SHELL": c_string(action_argv("exec", ["true"])[0]),

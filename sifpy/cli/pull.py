@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from argparse import Namespace
 
+from sifpy import config
 from sifpy.cli._args import ArgumentParser, add_registry_options
 from sifpy.errors import UsageError
 from sifpy.oci.progress import layer_progress, transfer_progress
@@ -115,7 +116,6 @@ def pull_to_cache(image: str) -> str:
     """The cached SIF of ``docker://...`` (pulled into the cache first if needed), for
     ``sifpy exec|run|shell|test docker://...`` as Apptainer does. Plain http only with
     ``$SIFPY_NOHTTPS``/``$APPTAINER_NOHTTPS``, as for ``Bootstrap: docker``."""
-    import os
 
     if not image.startswith("docker://"):
         raise UsageError(
@@ -124,11 +124,9 @@ def pull_to_cache(image: str) -> str:
         )
     ref = parse_reference(image)
     platform = parse_platform()
-    insecure = any(
-        os.environ.get(n, "").lower() in ("1", "true", "yes")
-        for n in ("SIFPY_NOHTTPS", "APPTAINER_NOHTTPS")
+    options = ClientOptions(
+        insecure=config.flag("SIFPY_NOHTTPS"), ca_cert=config.get("SIFPY_DOCKER_CA_CERT")
     )
-    options = ClientOptions(insecure=insecure, ca_cert=os.environ.get("SIFPY_DOCKER_CA_CERT"))
     import signal
 
     from sifpy.errors import Interrupted

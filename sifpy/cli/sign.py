@@ -8,10 +8,10 @@ one signature. The image is rewritten atomically.
 from __future__ import annotations
 
 import getpass
-import os
 import sys
 from argparse import Namespace
 
+from sifpy import config
 from sifpy.cli._args import ArgumentParser
 from sifpy.errors import SignatureError
 from sifpy.sign import dsse
@@ -37,7 +37,7 @@ def build_parser(prog: str) -> ArgumentParser:
 
 
 def _passphrase(what: str) -> str:
-    env = os.environ.get("SIFPY_PASSPHRASE")
+    env = config.raw("SIFPY_PASSPHRASE")
     if env is not None:
         return env
     if not sys.stdin.isatty():
@@ -50,7 +50,7 @@ def _dsse_signer(paths: list[str]) -> DsseSigner:
     keys = []
     for path in paths:
         try:
-            keys.append(dsse.load_private_key(path, os.environ.get("SIFPY_PASSPHRASE")))
+            keys.append(dsse.load_private_key(path, config.raw("SIFPY_PASSPHRASE")))
         except SignatureError as exc:
             if "passphrase" not in (exc.hint or "") and "password" not in exc.message.lower():
                 raise
@@ -61,7 +61,8 @@ def _dsse_signer(paths: list[str]) -> DsseSigner:
 def main(argv: list[str], prog: str = "sifpy sign") -> int:
     """Run ``sifpy sign``."""
     a = build_parser(prog).parse_args(argv)
-    pem = a.key or ([os.environ["SIFPY_SIGN_KEY"]] if os.environ.get("SIFPY_SIGN_KEY") else [])
+    env_key = config.get("SIFPY_SIGN_KEY")
+    pem = a.key or ([env_key] if env_key else [])
     signer: Signer
     if pem:
         signer = _dsse_signer(pem)
@@ -69,7 +70,7 @@ def main(argv: list[str], prog: str = "sifpy sign") -> int:
         ring = Keyring(a.keysdir)
         try:
             return _sign(
-                a, PgpSigner(ring, ring.secret_key(a.keyidx), os.environ.get("SIFPY_PASSPHRASE"))
+                a, PgpSigner(ring, ring.secret_key(a.keyidx), config.raw("SIFPY_PASSPHRASE"))
             )
         finally:
             if ring.path.is_dir():

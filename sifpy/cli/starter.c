@@ -311,7 +311,7 @@ static void become_helper(pid_t parent, const int *fds, int n)
  * 0 (Python starts it) where it is not; 0 if there is none. */
 static int server_program(char *program)
 {
-    const char *want = getenv(SIFPY_SERVER_ENV);
+    const char *want = getenv("SIFPY_FUSE_SERVER");
     if (want != NULL && strcmp(want, "sifpy") == 0) {
 #ifdef SIFPY_SERVE_INLINE
         program[0] = '\0';

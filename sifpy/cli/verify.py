@@ -10,9 +10,9 @@ failure exactly what does not match; the exit status is 0 only when everything v
 from __future__ import annotations
 
 import json
-import os
 import sys
 
+from sifpy import config
 from sifpy.cli._args import ArgumentParser
 from sifpy.errors import SignatureError
 from sifpy.sif import SifImage
@@ -85,7 +85,8 @@ def render(img: SifImage, res: VerifyResult) -> str:
 def main(argv: list[str], prog: str = "sifpy verify") -> int:
     """Run ``sifpy verify``."""
     a = build_parser(prog).parse_args(argv)
-    pem = a.key or ([os.environ["SIFPY_VERIFY_KEY"]] if os.environ.get("SIFPY_VERIFY_KEY") else [])
+    env_key = config.get("SIFPY_VERIFY_KEY")
+    pem = a.key or ([env_key] if env_key else [])
     # An explicit --key means: trust exactly these keys (as apptainer verify --key).
     keys = TrustedKeys.load(pem, a.keyring, a.keysdir, default_pgp=not pem)
     with SifImage.open(a.image) as img:

@@ -24,6 +24,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sifpy import config
 from sifpy.errors import RegistryError
 from sifpy.oci.reference import DOCKER_HUB, DOCKER_HUB_ALIASES
 
@@ -119,10 +120,14 @@ def remove_credentials(host: str) -> bool:
 
 
 def _from_env() -> Credentials | None:
-    for prefix in ("SIFPY_DOCKER_", "APPTAINER_DOCKER_"):
-        user, password = os.environ.get(prefix + "USERNAME"), os.environ.get(prefix + "PASSWORD")
+    # Each pair under one name (sifpy's, then Apptainer's): never a user from one and a
+    # password from the other.
+    users, passwords = config.names("SIFPY_DOCKER_USERNAME"), config.names("SIFPY_DOCKER_PASSWORD")
+    pairs = zip(users, passwords, strict=True)
+    for user_var, password_var in pairs:
+        user, password = config.raw(user_var), config.raw(password_var)
         if user and password is not None:
-            return Credentials(user, password, f"${prefix}USERNAME")
+            return Credentials(user, password, f"${user_var}")
     return None
 
 

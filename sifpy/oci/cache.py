@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from sifpy import config
 from sifpy.errors import CacheError, RegistryError, UsageError
 from sifpy.oci.reference import digest_hex
 from sifpy.util import log
@@ -73,7 +74,7 @@ CLEAN_TYPES: dict[str, tuple[str, ...]] = {
 
 def default_root() -> Path:
     """Where the cache lives, from the environment."""
-    if d := os.environ.get("SIFPY_CACHEDIR") or os.environ.get("APPTAINER_CACHEDIR"):
+    if d := config.get("SIFPY_CACHEDIR"):
         return Path(d)
     if x := os.environ.get("XDG_CACHE_HOME"):
         return Path(x) / "sifpy"

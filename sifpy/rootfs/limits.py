@@ -23,6 +23,7 @@ import os
 import re
 import threading
 
+from sifpy import config
 from sifpy.errors import RootfsError, UsageError
 
 DEFAULT_MAX_UNPACKED = 64 << 30
@@ -44,7 +45,7 @@ def parse_size(text: str) -> int:
 
 def max_unpacked() -> int | None:
     """``$SIFPY_MAX_UNPACKED`` in bytes (None: no cap), else :data:`DEFAULT_MAX_UNPACKED`."""
-    text = os.environ.get("SIFPY_MAX_UNPACKED", "").strip()
+    text = (config.get("SIFPY_MAX_UNPACKED") or "").strip()
     if not text:
         return DEFAULT_MAX_UNPACKED
     try:

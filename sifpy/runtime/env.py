@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 
+from sifpy import config
 from sifpy.errors import UsageError
 from sifpy.runtime.start import DEFAULT_PATH
 from sifpy.util import log
@@ -100,7 +101,7 @@ def host_env(
 def parse_no_env(values: Iterable[str], environ: Mapping[str, str]) -> list[str]:
     """``--no-env A,B`` (repeatable) and ``$APPTAINER_NOENV`` / ``$SINGULARITY_NOENV`` /
     ``$SIFPY_NOENV``: the names not to inherit from the host."""
-    specs = [*values, *(environ.get(p + "NOENV", "") for p in RUNTIME_PREFIXES)]
+    specs = [*values, *config.get_all("SIFPY_NOENV", environ)]
     return [n.strip() for spec in specs for n in spec.split(",") if n.strip()]
 
 

@@ -24,6 +24,7 @@ import os
 import pwd
 import stat
 
+from sifpy import config
 from sifpy.errors import RuntimeSetupError
 from sifpy.runtime import mount, ns
 from sifpy.util.lean import NamedTuple
@@ -44,7 +45,6 @@ FUSE_SINGLE_THREAD = True
 # on a loaded 2-CPU machine its gain over squashfuse_ll could not yet be shown by
 # bench/read or bench/exec; the tests run every exec through both.
 SERVER = os.path.join(os.path.dirname(__file__), "serve", "sifpy-sqfs-serve")
-SERVER_ENV = "SIFPY_FUSE_SERVER"
 SERVER_THREADS = 4  # libfuse's loop starts them as requests wait; 2-CPU nodes need no more
 
 
@@ -52,7 +52,8 @@ def server_program(name: str = SQUASHFUSE) -> str:
     """The squashfs FUSE server to run: sifpy's own with ``$SIFPY_FUSE_SERVER=sifpy``
     where it was built, else the helper ``name`` as :func:`mount.find_program` finds it
     (raising :class:`ToolError` if missing)."""
-    if name == SQUASHFUSE and os.environ.get(SERVER_ENV) == "sifpy" and os.access(SERVER, os.X_OK):
+    own = config.get("SIFPY_FUSE_SERVER") == "sifpy"
+    if name == SQUASHFUSE and own and os.access(SERVER, os.X_OK):
         return SERVER
     return mount.find_program(name)
 
@@ -177,7 +178,7 @@ def adopt() -> tuple[Served, int, tuple[int, int]] | None:
     ``MOUNT_FD,SERVER_PID,IMAGE_FD,OFFSET,FAKEROOT,UID,GID``. Only our own child can be the
     server; nothing here touches the mount (that would wait for the server).
     """
-    state = os.environ.pop("SIFPY_SERVED", None)
+    state = config.take("SIFPY_SERVED")
     if state is None:
         return None
     served = None

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sifpy import config
 from sifpy.errors import SignatureError
 from sifpy.sign.pgp import dearmor, gpg_failure, run_gpg
 
@@ -23,7 +24,7 @@ APPTAINER_PUBLIC = ("~/.apptainer/keys/pgp-public", "~/.singularity/sypgp/pgp-pu
 
 def default_keysdir() -> Path:
     """``$SIFPY_KEYSDIR`` or ``~/.sifpy/keys``."""
-    env = os.environ.get("SIFPY_KEYSDIR")
+    env = config.get("SIFPY_KEYSDIR")
     return Path(env) if env else Path("~/.sifpy/keys").expanduser()
 
 

@@ -39,13 +39,10 @@ from __future__ import annotations
 import os
 import stat
 
-from sifpy.errors import SifpyError, SignatureError
+from sifpy import config
+from sifpy.errors import SignatureError
 
-SYSTEM_CONFIG = "/etc/sifpy/sifpy.conf"
-_HINT = (
-    "settings: verify, trusted key, trusted keyring, trusted fingerprint, bind path, "
-    "nvliblist, rocmliblist, cdi spec dirs, hooks dir (see the README)"
-)
+SYSTEM_CONFIG = config.SYSTEM_CONFIG
 DEVICE_SETTINGS = ("nvliblist", "rocmliblist", "cdi spec dirs")
 
 
@@ -89,60 +86,27 @@ def load(system: str = SYSTEM_CONFIG, user: str | None = None) -> Policy:
     (``user``, default ``$SIFPY_CONFIG``; named but unreadable: an error)."""
     policy = Policy()
     _read(system, policy.system, missing_ok=True)
-    user = os.environ.get("SIFPY_CONFIG") if user is None else user
+    user = config.user_config() if user is None else user
     if user:
         _read(user, policy.user, missing_ok=False)
     return policy
 
 
 def _read(path: str, rules: Rules, missing_ok: bool) -> None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError as exc:
-        if missing_ok:
-            return
-        raise SifpyError(
-            f"can't read config: {path}: {exc.strerror}",
-            hint="$SIFPY_CONFIG names a file of extra requirements; unset it or fix the path",
-        ) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise SifpyError(f"can't read config: {path}: {reason}", hint=_HINT) from exc
-    for n, raw in enumerate(lines, start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        key, sep, value = (part.strip() for part in line.partition("="))
-        key = " ".join(key.lower().split())
-        if not sep or not value:
-            raise SifpyError(f"can't read config: {path}:{n}: expected 'key = value'", hint=_HINT)
-        if key == "verify":
-            if value not in ("required", "optional"):
-                raise SifpyError(
-                    f"can't read config: {path}:{n}: verify must be 'required' or 'optional'",
-                    hint=_HINT,
-                )
-            rules.verify_required = value == "required"
-        elif key == "trusted key":
-            rules.keys.append(value)
-        elif key == "trusted keyring":
-            rules.keyrings.append(value)
-        elif key in DEVICE_SETTINGS:
-            rules.devices[key] = value
-        elif key == "trusted fingerprint":
-            rules.fingerprints.add(value.replace(" ", "").upper())
-        elif key == "bind path":
-            rules.binds.append(value)
-        elif key == "hooks dir":
-            if not value.startswith("/"):
-                raise SifpyError(
-                    f"can't read config: {path}:{n}: hooks dir must be an absolute path",
-                    hint=_HINT,
-                )
-            rules.hooks_dirs.append(value)
-        else:
-            raise SifpyError(f"can't read config: {path}:{n}: unknown setting {key!r}", hint=_HINT)
+    settings = config.read_conf(path, missing_ok)  # checked there: known keys, valid values
+    if settings is None:
+        return
+    rules.verify_required = settings.get("verify", ["optional"])[-1] == "required"
+    rules.keys += settings.get("trusted key", [])
+    rules.keyrings += settings.get("trusted keyring", [])
+    rules.fingerprints |= {
+        v.replace(" ", "").upper() for v in settings.get("trusted fingerprint", [])
+    }
+    rules.binds += settings.get("bind path", [])
+    rules.hooks_dirs += settings.get("hooks dir", [])
+    for key in DEVICE_SETTINGS:
+        if key in settings:
+            rules.devices[key] = settings[key][-1]
 
 
 def _can_change(st: os.stat_result, uid: int) -> str | None:

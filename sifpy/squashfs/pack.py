@@ -23,6 +23,7 @@ import shutil
 import signal
 from collections.abc import Sequence
 
+from sifpy import config
 from sifpy.errors import ToolError, UsageError
 from sifpy.util import log, progress
 from sifpy.util.proc import DEVNULL, PIPE, failure, popen, run
@@ -61,7 +62,7 @@ def compression_args(spec: str, tool: str = "mksquashfs") -> list[str]:
 
 def default_compression() -> str:
     """``$SIFPY_COMPRESSION``, else :data:`DEFAULT_COMPRESSION` (checked when used)."""
-    return os.environ.get("SIFPY_COMPRESSION") or DEFAULT_COMPRESSION
+    return config.get("SIFPY_COMPRESSION") or DEFAULT_COMPRESSION
 
 
 def _tool(name: str) -> str:

@@ -10,16 +10,11 @@ come from the environment, as Apptainer's: ``SIFPY_NOHTTPS`` / ``APPTAINER_NOHTT
 
 from __future__ import annotations
 
-import os
-
+from sifpy import config
 from sifpy.rootfs.bootstrap import Context, Result
 from sifpy.rootfs.limits import Budget
 from sifpy.rootfs.unpack import apply_layer
 from sifpy.util import log, progress
-
-
-def _env_flag(*names: str) -> bool:
-    return any(os.environ.get(n, "").lower() in ("1", "true", "yes") for n in names)
 
 
 def bootstrap(ctx: Context) -> Result:
@@ -35,10 +30,10 @@ def bootstrap(ctx: Context) -> Result:
         registry=ctx.stage.get("Registry") or None,
         namespace=ctx.stage.get("Namespace") or None,
     )
-    platform = parse_platform(None, os.environ.get("SIFPY_DOCKER_ARCH") or None)
+    platform = parse_platform(None, config.get("SIFPY_DOCKER_ARCH"))
     options = ClientOptions(
-        insecure=_env_flag("SIFPY_NOHTTPS", "APPTAINER_NOHTTPS"),
-        ca_cert=os.environ.get("SIFPY_DOCKER_CA_CERT") or None,
+        insecure=config.flag("SIFPY_NOHTTPS"),
+        ca_cert=config.get("SIFPY_DOCKER_CA_CERT"),
     )
     cache = Cache()
     log.info(f"fetching {ref} ({platform})")

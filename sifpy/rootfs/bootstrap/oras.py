@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 
+from sifpy import config
 from sifpy.rootfs.bootstrap import Context, Result
-from sifpy.rootfs.bootstrap.docker import _env_flag
 from sifpy.rootfs.bootstrap.local import keep_history, parse_fingerprints, unpack_sif
 from sifpy.util import log
 
@@ -24,8 +24,8 @@ def bootstrap(ctx: Context) -> Result:
     source = ctx.require("From")
     ref = oras.parse_oras(source if source.startswith("oras://") else f"oras://{source}")
     options = ClientOptions(
-        insecure=_env_flag("SIFPY_NOHTTPS", "APPTAINER_NOHTTPS"),
-        ca_cert=os.environ.get("SIFPY_DOCKER_CA_CERT") or None,
+        insecure=config.flag("SIFPY_NOHTTPS"),
+        ca_cert=config.get("SIFPY_DOCKER_CA_CERT"),
     )
     sif = os.path.join(ctx.workdir, "oras-base.sif")
     log.info(f"fetching oras://{ref}")
