@@ -105,11 +105,11 @@ def entry() -> NoReturn:
     if name in _QUICK_EXIT or _interrupted:
         import os
 
-        from sifpy.util.lean import suppress
-
         for stream in (sys.stdout, sys.stderr):
-            with suppress(OSError, ValueError):  # closed or broken: the status stays
+            try:  # closed or broken: the status stays
                 stream.flush()
+            except (OSError, ValueError):
+                pass
         os._exit(status)
     raise SystemExit(status)
 

@@ -28,7 +28,7 @@ import os
 from sifpy.errors import RuntimeSetupError, ToolError
 from sifpy.runtime import mount, ns
 from sifpy.runtime.start import DRIVERS, server_program
-from sifpy.util import lean, log
+from sifpy.util import log
 from sifpy.util.lean import NamedTuple
 
 TYPE_CHECKING = False
@@ -241,8 +241,10 @@ def mount_overlay(
     opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
     fuse = ""
     if driver == "fuse" or (driver == "auto" and owner is not None):
-        with lean.suppress(ToolError):
+        try:
             fuse = mount.find_program("fuse-overlayfs", hint=_OVERLAY_HINT)
+        except ToolError:
+            pass
         if driver == "fuse" and not fuse:
             mount.find_program("fuse-overlayfs", hint=_OVERLAY_HINT)  # raises
     if not fuse:
@@ -255,8 +257,10 @@ def mount_overlay(
         except RuntimeSetupError as exc:
             if driver == "kernel":
                 raise
-            with lean.suppress(ToolError):
+            try:
                 fuse = mount.find_program("fuse-overlayfs", hint=_OVERLAY_HINT)
+            except ToolError:
+                pass
             if not fuse:
                 exc.hint = _OVERLAY_HINT
                 raise

@@ -169,12 +169,13 @@ def _kill(proc: Popen[str]) -> None:
     and reap all of it: this process adopts the hook's children as they are orphaned
     (subreaper), so none is left running, nor as a zombie of the host's init."""
     from sifpy.runtime import ns
-    from sifpy.util import lean
 
     ns.set_child_subreaper(True)
     try:
-        with lean.suppress(ProcessLookupError, PermissionError):  # gone, or setuid
+        try:  # gone, or setuid
             os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         proc.wait()
         while True:  # the group's other members, now ours
             try:

@@ -32,7 +32,6 @@ import stat
 
 from sifpy.errors import RuntimeSetupError, ToolError
 from sifpy.runtime import ns
-from sifpy.util import lean
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -290,10 +289,14 @@ def mount_squashfs(
 
 def stop_server(pid: int) -> None:
     """Kill the FUSE server and reap it (the image is read-only: nothing to flush)."""
-    with lean.suppress(ProcessLookupError):
+    try:
         os.kill(pid, signal.SIGKILL)
-    with lean.suppress(ChildProcessError):
+    except ProcessLookupError:
+        pass
+    try:
         os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
 
 
 def bind(

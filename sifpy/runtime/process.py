@@ -53,7 +53,7 @@ from sifpy.runtime.start import (
     enter,
     host_identity,
 )
-from sifpy.util import lean, log
+from sifpy.util import log
 from sifpy.util.lean import NamedTuple
 
 TYPE_CHECKING = False
@@ -422,8 +422,10 @@ def _expire(main: int, argv: list[str]) -> str | None:
     cmd = next((c for c in map(_cmdline, tree) if c is not None and c != argv), None)
     # The shell first, so that it starts nothing more; then what it started.
     for pid in [shell, *tree]:
-        with lean.suppress(ProcessLookupError):
+        try:
             os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     return " ".join(cmd) if cmd else ""
 
 
@@ -491,8 +493,10 @@ def _supervise(main: int, forward_to: int, reap_all: bool, start: _Start | None 
             info = timed
         if info.si_signo != signal.SIGCHLD:
             if info.si_code != _SI_KERNEL:
-                with lean.suppress(ProcessLookupError):
+                try:
                     os.kill(forward_to, info.si_signo)
+                except ProcessLookupError:
+                    pass
             continue
         while True:
             try:
@@ -508,8 +512,10 @@ def _supervise(main: int, forward_to: int, reap_all: bool, start: _Start | None 
 def _report(fd: int, code: int, message: str, hint: str | None = None) -> None:
     # One write below PIPE_BUF is atomic, so a report is never interleaved.
     data = f"{code}\0{message[:3000]}\0{(hint or '')[:800]}".encode(errors="replace")
-    with lean.suppress(OSError):
+    try:
         os.write(fd, data)
+    except OSError:
+        pass
 
 
 # --- the monitor --------------------------------------------------------------------------
@@ -660,8 +666,10 @@ def _run_after(spec: LaunchSpec, stage: str, pid: int) -> None:
 def _not_started(started: int) -> None:
     """Tell the monitor's :func:`_post_start` that the command will not run."""
     if started >= 0:
-        with lean.suppress(OSError):
+        try:
             os.write(started, b"f")
+        except OSError:
+            pass
 
 
 def _set_up(
@@ -879,7 +887,7 @@ def _own_by_root(root_fd: int) -> None:
             os.fchown(dirfd, 0, 0)
         os.fchmod(dirfd, stat.S_IMODE(st.st_mode) | 0o700)
         for name in list(dirnames) + filenames:
-            with lean.suppress(OSError):
+            try:
                 est = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
                 if est.st_dev != dev:
                     if name in dirnames:
@@ -889,6 +897,8 @@ def _own_by_root(root_fd: int) -> None:
                     os.chown(name, 0, 0, dir_fd=dirfd, follow_symlinks=False)
                 if stat.S_ISREG(est.st_mode):
                     os.chmod(name, stat.S_IMODE(est.st_mode) | 0o600, dir_fd=dirfd)
+            except OSError:
+                pass
     os.close(root_fd)
 
 
@@ -1470,8 +1480,10 @@ def _default_signals() -> None:
     SIG_IGN survives execve), so `yes | head` would spin."""
     for sig in range(1, signal.NSIG):
         if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            with lean.suppress(OSError, ValueError):
+            try:
                 signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
     ns.reset_reserved_signals()
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 

@@ -41,7 +41,6 @@ import struct
 
 from sifpy.errors import ExitStatus, RuntimeSetupError, SifpyError
 from sifpy.runtime import ns
-from sifpy.util.lean import suppress
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -229,8 +228,10 @@ def run_joined(
 def instances_dir() -> str:
     """Where the instances' sockets, locks, logs and descriptions are."""
     path = f"{runtime_dir()}/instances"
-    with suppress(FileExistsError):
+    try:
         os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
     return path
 
 
@@ -331,8 +332,10 @@ def list_instances() -> list[dict[str, object]]:
             out.append(info)
         else:
             for ext in (".json", ".out", ".err"):
-                with suppress(OSError):
+                try:
                     os.unlink(f"{base}{ext}")
+                except OSError:
+                    pass
     return out
 
 
@@ -394,8 +397,10 @@ def _connect(path: str) -> _socket.socket | None:
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
         # Refused: its holder was killed; we hold the lock, nobody else is creating it.
-        with suppress(FileNotFoundError):
+        try:
             os.unlink(path)
+        except FileNotFoundError:
+            pass
         return None
     except OSError:
         sock.close()
@@ -557,15 +562,20 @@ def _holder(
         listener.bind(f"{base}.sock")
         listener.listen(64)
         if alias is not None:  # the starter's name for this container (see fast_key)
-            with suppress(FileNotFoundError):
+            try:
                 os.unlink(alias, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
             os.symlink(f"{name}.sock", alias, dir_fd=dir_fd)
         image_st = os.stat(image.path)
         keep_r, keep_w = os.pipe()
         report_r, report_w = os.pipe()
         keeper = process.set_up_keeper(spec, ident, driver, report_w, servers, keep_w)
-        with suppress(OSError), open("/proc/self/comm", "w") as f:
-            f.write(HOLDER_NAME)  # what ps shows (the keeper is named before: python3)
+        try:
+            with open("/proc/self/comm", "w") as f:
+                f.write(HOLDER_NAME)  # what ps shows (the keeper is named before: python3)
+        except OSError:
+            pass
         os.close(keep_w)
         os.close(report_w)
         if os.read(keep_r, 1) != b"k":
@@ -596,20 +606,30 @@ def _holder(
         _serve(listener, lock, keeper_fd, (userns, mntns), persistent, fast)
     finally:
         if alias is not None:
-            with suppress(OSError):
+            try:
                 if os.readlink(alias, dir_fd=dir_fd) == f"{name}.sock":
                     os.unlink(alias, dir_fd=dir_fd)
-            with suppress(OSError):  # the starter's (starter_join.c); taken again if gone
+            except OSError:
+                pass
+            try:  # the starter's (starter_join.c); taken again if gone
                 os.unlink(alias.removesuffix(".sock") + ".lock", dir_fd=dir_fd)
+            except OSError:
+                pass
         os.kill(keeper, 9)
-        with suppress(OSError):
+        try:
             os.unlink(f"{name}.sock", dir_fd=dir_fd)
-        with suppress(OSError):  # locked by us (_serve returned so): see _lock
+        except OSError:
+            pass
+        try:  # locked by us (_serve returned so): see _lock
             os.unlink(f"{name}.lock", dir_fd=dir_fd)
+        except OSError:
+            pass
         if persistent:
             for ext in (".json", ".out", ".err"):
-                with suppress(OSError):
+                try:
                     os.unlink(f"{name}{ext}", dir_fd=dir_fd)
+                except OSError:
+                    pass
         _end(servers)
 
 
@@ -669,8 +689,10 @@ def _serve(
                 return
             fcntl.flock(lock, fcntl.LOCK_UN)
     for pidfd in members:  # stopped: the members go with the container
-        with suppress(OSError):
+        try:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except OSError:
+            pass
     fcntl.flock(lock, fcntl.LOCK_EX)
 
 
