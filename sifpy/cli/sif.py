@@ -20,7 +20,7 @@ from sifpy.sif.image import Descriptor
 
 # siftool's numbering of data types on the command line (1-Deffile ... 9-SBOM), plus the
 # two OCI types newer SIF versions define.
-CLI_DATA_TYPES = {i: dt for i, dt in enumerate(F.DataType, start=1)}
+CLI_DATA_TYPES = dict(enumerate(F.DATA_TYPE_NAMES, start=1))
 SBOM_BY_NAME: dict[str, int] = {name: fmt for fmt, name in F.SBOM_FORMAT_NAMES.items()} | {
     "github": F.SBOMFormat.GITHUB_JSON
 }
@@ -86,7 +86,7 @@ def render_header(img: SifImage) -> str:
 
 
 def _enum_name(names: Mapping[int, str], value: int, unknown: str = "Unknown") -> str:
-    """The reference's String() of an enum value (IntEnum keys compare equal to ints)."""
+    """The reference's String() of an enum value (its names table: int -> name)."""
     return names.get(value, unknown)
 
 
@@ -358,7 +358,7 @@ def _object_input(a: argparse.Namespace) -> ObjectInput:
             raise UsageError(
                 f"invalid signing entity fingerprint length: got {len(entity)}, want 20"
             )
-        if a.signhash not in {h.value for h in F.HashType}:
+        if a.signhash not in F.HASH_TYPE_NAMES:
             raise UsageError(f"invalid hash type: {a.signhash}")
         return ObjectInput.signature(data, a.signhash, entity, **kw)  # type: ignore[arg-type]
     if dt == F.DataType.SBOM:

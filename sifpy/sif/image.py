@@ -114,7 +114,7 @@ class Descriptor(NamedTuple):
             and self.partition().parttype == F.PartType.PRIMSYS
         )
 
-    def _expect(self, dt: F.DataType) -> None:
+    def _expect(self, dt: int) -> None:
         if self.data_type != dt:
             raise ImageError(f"object {self.id} is {self.type_name}, not {F.DATA_TYPE_NAMES[dt]}")
 
