@@ -10,10 +10,9 @@ from __future__ import annotations
 import gc
 import sys
 
-from sifpy import __version__
+from sifpy import TYPE_CHECKING, __version__
 from sifpy.errors import ExitStatus, SifpyError
 
-TYPE_CHECKING = False  # typing costs ~17 ms to import; `sifpy exec` runs once per rank
 if TYPE_CHECKING:
     from typing import NoReturn
 

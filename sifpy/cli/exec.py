@@ -16,13 +16,12 @@ import os
 import stat
 import sys
 
-from sifpy import config
+from sifpy import TYPE_CHECKING, config
 from sifpy.errors import ExitStatus, ImageError, RuntimeSetupError, SifpyError, UsageError
 from sifpy.runtime import start
 from sifpy.runtime.start import DRIVERS, Sandbox, SifPartition
 from sifpy.util import log
 
-TYPE_CHECKING = False  # typing costs ~17 ms to import: not on this path
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from types import SimpleNamespace

@@ -10,12 +10,12 @@ Progress is a rich bar when stderr is a terminal, plain lines otherwise, nothing
 
 from __future__ import annotations
 
+from sifpy import TYPE_CHECKING
 from sifpy.cli._args import ArgumentParser, add_registry_options
 from sifpy.errors import UsageError
 from sifpy.oci.progress import transfer_progress
 from sifpy.util import log
 
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from sifpy.oci.registry import ClientOptions
 

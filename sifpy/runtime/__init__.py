@@ -10,7 +10,8 @@ the rest.
 
 from __future__ import annotations
 
-TYPE_CHECKING = False
+from sifpy import TYPE_CHECKING
+
 if TYPE_CHECKING:
     from sifpy.runtime.process import LaunchOptions, LaunchSpec, launch
     from sifpy.runtime.start import Identity, Sandbox, SifPartition, host_identity

@@ -25,13 +25,13 @@ from __future__ import annotations
 import errno
 import os
 
+from sifpy import TYPE_CHECKING
 from sifpy.errors import RuntimeSetupError, ToolError
 from sifpy.runtime import mount, ns
 from sifpy.runtime.start import DRIVERS, server_program
 from sifpy.util import log
 from sifpy.util.lean import NamedTuple
 
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import NoReturn

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import os
 
-from sifpy import config
+from sifpy import TYPE_CHECKING, config
 from sifpy.errors import UsageError
 from sifpy.runtime.start import DEFAULT_PATH
 from sifpy.util import log
 
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 

@@ -30,9 +30,9 @@ import glob
 import os
 import struct
 
+from sifpy import TYPE_CHECKING
 from sifpy.errors import RuntimeSetupError, SifpyError
 
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from sifpy.runtime.plan import Mount
 

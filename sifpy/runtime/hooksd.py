@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import os
 
+from sifpy import TYPE_CHECKING
 from sifpy.errors import RuntimeSetupError
 
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from typing import Any

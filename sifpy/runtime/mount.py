@@ -30,10 +30,10 @@ import errno
 import os
 import stat
 
+from sifpy import TYPE_CHECKING
 from sifpy.errors import RuntimeSetupError, ToolError
 from sifpy.runtime import ns
 
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal
     from collections.abc import Callable

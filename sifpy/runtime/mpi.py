@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 
-TYPE_CHECKING = False
+from sifpy import TYPE_CHECKING
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 

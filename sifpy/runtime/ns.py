@@ -16,9 +16,8 @@ import errno
 import os
 import sys
 
+from sifpy import TYPE_CHECKING
 from sifpy.errors import RuntimeSetupError
-
-TYPE_CHECKING = False
 
 # Clone flags (include/uapi/linux/sched.h).
 CLONE_NEWNS = 0x00020000

@@ -12,9 +12,8 @@ from __future__ import annotations
 import os
 import stat
 
+from sifpy import TYPE_CHECKING
 from sifpy.errors import RuntimeSetupError
-
-TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from sifpy.runtime.process import LaunchSpec

@@ -38,6 +38,7 @@ import stat
 import sys
 import time as _time
 
+from sifpy import TYPE_CHECKING
 from sifpy.errors import ExitStatus, RuntimeSetupError, SifpyError
 from sifpy.runtime import drivers, mount, ns, seccomp
 from sifpy.runtime import plan as plan_
@@ -56,7 +57,6 @@ from sifpy.runtime.start import (
 from sifpy.util import log
 from sifpy.util.lean import NamedTuple
 
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal
     from collections.abc import Sequence

@@ -39,10 +39,10 @@ import fcntl
 import os
 import struct
 
+from sifpy import TYPE_CHECKING
 from sifpy.errors import ExitStatus, RuntimeSetupError, SifpyError
 from sifpy.runtime import ns
 
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, NoReturn
 

@@ -24,12 +24,11 @@ import os
 import pwd
 import stat
 
-from sifpy import config
+from sifpy import TYPE_CHECKING, config
 from sifpy.errors import RuntimeSetupError
 from sifpy.runtime import mount, ns
 from sifpy.util.lean import NamedTuple
 
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-TYPE_CHECKING = False  # not typing's: sifpy exec reads SIF files and must stay lean
+from sifpy import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sifpy.sif.image import Descriptor as Descriptor

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import struct
 
+from sifpy import TYPE_CHECKING
 from sifpy.util.lean import NamedTuple
 
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Generic, TypeVar
 

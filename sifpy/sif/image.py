@@ -15,11 +15,11 @@ import itertools
 import os
 import stat
 
+from sifpy import TYPE_CHECKING
 from sifpy.errors import ImageError, ObjectNotFoundError, SifFormatError
 from sifpy.sif import format as F
 from sifpy.util.lean import NamedTuple
 
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from typing import BinaryIO
