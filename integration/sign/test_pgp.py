@@ -82,7 +82,7 @@ def test_fingerprint_in_descriptor_spoofed(tmp_path: Path, ref_keyring: Keyring)
     other = ref_keyring.generate("Mallory", algorithm="ed25519")
     img = make_image(tmp_path / "img.sif")
     sign_image(img, PgpSigner(ref_keyring, other), group_ids=[1])
-    extra = F.SIGNATURE_EXTRA.pack(F.SignatureExtra(1, bytes.fromhex(FPR)))
+    extra = F.SignatureExtra(1, bytes.fromhex(FPR)).pack()
     rewrite_descriptor(img, 4, extra=extra)
     with SifImage.open(img) as i:
         res = verify_image(i, TrustedKeys.load(), group_ids=[1])

@@ -67,14 +67,13 @@ def c_string(text: str) -> str:
 
 
 def _offsets(layout: Any) -> dict[str, int]:
-    """Byte offset of each field of a :class:`sifpy.sif.format.Layout` record."""
+    """Byte offset of each field of a :class:`sifpy.sif.format.Packed` record."""
     import re
     import struct
 
-    items = re.findall(r"\d*[a-zA-Z]", layout.struct.format.lstrip("<"))
+    items = re.findall(r"\d*[a-zA-Z]", layout.STRUCT.format.lstrip("<"))
     return {
-        field: struct.calcsize("<" + "".join(items[:i]))
-        for i, field in enumerate(layout.record._fields)
+        field: struct.calcsize("<" + "".join(items[:i])) for i, field in enumerate(layout.__slots__)
     }
 
 
@@ -111,14 +110,14 @@ def starter_config(python: str, boot: str) -> str:
         "SIFPY_DEFAULT_PATH": c_string(start.DEFAULT_PATH),
         "SIFPY_ACTION_SHELL": c_string(action_argv("exec", ["true"])[0]),
     }
-    header, descriptor, extra = (_offsets(x) for x in (F.HEADER, F.DESCRIPTOR, F.PARTITION_EXTRA))
+    header, descriptor, extra = (_offsets(x) for x in (F.Header, F.RawDescriptor, F.PartitionExtra))
     defines |= {
-        "SIF_HEADER_SIZE": str(F.HEADER.size),
+        "SIF_HEADER_SIZE": str(F.Header.SIZE),
         "SIF_MAGIC": c_string(F.HDR_MAGIC.decode()),
         "SIF_MAGIC_AT": str(header["magic"]),
         "SIF_DESCRIPTORS_TOTAL_AT": str(header["descriptors_total"]),
         "SIF_DESCRIPTORS_OFFSET_AT": str(header["descriptors_offset"]),
-        "SIF_DESCRIPTOR_SIZE": str(F.DESCRIPTOR.size),
+        "SIF_DESCRIPTOR_SIZE": str(F.RawDescriptor.SIZE),
         "SIF_USED_AT": str(descriptor["used"]),
         "SIF_OFFSET_AT": str(descriptor["offset"]),
         "SIF_SIZE_AT": str(descriptor["size"]),

@@ -30,7 +30,7 @@ from sifpy.errors import RuntimeSetupError, ToolError
 from sifpy.runtime import mount, ns
 from sifpy.runtime.start import DRIVERS, server_program
 from sifpy.util import log
-from sifpy.util.lean import NamedTuple
+from sifpy.util.record import Record
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -50,11 +50,18 @@ _PYFUSE_HINT = (
 )
 
 
-class Driver(NamedTuple):
+class Driver(Record):
     """A chosen mount driver and the absolute path of its helper program (if any)."""
 
-    name: str
-    program: str = ""
+    __slots__ = ("name", "program")
+
+    def __init__(
+        self,
+        name: str,
+        program: str = "",
+    ) -> None:
+        self.name = name
+        self.program = program
 
 
 def real_root() -> bool:

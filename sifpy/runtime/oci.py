@@ -167,12 +167,12 @@ def run(
         if tty >= 0:
             _use_terminal(tty)
         spec, poststop = _without_poststop(b)
-        opts = spec.options._replace(gate=(ready_w, gate_r), oci_id=cid, oci_bundle=b.path)
+        opts = spec.options.replace(gate=(ready_w, gate_r), oci_id=cid, oci_bundle=b.path)
         old_umask = os.umask(b.umask) if b.umask is not None else None
         try:
             # The monitor is forked (not inline): this process keeps the host's namespaces
             # to remove the state after, and relays the signals it gets (Slurm's) as exec's.
-            code = launch(spec._replace(options=opts), inline=False)
+            code = launch(spec.replace(options=opts), inline=False)
             _post_stop(b, cid, poststop)
             return code
         finally:
@@ -250,8 +250,8 @@ def _daemon(b: bundle_.Bundle, cid: str, gate: tuple[int, int], tty: int) -> Non
         if b.umask is not None:
             os.umask(b.umask)
         spec, poststop = _without_poststop(b)
-        opts = spec.options._replace(gate=gate, oci_id=cid, oci_bundle=b.path)
-        code = launch(spec._replace(options=opts), inline=False)
+        opts = spec.options.replace(gate=gate, oci_id=cid, oci_bundle=b.path)
+        code = launch(spec.replace(options=opts), inline=False)
         _post_stop(b, cid, poststop)
     except SifpyError as exc:
         msg = f"{exc.message}\0{exc.hint or ''}".replace("\n", " ")
@@ -277,7 +277,7 @@ def _without_poststop(b: bundle_.Bundle) -> tuple[Any, list[dict[str, object]]]:
     rest.hooks = [h for h in inject.hooks if h["stage"] != "poststop"]
     poststop = [h for h in inject.hooks if h["stage"] == "poststop"]
     keep = rest if rest.hooks or rest.tmpfs else None
-    return b.spec._replace(options=b.spec.options._replace(inject=keep)), poststop
+    return b.spec.replace(options=b.spec.options.replace(inject=keep)), poststop
 
 
 def _post_stop(b: bundle_.Bundle, cid: str, poststop: list[dict[str, object]]) -> None:

@@ -143,7 +143,7 @@ def container_key(spec: LaunchSpec, step: str, st: os.stat_result) -> str:
         spec.cwd,
         sorted(spec.binds),
         # Not what differs between the ranks' commands: what they read ahead, fds passed.
-        [repr(v) for k, v in opts._asdict().items() if k not in _NOT_KEYED],
+        [repr(v) for k, v in opts.asdict().items() if k not in _NOT_KEYED],
         spec.env.get("HOME"),
     ]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
@@ -208,8 +208,8 @@ def run_joined(
     ranks waiting on it can join through ``alias`` then."""
     from sifpy.runtime import process
 
-    holder_spec = spec._replace(
-        argv=["true"], options=spec.options._replace(prefetch=(), pass_fds=())
+    holder_spec = spec.replace(
+        argv=["true"], options=spec.options.replace(prefetch=(), pass_fds=())
     )
 
     def create_holder() -> None:
@@ -263,7 +263,7 @@ def start_instance(base: str, spec: LaunchSpec, ident: Identity, info: dict[str,
                 f"can't start instance: {name}: an instance of that name is running",
                 f"stop it first (sifpy instance stop {name}) or choose another name",
             )
-        holder_spec = spec._replace(options=spec.options._replace(prefetch=(), pass_fds=()))
+        holder_spec = spec.replace(options=spec.options.replace(prefetch=(), pass_fds=()))
         info = {**info, "logOutPath": f"{base}.out", "logErrPath": f"{base}.err"}
         pid = start_holder(base, holder_spec, ident, True)
         info["pid"] = pid
@@ -792,7 +792,7 @@ class _Fast:
                 return b"e"
             environ = dict(item.split("=", 1) for item in env_items if "=" in item)
             cwds, argv, env, spec = self.prepare(args, environ, cwd, step)
-            spec = spec._replace(image=self.image)
+            spec = spec.replace(image=self.image)
             if container_key(spec, step, st) != self.key:
                 return b"e"  # another container: the rank starts Python, which finds it
         except Exception:  # anything unusual: the rank starts Python, which reports it

@@ -27,7 +27,7 @@ import stat
 from sifpy import TYPE_CHECKING, config
 from sifpy.errors import RuntimeSetupError
 from sifpy.runtime import mount, ns
-from sifpy.util.lean import NamedTuple
+from sifpy.util.record import Record
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -57,32 +57,58 @@ def server_program(name: str = SQUASHFUSE) -> str:
     return mount.find_program(name)
 
 
-# Records are NamedTuples, not dataclasses: importing dataclasses (and inspect) and
-# generating their methods cost ~10 ms, on the start-up path of every `sifpy exec`.
-class SifPartition(NamedTuple):
+# Records are sifpy.util.record classes, not dataclasses: importing dataclasses (and
+# inspect) and generating their methods cost ~10 ms, on the start-up path of `sifpy exec`.
+class SifPartition(Record):
     """A squashfs partition inside a SIF file: ``size`` bytes at byte ``offset``."""
 
-    path: str
-    offset: int
-    size: int
+    __slots__ = ("path", "offset", "size")
+
+    def __init__(
+        self,
+        path: str,
+        offset: int,
+        size: int,
+    ) -> None:
+        self.path = path
+        self.offset = offset
+        self.size = size
 
 
-class Sandbox(NamedTuple):
+class Sandbox(Record):
     """A directory used as the root file system."""
 
-    path: str
+    __slots__ = ("path",)
+
+    def __init__(
+        self,
+        path: str,
+    ) -> None:
+        self.path = path
 
 
-class Identity(NamedTuple):
+class Identity(Record):
     """The caller's host account, looked up once before entering the container."""
 
-    uid: int
-    gid: int
-    name: str
-    group: str
-    gecos: str
-    home: str
-    shell: str
+    __slots__ = ("uid", "gid", "name", "group", "gecos", "home", "shell")
+
+    def __init__(
+        self,
+        uid: int,
+        gid: int,
+        name: str,
+        group: str,
+        gecos: str,
+        home: str,
+        shell: str,
+    ) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.name = name
+        self.group = group
+        self.gecos = gecos
+        self.home = home
+        self.shell = shell
 
 
 def host_identity(uid: int | None = None, gid: int | None = None) -> Identity:

@@ -16,39 +16,34 @@ from __future__ import annotations
 import struct
 
 from sifpy import TYPE_CHECKING
-from sifpy.util.lean import NamedTuple
+from sifpy.util.record import Record
 
 if TYPE_CHECKING:
-    from typing import Generic, TypeVar
-
-    T = TypeVar("T", bound=tuple)  # type: ignore[type-arg]
-
-    class _Generic(Generic[T]):
-        pass
-else:
-
-    class _Generic:
-        def __class_getitem__(cls, item):
-            return cls
-
-    T = None
+    from typing import ClassVar, Self
 
 
-class Layout(_Generic[T]):
-    """A fixed-size packed record: a NamedTuple type plus its struct format."""
+class Packed(Record):
+    """A fixed-size packed record: its fields (``__slots__``) in the order of its
+    :mod:`struct` format, given where the class is declared:
+    ``class Header(Packed, fmt="<32s...")``."""
 
-    def __init__(self, record: type[T], fmt: str) -> None:
-        self.record = record
-        self.struct = struct.Struct(fmt)
-        self.size = self.struct.size
-        if len(record._fields) != len(self.struct.unpack(bytes(self.size))):  # type: ignore[attr-defined]
-            raise AssertionError(f"{record.__name__}: fields and format disagree")
+    __slots__ = ()
+    STRUCT: ClassVar[struct.Struct]
+    SIZE: ClassVar[int]
 
-    def unpack(self, data: bytes, offset: int = 0) -> T:
-        return self.record._make(self.struct.unpack_from(data, offset))  # type: ignore[attr-defined, no-any-return]
+    def __init_subclass__(cls, fmt: str) -> None:
+        super().__init_subclass__()
+        cls.STRUCT = struct.Struct(fmt)
+        cls.SIZE = cls.STRUCT.size
+        if len(cls.__slots__) != len(cls.STRUCT.unpack(bytes(cls.SIZE))):
+            raise AssertionError(f"{cls.__name__}: fields and format disagree")
 
-    def pack(self, value: T) -> bytes:
-        return self.struct.pack(*value)
+    @classmethod
+    def unpack(cls, data: bytes, offset: int = 0) -> Self:
+        return cls(*cls.STRUCT.unpack_from(data, offset))
+
+    def pack(self) -> bytes:
+        return self.STRUCT.pack(*self)
 
 
 # --- global header (sif.go: header), 128 bytes ---------------------------------------
@@ -64,23 +59,53 @@ DEFAULT_DESCRIPTOR_CAPACITY = 48
 ZERO_TIME = -62135596800
 
 
-class Header(NamedTuple):
-    launch_script: bytes  # [32]byte, NUL padded
-    magic: bytes  # [10]byte "SIF_MAGIC\0"
-    version: bytes  # [3]byte "01\0"
-    arch: bytes  # [3]byte arch code "02\0"
-    id: bytes  # [16]byte UUID
-    created_at: int
-    modified_at: int
-    descriptors_free: int
-    descriptors_total: int
-    descriptors_offset: int
-    descriptors_size: int
-    data_offset: int
-    data_size: int
+class Header(Packed, fmt="<32s10s3s3s16sqqqqqqqq"):
+    __slots__ = (
+        "launch_script",
+        "magic",
+        "version",
+        "arch",
+        "id",
+        "created_at",
+        "modified_at",
+        "descriptors_free",
+        "descriptors_total",
+        "descriptors_offset",
+        "descriptors_size",
+        "data_offset",
+        "data_size",
+    )
 
+    def __init__(
+        self,
+        launch_script: bytes,  # [32]byte, NUL padded
+        magic: bytes,  # [10]byte "SIF_MAGIC\0"
+        version: bytes,  # [3]byte "01\0"
+        arch: bytes,  # [3]byte arch code "02\0"
+        id: bytes,  # [16]byte UUID
+        created_at: int,
+        modified_at: int,
+        descriptors_free: int,
+        descriptors_total: int,
+        descriptors_offset: int,
+        descriptors_size: int,
+        data_offset: int,
+        data_size: int,
+    ) -> None:
+        self.launch_script = launch_script
+        self.magic = magic
+        self.version = version
+        self.arch = arch
+        self.id = id
+        self.created_at = created_at
+        self.modified_at = modified_at
+        self.descriptors_free = descriptors_free
+        self.descriptors_total = descriptors_total
+        self.descriptors_offset = descriptors_offset
+        self.descriptors_size = descriptors_size
+        self.data_offset = data_offset
+        self.data_size = data_size
 
-HEADER = Layout(Header, "<32s10s3s3s16sqqqqqqqq")
 
 # --- descriptor (descriptor.go: rawDescriptor), 585 bytes -------------------------------
 
@@ -91,25 +116,58 @@ DESCR_ENTITY_LEN = 256
 DEFAULT_OBJECT_GROUP = 1
 
 
-class RawDescriptor(NamedTuple):
-    data_type: int  # DataType, int32
-    used: int  # bool
-    id: int  # uint32
-    group_id: int  # uint32, id | DESCR_GROUP_MASK (mask alone = no group)
-    linked_id: int  # uint32: object id, or group id | DESCR_GROUP_MASK, 0 = none
-    offset: int
-    size: int
-    size_with_padding: int
-    created_at: int
-    modified_at: int
-    uid: int  # deprecated, 0
-    gid: int  # deprecated, 0
-    name: bytes  # [128]byte
-    extra: bytes  # [384]byte, type-specific (below)
+class RawDescriptor(Packed, fmt="<iBIIIqqqqqqq128s384s"):
+    __slots__ = (
+        "data_type",
+        "used",
+        "id",
+        "group_id",
+        "linked_id",
+        "offset",
+        "size",
+        "size_with_padding",
+        "created_at",
+        "modified_at",
+        "uid",
+        "gid",
+        "name",
+        "extra",
+    )
+
+    def __init__(
+        self,
+        data_type: int,  # DataType, int32
+        used: int,  # bool
+        id: int,  # uint32
+        group_id: int,  # uint32, id | DESCR_GROUP_MASK (mask alone = no group)
+        linked_id: int,  # uint32: object id, or group id | DESCR_GROUP_MASK, 0 = none
+        offset: int,
+        size: int,
+        size_with_padding: int,
+        created_at: int,
+        modified_at: int,
+        uid: int,  # deprecated, 0
+        gid: int,  # deprecated, 0
+        name: bytes,  # [128]byte
+        extra: bytes,  # [384]byte, type-specific (below)
+    ) -> None:
+        self.data_type = data_type
+        self.used = used
+        self.id = id
+        self.group_id = group_id
+        self.linked_id = linked_id
+        self.offset = offset
+        self.size = size
+        self.size_with_padding = size_with_padding
+        self.created_at = created_at
+        self.modified_at = modified_at
+        self.uid = uid
+        self.gid = gid
+        self.name = name
+        self.extra = extra
 
 
-DESCRIPTOR = Layout(RawDescriptor, "<iBIIIqqqqqqq128s384s")
-EMPTY_DESCRIPTOR = DESCRIPTOR.unpack(bytes(DESCRIPTOR.size))
+EMPTY_DESCRIPTOR = RawDescriptor.unpack(bytes(RawDescriptor.SIZE))
 
 
 class DataType:
@@ -266,35 +324,52 @@ MACHINE_TO_ARCH = {
 # --- descriptor extras (descriptor.go: partition, signature, cryptoMessage, sbom) ---------
 
 
-class PartitionExtra(NamedTuple):
-    fstype: int
-    parttype: int
-    arch: bytes  # [3]byte arch code
+class PartitionExtra(Packed, fmt="<ii3s"):
+    __slots__ = ("fstype", "parttype", "arch")
+
+    def __init__(
+        self,
+        fstype: int,
+        parttype: int,
+        arch: bytes,  # [3]byte arch code
+    ) -> None:
+        self.fstype = fstype
+        self.parttype = parttype
+        self.arch = arch
 
 
-PARTITION_EXTRA = Layout(PartitionExtra, "<ii3s")
+class SignatureExtra(Packed, fmt="<i256s"):
+    __slots__ = ("hashtype", "entity")
+
+    def __init__(
+        self,
+        hashtype: int,
+        entity: bytes,  # [256]byte; first 20 bytes = PGP v4 fingerprint, zeros for DSSE
+    ) -> None:
+        self.hashtype = hashtype
+        self.entity = entity
 
 
-class SignatureExtra(NamedTuple):
-    hashtype: int
-    entity: bytes  # [256]byte; first 20 bytes = PGP v4 fingerprint, zeros for DSSE
+class CryptoMessageExtra(Packed, fmt="<ii"):
+    __slots__ = ("formattype", "messagetype")
+
+    def __init__(
+        self,
+        formattype: int,
+        messagetype: int,
+    ) -> None:
+        self.formattype = formattype
+        self.messagetype = messagetype
 
 
-SIGNATURE_EXTRA = Layout(SignatureExtra, "<i256s")
+class SBOMExtra(Packed, fmt="<i"):
+    __slots__ = ("format",)
 
+    def __init__(
+        self,
+        format: int,
+    ) -> None:
+        self.format = format
 
-class CryptoMessageExtra(NamedTuple):
-    formattype: int
-    messagetype: int
-
-
-CRYPTO_MESSAGE_EXTRA = Layout(CryptoMessageExtra, "<ii")
-
-
-class SBOMExtra(NamedTuple):
-    format: int
-
-
-SBOM_EXTRA = Layout(SBOMExtra, "<i")
 
 # OCI.RootIndex / OCI.Blob extras hold the digest text "sha256:<hex>", NUL terminated.

@@ -18,7 +18,7 @@ import stat
 from sifpy import TYPE_CHECKING
 from sifpy.errors import ImageError, ObjectNotFoundError, SifFormatError
 from sifpy.sif import format as F
-from sifpy.util.lean import NamedTuple
+from sifpy.util.record import Record
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -30,14 +30,22 @@ MAX_DESCRIPTORS = 1 << 16
 CHUNK = 1 << 20
 
 
-class Descriptor(NamedTuple):
+class Descriptor(Record):
     """One used descriptor, decoded: what ``siftool info`` shows.
 
-    A NamedTuple rather than a dataclass: ``sifpy exec`` reads descriptors on every start.
+    A record (:mod:`sifpy.util.record`), not a dataclass: ``sifpy exec`` reads descriptors
+    on every start.
     """
 
-    raw: F.RawDescriptor
-    slot: int  # index in the descriptor table
+    __slots__ = ("raw", "slot")
+
+    def __init__(
+        self,
+        raw: F.RawDescriptor,
+        slot: int,  # index in the descriptor table
+    ) -> None:
+        self.raw = raw
+        self.slot = slot
 
     @property
     def id(self) -> int:
@@ -88,19 +96,19 @@ class Descriptor(NamedTuple):
     def partition(self) -> F.PartitionExtra:
         """Partition metadata (fstype, parttype, arch code); raises if not a partition."""
         self._expect(F.DataType.PARTITION)
-        return F.PARTITION_EXTRA.unpack(self.raw.extra)
+        return F.PartitionExtra.unpack(self.raw.extra)
 
     def signature(self) -> F.SignatureExtra:
         self._expect(F.DataType.SIGNATURE)
-        return F.SIGNATURE_EXTRA.unpack(self.raw.extra)
+        return F.SignatureExtra.unpack(self.raw.extra)
 
     def crypto_message(self) -> F.CryptoMessageExtra:
         self._expect(F.DataType.CRYPTO_MESSAGE)
-        return F.CRYPTO_MESSAGE_EXTRA.unpack(self.raw.extra)
+        return F.CryptoMessageExtra.unpack(self.raw.extra)
 
     def sbom(self) -> F.SBOMExtra:
         self._expect(F.DataType.SBOM)
-        return F.SBOM_EXTRA.unpack(self.raw.extra)
+        return F.SBOMExtra.unpack(self.raw.extra)
 
     def oci_digest(self) -> str:
         """The ``sha256:<hex>`` digest text of an OCI.RootIndex or OCI.Blob object."""
@@ -187,15 +195,15 @@ class SifImage:
         return data
 
     def _load_header(self) -> F.Header:
-        if self.file_size < F.HEADER.size:
+        if self.file_size < F.Header.SIZE:
             raise self._fail(
-                f"file too small for a SIF header ({self.file_size} bytes, need {F.HEADER.size})",
+                f"file too small for a SIF header ({self.file_size} bytes, need {F.Header.SIZE})",
                 hint="the file is empty or truncated; copy or build it again",
             )
-        raw = self._pread(F.HEADER.size, 0)
-        if len(raw) < F.HEADER.size:
+        raw = self._pread(F.Header.SIZE, 0)
+        if len(raw) < F.Header.SIZE:
             raise self._fail("short read of the global header")
-        h = F.HEADER.unpack(raw)
+        h = F.Header.unpack(raw)
         if h.magic != F.HDR_MAGIC:
             raise self._fail("bad magic: not a SIF file", hint="is this a SIF image?")
         if h.version != F.HDR_VERSION:
@@ -207,13 +215,13 @@ class SifImage:
             raise self._fail(
                 f"free descriptor count {h.descriptors_free} outside 0..{h.descriptors_total}"
             )
-        if h.descriptors_size != h.descriptors_total * F.DESCRIPTOR.size:
+        if h.descriptors_size != h.descriptors_total * F.RawDescriptor.SIZE:
             raise self._fail(
                 f"descriptor table size {h.descriptors_size} does not match "
-                f"{h.descriptors_total} descriptors of {F.DESCRIPTOR.size} bytes"
+                f"{h.descriptors_total} descriptors of {F.RawDescriptor.SIZE} bytes"
             )
         end = h.descriptors_offset + h.descriptors_size
-        if h.descriptors_offset < F.HEADER.size or end > self.file_size:
+        if h.descriptors_offset < F.Header.SIZE or end > self.file_size:
             raise self._fail(
                 f"descriptor table at {h.descriptors_offset}-{end} lies outside the file "
                 f"(size {self.file_size})",
@@ -232,8 +240,8 @@ class SifImage:
         table = self._pread(h.descriptors_size, h.descriptors_offset)
         if len(table) != h.descriptors_size:
             raise self._fail("short read of the descriptor table")
-        size = F.DESCRIPTOR.size
-        return [F.DESCRIPTOR.unpack(table, i * size) for i in range(h.descriptors_total)]
+        size = F.RawDescriptor.SIZE
+        return [F.RawDescriptor.unpack(table, i * size) for i in range(h.descriptors_total)]
 
     def _validate_objects(self) -> None:
         h = self.header
@@ -257,7 +265,7 @@ class SifImage:
             if d.size == 0:
                 continue
             start, end = d.offset, d.offset + d.size
-            if start < F.HEADER.size or (start < table[1] and table[0] < end):
+            if start < F.Header.SIZE or (start < table[1] and table[0] < end):
                 raise self._fail(f"object {d.id}: data overlaps the header or descriptor table")
             spans.append((start, end, d.id))
         spans.sort()
@@ -356,7 +364,7 @@ class SifImage:
             if exc.errno not in (22, 95):  # EINVAL/EOPNOTSUPP: fall back to read/write
                 raise
             for chunk in self.iter_data(
-                Descriptor(d.raw._replace(offset=pos, size=end - pos), d.slot)
+                Descriptor(d.raw.replace(offset=pos, size=end - pos), d.slot)
             ):
                 view = memoryview(chunk)
                 while view:

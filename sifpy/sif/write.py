@@ -62,7 +62,7 @@ class ObjectInput:
                 f"unknown architecture: {arch}",
                 hint="one of: " + ", ".join(F.ARCH_CODES),
             )
-        extra = F.PARTITION_EXTRA.pack(F.PartitionExtra(fstype, parttype, F.ARCH_CODES[arch]))
+        extra = F.PartitionExtra(fstype, parttype, F.ARCH_CODES[arch]).pack()
         return cls(F.DataType.PARTITION, data, extra=extra, **kw)  # type: ignore[arg-type]
 
     @classmethod
@@ -72,19 +72,19 @@ class ObjectInput:
         """A signature object; ``entity`` is the signer's 20-byte PGP fingerprint or empty."""
         if len(entity) > F.DESCR_ENTITY_LEN:
             raise UsageError(f"signing entity longer than {F.DESCR_ENTITY_LEN} bytes")
-        extra = F.SIGNATURE_EXTRA.pack(F.SignatureExtra(hashtype, entity))
+        extra = F.SignatureExtra(hashtype, entity).pack()
         return cls(F.DataType.SIGNATURE, data, extra=extra, **kw)  # type: ignore[arg-type]
 
     @classmethod
     def crypto_message(
         cls, data: Source, formattype: int, messagetype: int, **kw: object
     ) -> ObjectInput:
-        extra = F.CRYPTO_MESSAGE_EXTRA.pack(F.CryptoMessageExtra(formattype, messagetype))
+        extra = F.CryptoMessageExtra(formattype, messagetype).pack()
         return cls(F.DataType.CRYPTO_MESSAGE, data, extra=extra, **kw)  # type: ignore[arg-type]
 
     @classmethod
     def sbom(cls, data: Source, fmt: int, **kw: object) -> ObjectInput:
-        extra = F.SBOM_EXTRA.pack(F.SBOMExtra(fmt))
+        extra = F.SBOMExtra(fmt).pack()
         return cls(F.DataType.SBOM, data, extra=extra, **kw)  # type: ignore[arg-type]
 
     @classmethod
@@ -138,11 +138,11 @@ class _Writer:
             )
         h = self.h
         if obj.data_type == F.DataType.PARTITION:
-            part = F.PARTITION_EXTRA.unpack(obj.extra.ljust(F.DESCR_EXTRA_LEN, b"\x00"))
+            part = F.PartitionExtra.unpack(obj.extra.ljust(F.DESCR_EXTRA_LEN, b"\x00"))
             if part.parttype == F.PartType.PRIMSYS:
                 if any(_is_primsys(d) for d in self.slots):
                     raise ImageError("image already contains a primary partition")
-                h = h._replace(arch=part.arch)
+                h = h.replace(arch=part.arch)
         name = obj.name.encode("utf-8")
         _check_fields(obj, name)
         alignment = obj.alignment
@@ -170,7 +170,7 @@ class _Writer:
             name=name,
             extra=obj.extra,
         )
-        self.h = h._replace(
+        self.h = h.replace(
             descriptors_free=h.descriptors_free - 1,
             data_size=h.data_size + offset - unaligned + size,
         )
@@ -191,10 +191,10 @@ class _Writer:
         h = self.h
         if compact:
             os.ftruncate(self.fd, d.offset + d.size - d.size_with_padding)
-            h = h._replace(data_size=h.data_size - d.size_with_padding)
+            h = h.replace(data_size=h.data_size - d.size_with_padding)
         if _is_primsys(d):
-            h = h._replace(arch=F.ARCH_UNKNOWN)
-        self.h = h._replace(descriptors_free=h.descriptors_free + 1)
+            h = h.replace(arch=F.ARCH_UNKNOWN)
+        self.h = h.replace(descriptors_free=h.descriptors_free + 1)
         self.slots[i] = F.EMPTY_DESCRIPTOR
 
     def set_primary(self, object_id: int) -> bool:
@@ -203,7 +203,7 @@ class _Writer:
         d = self.slots[i]
         if d.data_type != F.DataType.PARTITION:
             raise ImageError(f"object {object_id} is not a partition")
-        part = F.PARTITION_EXTRA.unpack(d.extra)
+        part = F.PartitionExtra.unpack(d.extra)
         if part.parttype == F.PartType.PRIMSYS:
             return False
         if part.parttype != F.PartType.SYSTEM:
@@ -213,28 +213,24 @@ class _Writer:
             )
         for j, old in enumerate(self.slots):
             if _is_primsys(old):
-                oldp = F.PARTITION_EXTRA.unpack(old.extra)
-                self.slots[j] = old._replace(
-                    extra=F.PARTITION_EXTRA.pack(oldp._replace(parttype=F.PartType.SYSTEM))
-                )
+                oldp = F.PartitionExtra.unpack(old.extra)
+                self.slots[j] = old.replace(extra=oldp.replace(parttype=F.PartType.SYSTEM).pack())
         arch = part.arch if part.arch in F.ARCH_NAMES else F.ARCH_UNKNOWN
-        self.slots[i] = d._replace(
-            extra=F.PARTITION_EXTRA.pack(part._replace(parttype=F.PartType.PRIMSYS))
-        )
-        self.h = self.h._replace(arch=arch)
+        self.slots[i] = d.replace(extra=part.replace(parttype=F.PartType.PRIMSYS).pack())
+        self.h = self.h.replace(arch=arch)
         return True
 
     def flush(self) -> None:
-        table = b"".join(F.DESCRIPTOR.pack(d) for d in self.slots)
+        table = b"".join(d.pack() for d in self.slots)
         _pwrite_all(self.fd, table, self.h.descriptors_offset)
-        _pwrite_all(self.fd, F.HEADER.pack(self.h), 0)
+        _pwrite_all(self.fd, self.h.pack(), 0)
 
 
 def _is_primsys(d: F.RawDescriptor) -> bool:
     return (
         bool(d.used)
         and d.data_type == F.DataType.PARTITION
-        and F.PARTITION_EXTRA.unpack(d.extra).parttype == F.PartType.PRIMSYS
+        and F.PartitionExtra.unpack(d.extra).parttype == F.PartType.PRIMSYS
     )
 
 
@@ -417,7 +413,7 @@ def create(
     if len(image_id) != 16:
         raise UsageError("an image id is 16 bytes")
     when = _times(deterministic, t)
-    size = capacity * F.DESCRIPTOR.size
+    size = capacity * F.RawDescriptor.SIZE
     header = F.Header(
         launch_script=script,
         magic=F.HDR_MAGIC,
@@ -485,7 +481,7 @@ def add_object(
     def change(w: _Writer) -> bool:
         nonlocal new_id
         new_id = w.add(obj, when)
-        w.h = w.h._replace(modified_at=when)
+        w.h = w.h.replace(modified_at=when)
         return True
 
     _modify(path, change)
@@ -506,7 +502,7 @@ def delete_object(
 
     def change(w: _Writer) -> bool:
         w.delete(object_id, zero, compact)
-        w.h = w.h._replace(modified_at=when)
+        w.h = w.h.replace(modified_at=when)
         return True
 
     _modify(path, change)
@@ -525,7 +521,7 @@ def set_primary(
     def change(w: _Writer) -> bool:
         if not w.set_primary(object_id):
             return False
-        w.h = w.h._replace(modified_at=when)
+        w.h = w.h.replace(modified_at=when)
         return True
 
     _modify(path, change)

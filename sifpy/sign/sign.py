@@ -143,7 +143,7 @@ def sign_image(
                 sp.data, sp.hashtype, sp.entity, group_id=0, linked_id=gid, link_to_group=True
             )
             added.append(GroupSignature(gid, ids, w.add(obj, when)))
-        w.h = w.h._replace(modified_at=when)
+        w.h = w.h.replace(modified_at=when)
         return True
 
     # One atomic rewrite for all signatures (write.py's clone-and-rename).

@@ -38,14 +38,14 @@ def test_key_follows_image_user_step_and_mounts(tmp_path: os.PathLike[str]) -> N
     spec = LaunchSpec(SifPartition(img, 0, 4096), ["true"], {"HOME": "/h"}, "/w")
     key = sharens.container_key(spec, "slurm:1.0", st)
     # What the command is and its environment (but HOME) don't make another container.
-    same = spec._replace(argv=["other"], env={"HOME": "/h", "X": "1"})
+    same = spec.replace(argv=["other"], env={"HOME": "/h", "X": "1"})
     assert sharens.container_key(same, "slurm:1.0", st) == key
     others = [
         (spec, "slurm:1.1", st),
-        (spec._replace(cwd="/elsewhere"), "slurm:1.0", st),
-        (spec._replace(binds=[("/a", "/a", True)]), "slurm:1.0", st),
-        (spec._replace(options=LaunchOptions(fakeroot=True)), "slurm:1.0", st),
-        (spec._replace(image=SifPartition(img, 512, 1024)), "slurm:1.0", st),
+        (spec.replace(cwd="/elsewhere"), "slurm:1.0", st),
+        (spec.replace(binds=[("/a", "/a", True)]), "slurm:1.0", st),
+        (spec.replace(options=LaunchOptions(fakeroot=True)), "slurm:1.0", st),
+        (spec.replace(image=SifPartition(img, 512, 1024)), "slurm:1.0", st),
     ]
     os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
     others.append((spec, "slurm:1.0", os.stat(img)))

@@ -26,4 +26,4 @@ def set_u32(data: bytes, off: int, value: int) -> bytes:
 
 
 def descr_off(slot: int, field: int) -> int:
-    return F.DEFAULT_DESCRIPTORS_OFFSET + slot * F.DESCRIPTOR.size + field
+    return F.DEFAULT_DESCRIPTORS_OFFSET + slot * F.RawDescriptor.SIZE + field

@@ -10,22 +10,22 @@ from hypothesis import strategies as st
 from sifpy.sif import format as F
 
 LAYOUTS = {
-    "header": (F.HEADER, 128),
-    "descriptor": (F.DESCRIPTOR, 585),
-    "partition": (F.PARTITION_EXTRA, 11),
-    "signature": (F.SIGNATURE_EXTRA, 260),
-    "crypto_message": (F.CRYPTO_MESSAGE_EXTRA, 8),
-    "sbom": (F.SBOM_EXTRA, 4),
+    "header": (F.Header, 128),
+    "descriptor": (F.RawDescriptor, 585),
+    "partition": (F.PartitionExtra, 11),
+    "signature": (F.SignatureExtra, 260),
+    "crypto_message": (F.CryptoMessageExtra, 8),
+    "sbom": (F.SBOMExtra, 4),
 }
 
 
 def test_fixed_sizes() -> None:
     for name, (layout, size) in LAYOUTS.items():
-        assert layout.size == size, name
+        assert layout.SIZE == size, name
     # The extras must fit the descriptor's 384-byte Extra field.
     for layout, _ in LAYOUTS.values():
-        if layout is not F.HEADER and layout is not F.DESCRIPTOR:
-            assert layout.size <= F.DESCR_EXTRA_LEN
+        if layout is not F.Header and layout is not F.RawDescriptor:
+            assert layout.SIZE <= F.DESCR_EXTRA_LEN
 
 
 def _field_strategy(code: str) -> st.SearchStrategy[object]:
@@ -37,34 +37,34 @@ def _field_strategy(code: str) -> st.SearchStrategy[object]:
     return st.integers(0, 2**bits - 1)
 
 
-def _codes(layout: F.Layout) -> list[str]:  # type: ignore[type-arg]
+def _codes(layout: type[F.Packed]) -> list[str]:
     import re
 
-    return re.findall(r"\d*[a-zA-Z]", layout.struct.format.lstrip("<"))
+    return re.findall(r"\d*[a-zA-Z]", layout.STRUCT.format.lstrip("<"))
 
 
 @given(st.data())
 def test_build_then_parse(data: st.DataObject) -> None:
     for layout, _ in LAYOUTS.values():
         values = [data.draw(_field_strategy(c)) for c in _codes(layout)]
-        record = layout.record(*values)
-        packed = layout.pack(record)
-        assert len(packed) == layout.size
+        record = layout(*values)
+        packed = record.pack()
+        assert len(packed) == layout.SIZE
         assert layout.unpack(packed) == record
 
 
 @given(st.data())
 def test_parse_then_build(data: st.DataObject) -> None:
     for layout, _ in LAYOUTS.values():
-        raw = data.draw(st.binary(min_size=layout.size, max_size=layout.size))
-        assert layout.pack(layout.unpack(raw)) == raw
+        raw = data.draw(st.binary(min_size=layout.SIZE, max_size=layout.SIZE))
+        assert layout.unpack(raw).pack() == raw
 
 
 def test_known_header_bytes() -> None:
     """Field offsets as in the reference (sylabs/sif pkg/sif/sif.go): magic at 32, version at 42."""
     h = F.Header(b"#!x", F.HDR_MAGIC, F.HDR_VERSION, F.ARCH_CODES["amd64"], bytes(16),
                  1, 2, 3, 4, 5, 6, 7, 8)  # fmt: skip
-    raw = F.HEADER.pack(h)
+    raw = h.pack()
     assert raw[32:42] == b"SIF_MAGIC\x00"
     assert raw[42:45] == b"01\x00"
     assert raw[45:48] == b"02\x00"

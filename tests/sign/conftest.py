@@ -61,11 +61,11 @@ def rewrite_descriptor(path: Path, object_id: int, **fields: object) -> None:
     """Change fields of one descriptor in place (a tampering attacker's edit)."""
     with SifImage.open(path) as img:
         d = img.get(object_id)
-        off = img.header.descriptors_offset + d.slot * F.DESCRIPTOR.size
-        raw = d.raw._replace(**fields)
+        off = img.header.descriptors_offset + d.slot * F.RawDescriptor.SIZE
+        raw = d.raw.replace(**fields)
     with open(path, "r+b") as f:
         f.seek(off)
-        f.write(F.DESCRIPTOR.pack(raw))
+        f.write(raw.pack())
 
 
 def patch(path: Path, offset: int, data: bytes) -> None:

@@ -72,7 +72,7 @@ def test_partition_data_byte(signed: Path, trusted: TrustedKeys) -> None:
         ("name", b"evil.json"),
         (
             "extra",
-            F.PARTITION_EXTRA.pack(F.PartitionExtra(F.FSType.EXT3, F.PartType.PRIMSYS, b"02\0")),
+            F.PartitionExtra(F.FSType.EXT3, F.PartType.PRIMSYS, b"02\0").pack(),
         ),
         ("linked_id", 3),
         ("data_type", F.DataType.GENERIC),
@@ -104,7 +104,7 @@ def test_offset_moved_to_identical_copy_still_verifies(signed: Path, trusted: Tr
         before = verify_image(img, trusted)
         old = img.get(2)
         assert before.covers(old)
-        moved = type(old)(old.raw._replace(offset=old.offset + 1), old.slot)
+        moved = type(old)(old.raw.replace(offset=old.offset + 1), old.slot)
         assert not before.covers(moved)
 
 
@@ -249,9 +249,9 @@ def test_added_group_with_a_second_primary_partition(signed: Path, trusted: Trus
                               "amd64", group_id=3),
     )  # fmt: skip
     with SifImage.open(signed) as img:
-        extra = img.get(new).partition()._replace(parttype=F.PartType.PRIMSYS)
+        extra = img.get(new).partition().replace(parttype=F.PartType.PRIMSYS)
         raw_extra = img.get(new).raw.extra
-    packed = F.PARTITION_EXTRA.pack(extra)
+    packed = extra.pack()
     rewrite_descriptor(signed, new, extra=packed + raw_extra[len(packed) :])
     with SifImage.open(signed) as img:
         prims = [d for d in img.find(F.DataType.PARTITION)
