@@ -80,26 +80,6 @@ def test_cli_import_is_lean() -> None:
     assert r.stdout.strip() == "[]"
 
 
-def test_exec_path_imports_nothing_heavy() -> None:
-    """What ``sifpy exec`` imports to start a container: no registry, build, signing or
-    rich code, and none of the standard modules that cost milliseconds at each start
-    (typing ~17 ms, enum ~4 ms, ctypes ~4 ms, ...; measured start-up cost: bench/exec).
-    Run without site, so that nothing a .pth file imports hides a regression."""
-    code = (
-        f"import sys; sys.path.insert(0, {str(REPO)!r}); "
-        "import sifpy.cli.exec, sifpy.sif.image, sifpy.sign.policy, sifpy.runtime.env; "
-        "heavy = {'requests', 'rich', 'cryptography', 'construct', 'PySquashfsImage', "
-        "'dataclasses', 'json', 'sifpy.sif.write', 'sifpy.build', 'sifpy.deffile', "
-        "'sifpy.oci', 'sifpy.sign.verify', 'sifpy.sign.sign', 'sifpy.rootfs', 'typing', 'enum', 're', 'contextlib', "
-        "'collections', 'functools', 'ctypes', 'signal', 'inspect', 'argparse', 'importlib', "
-        "'subprocess', 'types'} & set(sys.modules); print(sorted(heavy))"
-    )
-    r = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True
-    )
-    assert r.stdout.strip() == "[]"
-
-
 def test_exec_family_exits_with_its_messages_flushed() -> None:
     """exec/run/shell/test end with os._exit (no interpreter teardown on every start): what
     they wrote must still come out, with their exit status."""

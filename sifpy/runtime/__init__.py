@@ -3,7 +3,7 @@
 :mod:`.ns` wraps the kernel calls and probes for them, :mod:`.mount` mounts images and
 assembles the container root, :mod:`.start` enters the namespaces and serves the image early,
 :mod:`.process` owns the process structure and the exit status (:func:`launch`).
-Imports stay lean here: this is the hot path of ``sifpy exec``. The names below are loaded
+Imports stay few here: this is the hot path of ``sifpy exec``. The names below are loaded
 on first use, so that ``sifpy exec`` can serve the image (:mod:`.start`) before it imports
 the rest.
 """

@@ -21,7 +21,7 @@ LAYOUTS = {
 
 def test_fixed_sizes() -> None:
     for name, (layout, size) in LAYOUTS.items():
-        assert layout.SIZE == size, name
+        assert size == layout.SIZE, name
     # The extras must fit the descriptor's 384-byte Extra field.
     for layout, _ in LAYOUTS.values():
         if layout is not F.Header and layout is not F.RawDescriptor:
