@@ -113,6 +113,7 @@ _var("SIFPY_BIND", LIST, "", "binds for every container, as `--bind` (Apptainer'
 _var("SIFPY_MOUNT", LIST, "", "mounts for every container, as `--mount`, one per line", also=("APPTAINER_MOUNT",),
      starter="part of the key that finds a node's shared container for a rank (`--sharens`)")
 _var("SIFPY_NOENV", LIST, "", "host variables not passed to the container, as `--no-env`", also=("APPTAINER_NOENV", "SINGULARITY_NOENV"))
+_var("SIFPY_RUNSCRIPT_TIMEOUT", TEXT, "1m", "how long the action script may take before it execs the command (`--runscript-timeout`, a Go duration such as `30s`)", also=("APPTAINER_RUNSCRIPT_TIMEOUT",))
 _var("SIFPY_CDI_SPEC_DIRS", PATHS, "/etc/cdi:/var/run/cdi", "where `--device` looks for CDI specs (before `cdi spec dirs` in sifpy.conf)")
 _var("SIFPY_FUSE_SERVER", TEXT, "squashfuse_ll", "`sifpy`: serve images with sifpy's own FUSE server (`sifpy/runtime/serve/`, built by `make venv` where libsquashfuse-dev is installed: several threads, the page cache kept across opens); opt-in while its gain is not shown by bench/read and bench/exec",
      starter="it starts the FUSE server before Python runs")

@@ -455,9 +455,8 @@ def _runscript_timeout(a: Any, environ: Mapping[str, str]) -> float:
     """Apptainer's deadline for the action script: ``--runscript-timeout``, else
     $APPTAINER_RUNSCRIPT_TIMEOUT ($SIFPY_ first), else one minute."""
     value = a.runscript_timeout
-    for name in ("SIFPY_RUNSCRIPT_TIMEOUT", "APPTAINER_RUNSCRIPT_TIMEOUT"):
-        if value is None and environ.get(name):
-            value = environ[name]
+    if value is None:
+        value = config.get("SIFPY_RUNSCRIPT_TIMEOUT", environ)
     return 60.0 if value is None else parse_duration(value)
 
 
