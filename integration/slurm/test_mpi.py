@@ -25,10 +25,6 @@ from integration.slurm.conftest import LAUNCHERS
 pytestmark = pytest.mark.unpriv
 
 RANKS = 4  # the test machine has 2 CPUs: oversubscribed on purpose
-SHARED_MEMORY_ACROSS_NAMESPACES = {
-    "mpich": {"UCX_TLS": "sysv,self"},
-    "openmpi": {"OMPI_MCA_btl_vader_single_copy_mechanism": "none"},
-}
 LIBRARY = {"mpich": "library: MPICH Version:", "openmpi": "library: Open MPI v"}
 
 
@@ -57,7 +53,6 @@ def test_mpiexec(runtime_ready: UserRunner, starter: str, mpi_image: str, mpi: s
         launcher.insert(1, "--oversubscribe")
     res = runtime_ready(
         [*launcher, *_rank(starter, mpi_image, mpi)],
-        env=SHARED_MEMORY_ACROSS_NAMESPACES[mpi],
         timeout=180,
     )
     _check(res, mpi)
@@ -74,7 +69,7 @@ def test_srun(
     launcher = ["srun", f"--mpi={plugin}", "-n", str(RANKS), "-O"]
     res = runtime_ready(
         [*launcher, *_rank(program or starter, mpi_image, mpi)],
-        env={**slurm.env(), **SHARED_MEMORY_ACROSS_NAMESPACES[mpi]},
+        env=slurm.env(),
         timeout=180,
     )
     _check(res, mpi)
