@@ -131,6 +131,9 @@ _conf("bind path", "", "`SRC[:DEST]` bound into every container (a missing sourc
 _conf("nvliblist", "the one shipped", "`--nv`'s list of libraries and programs", "the user's wins")
 _conf("rocmliblist", "the one shipped", "`--rocm`'s list of libraries and programs", "the user's wins")
 _conf("hooks dir", "", "a directory of OCI hook definitions (`*.json`), after /etc/sifpy/hooks.d (a missing one is skipped)", "both add: the system's first", repeat=True, absolute=True)
+_conf("mpi library", "the library behind the host's MPI alternative", "the host MPI library that `--mpi` binds over the image's (Sarus's rules)", "a user's list replaces the system's", repeat=True, absolute=True)
+_conf("mpi dependency", "the library's dependency closure", "a file or directory bound with the MPI library; when given, the whole list", "taken from the file whose `mpi library` is used", repeat=True, absolute=True)
+_conf("mpi compatibility", "major", "how close the image's MPI must be to the host's: `major`, `full` or `strict` (Sarus's modes)", "the user's wins", choices=("major", "full", "strict"))
 _conf("cdi spec dirs", "/etc/cdi:/var/run/cdi", "where `--device` looks for CDI specs", "the user's wins")
 # fmt: on
 

@@ -180,6 +180,13 @@ OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     ),
     (("--rocm",), {"action": "store_true", "help": "bind the host's AMD ROCm driver (GPU)"}),
     (
+        ("--mpi",),
+        {
+            "action": "store_true",
+            "help": "bind mode: the host's MPI replaces the image's (sifpy.conf: mpi library)",
+        },
+    ),
+    (
         ("--device",),
         {
             "action": "append",
@@ -388,6 +395,14 @@ def _config_binds(rules: Policy) -> list[str]:
         else:
             log.verbose(f"bind path {spec}: no such file or directory here, skipped")
     return out
+
+
+def _mpi_host(rules: Policy) -> Any:
+    """``--mpi``: the host's MPI as sifpy.conf names it (default: its mpi alternative)."""
+    from sifpy.runtime import mpibind
+
+    libraries, dependencies, mode = rules.mpi()
+    return mpibind.host(libraries, dependencies, mode)
 
 
 def parse_mounts(specs: list[str]) -> list[tuple[str, str, bool, bool]]:
@@ -936,6 +951,7 @@ def _spec(
             identity=ident,
             prefetch=prefetch,
             inject=inject,
+            mpi=_mpi_host(rules) if a.mpi else None,
             pass_fds=passed,
             pwd=a.pwd,
             hooks=hooks,

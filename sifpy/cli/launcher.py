@@ -91,6 +91,8 @@ def starter_config(python: str, boot: str) -> str:
     # nvidia-container-cli must run on the host, before the namespaces are entered.
     kinds = {"fakeroot": "OPT_FAKEROOT", "mount_driver": "OPT_DRIVER", "nvccli": "OPT_NO_EARLY"}
     kinds |= dict.fromkeys(("unsquash", "verify", "verify_key", "writable"), "OPT_NO_EARLY")
+    # --mpi reads the image's ld.so cache once it is mounted: Python sets the container up.
+    kinds["mpi"] = "OPT_NO_EARLY"
     # A shared container is joined, not served (starter_join.c).
     kinds["sharens"] = "OPT_SHARENS"
     rows = []

@@ -117,6 +117,11 @@ def read_ld_cache(path: str = LD_CACHE) -> list[tuple[str, str]]:
             data = f.read()
     except OSError as exc:
         raise RuntimeSetupError(f"can't read the ld.so cache: {path}: {exc.strerror}") from exc
+    return parse_ld_cache(data, path)
+
+
+def parse_ld_cache(data: bytes, path: str) -> list[tuple[str, str]]:
+    """:func:`read_ld_cache` of the cache's bytes (``path`` names it in errors)."""
     start = 0
     if data.startswith(_OLD_MAGIC):
         (n_old,) = struct.unpack_from("<I", data, 12)
@@ -140,7 +145,7 @@ def _cstr(data: bytes, at: int) -> str:
     return data[at : end if end >= 0 else len(data)].decode(errors="surrogateescape")
 
 
-def _elf_kind(path: str) -> tuple[int, int] | None:
+def elf_kind(path: str) -> tuple[int, int] | None:
     """(ELF class, machine) of a file, or None when it is no ELF file."""
     try:
         with open(path, "rb") as f:
@@ -156,7 +161,7 @@ def _elf_kind(path: str) -> tuple[int, int] | None:
 def native_elf() -> tuple[int, int] | None:
     """This interpreter's ELF class and machine: the libraries bound must load in a program
     of the same kind (64-bit x86-64 here; a 32-bit copy of a library is skipped)."""
-    return _elf_kind("/proc/self/exe")
+    return elf_kind("/proc/self/exe")
 
 
 # --- the lists ----------------------------------------------------------------------------
@@ -197,7 +202,7 @@ def find_libraries(
     for name, path in cache:
         if name in found or not any(name.startswith(p) for p in prefixes):
             continue
-        if kind is not None and _elf_kind(path) != kind:
+        if kind is not None and elf_kind(path) != kind:
             continue
         found[name] = path
     return list(found.items())

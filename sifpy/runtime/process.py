@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 
     from sifpy.runtime import overlays
     from sifpy.runtime.gpu import Injection
+    from sifpy.runtime.mpibind import HostMpi
 else:
     # The public signal module builds enums: +2.8 ms to exec's imports (python -X importtime
     # -I -S, 2-CPU Xeon); _signal has the same functions and constants as ints.
@@ -152,6 +153,7 @@ class LaunchOptions(Record):
         "inject",
         "hooks",
         "annotations",
+        "mpi",
         "pass_fds",
         "pwd",
         "uts_ns",
@@ -204,6 +206,7 @@ class LaunchOptions(Record):
         # and the annotations the hooks' state and bundle carry.
         hooks: tuple[dict[str, object], ...] = (),
         annotations: tuple[tuple[str, str], ...] = (),
+        mpi: HostMpi | None = None,  # --mpi: the host's MPI to bind over the image's (mpibind)
         # fds above 2 the command inherits at the same numbers (subprocess's pass_fds): the
         # caller's, such as an MPI launcher's PMI socket. Every other fd is closed at exec, and
         # the monitor closes its copies once the container has them (a pipe's reader then sees
@@ -263,6 +266,7 @@ class LaunchOptions(Record):
         self.inject = inject
         self.hooks = hooks
         self.annotations = annotations
+        self.mpi = mpi
         self.pass_fds = pass_fds
         self.pwd = pwd
         self.uts_ns = uts_ns
@@ -823,6 +827,10 @@ def _set_up(
     seccomp.prepare_payload_filter(opts.confine)  # here, not in the forked container (~0.3 ms)
     if opts.rlimits:  # used by the container after pivot_root (ns.set_rlimit)
         import resource  # noqa: F401
+    if opts.mpi is not None:  # its files, and the module itself (see hooks below)
+        from sifpy.runtime import mpibind
+
+        mpibind.pin(opts.mpi)
     if opts.hooks or (opts.inject is not None and opts.inject.hooks):
         # Imported now: the session tmpfs may cover the package's directory (under /tmp).
         from sifpy.runtime import hooks  # noqa: F401
@@ -912,6 +920,8 @@ def _set_up(
     for fd in [m.fd for m in plan] + [cwd_fd]:
         if fd >= 0:
             os.close(fd)
+    if opts.mpi is not None:
+        mpibind.close(opts.mpi)
     for fd in opts.pass_fds:
         if fd > 2:
             os.close(fd)
@@ -1223,6 +1233,10 @@ def _assemble(spec: LaunchSpec, ident: Identity, plan: list[plan_.Mount], cwd_fd
     """Build the container root under the session; return its path."""
     opts = spec.options
     image_fd = os.open(_IMAGE, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    if opts.mpi is not None:  # the image's libraries decide where the host's go
+        from sifpy.runtime import mpibind
+
+        plan += mpibind.mounts(opts.mpi, image_fd)
     # The cwd is shared unless --contain, or it is already visible (under another mount),
     # or the image has it (image content wins: a host cwd of /usr must not cover /usr).
     shown = any(_under(spec.cwd, m.dest) for m in plan if m.kind in ("bind", "tmpfs"))

@@ -21,6 +21,16 @@ same-named one of an earlier directory: see :mod:`sifpy.runtime.hooksd`)::
 
     hooks dir = /opt/site/hooks.d
 
+and the host's MPI for ``--mpi`` (bind mode; a user's lines replace the system's, as a bind
+could)::
+
+    mpi library = /usr/lib/x86_64-linux-gnu/libmpich.so.12  # repeatable (default: the
+                                                              # host's mpi alternative)
+    mpi dependency = /usr/lib/x86_64-linux-gnu/libucp.so.0  # repeatable, files or
+                                                              # directories (default: the
+                                                              # libraries' closure)
+    mpi compatibility = major                # major (default), full or strict
+
 The system file is the floor. A user's file (``$SIFPY_CONFIG``, same syntax) and
 ``--verify`` may only add requirements: ``verify = required`` in either side requires
 verification; a user's ``verify = optional`` lowers nothing; while the system file requires
@@ -63,6 +73,10 @@ class Rules:
         self.binds: list[str] = []
         # `hooks dir = DIR`: more directories of OCI hook definitions (runtime.hooksd).
         self.hooks_dirs: list[str] = []
+        # --mpi: the host's MPI libraries, their dependencies, the compatibility mode.
+        self.mpi_libraries: list[str] = []
+        self.mpi_dependencies: list[str] = []
+        self.mpi_compatibility = ""
 
 
 class Policy:
@@ -75,6 +89,13 @@ class Policy:
     def device_setting(self, key: str) -> str | None:
         """A device setting (:data:`DEVICE_SETTINGS`): the user's file wins."""
         return self.user.devices.get(key) or self.system.devices.get(key)
+
+    def mpi(self) -> tuple[list[str], list[str], str]:
+        """``--mpi``'s libraries, dependencies and mode: the user's file wins where it
+        names any library (its dependencies go with them), else the system's."""
+        src = self.user if self.user.mpi_libraries else self.system
+        mode = self.user.mpi_compatibility or self.system.mpi_compatibility or "major"
+        return src.mpi_libraries, src.mpi_dependencies, mode
 
     @property
     def verify_required(self) -> bool:
@@ -107,6 +128,10 @@ def _read(path: str, rules: Rules, missing_ok: bool) -> None:
     for key in DEVICE_SETTINGS:
         if key in settings:
             rules.devices[key] = settings[key][-1]
+    rules.mpi_libraries += settings.get("mpi library", [])
+    rules.mpi_dependencies += settings.get("mpi dependency", [])
+    if "mpi compatibility" in settings:
+        rules.mpi_compatibility = settings["mpi compatibility"][-1]
 
 
 def _can_change(st: os.stat_result, uid: int) -> str | None:
