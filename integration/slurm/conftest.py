@@ -3,16 +3,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from integration.conftest import REPO, UserRunner, require
+from integration.runtime.conftest import images as images  # the busybox images, shared
 from integration.runtime.conftest import starter as starter  # the compiled sifpy, shared
 from integration.slurm import cluster
 
@@ -33,20 +35,18 @@ def slurm() -> Iterator[cluster.Cluster]:
         shutil.rmtree(c.base, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def mpi_image(runtime_ready: UserRunner, workdir: Path) -> str:
-    """integration/slurm/mpi.def built by sifpy (a Debian image with MPICH and Open MPI and
-    the test program built against each): as root when the suite is root, else as the user."""
-    require(None if shutil.which("mmdebstrap") else "mmdebstrap is not installed")
-    for tool in LAUNCHERS.values():
-        require(None if shutil.which(tool) else f"{tool} is not installed (mpich, openmpi-bin)")
-    out = workdir / "mpi"
+def _build(
+    runtime_ready: UserRunner, out: Path, sif: Path, definition: str, args: dict[str, str]
+) -> None:
+    """Build ``definition`` (from this directory) with sifpy into ``sif``: as root when the
+    suite is root, else as the user."""
     out.mkdir(exist_ok=True)
-    for name in ("mpi.def", "mpi_check.c"):
+    for name in (definition, "mpi_check.c"):
         shutil.copy(HERE / name, out / name)
         (out / name).chmod(0o644)
-    sif = out / "mpi.sif"
-    argv = ["build", "--build-arg", f"SRC={out / 'mpi_check.c'}", str(sif), str(out / "mpi.def")]
+    args = {"SRC": str(out / "mpi_check.c"), **args}
+    build_args = [x for k, v in args.items() for x in ("--build-arg", f"{k}={v}")]
+    argv = ["build", *build_args, str(sif), str(out / definition)]
     if os.getuid() == 0:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         res = subprocess.run(
@@ -59,6 +59,59 @@ def mpi_image(runtime_ready: UserRunner, workdir: Path) -> str:
         )
     else:
         res = runtime_ready(["/usr/bin/python3", "-m", "sifpy", *argv], timeout=900, cwd=out)
-    assert res.returncode == 0, f"building the MPI image failed:\n{res.stdout}{res.stderr}"
+    assert res.returncode == 0, f"building {definition} failed:\n{res.stdout}{res.stderr}"
     sif.chmod(0o644)
+
+
+def _require_tools() -> None:
+    require(None if shutil.which("mmdebstrap") else "mmdebstrap is not installed")
+    for tool in LAUNCHERS.values():
+        require(None if shutil.which(tool) else f"{tool} is not installed (mpich, openmpi-bin)")
+
+
+@pytest.fixture(scope="session")
+def mpi_image(runtime_ready: UserRunner, workdir: Path) -> str:
+    """integration/slurm/mpi.def built by sifpy (a Debian image with MPICH and Open MPI and
+    the test program built against each)."""
+    _require_tools()
+    sif = workdir / "mpi" / "mpi.sif"
+    _build(runtime_ready, workdir / "mpi", sif, "mpi.def", {})
     return str(sif)
+
+
+@pytest.fixture(scope="session")
+def bullseye_images(
+    runtime_ready: UserRunner, workdir: Path, pytestconfig: pytest.Config
+) -> Callable[[str], str]:
+    """``image(mpi)``: integration/slurm/mpi_bullseye.def built with MPI=mpich or openmpi
+    (Debian bullseye: an older MPI and glibc than the host's), for bind mode. Kept in
+    pytest's cache dir, keyed by what goes into it, so only the first run pays for the
+    build (each takes ~30 s here); copied into the session's world-readable workdir."""
+    _require_tools()
+    cache = getattr(pytestconfig, "cache", None)
+    made: dict[str, str] = {}
+
+    def image(mpi: str) -> str:
+        if mpi in made:
+            return made[mpi]
+        key = hashlib.sha256(mpi.encode())
+        for name in ("mpi_bullseye.def", "mpi_check.c"):
+            key.update((HERE / name).read_bytes())
+        name = f"bullseye-{mpi}-{key.hexdigest()[:16]}.sif"
+        sif = workdir / name
+        cached = Path(cache.mkdir("sifpy-mpi-bullseye")) / name if cache is not None else None
+        if cached is not None and cached.is_file():
+            shutil.copy(cached, sif)
+            sif.chmod(0o644)
+        else:
+            _build(
+                runtime_ready, workdir / f"bullseye-{mpi}", sif, "mpi_bullseye.def", {"MPI": mpi}
+            )
+            if cached is not None:
+                for old in cached.parent.glob(f"bullseye-{mpi}-*.sif"):
+                    old.unlink()
+                shutil.copy(sif, cached)
+        made[mpi] = str(sif)
+        return made[mpi]
+
+    return image

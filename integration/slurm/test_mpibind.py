@@ -1,0 +1,148 @@
+"""MPI bind mode (``--mpi``) as an HPC user runs it: an image built on Debian bullseye with
+its MPICH (3.4.1) and glibc (2.31), run with the host's MPICH (Debian 12's) through the
+host's ``mpiexec`` and Slurm's ``srun``, 4 ranks in one shared container, default UCX
+settings, as the unprivileged test user. Every rank checks its results (mpi_check.c) and
+rank 0 reports the MPI library that ran (MPI_Get_library_version): the host's.
+
+An Open MPI image (``libmpi.so.40``) against the host's MPICH (``libmpich.so.12``) is
+refused, naming both libraries with their versions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from integration.conftest import UserRunner
+from integration.slurm.cluster import Cluster
+from integration.slurm.conftest import LAUNCHERS
+from tests.probe import require
+
+pytestmark = pytest.mark.unpriv
+
+RANKS = 4  # the test machine has 2 CPUs: oversubscribed on purpose
+
+
+def host_mpich() -> str:
+    """The host's MPICH library, as its ld.so cache lists it (ldconfig -p)."""
+    out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"^\s*libmpich\.so\.12 \(.*x86-64.*\) => (\S+)$", out, re.M)
+    require(None if found else "the host has no MPICH (libmpich.so.12; apt install libmpich-dev)")
+    assert found is not None
+    return found.group(1)
+
+
+def host_mpich_version() -> str:
+    """The host MPICH's version, from its own tool (mpichversion), not from the library."""
+    out = subprocess.run(["mpichversion"], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"MPICH Version:\s*(\S+)", out)
+    assert found is not None, out
+    return found.group(1)
+
+
+@pytest.fixture(scope="module")
+def mpich_conf(workdir: Path) -> str:
+    """A user's sifpy.conf ($SIFPY_CONFIG) naming the host's MPICH: this host's mpi
+    alternative may be Open MPI's (Debian ranks it first)."""
+    conf = workdir / "mpibind.conf"
+    conf.write_text(f"mpi library = {host_mpich()}\n")
+    conf.chmod(0o644)
+    return str(conf)
+
+
+def _check(res: subprocess.CompletedProcess[str], version: str) -> None:
+    """Every rank reported its checks passed, and the host's MPICH ran."""
+    assert res.returncode == 0, f"rc={res.returncode}\n{res.stdout}\n{res.stderr}"
+    lines = res.stdout.splitlines()
+    libraries = [ln for ln in lines if ln.startswith("library: ")]
+    assert libraries == [f"library: MPICH Version:\t{version}"], res.stdout + res.stderr
+    ranks = sorted(ln for ln in lines if ln.startswith("rank "))
+    want = sorted(f"rank {r} of {RANKS}: ring ok, allreduce ok, sendrecv ok" for r in range(RANKS))
+    assert ranks == want, res.stdout + res.stderr
+
+
+def test_bullseye_mpich_runs_the_hosts_mpich_under_mpiexec(
+    runtime_ready: UserRunner,
+    starter: str,
+    bullseye_images: Callable[[str], str],
+    mpich_conf: str,
+) -> None:
+    image = bullseye_images("mpich")
+    launcher = [LAUNCHERS["mpich"], "-n", str(RANKS)]
+    # Without --mpi the image's own MPICH runs (hybrid mode): the one bind mode replaces.
+    own = runtime_ready([*launcher, starter, "exec", image, "mpi_check.mpich"], timeout=180)
+    assert own.returncode == 0, own.stdout + own.stderr
+    image_version = re.search(r"^library: MPICH Version:\s*(\S+)$", own.stdout, re.M)
+    assert image_version is not None, own.stdout
+    version = host_mpich_version()
+    assert image_version.group(1) != version  # bullseye's is older: the test shows a swap
+    res = runtime_ready(
+        [*launcher, starter, "exec", "--mpi", image, "mpi_check.mpich"],
+        env={"SIFPY_CONFIG": mpich_conf},
+        timeout=180,
+    )
+    _check(res, version)
+
+
+def test_bullseye_mpich_runs_the_hosts_mpich_under_srun(
+    runtime_ready: UserRunner,
+    starter: str,
+    bullseye_images: Callable[[str], str],
+    mpich_conf: str,
+    slurm: Cluster,
+) -> None:
+    image = bullseye_images("mpich")
+    launcher = ["srun", "--mpi=pmi2", "-n", str(RANKS), "-O"]
+    res = runtime_ready(
+        [*launcher, starter, "exec", "--mpi", image, "mpi_check.mpich"],
+        env={**slurm.env(), "SIFPY_CONFIG": mpich_conf},
+        timeout=180,
+    )
+    _check(res, host_mpich_version())
+
+
+def test_open_mpi_image_with_host_mpich_is_refused(
+    runtime_ready: UserRunner,
+    starter: str,
+    bullseye_images: Callable[[str], str],
+    mpich_conf: str,
+) -> None:
+    image = bullseye_images("openmpi")
+    # The names with every version number, found independently of sifpy's reading: the
+    # host file's name, and the image's libmpi.so.40 resolved inside the image.
+    host_name = os.path.basename(os.path.realpath(host_mpich()))
+    real = runtime_ready(
+        [starter, "exec", image, "readlink", "-f", "/usr/lib/x86_64-linux-gnu/libmpi.so.40"]
+    )
+    assert real.returncode == 0, real.stderr
+    image_name = os.path.basename(real.stdout.strip())
+    assert image_name.startswith("libmpi.so.40.")
+    res = runtime_ready(
+        [starter, "exec", "--mpi", image, "mpi_check.openmpi"],
+        env={"SIFPY_CONFIG": mpich_conf},
+    )
+    assert res.returncode == 125, res.stdout + res.stderr
+    assert "not ABI-compatible" in res.stderr, res.stderr
+    assert f"the host's {host_name} " in res.stderr, res.stderr
+    assert f"the image's {image_name} " in res.stderr, res.stderr
+    assert "rank " not in res.stdout and "library:" not in res.stdout
+
+
+def test_image_without_ld_cache_is_refused(
+    runtime_ready: UserRunner, starter: str, images: dict[str, Any], mpich_conf: str
+) -> None:
+    # Only what the image's loader finds through its cache can be replaced (Sarus's rule):
+    # the busybox image has none.
+    busybox = images["plain"]["sif"]
+    res = runtime_ready(
+        [starter, "exec", "--mpi", busybox, "true"], env={"SIFPY_CONFIG": mpich_conf}
+    )
+    assert res.returncode == 125, res.stdout + res.stderr
+    assert "can't bind MPI: the image has no ld.so cache" in res.stderr, res.stderr
+    assert "hint: run ldconfig" in res.stderr, res.stderr
