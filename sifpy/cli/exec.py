@@ -800,6 +800,10 @@ def _run_in_instance(
 
     if served is not None:
         served.stop()
+    if a.mpi:  # the binds are made when a container is set up, not when it is joined
+        raise UsageError(
+            "--mpi can't be used with instance://", hint="start the instance with --mpi"
+        )
     name = a.image[len("instance://") :]
     base = sharens.instance_base(name)
     try:

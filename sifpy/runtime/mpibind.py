@@ -373,31 +373,49 @@ def pick(host: Lib, candidates: list[Lib]) -> Lib:
     return min(candidates, key=lambda lib: lib.version)
 
 
-def image_libs(root_fd: int) -> dict[str, list[Lib]]:
-    """The image's ld.so cache: linker name -> libraries (their resolved paths)."""
+def image_libs(root_fd: int, wanted: set[str]) -> dict[str, list[Lib]]:
+    """The image's ld.so cache: linker name -> libraries (resolved paths), for the linker
+    names in ``wanted`` and of this interpreter's ELF kind (a 32-bit copy is no match)."""
     fd = mount.open_in_root(root_fd, LD_CACHE)
     if fd is None:
         raise RuntimeSetupError("can't bind MPI: the image has no ld.so cache", hint=_HINT_BUILD)
     with os.fdopen(fd, "rb") as f:
         data = f.read()
+    native = native_elf()
     out: dict[str, list[Lib]] = {}
     seen: set[str] = set()
     for name, path in parse_ld_cache(data, f"the image's {LD_CACHE}"):
+        if name in seen or split_name(name)[0] not in wanted:
+            continue
         res = mount.resolve(root_fd, path)
         res.close()
-        if res.missing or name in seen:  # a stale entry, or a second (32-bit) one
+        real = "/" + "/".join(res.parts)
+        if res.missing or _elf_kind(root_fd, real) != native:  # stale, or another kind
             continue
         seen.add(name)
-        real = "/" + "/".join(res.parts)
         lib = Lib(real, name, real)
         out.setdefault(lib.linker, []).append(lib)
     return out
 
 
+def _elf_kind(root_fd: int, path: str) -> tuple[int, int] | None:
+    fd = mount.open_in_root(root_fd, path)
+    if fd is None:
+        return None
+    try:
+        head = os.pread(fd, 20, 0)
+    finally:
+        os.close(fd)
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return None
+    return head[4], struct.unpack_from("<H" if head[5] == 1 else ">H", head, 18)[0]
+
+
 def mounts(mpi: HostMpi, root_fd: int) -> list[Mount]:
     """The binds that put the host's MPI (pinned by :func:`pin`) into the image mounted at
     ``root_fd``; raises when the two can't be paired."""
-    libs = image_libs(root_fd)
+    wanted = {lib.linker for lib in (*mpi.libs, *mpi.deps, *mpi.glibc)} | set(MPICH_NAMES)
+    libs = image_libs(root_fd, wanted)
     binds: dict[str, str] = {}  # destination -> host path
 
     def put(lib: Lib, dest: str) -> None:
