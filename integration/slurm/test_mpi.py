@@ -3,15 +3,15 @@ the host's launcher (hybrid mode), 4 ranks on this node through ``mpiexec -n 4``
 through Slurm's ``srun -n 4 -O``, all as the unprivileged test user. Every rank checks its
 results (a ring, an 8 MiB allreduce, a sendrecv; mpi_check.c) and says so.
 
-Each rank is a ``sifpy exec`` of its own, in a user namespace of its own, so shared memory
-between ranks can only use what works across user namespaces: System V segments, not a
-peer's ``/proc/PID/fd`` (UCX's posix transport) nor ``process_vm_readv`` (CMA, UCX's and
-Open MPI's single copy). Until the ranks of a node share one container, the tests choose
-those transports: ``UCX_TLS=sysv,self`` for MPICH (not ``tcp``: UCX 1.13 hangs in
-MPI_Finalize with it at 4 ranks, containers or not), and no single-copy mechanism for Open
-MPI's shared-memory transport.
+The ranks of a job step share one container (sifpy.runtime.sharens), so MPI's shared
+memory runs with default settings: UCX's posix transport opens its peer's /proc/PID/fd and
+CMA uses process_vm_readv, which only works between processes of one user namespace. No
+UCX_TLS, no Open MPI tuning is set here, and tcp is not excluded: UCX 1.13 can hang in
+MPI_Finalize at 4 ranks when tcp carries messages, but on one node with shared memory
+working UCX picks none (UCX_LOG_LEVEL=info, 4 ranks: every endpoint's lanes are sysv,
+posix and cma; test_mpibind asserts it), and three runs in a row of these tests and the
+bind-mode ones passed.
 """
-
 from __future__ import annotations
 
 import subprocess

@@ -82,12 +82,17 @@ def test_bullseye_mpich_runs_the_hosts_mpich_under_mpiexec(
     assert image_version is not None, own.stdout
     version = host_mpich_version()
     assert image_version.group(1) != version  # bullseye's is older: the test shows a swap
+    # UCX's log says which transports carry the messages (it changes none): CMA, a module
+    # in the host's ucx/ directory that only works between ranks of one user namespace.
     res = runtime_ready(
         [*launcher, starter, "exec", "--mpi", image, "mpi_check.mpich"],
-        env={"SIFPY_CONFIG": mpich_conf},
+        env={"SIFPY_CONFIG": mpich_conf, "UCX_LOG_LEVEL": "info"},
         timeout=180,
     )
     _check(res, version)
+    lanes = re.findall(r"ep_cfg\[\d+\]: (.*)", res.stdout + res.stderr)
+    assert lanes and all("cma/memory" in ln for ln in lanes), res.stdout + res.stderr
+    assert not any("tcp" in ln for ln in lanes), lanes
 
 
 def test_bullseye_mpich_runs_the_hosts_mpich_under_srun(
