@@ -151,3 +151,21 @@ def test_image_without_ld_cache_is_refused(
     assert res.returncode == 125, res.stdout + res.stderr
     assert "can't bind MPI: the image has no ld.so cache" in res.stderr, res.stderr
     assert "hint: run ldconfig" in res.stderr, res.stderr
+
+
+def test_older_glibc_is_replaced_by_the_hosts(
+    runtime_ready: UserRunner,
+    starter: str,
+    bullseye_images: Callable[[str], str],
+    mpich_conf: str,
+) -> None:
+    # The host's MPI needs the host's glibc (GLIBC_2.34 symbols): bullseye's 2.31 is
+    # replaced, loader included. libc.so.6 run as a program prints its own banner.
+    image = bullseye_images("mpich")
+    libc = "/lib/x86_64-linux-gnu/libc.so.6"
+    host = subprocess.run([libc], capture_output=True, text=True).stdout.splitlines()[0]
+    own = runtime_ready([starter, "exec", image, libc])
+    assert own.returncode == 0 and own.stdout.splitlines()[0] != host, own.stdout + own.stderr
+    res = runtime_ready([starter, "exec", "--mpi", image, libc], env={"SIFPY_CONFIG": mpich_conf})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.splitlines()[0] == host
