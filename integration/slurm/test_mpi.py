@@ -12,6 +12,7 @@ working UCX picks none (UCX_LOG_LEVEL=info, 4 ranks: every endpoint's lanes are 
 posix and cma; test_mpibind asserts it), and three runs in a row of these tests and the
 bind-mode ones passed.
 """
+
 from __future__ import annotations
 
 import subprocess
