@@ -14,7 +14,7 @@ from sifpy.cli.exec import (
     parse_mounts,
     parse_overlays,
 )
-from sifpy.errors import UsageError
+from sifpy.errors import ExitStatus, UsageError
 
 CASES = [
     ("exec", ["img.sif", "true"]),
@@ -27,6 +27,7 @@ CASES = [
     ("exec", ["-H", "/h:/home/x", "--no-home", "-W", "/w", "-o", "/ov", "img", "c"]),
     ("exec", ["-f", "-w", "--writable-tmpfs", "--app", "a", "-s", "/bin/zsh", "img", "c"]),
     ("exec", ["--verify", "--verify-key", "k.pem", "img", "c"]),
+    ("exec", ["--mpi", "--sharens", "img", "c"]),
     ("exec", ["--", "img", "cmd"]),
     # Apptainer's spellings: --cwd (alias of --pwd), --no-pid, --no-env, --runscript-timeout
     ("exec", ["--cwd", "/w", "-C", "--no-pid", "--no-env", "A,B", "img", "c"]),
@@ -142,3 +143,18 @@ def test_overlays_in_order_with_one_writable() -> None:
     assert parse_overlays(["/x:rw"]) == (("/x", True),)
     with pytest.raises(UsageError, match="only one --overlay can be writable"):
         parse_overlays(["/a", "/b:rw"])
+
+
+def test_mpi_with_an_instance_is_refused() -> None:
+    # The binds are made when a container is set up: joining an instance can't add them.
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-m", "sifpy", "exec", "--mpi", "instance://nothing-here", "true"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == ExitStatus.LAUNCH_FAILED, res.stderr  # exec: 125, as docker
+    assert "--mpi can't be used with instance://" in res.stderr
+    assert "hint: start the instance with --mpi" in res.stderr
