@@ -15,7 +15,7 @@ import pytest
 from sifpy.errors import RuntimeSetupError, SifpyError
 from sifpy.runtime import mpibind
 from sifpy.sign import policy
-from tests.conftest import need_tool
+from tests.conftest import need_tool, require
 
 
 def lib(name: str, soname: str | None = None) -> mpibind.Lib:
@@ -89,8 +89,7 @@ def test_closure_matches_ldd() -> None:
     glibc apart (the glibc rule handles it); the UCX module directory comes with libucs."""
     need_tool("ldd")
     target = "/usr/lib/x86_64-linux-gnu/libmpich.so.12"
-    if not os.path.exists(target):
-        pytest.skip("no host MPICH (libmpich-dev)")
+    require(None if os.path.exists(target) else "no host MPICH (apt-get install libmpich-dev)")
     mpi = mpibind.host([target], [])
     want = {
         name: os.path.realpath(path)
@@ -126,8 +125,7 @@ def test_elf_info_matches_readelf() -> None:
 def test_default_library_is_the_mpi_alternative() -> None:
     tool = need_tool("update-alternatives")
     res = subprocess.run([tool, "--query", "mpi-x86_64-linux-gnu"], capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip("no mpi alternative on this host")
+    require(None if res.returncode == 0 else "no mpi alternative (apt-get install libmpich-dev)")
     value = re.search(r"^Value: (\S+)$", res.stdout, re.M).group(1)  # type: ignore[union-attr]
     block = res.stdout.split(f"Alternative: {value}\n", 1)[1].split("\n\n", 1)[0]
     slave = re.search(r"libmpi\.so-x86_64-linux-gnu (\S+)", block).group(1)  # type: ignore[union-attr]
