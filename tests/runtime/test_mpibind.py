@@ -150,5 +150,5 @@ def test_config(tmp_path: Path) -> None:
     assert policy.load(str(system), str(user)).mpi() == (["/mine/libmpich.so.12"], [], "full")
     assert policy.load(str(tmp_path / "no"), "").mpi() == ([], [], "major")
     user.write_text("mpi compatibility = loose\n")
-    with pytest.raises(SifpyError, match="mpi compatibility must be .major. or .full. or .strict."):
+    with pytest.raises(SifpyError, match="mpi compatibility must be 'major' or 'full' or 'strict'"):
         policy.load(str(system), str(user))
