@@ -140,6 +140,23 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def images(workdir: Path) -> dict[str, dict[str, Any]]:
+    """The busybox test images (integration/runtime/conftest.py builds them), made once per
+    session for every directory that uses them (runtime, slurm)."""
+    from integration.runtime.conftest import build_images
+
+    return build_images(workdir)
+
+
+@pytest.fixture(scope="session")
+def starter(sifpy_copy: str, workdir: Path) -> str:
+    """The compiled ``sifpy`` (integration/runtime/conftest.py builds it), once per session."""
+    from integration.runtime.conftest import build_starter
+
+    return build_starter(sifpy_copy, workdir)
+
+
 class UserRunner:
     """Runs commands as the test user with a minimal, explicit environment."""
 

@@ -90,9 +90,8 @@ def make_sif(rootfs: Path, sif: Path) -> dict[str, Any]:
     return {"sif": str(sif), "offset": int(offset[1]), "size": int(size[1])}
 
 
-@pytest.fixture(scope="session")
-def images(workdir: Path) -> dict[str, dict[str, Any]]:
-    """The test images: ``plain`` (SIF), ``sandbox`` (directory), ``hostile`` (SIF whose
+def build_images(workdir: Path) -> dict[str, dict[str, Any]]:
+    """The ``images`` fixture's (integration/conftest.py) test images: ``plain`` (SIF), ``sandbox`` (directory), ``hostile`` (SIF whose
     /tmp points to /etc and whose /data is an absolute symlink to a host path)."""
     plain = busybox_rootfs(workdir / "rootfs")
     # Host directories the image's symlinks aim at: one the container does not see, one
@@ -219,9 +218,8 @@ def own_server(sifpy_copy: str) -> str:
     return str(dest)
 
 
-@pytest.fixture(scope="session")
-def starter(sifpy_copy: str, workdir: Path) -> str:
-    """The starter (the compiled ``sifpy`` program, sifpy/cli/starter.c), built for Debian's
+def build_starter(sifpy_copy: str, workdir: Path) -> str:
+    """The ``starter`` fixture's (integration/conftest.py) program: the starter (the compiled ``sifpy`` program, sifpy/cli/starter.c), built for Debian's
     python3 and the world-readable sifpy copy, with the warnings as errors."""
     from sifpy.cli import launcher
 

@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 
 from integration.conftest import REPO, UserRunner, require
-from integration.runtime.conftest import images as images  # the busybox images, shared
-from integration.runtime.conftest import starter as starter  # the compiled sifpy, shared
 from integration.slurm import cluster
 
 HERE = Path(__file__).resolve().parent
