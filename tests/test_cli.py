@@ -112,7 +112,7 @@ def test_other_commands_and_the_monitor_collect() -> None:
     import signal
 
     from sifpy.cli import _dispatch
-    from sifpy.runtime import process
+    from sifpy.runtime import supervise
 
     try:
         gc.disable()
@@ -124,7 +124,7 @@ def test_other_commands_and_the_monitor_collect() -> None:
             pid = os.fork()
             if pid == 0:
                 os._exit(3)
-            assert os.waitstatus_to_exitcode(process._supervise(pid, pid, False)) == 3
+            assert os.waitstatus_to_exitcode(supervise.supervise(pid, pid, False)) == 3
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         assert gc.isenabled()

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from sifpy.cli._args import ArgumentParser
     from sifpy.runtime.gpu import Injection
-    from sifpy.runtime.process import LaunchSpec
+    from sifpy.runtime.spec import LaunchSpec
     from sifpy.sign.policy import Policy
 else:
     SimpleNamespace = type(sys.implementation)  # what types.py does, without importing it
@@ -865,7 +865,7 @@ def _spec(
     """The container to start: its mounts, environment and command; ``environ`` and
     ``workdir``: the caller's (default: this process's)."""
     from sifpy.runtime import env as renv
-    from sifpy.runtime.process import LaunchOptions, LaunchSpec
+    from sifpy.runtime.spec import LaunchOptions, LaunchSpec
 
     if a.containall:
         a.contain = a.cleanenv = a.pid = a.ipc = True

@@ -13,7 +13,8 @@ from __future__ import annotations
 from sifpy import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sifpy.runtime.process import LaunchOptions, LaunchSpec, launch
+    from sifpy.runtime.process import launch
+    from sifpy.runtime.spec import LaunchOptions, LaunchSpec
     from sifpy.runtime.start import Identity, Sandbox, SifPartition, host_identity
 
 __all__ = [
@@ -30,8 +31,10 @@ __all__ = [
 def __getattr__(name: str) -> object:
     if name not in __all__:
         raise AttributeError(f"module 'sifpy.runtime' has no attribute {name!r}")
-    from sifpy.runtime import process
+    # Each name from the module that owns it (all three are on the exec path anyway).
+    from sifpy.runtime import process, spec, start
 
-    value = getattr(process, name)
+    owner = process if name == "launch" else spec if name.startswith("Launch") else start
+    value = getattr(owner, name)
     globals()[name] = value
     return value

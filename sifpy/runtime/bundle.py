@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from sifpy.errors import RuntimeSetupError
 from sifpy.runtime.gpu import Injection
-from sifpy.runtime.process import LaunchOptions, LaunchSpec
+from sifpy.runtime.spec import LaunchOptions, LaunchSpec
 from sifpy.runtime.start import Sandbox
 
 if TYPE_CHECKING:

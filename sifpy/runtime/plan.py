@@ -16,7 +16,7 @@ from sifpy import TYPE_CHECKING
 from sifpy.errors import RuntimeSetupError
 
 if TYPE_CHECKING:
-    from sifpy.runtime.process import LaunchSpec
+    from sifpy.runtime.spec import LaunchSpec
     from sifpy.runtime.start import Identity
 
 # --no-mount names (Apptainer's), besides absolute paths of the system binds.

@@ -48,7 +48,7 @@ from sifpy.runtime import ns
 if TYPE_CHECKING:
     from typing import Any, NoReturn
 
-    from sifpy.runtime.process import LaunchSpec
+    from sifpy.runtime.spec import LaunchSpec
     from sifpy.runtime.start import Identity
 
 # Variables that say "this process is a rank of a parallel job" (checked in this order by
@@ -208,7 +208,7 @@ def run_joined(
     A holder started here answers the starter's joins at ``alias`` (see :func:`fast_key`)
     with ``prepare``. ``release``: the starter's lock (fd, path), closed once joined: the
     ranks waiting on it can join through ``alias`` then."""
-    from sifpy.runtime import process
+    from sifpy.runtime import assemble, process
 
     holder_spec = spec.replace(
         argv=["true"], options=spec.options.replace(prefetch=(), pass_fds=())
@@ -223,7 +223,7 @@ def run_joined(
         if release is not None:
             os.close(release[0])
     enter_joined(fds)
-    process.enter_cwd(spec, ident)
+    assemble.enter_cwd(spec, ident)
     process.exec_joined(spec.argv, spec.env, spec.options.pass_fds)
 
 
@@ -284,7 +284,7 @@ def start_instance(base: str, spec: LaunchSpec, ident: Identity, info: dict[str,
             os.close(err_r)
             os.setsid()
             if os.fork() == 0:
-                from sifpy.runtime import process
+                from sifpy.runtime import assemble, process
 
                 flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
                 out = os.open(f"{base}.out", flags, 0o600)
@@ -294,7 +294,7 @@ def start_instance(base: str, spec: LaunchSpec, ident: Identity, info: dict[str,
                     os.dup2(src, dst)
                     os.close(src)
                 enter_joined(join(base))
-                process.enter_cwd(spec, ident)
+                assemble.enter_cwd(spec, ident)
                 os.close(err_w)  # past this point, exec_joined reports on base.err
                 process.exec_joined(spec.argv, spec.env)
             code = 0
@@ -529,7 +529,7 @@ def _holder(
     alias: str | None = None,
 ) -> NoReturn:
     """The holder process (see the module docstring); never returns."""
-    from sifpy.runtime import drivers, mount, process
+    from sifpy.runtime import drivers, mount, process, supervise
     from sifpy.runtime.start import SifPartition
 
     servers: list[int] = []
@@ -593,11 +593,11 @@ def _holder(
         mntns = os.open(f"/proc/{keeper}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         keeper_fd = os.pidfd_open(keeper)
     except SifpyError as exc:
-        process.report_error(ready, ExitStatus.LAUNCH_FAILED, exc.message, exc.hint)
+        supervise.report_error(ready, ExitStatus.LAUNCH_FAILED, exc.message, exc.hint)
         _end(servers)
     except BaseException as exc:
         why = f"can't start the shared container: {exc!r}"
-        process.report_error(ready, ExitStatus.LAUNCH_FAILED, why)
+        supervise.report_error(ready, ExitStatus.LAUNCH_FAILED, why)
         _end(servers)
     os.write(ready, b"ready")
     os.close(ready)
