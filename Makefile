@@ -51,8 +51,8 @@ $(BIN)/python:
 # A stamp, not $(BIN)/python: that is a symlink to the system's interpreter, which `touch`
 # would follow (and an ordinary user can't touch).
 venv: $(VENV)/.installed
-# sifpy/cli/exec.py: its OPTIONS are the starter's option table (launcher.starter_config).
-$(VENV)/.installed: pyproject.toml sifpy/cli/starter.c sifpy/cli/starter_join.c sifpy/cli/launcher.py sifpy/cli/exec.py bin/run-singularity | $(BIN)/python
+# sifpy/cli/exec_options.py: its OPTIONS are the starter's option table (launcher.starter_config).
+$(VENV)/.installed: pyproject.toml sifpy/cli/starter.c sifpy/cli/starter_join.c sifpy/cli/launcher.py sifpy/cli/exec_options.py bin/run-singularity | $(BIN)/python
 	@# compat mode: a plain path entry in a .pth file. The default editable finder imports
 	@# pathlib, re and more at every interpreter start (~10 ms on each `sifpy exec`).
 	$(PIP) install -q -e '.[test]' --config-settings editable_mode=compat

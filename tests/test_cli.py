@@ -199,7 +199,7 @@ def test_starter_config_agrees_with_the_python_side() -> None:
     """The starter's option table is generated from exec's OPTIONS: every flag is in it,
     with whether it takes a value; strings are escaped for C."""
     from sifpy.cli import launcher
-    from sifpy.cli.exec import OPTIONS
+    from sifpy.cli.exec_options import OPTIONS
 
     config = launcher.starter_config("/usr/bin/python3", "print('x')\n")
     for flags, kw in OPTIONS:

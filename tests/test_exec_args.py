@@ -6,14 +6,8 @@ import os
 
 import pytest
 
-from sifpy.cli.exec import (
-    build_parser,
-    fast_parse,
-    parse_binds,
-    parse_duration,
-    parse_mounts,
-    parse_overlays,
-)
+from sifpy.cli.exec_args import parse_binds, parse_duration, parse_mounts, parse_overlays
+from sifpy.cli.exec_options import build_parser, fast_parse
 from sifpy.errors import ExitStatus, UsageError
 
 CASES = [

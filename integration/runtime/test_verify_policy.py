@@ -110,7 +110,7 @@ def test_swapped_path_after_verify_runs_the_verified_file(
         os.chown(p, runtime_ready.user.uid, runtime_ready.user.gid)
     code = (
         "import os, sys\n"
-        "from sifpy.cli.exec import open_image\n"
+        "from sifpy.cli.exec_image import open_image\n"
         "from sifpy.runtime import LaunchSpec, launch\n"
         "image, fd = open_image(sys.argv[1], verify=True, verify_keys=[sys.argv[3]])\n"
         "os.replace(sys.argv[2], sys.argv[1])  # the attacker's swap, after verification\n"

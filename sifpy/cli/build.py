@@ -108,7 +108,7 @@ def _build_args(pairs: list[str], path: str | None) -> dict[str, str]:
 def _binds(specs: list[str]) -> list[tuple[str, str, bool]]:
     if not specs:
         return []
-    from sifpy.cli.exec import parse_binds  # the same SRC[:DEST[:ro|rw]] as sifpy exec
+    from sifpy.cli.exec_args import parse_binds  # the same SRC[:DEST[:ro|rw]] as sifpy exec
 
     return parse_binds(specs)
 
@@ -183,7 +183,7 @@ def _gpu(a: Any) -> Any:
     binds (the build's container is contained: the device nodes go into its own /dev)."""
     from types import SimpleNamespace
 
-    from sifpy.cli.exec import devices
+    from sifpy.cli.exec_image import devices
 
     return devices(
         SimpleNamespace(

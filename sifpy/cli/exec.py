@@ -13,13 +13,22 @@ before the command starts, 126 not executable, 127 not found.
 from __future__ import annotations
 
 import os
-import stat
 import sys
 
 from sifpy import TYPE_CHECKING, config
-from sifpy.errors import ExitStatus, ImageError, RuntimeSetupError, SifpyError, UsageError
+from sifpy.cli.exec_args import (
+    config_binds,
+    mpi_host,
+    parse_binds,
+    parse_mounts,
+    parse_overlays,
+    runscript_timeout,
+)
+from sifpy.cli.exec_image import devices, join_env, oci_image_config, open_image
+from sifpy.cli.exec_options import HELP, build_parser, fast_parse
+from sifpy.errors import ExitStatus, RuntimeSetupError, SifpyError, UsageError
 from sifpy.runtime import start
-from sifpy.runtime.start import DRIVERS, Sandbox, SifPartition
+from sifpy.runtime.start import Sandbox, SifPartition
 from sifpy.util import log
 
 if TYPE_CHECKING:
@@ -27,578 +36,11 @@ if TYPE_CHECKING:
     from types import SimpleNamespace
     from typing import Any
 
-    from sifpy.cli._args import ArgumentParser
     from sifpy.runtime.gpu import Injection
     from sifpy.runtime.spec import LaunchSpec
     from sifpy.sign.policy import Policy
 else:
     SimpleNamespace = type(sys.implementation)  # what types.py does, without importing it
-
-HELP = {
-    "exec": "run a command in a container",
-    "run": "run the container's runscript",
-    "shell": "start an interactive shell in a container",
-    "test": "run the container's test script",
-}
-
-
-# The options of exec/run/shell/test: (flags, argparse keywords). One table serves both
-# the fast parser used to start containers and argparse (for --help and usage errors).
-OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
-    (
-        ("-B", "--bind"),
-        {
-            "action": "append",
-            "default": [],
-            "metavar": "SRC[:DEST[:ro|rw]]",
-            "help": "bind a host path (repeatable, comma lists; also $SIFPY_BIND, $APPTAINER_BIND)",
-        },
-    ),
-    (("-H", "--home"), {"metavar": "SRC[:DEST]", "help": "use this home directory"}),
-    (("--no-home",), {"action": "store_true", "help": "don't bind the home directory"}),
-    (
-        ("-c", "--contain"),
-        {"action": "store_true", "help": "minimal /dev, private /tmp, /var/tmp and home"},
-    ),
-    (
-        ("-C", "--containall"),
-        {"action": "store_true", "help": "--contain, --cleanenv, --pid and --ipc"},
-    ),
-    (
-        ("--mount",),
-        {
-            "action": "append",
-            "default": [],
-            "metavar": "type=bind,src=S,dst=D[,ro]",
-            "help": "bind, Docker-style (repeatable; also $SIFPY_MOUNT, $APPTAINER_MOUNT)",
-        },
-    ),
-    (
-        ("--no-mount",),
-        {
-            "action": "append",
-            "default": [],
-            "metavar": "LIST",
-            "help": "skip default mounts: proc,sys,dev,devpts,home,tmp,hostfs,cwd,bind-paths,PATH",
-        },
-    ),
-    (
-        ("-W", "--workdir"),
-        {
-            "metavar": "DIR",
-            "help": "with --contain: /tmp, /var/tmp and home from DIR instead of tmpfs",
-        },
-    ),
-    (
-        ("--writable-tmpfs",),
-        {
-            "action": "store_true",
-            "help": "a writable overlay in memory (64 MiB), gone after the run",
-        },
-    ),
-    (
-        ("-o", "--overlay"),
-        {
-            "action": "append",
-            "default": [],
-            "metavar": "DIR|IMAGE[:ro]",
-            "help": "a persistent overlay (repeatable): a directory or an ext3 image (`sifpy "
-            "overlay create`); changes go to the writable one, :ro ones are layers below it",
-        },
-    ),
-    (("-e", "--cleanenv"), {"action": "store_true", "help": "don't pass the host environment"}),
-    (
-        ("--env",),
-        {"action": "append", "default": [], "metavar": "K=V[,K=V]", "help": "set a variable"},
-    ),
-    (
-        ("--env-file",),
-        {
-            "action": "append",
-            "default": [],
-            "metavar": "FILE",
-            "help": "variables from a file (shell syntax; NAME=VALUE literals with --no-eval)",
-        },
-    ),
-    (
-        ("--no-eval",),
-        {"action": "store_true", "help": "don't shell-evaluate injected variables or --env-file"},
-    ),
-    (
-        ("--no-env",),
-        {
-            "action": "append",
-            "default": [],
-            "metavar": "NAME[,NAME]",
-            "help": "don't pass these host variables (also $APPTAINER_NOENV, $SIFPY_NOENV)",
-        },
-    ),
-    (
-        ("--cwd", "--pwd"),
-        {
-            "dest": "pwd",  # argparse's default would be the first flag's name
-            "metavar": "DIR",
-            "help": "initial working directory in the container (must exist)",
-        },
-    ),
-    (("-p", "--pid"), {"action": "store_true", "help": "run in a new PID namespace"}),
-    (("--no-pid",), {"action": "store_true", "help": "no new PID namespace (with --containall)"}),
-    (
-        ("--no-init",),
-        {"action": "store_true", "help": "with --pid: no init process, the command is PID 1"},
-    ),
-    (("-i", "--ipc"), {"action": "store_true", "help": "run in a new IPC namespace"}),
-    (
-        ("--unsquash",),
-        {
-            "action": "store_true",
-            "help": "extract the image to a temporary sandbox instead of mounting it",
-        },
-    ),
-    (
-        ("--mount-driver",),
-        {"default": "auto", "choices": DRIVERS, "help": "how to mount a SIF image (default: auto)"},
-    ),
-    (
-        ("--runscript-timeout",),
-        {
-            "metavar": "DURATION",
-            "help": "time the image's environment scripts may take (default 1m; e.g. 30s)",
-        },
-    ),
-    (
-        ("-f", "--fakeroot"),
-        {"action": "store_true", "help": "run as uid 0 in the container, with HOME=/root"},
-    ),
-    (("-w", "--writable"), {"action": "store_true", "help": "writable sandbox directory"}),
-    (("--app",), {"metavar": "NAME", "help": "run a SCIF app"}),
-    (("-s", "--shell"), {"metavar": "PATH", "help": "the shell for 'shell'"}),
-    (("--nv",), {"action": "store_true", "help": "bind the host's NVIDIA driver (GPU)"}),
-    (
-        ("--nvccli",),
-        {"action": "store_true", "help": "--nv, with the files nvidia-container-cli lists"},
-    ),
-    (("--rocm",), {"action": "store_true", "help": "bind the host's AMD ROCm driver (GPU)"}),
-    (
-        ("--mpi",),
-        {
-            "action": "store_true",
-            "help": "bind mode: the host's MPI replaces the image's (sifpy.conf: mpi library)",
-        },
-    ),
-    (
-        ("--device",),
-        {
-            "action": "append",
-            "default": [],
-            "metavar": "VENDOR/CLASS=NAME",
-            "help": "a CDI device (repeatable; NAME may be 'all'); see `sifpy cdi list`",
-        },
-    ),
-    (
-        ("--sharens",),
-        {
-            "action": "store_true",
-            "help": "one container per node, joined by every rank of the job step (the "
-            "default for a rank of an MPI or Slurm job)",
-        },
-    ),
-    (("--no-sharens",), {"action": "store_true", "help": "a container of its own per rank"}),
-    (
-        ("--hooks-dir",),
-        {
-            "action": "append",
-            "default": [],
-            "metavar": "DIR",
-            "help": "OCI hook definitions (*.json), besides /etc/sifpy/hooks.d and sifpy.conf's "
-            "(repeatable; later directories win)",
-        },
-    ),
-    (
-        ("--annotation",),
-        {
-            "action": "append",
-            "default": [],
-            "metavar": "KEY=VALUE",
-            "help": "an annotation of the container, for OCI hooks (repeatable)",
-        },
-    ),
-    (
-        ("--verify",),
-        {"action": "store_true", "help": "refuse to run unless the image's signatures verify"},
-    ),
-    (
-        ("--verify-key",),
-        {
-            "action": "append",
-            "default": [],
-            "metavar": "PEM",
-            "help": "a DSSE public key to verify with (implies --verify)",
-        },
-    ),
-]
-
-
-def build_parser(action: str, prog: str) -> ArgumentParser:
-    """The argparse parser: only for --help and for reporting usage errors."""
-    import argparse
-
-    from sifpy.cli import _args
-
-    p = _args.ArgumentParser(prog=prog, description=HELP[action].capitalize() + ".")
-    for flags, kw in OPTIONS:
-        p.add_argument(*flags, **kw)
-    p.add_argument("image", help="a SIF file or a sandbox directory")
-    if action == "exec":
-        p.add_argument("command", help="the command to run")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
-    return p
-
-
-def fast_parse(action: str, argv: list[str]) -> SimpleNamespace | None:
-    """Parse ``argv`` as :func:`build_parser` would, without building argparse (~5 ms of
-    every start). None for anything unusual (help, an unknown or malformed option, a
-    missing argument): argparse then handles it and reports errors."""
-    table: dict[str, tuple[str, dict[str, Any]]] = {}
-    ns = SimpleNamespace()
-    for flags, kw in OPTIONS:
-        dest = flags[-1].lstrip("-").replace("-", "_")
-        for flag in flags:
-            table[flag] = (dest, kw)
-        act = kw.get("action")
-        default = [] if act == "append" else False if act == "store_true" else kw.get("default")
-        setattr(ns, dest, default)
-    i = 0
-    while i < len(argv) and argv[i].startswith("-") and argv[i] != "-":
-        tok = argv[i]
-        if tok == "--":
-            i += 1
-            break
-        name, eq, value = tok.partition("=") if tok.startswith("--") else (tok[:2], "", tok[2:])
-        if name not in table:
-            return None
-        dest, kw = table[name]
-        if kw.get("action") == "store_true":
-            if eq or (value and not tok.startswith("--")):
-                shorts = [f"-{c}" for c in tok[1:]]  # combined short flags: -ce
-                kinds = [table.get(f, ("", {}))[1].get("action") for f in shorts]
-                if eq or any(k != "store_true" for k in kinds):
-                    return None
-                for f in shorts:
-                    setattr(ns, table[f][0], True)
-            else:
-                setattr(ns, dest, True)
-            i += 1
-            continue
-        if not eq and not value:
-            if i + 1 >= len(argv):
-                return None
-            i += 1
-            value = argv[i]
-        if "choices" in kw and value not in kw["choices"]:
-            return None
-        if kw.get("action") == "append":
-            getattr(ns, dest).append(value)
-        else:
-            setattr(ns, dest, value)
-        i += 1
-    rest = argv[i:]
-    need = 2 if action == "exec" else 1
-    if len(rest) < need:
-        return None
-    ns.image = rest[0]
-    if action == "exec":
-        ns.command = rest[1]
-    ns.args = rest[need:]
-    return ns
-
-
-_BIND_OPTIONS = ("ro", "rw")
-
-
-def _split_unescaped(text: str, sep: str) -> list[str]:
-    """Split at each ``sep`` not preceded by a backslash (Apptainer's ``\\,`` and ``\\:``)."""
-    parts, cur, i = [], "", 0
-    while i < len(text):
-        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in ",:":
-            cur += text[i : i + 2]
-            i += 2
-            continue
-        if text[i] == sep:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += text[i]
-        i += 1
-    parts.append(cur)
-    return parts
-
-
-def _unescape(text: str) -> str:
-    return text.replace("\\,", ",").replace("\\:", ":")
-
-
-def parse_binds(specs: list[str]) -> list[tuple[str, str, bool]]:
-    """``src[:dest[:opts]]`` items, comma separated, as Apptainer's ParseBindPath reads them:
-    dest defaults to src; ``\\,`` and ``\\:`` are a literal comma and colon; options are
-    ``ro`` / ``rw``, and after a bind with options a comma may also start another option
-    (``/a:/b:ro,rw``)."""
-    items: list[list[str]] = []
-    for spec in specs:
-        for token in _split_unescaped(spec, ","):
-            token = token.strip()
-            if not token:
-                continue
-            if token in _BIND_OPTIONS and items and len(items[-1]) == 3:
-                items[-1][2] += "," + token
-                continue
-            items.append(_split_unescaped(token, ":"))
-    binds = []
-    for parts in items:
-        item = ":".join(parts)
-        if len(parts) > 3 or not parts[0]:
-            raise UsageError(f"invalid bind: {item!r}", hint="use SRC[:DEST[:ro|rw]]")
-        src = _unescape(parts[0])
-        dest = _unescape(parts[1]) if len(parts) > 1 and parts[1] else src
-        readonly = False
-        for opt in parts[2].split(",") if len(parts) > 2 else []:
-            if opt not in _BIND_OPTIONS:
-                raise UsageError(f"invalid bind option {opt!r} in {item!r}", hint="use ro or rw")
-            readonly = opt == "ro"
-        if not dest.startswith("/"):
-            raise UsageError(f"bind destination must be absolute: {item!r}")
-        binds.append((os.path.abspath(src), os.path.normpath(dest), readonly))
-    return binds
-
-
-def parse_overlays(specs: list[str]) -> tuple[tuple[str, bool], ...]:
-    """``--overlay PATH[:ro|:rw]`` options: (absolute path, writable), in order; at most one
-    writable, as Apptainer allows."""
-    out = []
-    for spec in specs:
-        path, _, mode = spec.rpartition(":") if spec.endswith((":ro", ":rw")) else (spec, "", "")
-        out.append((os.path.abspath(path), mode != "ro"))
-    if sum(w for _, w in out) > 1:
-        raise UsageError(
-            "only one --overlay can be writable", hint="add :ro to all the others but one"
-        )
-    return tuple(out)
-
-
-def _config_binds(rules: Policy) -> list[str]:
-    """``bind path = SRC[:DEST]`` lines of sifpy.conf (and ``$SIFPY_CONFIG``); as Apptainer,
-    a source missing on this host is skipped, not an error (one file serves many nodes)."""
-    out = []
-    for spec in rules.system.binds + rules.user.binds:
-        if os.path.exists(spec.split(":", 1)[0]):
-            out.append(spec)
-        else:
-            log.verbose(f"bind path {spec}: no such file or directory here, skipped")
-    return out
-
-
-def _mpi_host(rules: Policy) -> Any:
-    """``--mpi``: the host's MPI as sifpy.conf names it (default: its mpi alternative)."""
-    from sifpy.runtime import mpibind
-
-    libraries, dependencies, mode = rules.mpi()
-    return mpibind.host(libraries, dependencies, mode)
-
-
-def parse_mounts(specs: list[str]) -> list[tuple[str, str, bool, bool]]:
-    """Docker-style ``[type=bind,]source=S,destination=D[,ro|readonly[=true|false]]
-    [,nonested]`` specs (one per item, CSV-quoted as Apptainer reads them): (src, dest,
-    readonly, nonested). Without ``type=`` a mount is a bind, as in Docker and Apptainer."""
-    if not specs:
-        return []
-    import csv  # only when --mount is used
-
-    binds = []
-    for spec in specs:
-        fields: dict[str, str] = {}
-        for row in csv.reader([spec]):
-            for field in row:
-                key, eq, value = field.strip().partition("=")
-                fields[key] = value if eq else "true"
-        kind = fields.pop("type", "bind")
-        src = fields.pop("source", "") or fields.pop("src", "")
-        dst = fields.pop("destination", "") or fields.pop("dst", "") or fields.pop("target", "")
-        ro = fields.pop("ro", "") or fields.pop("readonly", "") or "false"
-        no_nest = fields.pop("nonested", "false")
-        for key in ("src", "dst", "target", "readonly"):
-            fields.pop(key, None)
-        if fields.pop("rw", "false") in ("true", "1"):
-            ro = "false"
-        if kind != "bind" or not src or not dst.startswith("/") or fields:
-            extra = f" (unsupported: {', '.join(fields)})" if fields else ""
-            raise UsageError(
-                f"invalid --mount: {spec!r}", hint=f"use type=bind,src=PATH,dst=/PATH[,ro]{extra}"
-            )
-        if ro not in ("true", "false", "1", "0") or no_nest not in ("true", "false", "1", "0"):
-            raise UsageError(f"invalid --mount: {spec!r}: ro={ro}", hint="use ro or ro=true")
-        binds.append(
-            (
-                os.path.abspath(src),
-                os.path.normpath(dst),
-                ro in ("true", "1"),
-                no_nest in ("true", "1"),
-            )
-        )
-    return binds
-
-
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(value: str) -> float:
-    """A Go duration (``1m``, ``30s``, ``1h30m``, ``1.5s``) as Apptainer's
-    ``--runscript-timeout`` takes it, in seconds; anything else is refused, as there."""
-    import re
-
-    unit = r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)"
-    if value == "0":
-        return 0.0
-    if not re.fullmatch(rf"[+-]?(?:{unit})+", value):
-        raise UsageError(
-            f"invalid --runscript-timeout: {value!r}", hint="use a duration such as 30s or 1m"
-        )
-    seconds = sum(float(n) * _UNITS[u] for n, u in re.findall(unit, value))
-    return -seconds if value.startswith("-") else seconds
-
-
-def _runscript_timeout(a: Any, environ: Mapping[str, str]) -> float:
-    """Apptainer's deadline for the action script: ``--runscript-timeout``, else
-    $APPTAINER_RUNSCRIPT_TIMEOUT ($SIFPY_ first), else one minute."""
-    value = a.runscript_timeout
-    if value is None:
-        value = config.get("SIFPY_RUNSCRIPT_TIMEOUT", environ)
-    return 60.0 if value is None else parse_duration(value)
-
-
-def open_image(
-    path: str,
-    verify: bool = False,
-    verify_keys: list[str] | None = None,
-    fd: int = -1,
-    oci_config: dict[str, Any] | None = None,
-) -> tuple[SifPartition | Sandbox, int]:
-    """Open the image once (verifying it if asked or required); returns what to mount
-    and the fd that must stay open. ``fd``: the image, already open (the starter's).
-    ``oci_config``: filled with an OCI-SIF's image config (Env, Entrypoint, ...)."""
-    if fd < 0:
-        try:
-            # O_NONBLOCK: opening a FIFO (or a device) given as the image must not block;
-            # it is no image, refused below.
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError as exc:
-            raise ImageError(f"can't open image: {path}: {exc.strerror}") from exc
-    st = os.fstat(fd)
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-        os.close(fd)
-        raise ImageError(
-            f"can't open image: {path}: not a regular file or directory",
-            hint="give a SIF file or a sandbox directory",
-        )
-    if stat.S_ISREG(st.st_mode):
-        os.set_blocking(fd, True)  # squashfuse shares this open file
-    from sifpy.sign import policy
-
-    rules = policy.load()
-    if stat.S_ISDIR(st.st_mode):
-        os.close(fd)
-        if rules.verify_required or verify:
-            raise ImageError(
-                f"can't verify {path}: a sandbox directory carries no signatures",
-                hint="run a signed SIF image",
-            )
-        return Sandbox(os.path.abspath(path)), -1
-    from sifpy.sif import format as F
-    from sifpy.sif.image import SifImage
-
-    try:
-        policy.enforce(fd, path, rules, verify, verify_keys or [])
-        img = SifImage.from_fd(fd, path)
-        if img.find(F.DataType.OCI_ROOT_INDEX):  # an OCI-SIF, maybe: JSON only then
-            from sifpy.sif import ocisif
-
-            if ocisif.is_ocisif(img):
-                oci = ocisif.read_image(img)
-                part = oci.rootfs(img.path)
-                if oci_config is not None:  # what the image runs (see _oci_image_config)
-                    own = oci.config.get("config")
-                    oci_config.update(own if isinstance(own, dict) else {})
-            else:
-                part = ocisif.rootfs(img)
-        else:
-            part = img.primary_partition()
-            if part.partition().fstype != F.FSType.SQUASH:
-                raise ImageError(
-                    f"can't run {path}: the primary partition is not squashfs",
-                    hint="sifpy runs squashfs images; rebuild the image",
-                )
-    except BaseException:
-        os.close(fd)
-        raise
-    # The monitor opens /proc/self/fd/N: the same open file, so what was checked here is
-    # what squashfuse serves even if the path is replaced meanwhile.
-    return SifPartition(f"/proc/self/fd/{fd}", part.offset, part.size), fd
-
-
-def _oci_image_config(
-    action: str, a: Any, args: list[str], config: dict[str, Any]
-) -> list[str] | None:
-    """An OCI-SIF's image config, as Apptainer's OCI mode runs it: ``Env`` set before the
-    user's own variables (passed as the first part of the env file, so --env-file and
-    --env override it), ``WorkingDir`` as the default --pwd, and for ``run`` the
-    ``Entrypoint`` followed by the arguments, or by ``Cmd`` without any. Returns the
-    command for ``run`` (None: the action's own)."""
-    from sifpy.runtime.action import action_argv
-
-    lines = []
-    for entry in config.get("Env") or []:
-        name, eq, value = str(entry).partition("=")
-        if eq and name.isidentifier():  # literal values: single-quoted, nothing evaluated
-            lines.append(f"{name}='{value.replace(chr(39), chr(39) + chr(92) + chr(39) * 2)}'")
-    a.image_env = "\n".join(lines) + "\n" if lines else None
-    workdir = config.get("WorkingDir")
-    if isinstance(workdir, str) and workdir.startswith("/") and not a.pwd:
-        a.pwd = workdir
-    if action != "run" or a.app:  # a SCIF app's runscript is the image's own
-        return None
-    entrypoint = [str(x) for x in config.get("Entrypoint") or []]
-    cmd = [str(x) for x in config.get("Cmd") or []]
-    argv = entrypoint + (args or cmd)
-    return action_argv("exec", argv) if argv else None
-
-
-def _join_env(image: str | None, user: str | None) -> str | None:
-    return user if image is None else image + (user or "")
-
-
-def devices(a: Any) -> Injection:
-    """What ``--nv``, ``--nvccli``, ``--rocm`` and ``--device`` bind from the host (warnings
-    printed here); the settings come from sifpy.conf."""
-    from sifpy.runtime import gpu
-    from sifpy.sign import policy
-
-    rules = policy.load()
-    inject = gpu.Injection()
-    if a.nvccli:
-        inject.merge(gpu.nvccli(a.contain or a.containall))
-    elif a.nv:
-        inject.merge(gpu.nvidia(rules.device_setting("nvliblist")))
-    if a.rocm:
-        inject.merge(gpu.rocm(rules.device_setting("rocmliblist")))
-    if a.device:
-        from sifpy.runtime import cdi
-
-        dirs = config.get("SIFPY_CDI_SPEC_DIRS") or rules.device_setting("cdi spec dirs")
-        registry = cdi.Registry.load(dirs.split(":") if dirs else None)
-        inject.merge(registry.inject(a.device))
-    for message in inject.warnings:
-        log.warn(message)
-    inject.warnings.clear()
-    return inject
 
 
 def main(argv: list[str], prog: str = "sifpy exec") -> int:
@@ -668,7 +110,7 @@ def _main(argv: list[str], prog: str) -> int:
         args = ([a.command] if action == "exec" else []) + a.args
         command = action_argv(action, args)
         if oci_config:
-            command = _oci_image_config(action, a, args, oci_config) or command
+            command = oci_image_config(action, a, args, oci_config) or command
         # The action script's shell, then the command: both start cold on a fresh mount.
         prefetch = (command[0], *args[:1]) if action == "exec" else (command[0],)
         driver = "unsquash" if a.unsquash else a.mount_driver
@@ -872,7 +314,7 @@ def _spec(
     if a.no_pid:
         a.pid = False
     environ = os.environ if environ is None else environ
-    start_timeout = _runscript_timeout(a, environ)
+    start_timeout = runscript_timeout(a, environ)
     no_mount = tuple(n.strip() for item in a.no_mount for n in item.split(",") if n.strip())
     # Apptainer's order: the site's `bind path` lines, the options' binds, then
     # $APPTAINER_BIND's.
@@ -880,7 +322,7 @@ def _spec(
     from sifpy.sign import policy
 
     rules = policy.load()
-    site_binds = parse_binds([] if "bind-paths" in no_mount else _config_binds(rules))
+    site_binds = parse_binds([] if "bind-paths" in no_mount else config_binds(rules))
     binds = parse_binds(a.bind + bind_specs)
     mount_specs = [
         line
@@ -917,7 +359,7 @@ def _spec(
     env = renv.process_env(
         host=renv.host_env(environ, a.cleanenv, renv.parse_no_env(a.no_env, environ)),
         injected=injected,
-        env_file=_join_env(
+        env_file=join_env(
             getattr(a, "image_env", None), renv.read_env_files(a.env_file, a.no_eval)
         ),
         late=env_opts,
@@ -955,7 +397,7 @@ def _spec(
             identity=ident,
             prefetch=prefetch,
             inject=inject,
-            mpi=_mpi_host(rules) if a.mpi else None,
+            mpi=mpi_host(rules) if a.mpi else None,
             pass_fds=passed,
             pwd=a.pwd,
             hooks=hooks,

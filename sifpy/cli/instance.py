@@ -14,6 +14,7 @@ import sys
 import time
 
 from sifpy.cli import exec as exec_
+from sifpy.cli import exec_image, exec_options
 from sifpy.cli._args import ArgumentParser
 from sifpy.errors import UsageError
 from sifpy.runtime import sharens, start
@@ -25,7 +26,7 @@ def build_parser(prog: str) -> ArgumentParser:
     p = ArgumentParser(prog=prog, description="Manage instances: containers in the background.")
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     st = sub.add_parser("start", help="start an instance (runs the image's %%startscript)")
-    for flags, kw in exec_.OPTIONS:
+    for flags, kw in exec_options.OPTIONS:
         if flags != ("--sharens",) and flags != ("--no-sharens",):
             st.add_argument(*flags, **kw)
     st.add_argument("image", help="a SIF file or a sandbox directory")
@@ -56,9 +57,9 @@ def _start(a: argparse.Namespace) -> int:
         raise UsageError(f"an instance can't use {', '.join(bad)}")
     base = sharens.instance_base(a.name)
     ident = start.host_identity()
-    image, fd = exec_.open_image(a.image, a.verify or bool(a.verify_key), a.verify_key)
+    image, fd = exec_image.open_image(a.image, a.verify or bool(a.verify_key), a.verify_key)
     try:
-        inject = exec_.devices(a) if a.nv or a.rocm or a.device else None
+        inject = exec_image.devices(a) if a.nv or a.rocm or a.device else None
         command = action_argv("start", a.args)
         spec = exec_._spec("start", a, ident, image, command, (), a.mount_driver, inject)
         info = {"instance": a.name, "img": os.path.abspath(a.image), "ip": "", "time": time.time()}

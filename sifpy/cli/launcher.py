@@ -81,7 +81,7 @@ def starter_config(python: str, boot: str) -> str:
     """``starter_config.h``: what the starter must agree on with the Python side (the SIF
     layout included: it finds the primary partition itself)."""
     from sifpy import config
-    from sifpy.cli.exec import OPTIONS
+    from sifpy.cli.exec_options import OPTIONS
     from sifpy.runtime import mount, start
     from sifpy.runtime.action import action_argv
     from sifpy.sif import format as F

@@ -179,7 +179,7 @@ def _list(states: list[dict[str, object]], fmt: str, quiet: bool) -> None:
 def _mount(image: str, bundle: str) -> int:
     import os
 
-    from sifpy.cli.exec import open_image
+    from sifpy.cli.exec_image import open_image
     from sifpy.runtime import ocimount
     from sifpy.runtime.start import SifPartition
 

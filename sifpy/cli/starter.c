@@ -40,7 +40,7 @@
 int capget(cap_user_header_t header, cap_user_data_t data); /* in glibc, not in its headers */
 int capset(cap_user_header_t header, const cap_user_data_t data);
 
-/* sifpy exec's options (generated from sifpy.cli.exec.OPTIONS into starter_config.h). */
+/* sifpy exec's options (generated from sifpy.cli.exec_options.OPTIONS into starter_config.h). */
 enum { OPT_PLAIN, OPT_FAKEROOT, OPT_DRIVER, OPT_NO_EARLY, OPT_SHARENS };
 struct option_kind {
     const char *name;

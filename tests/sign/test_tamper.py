@@ -41,7 +41,7 @@ def assert_exec_refuses(path: Path, keys: TrustedKeys) -> None:
     before anything is mounted (exit status 125)."""
     from cryptography.hazmat.primitives import serialization
 
-    from sifpy.cli.exec import open_image
+    from sifpy.cli.exec_image import open_image
 
     pem = path.with_suffix(".pub.pem")
     pem.write_bytes(
