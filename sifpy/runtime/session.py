@@ -14,6 +14,7 @@ from sifpy.errors import RuntimeSetupError
 from sifpy.runtime import drivers, mount, ns, seccomp
 from sifpy.runtime import plan as plan_
 from sifpy.runtime.container import first_process
+from sifpy.runtime.prefetch import prefetch
 from sifpy.runtime.spec import (
     BUNDLE,
     FILES,
@@ -147,7 +148,7 @@ def set_up(
     # Before unshare(CLONE_NEWPID): after it, this process can't start threads.
     if opts.prefetch and driver.name in ("squashfuse", "python") and served is None:
         root_fd = os.open(IMAGE, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        mount.prefetch(root_fd, opts.prefetch, spec.env.get("PATH", DEFAULT_PATH))
+        prefetch(root_fd, opts.prefetch, spec.env.get("PATH", DEFAULT_PATH))
     if opts.pid_ns:
         # See runtime.outside: poststart/poststop hooks can't run in the new namespace.
         if hooked and posthooks.hooks_after(spec):

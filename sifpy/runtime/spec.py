@@ -141,7 +141,7 @@ class LaunchOptions(Record):
         passwd: bool = True,  # bind generated /etc/passwd and /etc/group (builds: the image's own)
         subid: bool = False,  # with fakeroot: map ids 1..N to the user's /etc/subuid range if any
         own_root_after: bool = False,  # writable sandbox: afterwards, chown every file to root
-        prefetch: tuple[str, ...] = (),  # programs to read ahead on a FUSE mount (mount.prefetch)
+        prefetch: tuple[str, ...] = (),  # programs to read ahead on a FUSE mount (runtime.prefetch)
         # A build's %post: Docker's default capabilities, no new user namespace, /sys read-only,
         # copies of the host's /etc files instead of binds (see DOCKER_CAPS, seccomp, plan).
         confine: bool = False,

@@ -7,7 +7,7 @@ import os
 import threading
 from pathlib import Path
 
-from sifpy.runtime import mount
+from sifpy.runtime import mount, prefetch
 
 
 def test_open_in_root_never_leaves_the_root(tmp_path: Path) -> None:
@@ -51,7 +51,7 @@ def test_fifos_neither_hang_nor_count(tmp_path: Path) -> None:
         finally:
             os.close(fd)
         root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY)  # _prefetch closes it
-        mount._prefetch(root_fd, ("/bin/sh", "tool", "/etc/passwd"), "/usr/bin:/bin")
+        prefetch._prefetch(root_fd, ("/bin/sh", "tool", "/etc/passwd"), "/usr/bin:/bin")
         done.set()
 
     threading.Thread(target=run, daemon=True).start()
