@@ -42,7 +42,7 @@ LAYERS: dict[str, int] = {
 }
 
 # The parts that are modules, not packages.
-MODULES = {"__init__", "__main__", "errors", "config", "build", "pull", "push", "export"}
+MODULES = {"__init__", "__main__", "errors", "config", "pull", "push", "export"}
 
 # Kernel calls that set up containers: runtime/ owns them.
 KERNEL_CALLS = {
@@ -186,7 +186,10 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
         ({"sif/x.py": "from ..cli import exec\n"}, "sif (layer 2) imports sifpy.cli (layer 6)"),
         # a private module and a private name of another package
         ({"cli/x.py": "from sifpy.rootfs._compress import grow\n"}, "imports private _compress"),
-        ({"build.py": "from sifpy.rootfs.unpack import _entry\n"}, "imports private _entry"),
+        (
+            {"build/pipeline.py": "from sifpy.rootfs.unpack import _entry\n"},
+            "imports private _entry",
+        ),
         # the kernel outside runtime/
         ({"squashfs/x.py": "import os\nos.unshare(0)\n"}, "calls unshare() outside runtime/"),
         (
@@ -206,7 +209,7 @@ def test_the_checker_allows_downward_and_own_package_imports(tmp_path: Path) -> 
     root = _tree(
         tmp_path,
         {
-            "cli/x.py": "from sifpy.build import build\nfrom sifpy.cli import _args\n",
+            "cli/x.py": "from sifpy.build.pipeline import build\nfrom sifpy.cli import _args\n",
             "rootfs/stream.py": "from sifpy.rootfs.unpack import _entry\nfrom sifpy.oci import registry\n",
             "runtime/ns.py": "import os\nos.unshare(0)\n",
             "sign/v.py": "from sifpy.sif import format\nfrom sifpy.errors import X\n",

@@ -139,7 +139,8 @@ def main(argv: list[str], prog: str = "sifpy build") -> int:
             raise UsageError(
                 f"can't build {a.source} into itself", hint="name the output: OUT SOURCE"
             )
-    from sifpy.build import BuildOptions, build
+    from sifpy.build.options import BuildOptions
+    from sifpy.build.pipeline import build
 
     # The bootstrap agents (docker, oras) read their registry settings from the environment,
     # as Apptainer's do (APPTAINER_NOHTTPS): the flags set the same variables.

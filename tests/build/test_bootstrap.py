@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sifpy.build import BuildOptions, build
+from sifpy.build.options import BuildOptions
+from sifpy.build.pipeline import build
 from sifpy.errors import BuildError, RootfsError
 from sifpy.rootfs.bootstrap import debootstrap, oci
 from sifpy.runtime import seccomp

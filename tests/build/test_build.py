@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sifpy.build import WORK_PREFIX, BuildOptions, Workspace, build, clean_stale
+from sifpy.build.options import BuildOptions
+from sifpy.build.pipeline import build
+from sifpy.build.workspace import WORK_PREFIX, Workspace, clean_stale
 from sifpy.errors import BuildError, DefFileError, SifpyError, UsageError
 from tests.conftest import need_tool
 
