@@ -27,7 +27,7 @@ from sifpy import config
 from sifpy.errors import ImageError, UsageError
 from sifpy.oci import media as M
 from sifpy.oci.reference import Reference
-from sifpy.oci.registry import ClientOptions
+from sifpy.oci.session import ClientOptions
 from sifpy.rootfs import ociconfig
 from sifpy.rootfs.treetar import write_layer
 from sifpy.sif import format as F

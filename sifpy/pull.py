@@ -30,8 +30,10 @@ from sifpy.errors import CacheError, SifpyError, ToolError
 from sifpy.oci.auth import lookup_credentials
 from sifpy.oci.cache import Cache, IndexEntry, install_copy, output_path
 from sifpy.oci.download import NoProgress, Progress, download
+from sifpy.oci.manifests import Image
 from sifpy.oci.reference import Platform, Reference
-from sifpy.oci.registry import ClientOptions, Image, RegistryClient
+from sifpy.oci.registry import RegistryClient
+from sifpy.oci.session import ClientOptions
 from sifpy.rootfs import apply_layers, merge, stream
 from sifpy.rootfs.compress import grow_pipe, gunzip_process, gunzip_program
 from sifpy.rootfs.imageconfig import config_to_metadata

@@ -29,7 +29,8 @@ from integration.oci.conftest import Registry, SifpyEnv, start_registry
 from integration.oci.helpers import sif_rootfs
 from sifpy.errors import RegistryError
 from sifpy.oci.reference import parse_reference
-from sifpy.oci.registry import ClientOptions, RegistryClient
+from sifpy.oci.registry import RegistryClient
+from sifpy.oci.session import ClientOptions
 from tests.conftest import need_tool
 
 USER, PASSWORD = "alice", "s3cret-Pa55word"
@@ -365,7 +366,8 @@ def test_one_token_per_repository_scope(token_registry: tuple[Registry, TokenSer
     """One client, two repositories: a token is asked for each repository's own scope and
     never reused for the other; a second request in the same scope reuses its token."""
     from sifpy.oci.auth import Credentials
-    from sifpy.oci.registry import ClientOptions, RegistryClient
+    from sifpy.oci.registry import RegistryClient
+    from sifpy.oci.session import ClientOptions
 
     reg, tokens = token_registry
     tokens.requests.clear()

@@ -22,7 +22,8 @@ import pytest
 from integration.oci.conftest import Registry, SifpyEnv
 from integration.oci.helpers import QuietHandler, sif_rootfs
 from sifpy.errors import RegistryError
-from sifpy.oci.registry import ClientOptions, RegistryClient
+from sifpy.oci.registry import RegistryClient
+from sifpy.oci.session import ClientOptions
 
 
 @dataclass

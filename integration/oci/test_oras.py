@@ -80,7 +80,8 @@ def test_chunked_upload(registry: Registry, sifpy: SifpyEnv, tmp_path: Path) -> 
 
 def test_chunked_upload_protocol(registry: Registry, tmp_path: Path) -> None:
     """The client API: PATCH per chunk, then PUT ?digest= (an odd chunk size, a tail)."""
-    from sifpy.oci.registry import ClientOptions, RegistryClient
+    from sifpy.oci.registry import RegistryClient
+    from sifpy.oci.session import ClientOptions
 
     data = bytes(range(256)) * 1000 + b"tail"
     calls: list[str] = []

@@ -13,7 +13,7 @@ from sifpy.cli._args import ArgumentParser, add_registry_options
 from sifpy.errors import UsageError
 from sifpy.oci.progress import layer_progress, transfer_progress
 from sifpy.oci.reference import Platform, Reference, parse_platform, parse_reference
-from sifpy.oci.registry import ClientOptions
+from sifpy.oci.session import ClientOptions
 from sifpy.util import log
 
 

@@ -17,7 +17,7 @@ from sifpy.oci.progress import transfer_progress
 from sifpy.util import log
 
 if TYPE_CHECKING:
-    from sifpy.oci.registry import ClientOptions
+    from sifpy.oci.session import ClientOptions
 
 
 def build_parser(prog: str) -> ArgumentParser:
@@ -51,7 +51,7 @@ def _size_arg(text: str) -> int:
 def main(argv: list[str], prog: str = "sifpy push") -> int:
     """Run ``sifpy push``."""
     a = build_parser(prog).parse_args(argv)
-    from sifpy.oci.registry import ClientOptions
+    from sifpy.oci.session import ClientOptions
 
     if a.target.startswith("docker://"):
         return _push_docker(

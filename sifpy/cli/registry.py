@@ -58,7 +58,8 @@ def main(argv: list[str], prog: str = "sifpy registry") -> int:
     if not username or not password:
         raise UsageError("can't log in: empty username or password")
     if not a.no_check:
-        from sifpy.oci.registry import ClientOptions, RegistryClient
+        from sifpy.oci.registry import RegistryClient
+        from sifpy.oci.session import ClientOptions
 
         options = ClientOptions(insecure=a.insecure, ca_cert=a.ca_cert)
         with RegistryClient(host, options, Credentials(username, password, "login")) as c:

@@ -9,7 +9,8 @@ from typing import BinaryIO, Protocol
 
 from sifpy.oci import media as M
 from sifpy.oci.cache import Cache
-from sifpy.oci.registry import Image, RegistryClient
+from sifpy.oci.manifests import Image
+from sifpy.oci.registry import RegistryClient
 
 DOWNLOAD_THREADS = 4
 

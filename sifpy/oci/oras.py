@@ -38,8 +38,10 @@ from sifpy.errors import RegistryError, SifpyError, UsageError
 from sifpy.oci import media as M
 from sifpy.oci.auth import lookup_credentials
 from sifpy.oci.cache import Cache, IndexEntry
+from sifpy.oci.manifests import sha256_hex
 from sifpy.oci.reference import Reference, _is_domain, parse_reference
-from sifpy.oci.registry import ClientOptions, RegistryClient, sha256_hex
+from sifpy.oci.registry import RegistryClient
+from sifpy.oci.session import ClientOptions
 from sifpy.util import log
 
 SIF_CONFIG = "application/vnd.sylabs.sif.config.v1+json"

@@ -6,7 +6,8 @@ import pytest
 
 from sifpy.errors import RegistryError
 from sifpy.oci import oras
-from sifpy.oci.registry import ClientOptions, RegistryClient
+from sifpy.oci.registry import RegistryClient
+from sifpy.oci.session import ClientOptions
 
 
 def test_manifest_checked_against_the_oci_schema_before_upload() -> None:

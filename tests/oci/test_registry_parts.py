@@ -9,22 +9,17 @@ import pytest
 
 from sifpy.errors import RegistryError
 from sifpy.oci import media as M
+from sifpy.oci.manifests import Manifest, sha256_hex
 from sifpy.oci.reference import Platform
-from sifpy.oci.registry import (
-    Manifest,
-    _content_range_ok,
-    _parse_manifest,
-    _select_platform,
-    redact,
-    sha256_hex,
-)
+from sifpy.oci.registry import _content_range_ok, parse_manifest, select_platform
+from sifpy.oci.session import redact
 
 D1, D2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
 
 
 def parse(doc: dict[str, Any], ctype: str = "") -> Manifest:
     raw = json.dumps(doc).encode()
-    return _parse_manifest(raw, sha256_hex(raw), ctype, "m")
+    return parse_manifest(raw, sha256_hex(raw), ctype, "m")
 
 
 IMAGE = {
@@ -62,7 +57,7 @@ def test_manifest_rejections(doc: dict[str, Any], ctype: str, msg: str) -> None:
 
 def test_not_json() -> None:
     with pytest.raises(RegistryError, match="not JSON"):
-        _parse_manifest(b"\xff", "sha256:" + "0" * 64, "", "m")
+        parse_manifest(b"\xff", "sha256:" + "0" * 64, "", "m")
 
 
 def test_descriptor_validation() -> None:
@@ -92,10 +87,10 @@ def test_select_platform() -> None:
             ],
         }
     )
-    assert _select_platform(index, Platform("linux", "amd64"), "x").digest == D1
-    assert _select_platform(index, Platform("linux", "arm", "v7"), "x").digest == D2
+    assert select_platform(index, Platform("linux", "amd64"), "x").digest == D1
+    assert select_platform(index, Platform("linux", "arm", "v7"), "x").digest == D2
     with pytest.raises(RegistryError, match="no image for linux/arm64") as exc:
-        _select_platform(index, Platform("linux", "arm64"), "x")
+        select_platform(index, Platform("linux", "arm64"), "x")
     assert exc.value.hint is not None and "linux/arm/v7" in exc.value.hint
     assert "unknown" not in exc.value.hint
 

@@ -23,7 +23,8 @@ def bootstrap(ctx: Context) -> Result:
     from sifpy.oci.download import download
     from sifpy.oci.progress import layer_progress
     from sifpy.oci.reference import parse_platform, parse_reference
-    from sifpy.oci.registry import ClientOptions, RegistryClient
+    from sifpy.oci.registry import RegistryClient
+    from sifpy.oci.session import ClientOptions
 
     ref = parse_reference(
         ctx.require("From"),

@@ -19,7 +19,7 @@ from sifpy.util import log
 
 def bootstrap(ctx: Context) -> Result:
     from sifpy.oci import oras
-    from sifpy.oci.registry import ClientOptions
+    from sifpy.oci.session import ClientOptions
 
     source = ctx.require("From")
     ref = oras.parse_oras(source if source.startswith("oras://") else f"oras://{source}")
