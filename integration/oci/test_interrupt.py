@@ -170,6 +170,6 @@ def test_interrupted_pull(
         assert not any("sifs" in p for p in final_cache_names(cache))
         # Only the small manifest/config blobs are complete; the stalled layer is not there.
         for p in blobs:
-            from sifpy.oci.cache import file_digest
+            from sifpy.oci.cachedir import file_digest
 
             assert file_digest(cache / p).endswith(Path(p).name), p

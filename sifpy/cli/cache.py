@@ -9,7 +9,8 @@ from datetime import datetime
 
 from sifpy.cli._args import ArgumentParser
 from sifpy.errors import ImageError, UsageError
-from sifpy.oci.cache import CLEAN_TYPES, Cache
+from sifpy.oci.cache import Cache
+from sifpy.oci.cacheclean import CLEAN_TYPES
 
 
 def build_parser(prog: str) -> ArgumentParser:

@@ -12,7 +12,8 @@ from typing import BinaryIO
 import pytest
 
 from sifpy.errors import CacheError, RegistryError, UsageError
-from sifpy.oci.cache import Cache, IndexEntry, copy_file, default_root
+from sifpy.oci.cache import Cache, IndexEntry, copy_file
+from sifpy.oci.cachedir import default_root
 
 DATA = b"layer bytes " * 1000
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
