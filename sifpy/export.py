@@ -226,7 +226,7 @@ def _size(data: bytes | Path) -> int:
 def write_archive(image: OciImage, out: Path, tag: str) -> None:
     """``out``: a tar of an OCI image layout holding ``image`` as ``tag`` (skopeo's
     ``oci-archive:``), byte for byte the same for the same image."""
-    from sifpy.sif.write import AtomicFile
+    from sifpy.sif.atomic import AtomicFile
 
     def member(name: str, size: int = 0, directory: bool = False) -> tarfile.TarInfo:
         ti = tarfile.TarInfo(name)

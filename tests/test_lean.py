@@ -30,7 +30,8 @@ ROOT = REPO / "sifpy"
 # contextlib ~2.7 ms, ctypes ~0.9 ms on top, ...; the whole start: bench/exec).
 HEAVY = [
     "requests", "rich", "cryptography", "construct", "PySquashfsImage", "dataclasses", "json",
-    "sifpy.sif.write", "sifpy.build", "sifpy.deffile", "sifpy.oci", "sifpy.sign.verify",
+    "sifpy.sif.write", "sifpy.sif.modify", "sifpy.sif.table", "sifpy.sif.objects",
+    "sifpy.sif.atomic", "sifpy.build", "sifpy.deffile", "sifpy.oci", "sifpy.sign.verify",
     "sifpy.sign.sign", "sifpy.rootfs", "typing", "enum", "re", "contextlib", "collections",
     "functools", "ctypes", "signal", "socket", "inspect", "argparse", "importlib",
     "subprocess", "types",

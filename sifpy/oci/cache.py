@@ -196,7 +196,7 @@ class Cache(SifCache, CacheClean):
 def copy_file(src: Path, dst: Path) -> None:
     """Copy ``src`` over ``dst`` (a reflink where the filesystem can, else kernel-side),
     fsynced."""
-    from sifpy.sif.write import clone
+    from sifpy.sif.atomic import clone
 
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         clone(fi.fileno(), fo.fileno())

@@ -1,5 +1,6 @@
 """The SIF container format: declarations (:mod:`.format`), reading (:mod:`.image`) and
-atomic writing (:mod:`.write`).
+atomic writing (:mod:`.write` creates, :mod:`.modify` changes; :mod:`.objects`,
+:mod:`.table` and :mod:`.atomic` under both).
 
 Names are loaded on first use, so that ``sifpy exec`` (which only reads) never imports
 the writer.
@@ -14,20 +15,20 @@ from sifpy import TYPE_CHECKING
 if TYPE_CHECKING:
     from sifpy.sif.image import Descriptor as Descriptor
     from sifpy.sif.image import SifImage as SifImage
-    from sifpy.sif.write import ObjectInput as ObjectInput
-    from sifpy.sif.write import add_object as add_object
+    from sifpy.sif.modify import add_object as add_object
+    from sifpy.sif.modify import delete_object as delete_object
+    from sifpy.sif.modify import set_primary as set_primary
+    from sifpy.sif.objects import ObjectInput as ObjectInput
     from sifpy.sif.write import create as create
-    from sifpy.sif.write import delete_object as delete_object
-    from sifpy.sif.write import set_primary as set_primary
 
 _WHERE = {
     "Descriptor": "sifpy.sif.image",
     "SifImage": "sifpy.sif.image",
-    "ObjectInput": "sifpy.sif.write",
-    "add_object": "sifpy.sif.write",
+    "ObjectInput": "sifpy.sif.objects",
+    "add_object": "sifpy.sif.modify",
     "create": "sifpy.sif.write",
-    "delete_object": "sifpy.sif.write",
-    "set_primary": "sifpy.sif.write",
+    "delete_object": "sifpy.sif.modify",
+    "set_primary": "sifpy.sif.modify",
 }
 
 __all__ = sorted(_WHERE)

@@ -141,7 +141,8 @@ def write(path: str | os.PathLike[str], blobs: Sequence[Blob], root_index: bytes
     """Write the OCI-SIF ``path``: ``blobs`` in order (layers, config, manifest, as the
     reference), then ``root_index``; atomically, and byte for byte the same for the same
     input."""
-    from sifpy.sif.write import ObjectInput, create
+    from sifpy.sif.objects import ObjectInput
+    from sifpy.sif.write import create
 
     objects = [ObjectInput.oci(b.data, b.digest) for b in blobs]
     index_digest = "sha256:" + hashlib.sha256(root_index).hexdigest()

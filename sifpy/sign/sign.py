@@ -19,8 +19,11 @@ from typing import Protocol
 
 from sifpy.errors import SignatureError
 from sifpy.sif import format as F
-from sifpy.sif import write as W
 from sifpy.sif.image import Descriptor, SifImage
+from sifpy.sif.modify import modify
+from sifpy.sif.objects import ObjectInput
+from sifpy.sif.table import Writer
+from sifpy.sif.write import now
 from sifpy.sign import digest as D
 from sifpy.sign import dsse, pgp
 from sifpy.sign.keyring import Key, Keyring
@@ -127,10 +130,10 @@ def sign_image(
         for gid, objs in _plan(img, list(group_ids), list(object_ids)):
             md = D.image_metadata(img, gid, objs, digest)
             payloads.append((gid, tuple(d.id for d in objs), signer.sign(md.to_json())))
-    when = t if t is not None else (F.ZERO_TIME if deterministic else W.now())
+    when = t if t is not None else (F.ZERO_TIME if deterministic else now())
     added: list[GroupSignature] = []
 
-    def change(w: W._Writer) -> bool:
+    def change(w: Writer) -> bool:
         st = os.stat(p)
         if (st.st_ino, st.st_size, st.st_mtime_ns) != (
             before.st_ino,
@@ -139,13 +142,13 @@ def sign_image(
         ):
             raise SignatureError(f"can't sign: {p} changed while it was being signed")
         for gid, ids, sp in payloads:
-            obj = W.ObjectInput.signature(
+            obj = ObjectInput.signature(
                 sp.data, sp.hashtype, sp.entity, group_id=0, linked_id=gid, link_to_group=True
             )
             added.append(GroupSignature(gid, ids, w.add(obj, when)))
         w.h = w.h.replace(modified_at=when)
         return True
 
-    # One atomic rewrite for all signatures (write.py's clone-and-rename).
-    W._modify(p, change)
+    # One atomic rewrite for all signatures (sif/modify.py's clone-and-rename).
+    modify(p, change)
     return added
