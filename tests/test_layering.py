@@ -241,3 +241,25 @@ def test_no_reference_leads_outside_the_repository() -> None:
         if OUTSIDE.search(line)
     ]
     assert hits == []
+
+
+# Modules that do one thing: none of sifpy/ over ~500 lines. The ones listed still wait for
+# their split (by verb, as sylabs/sif has one file per verb); a split removes its line.
+LINES_MAX = 500
+NOT_YET_SPLIT = {
+    "cli/exec.py",
+    "runtime/mount.py",
+    "runtime/mpibind.py",
+    "runtime/ns.py",
+    "runtime/process.py",
+    "runtime/sharens.py",
+}
+
+
+def test_no_module_does_too_many_things() -> None:
+    long = {
+        str(path.relative_to(ROOT)): n
+        for path in sorted(ROOT.rglob("*.py"))
+        if (n := len(path.read_text().splitlines())) > LINES_MAX
+    }
+    assert {p: n for p, n in long.items() if p not in NOT_YET_SPLIT} == {}
