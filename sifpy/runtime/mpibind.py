@@ -42,11 +42,11 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 import sys
 
 from sifpy.errors import RuntimeSetupError
-from sifpy.runtime import mount
+from sifpy.runtime import elf, mount, mpiopen
+from sifpy.runtime.elf import dynamic, elf_info
 from sifpy.runtime.gpu import LD_CACHE, LIBS_DIR, native_elf, parse_ld_cache
 from sifpy.runtime.plan import Mount
 from sifpy.util import log
@@ -112,13 +112,14 @@ class HostMpi:
     """The host's side of bind mode, computed once per start: libraries, directories, the
     glibc, the compatibility mode, and (after :func:`pin`) an O_PATH fd of each file."""
 
-    __slots__ = ("deps", "dirs", "fds", "glibc", "glibc_version", "interp", "libs", "mode")
+    __slots__ = ("deps", "dirs", "fds", "glibc", "glibc_version", "interp", "libs", "mode", "trees")
 
     def __init__(self, mode: str = "major") -> None:
         self.mode = mode
         self.libs: list[Lib] = []  # the MPI libraries
         self.deps: list[Lib] = []  # their dependencies (less glibc)
         self.dirs: list[str] = []  # dependency directories (UCX's modules)
+        self.trees: list[str] = []  # bound at their own paths (Open MPI's, PMIx's)
         self.glibc: list[Lib] = []  # the host's glibc libraries, loader last
         self.glibc_version: tuple[int, int] = (0, 0)
         self.interp = ""  # the loader, as programs name it (PT_INTERP)
@@ -128,7 +129,7 @@ class HostMpi:
         # Part of a shared container's key (sharens.container_key): what decides its
         # mounts, never the fds of one process.
         files = [lib.path for lib in (*self.libs, *self.deps, *self.glibc)]
-        return f"HostMpi({self.mode!r}, {files!r}, {self.dirs!r})"
+        return f"HostMpi({self.mode!r}, {files!r}, {self.dirs!r}, {self.trees!r})"
 
 
 def split_name(name: str) -> tuple[str, tuple[int, ...]]:
@@ -143,60 +144,6 @@ def split_name(name: str) -> tuple[str, tuple[int, ...]]:
             break
         numbers.append(int(part))
     return head + ".so", tuple(numbers)
-
-
-# --- ELF: the dynamic section, enough for an ldd of our own --------------------------------
-
-_PT_LOAD, _PT_DYNAMIC, _PT_INTERP = 1, 2, 3
-_DT_NEEDED, _DT_STRTAB, _DT_SONAME = 1, 5, 14
-
-
-def elf_info(path: str) -> tuple[str | None, list[str], str | None]:
-    """(DT_SONAME, DT_NEEDED list, PT_INTERP) of a 64-bit little-endian ELF file; raises
-    RuntimeSetupError for anything else (the only kind of host this runs on)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise RuntimeSetupError(f"can't bind MPI: {path}: {exc.strerror}") from exc
-    try:
-        head = os.pread(fd, 64, 0)
-        if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
-            raise RuntimeSetupError(f"can't bind MPI: {path}: not a 64-bit ELF library")
-        phoff, phentsize, phnum = (
-            struct.unpack_from("<Q", head, 0x20)[0],
-            *struct.unpack_from("<HH", head, 0x36),
-        )
-        loads, dynamic, interp = [], None, None
-        table = os.pread(fd, phentsize * phnum, phoff)
-        for i in range(phnum):
-            p_type, _, off, vaddr, _, filesz, _, _ = struct.unpack_from(
-                "<IIQQQQQQ", table, i * phentsize
-            )
-            if p_type == _PT_LOAD:
-                loads.append((vaddr, filesz, off))
-            elif p_type == _PT_DYNAMIC:
-                dynamic = (off, filesz)
-            elif p_type == _PT_INTERP:
-                interp = os.pread(fd, filesz, off).rstrip(b"\0").decode()
-        if dynamic is None:
-            return None, [], interp
-        raw = os.pread(fd, dynamic[1], dynamic[0])
-        entries = [struct.unpack_from("<qQ", raw, at) for at in range(0, len(raw) - 15, 16)]
-        strtab = next((v for t, v in entries if t == _DT_STRTAB), None)
-        base = next(
-            (off + strtab - va for va, size, off in loads if va <= (strtab or -1) < va + size), None
-        )
-        if base is None:
-            raise RuntimeSetupError(f"can't bind MPI: {path}: no string table")
-
-        def text(at: int) -> str:
-            chunk = os.pread(fd, 4096, base + at)
-            return chunk.split(b"\0", 1)[0].decode(errors="surrogateescape")
-
-        soname = next((text(v) for t, v in entries if t == _DT_SONAME), None)
-        return soname, [text(v) for t, v in entries if t == _DT_NEEDED], interp
-    finally:
-        os.close(fd)
 
 
 # --- the host's side ------------------------------------------------------------------------
@@ -282,27 +229,59 @@ def host(libraries: list[str], dependencies: list[str], mode: str = "major") -> 
             else:
                 out.deps.append(_library(path)[0])
         return out
-    seen = {lib.soname for lib in out.libs}
-    while todo:  # breadth first, as the loader searches
-        name = todo.pop(0)
-        if name in seen or name in glibc:
-            continue
-        seen.add(name)
-        found = cache.get(name)
+    seen = {lib.soname for lib in out.libs} | glibc
+    _closure(out, cache, seen, [(name, []) for name in todo], required=True)
+    # Open MPI and PMIx load components from their own directories (runtime/mpiopen.py):
+    # those come with the libraries, and what the components need joins the closure.
+    for linker, paths in (
+        ("libopen-pal.so", mpiopen.open_mpi_paths),
+        ("libpmix.so", mpiopen.pmix_paths),
+    ):
+        found = next((d for d in (*out.libs, *out.deps) if d.linker == linker), None)
         if found is None:
+            continue
+        trees, comps = paths(found.path)
+        out.trees += [t for t in trees if t not in out.trees]
+        need = [(n, rp) for c in comps for needed, rp in mpiopen.components(c) for n in needed]
+        # A component whose library the host lacks doesn't load on the host either.
+        _closure(out, cache, seen, need, required=False)
+    return out
+
+
+def _closure(
+    out: HostMpi,
+    cache: dict[str, str],
+    seen: set[str],
+    todo: list[tuple[str, list[str]]],
+    required: bool,
+) -> None:
+    """Add to ``out.deps`` the libraries named in ``todo`` (soname, the RUNPATH of what
+    needs it) and theirs, breadth first, as the loader searches."""
+    while todo:
+        name, runpath = todo.pop(0)
+        if name in seen:
+            continue
+        found = next(
+            (p for p in (os.path.join(d, name) for d in runpath) if os.path.isfile(p)),
+            cache.get(name),
+        )
+        if found is None:
+            if not required:
+                continue
             raise RuntimeSetupError(
                 f"can't bind MPI: {out.libs[0].path} needs {name}, which the host's "
                 "ld.so cache doesn't list",
                 hint="name the dependencies in sifpy.conf (mpi dependency = PATH)",
             )
-        lib, needed, _ = _library(found)
-        lib.soname = name
+        seen.add(name)
+        real = os.path.realpath(found)
+        d = dynamic(real)
+        lib = Lib(real, name, real)
         out.deps.append(lib)
-        todo += needed
+        todo += [(n, d.runpath) for n in d.needed]
         modules = os.path.join(os.path.dirname(lib.path), "ucx")
         if name.startswith("libucs.so") and os.path.isdir(modules):
             out.dirs.append(modules)
-    return out
 
 
 def glibc_version(path: str, root_fd: int | None = None) -> tuple[int, int] | None:
@@ -327,7 +306,7 @@ def pin(mpi: HostMpi) -> None:
     for lib in (*mpi.libs, *mpi.deps, *mpi.glibc):
         if lib.path not in mpi.fds:
             mpi.fds[lib.path] = pin_path(lib.path, "MPI library")
-    for path in mpi.dirs:
+    for path in (*mpi.dirs, *mpi.trees):
         mpi.fds[path] = pin_path(path, "MPI dependency")
 
 
@@ -390,25 +369,12 @@ def image_libs(root_fd: int, wanted: set[str]) -> dict[str, list[Lib]]:
         res = mount.resolve(root_fd, path)
         res.close()
         real = "/" + "/".join(res.parts)
-        if res.missing or _elf_kind(root_fd, real) != native:  # stale, or another kind
+        if res.missing or elf.kind_in_root(root_fd, real) != native:  # stale, or another kind
             continue
         seen.add(name)
         lib = Lib(real, name, real)
         out.setdefault(lib.linker, []).append(lib)
     return out
-
-
-def _elf_kind(root_fd: int, path: str) -> tuple[int, int] | None:
-    fd = mount.open_in_root(root_fd, path)
-    if fd is None:
-        return None
-    try:
-        head = os.pread(fd, 20, 0)
-    finally:
-        os.close(fd)
-    if len(head) < 20 or head[:4] != b"\x7fELF":
-        return None
-    return head[4], struct.unpack_from("<H" if head[5] == 1 else ">H", head, 18)[0]
 
 
 def mounts(mpi: HostMpi, root_fd: int) -> list[Mount]:
@@ -460,23 +426,14 @@ def mounts(mpi: HostMpi, root_fd: int) -> list[Mount]:
     for path in mpi.dirs:
         base = os.path.basename(path)
         for dest in (f"{LIBS_DIR}/{base}", path, *(f"{d}/{base}" for d in sorted(over_dirs))):
-            if dest in binds or (dest != f"{LIBS_DIR}/{base}" and not _is_dir(root_fd, dest)):
+            if dest in binds or (
+                dest != f"{LIBS_DIR}/{base}" and mpiopen.resolved(root_fd, dest) is None
+            ):
                 continue
             binds[dest] = path
             plan.append(Mount(dest, "bind", mpi.fds[path], readonly=True))
-    return plan + _glibc(mpi, root_fd, libs)
-
-
-def _is_dir(root_fd: int, path: str) -> bool:
-    res = mount.resolve(root_fd, path)
-    try:
-        if res.missing:
-            return False
-        import stat
-
-        return stat.S_ISDIR(os.stat(res.name, dir_fd=res.parent_fd, follow_symlinks=False).st_mode)
-    finally:
-        res.close()
+    # Open MPI's and PMIx's own paths go first: a library bound into one stays visible.
+    return mpiopen.trees(mpi, root_fd) + plan + _glibc(mpi, root_fd, libs)
 
 
 def _glibc(mpi: HostMpi, root_fd: int, libs: dict[str, list[Lib]]) -> list[Mount]:
