@@ -4,8 +4,11 @@ host's ``mpiexec`` and Slurm's ``srun``, 4 ranks in one shared container, defaul
 settings, as the unprivileged test user. Every rank checks its results (mpi_check.c) and
 rank 0 reports the MPI library that ran (MPI_Get_library_version): the host's.
 
-An Open MPI image (``libmpi.so.40``) against the host's MPICH (``libmpich.so.12``) is
-refused, naming both libraries with their versions.
+An image with bullseye's Open MPI (4.1.0, ``libmpi.so.40``) runs with the host's Open MPI
+(Debian 12's, the default ``mpi`` alternative): with nothing configured, under the host's
+``mpirun`` and ``srun --mpi=pmix``; rank 0 reports the host's version. The same image
+against the host's MPICH (``libmpich.so.12``) is refused, naming both libraries with their
+versions.
 """
 
 from __future__ import annotations
@@ -44,6 +47,40 @@ def host_mpich_version() -> str:
     found = re.search(r"MPICH Version:\s*(\S+)", out)
     assert found is not None, out
     return found.group(1)
+
+
+def host_open_mpi() -> str:
+    """The host's Open MPI library, as its ld.so cache lists it (ldconfig -p)."""
+    out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"^\s*libmpi\.so\.40 \(.*x86-64.*\) => (\S+)$", out, re.M)
+    require(
+        None if found else "the host has no Open MPI (libmpi.so.40; apt install libopenmpi-dev)"
+    )
+    assert found is not None
+    return found.group(1)
+
+
+def host_open_mpi_version() -> str:
+    """The host Open MPI's version, from its own tool (ompi_info), not from the library."""
+    out = subprocess.run(["ompi_info", "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"Open MPI v(\S+)", out)
+    assert found is not None, out
+    return found.group(1)
+
+
+@pytest.fixture(scope="module")
+def open_mpi_env(workdir: Path) -> dict[str, str]:
+    """Nothing when the host's mpi alternative is Open MPI's (the default this test is
+    about; Debian ranks Open MPI first), else a user's sifpy.conf naming only the library:
+    its dependencies are still the default closure."""
+    lib = os.path.realpath(host_open_mpi())
+    alternative = os.path.realpath("/etc/alternatives/libmpi.so-x86_64-linux-gnu")
+    if alternative == lib:
+        return {}
+    conf = workdir / "openmpi.conf"
+    conf.write_text(f"mpi library = {lib}\n")
+    conf.chmod(0o644)
+    return {"SIFPY_CONFIG": str(conf)}
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +147,60 @@ def test_bullseye_mpich_runs_the_hosts_mpich_under_srun(
         timeout=180,
     )
     _check(res, host_mpich_version())
+
+
+def _check_open_mpi(res: subprocess.CompletedProcess[str], version: str) -> None:
+    """Every rank reported its checks passed, the host's Open MPI ran, and PMIx said
+    nothing wrong."""
+    assert res.returncode == 0, f"rc={res.returncode}\n{res.stdout}\n{res.stderr}"
+    lines = res.stdout.splitlines()
+    libraries = [ln for ln in lines if ln.startswith("library: ")]
+    assert len(libraries) == 1, res.stdout + res.stderr
+    assert libraries[0].startswith(f"library: Open MPI v{version}, "), libraries
+    ranks = sorted(ln for ln in lines if ln.startswith("rank "))
+    want = sorted(f"rank {r} of {RANKS}: ring ok, allreduce ok, sendrecv ok" for r in range(RANKS))
+    assert ranks == want, res.stdout + res.stderr
+    assert "PMIX ERROR" not in res.stderr and "unable to open" not in res.stderr, res.stderr
+
+
+def test_bullseye_open_mpi_runs_the_hosts_open_mpi_under_mpirun(
+    runtime_ready: UserRunner,
+    starter: str,
+    bullseye_images: Callable[[str], str],
+    open_mpi_env: dict[str, str],
+) -> None:
+    image = bullseye_images("openmpi")
+    launcher = ["mpirun.openmpi", "--oversubscribe", "-n", str(RANKS)]
+    # Without --mpi the image's own Open MPI runs (hybrid mode): the one bind mode replaces.
+    own = runtime_ready([*launcher, starter, "exec", image, "mpi_check.openmpi"], timeout=180)
+    assert own.returncode == 0, own.stdout + own.stderr
+    image_version = re.search(r"^library: Open MPI v([^,\s]+),", own.stdout, re.M)
+    assert image_version is not None, own.stdout
+    version = host_open_mpi_version()
+    assert image_version.group(1) != version  # bullseye's is older: the test shows a swap
+    res = runtime_ready(
+        [*launcher, starter, "exec", "--mpi", image, "mpi_check.openmpi"],
+        env=open_mpi_env,
+        timeout=180,
+    )
+    _check_open_mpi(res, version)
+
+
+def test_bullseye_open_mpi_runs_the_hosts_open_mpi_under_srun(
+    runtime_ready: UserRunner,
+    starter: str,
+    bullseye_images: Callable[[str], str],
+    open_mpi_env: dict[str, str],
+    slurm: Cluster,
+) -> None:
+    image = bullseye_images("openmpi")
+    launcher = ["srun", "--mpi=pmix", "-n", str(RANKS), "-O"]
+    res = runtime_ready(
+        [*launcher, starter, "exec", "--mpi", image, "mpi_check.openmpi"],
+        env={**slurm.env(), **open_mpi_env},
+        timeout=180,
+    )
+    _check_open_mpi(res, host_open_mpi_version())
 
 
 def test_open_mpi_image_with_host_mpich_is_refused(
