@@ -17,7 +17,8 @@ from sifpy.runtime import mount
 _PT_LOAD, _PT_DYNAMIC, _PT_INTERP = 1, 2, 3
 _DT_NEEDED, _DT_STRTAB, _DT_SONAME, _DT_RPATH, _DT_RUNPATH = 1, 5, 14, 15, 29
 _SHT_RELA, _SHT_DYNSYM = 4, 11
-_R_X86_64_RELATIVE = 8
+# R_X86_64_RELATIVE, R_AARCH64_RELATIVE: a pointer to the library's own data.
+_RELATIVE = {8, 1027}
 
 
 class Dynamic(NamedTuple):
@@ -134,7 +135,7 @@ def pointed_strings(path: str, symbol: str, count: int) -> list[str | None] | No
             table = os.pread(f.fd, size, off)
             for at in range(0, len(table) - 23, 24):
                 r_offset, r_info, r_addend = struct.unpack_from("<QQq", table, at)
-                if found[0] <= r_offset < found[1] and r_info & 0xFFFFFFFF == _R_X86_64_RELATIVE:
+                if found[0] <= r_offset < found[1] and r_info & 0xFFFFFFFF in _RELATIVE:
                     relocs[r_offset] = r_addend
         out: list[str | None] = []
         for where in range(found[0], found[1], 8):

@@ -28,6 +28,7 @@ import stat
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
+from sifpy.errors import RuntimeSetupError
 from sifpy.runtime import elf, mount
 from sifpy.runtime.plan import Mount
 from sifpy.util import log
@@ -104,8 +105,8 @@ def pmix_paths(libpmix: str) -> tuple[list[str], list[str]]:
     components beside it, its help texts and settings in ``share`` of its prefix (or of
     the level above, for a multiarch ``/usr/lib/<triplet>``)."""
     libdir = os.path.dirname(os.path.realpath(libpmix))
-    comps = os.path.join(libdir, "pmix")
-    paths = [comps] if os.path.isdir(comps) else []
+    comps = [os.path.join(libdir, "pmix")] if os.path.isdir(os.path.join(libdir, "pmix")) else []
+    paths = list(comps)
     up = os.path.dirname(libdir)
     for prefix in (up, os.path.dirname(up)):
         share = os.path.join(prefix, "share")
@@ -115,14 +116,18 @@ def pmix_paths(libpmix: str) -> tuple[list[str], list[str]]:
                 if os.path.isfile(conf):
                     paths.append(conf)
             break
-    return paths, paths[:1]
+    return paths, comps
 
 
 def components(directory: str) -> Iterator[tuple[list[str], list[str]]]:
-    """(DT_NEEDED, RUNPATH) of each component (``*.so``) in ``directory``."""
+    """(DT_NEEDED, RUNPATH) of each component (``*.so``) in ``directory``; a file that is
+    no library of this kind is passed over (it can't load on the host either)."""
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
         if entry.name.endswith(".so") and entry.is_file():
-            d = elf.dynamic(entry.path)
+            try:
+                d = elf.dynamic(entry.path)
+            except RuntimeSetupError:
+                continue
             yield d.needed, d.runpath
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +104,24 @@ def test_mpich_closure_has_no_open_mpi_paths() -> None:
     target = "/usr/lib/x86_64-linux-gnu/libmpich.so.12"
     require(None if os.path.exists(target) else "no host MPICH (apt-get install libmpich-dev)")
     assert mpibind.host([target], []).trees == []
+
+
+def test_pmix_paths_follow_the_layout(tmp_path: Path) -> None:
+    """PMIx's components are only ever the ``pmix/`` directory beside the library; its
+    help texts are ``share/pmix`` of its prefix. A component that is no library is passed
+    over, as the host's PMIx passes it over."""
+    prefix = tmp_path / "pmix"
+    (prefix / "lib").mkdir(parents=True)
+    (prefix / "share" / "pmix").mkdir(parents=True)
+    libpmix = prefix / "lib" / "libpmix.so.2"
+    libpmix.write_bytes(b"")
+    paths, comps = mpiopen.pmix_paths(str(libpmix))
+    assert (paths, comps) == ([str(prefix / "share" / "pmix")], [])
+    (prefix / "lib" / "pmix").mkdir()
+    real = os.path.realpath("/usr/lib/x86_64-linux-gnu/libz.so.1")
+    require(None if os.path.isfile(real) else "no libz.so.1")
+    shutil.copy(real, prefix / "lib" / "pmix" / "a.so")
+    (prefix / "lib" / "pmix" / "b.so").write_text("not a library\n")
+    paths, comps = mpiopen.pmix_paths(str(libpmix))
+    assert comps == [str(prefix / "lib" / "pmix")] and comps[0] in paths
+    assert list(mpiopen.components(comps[0])) == [(elf.dynamic(real).needed, [])]
