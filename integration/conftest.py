@@ -217,10 +217,10 @@ def runtime_ready(run_as_user: UserRunner) -> UserRunner:
         if os.getuid() == 0 or tool != "setpriv":
             require(None if shutil.which(tool) else f"{tool} is not installed")
     probe = (
-        "from sifpy.runtime import ns\n"
-        "r = ns.userns_available()\n"
-        "r = r and 'user namespaces: ' + r or (ns.fuse_available() and 'FUSE in a user "
-        "namespace: ' + ns.fuse_available())\n"
+        "from sifpy.runtime import probes\n"
+        "r = probes.userns_available()\n"
+        "r = r and 'user namespaces: ' + r or (probes.fuse_available() and 'FUSE in a user "
+        "namespace: ' + probes.fuse_available())\n"
         "print(r or '')\n"
     )
     res = run_as_user.python(probe)

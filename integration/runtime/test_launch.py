@@ -256,6 +256,6 @@ def test_bind_through_dotdot_symlink_stays_inside(
 
 def test_userns_probe_agrees(runtime_ready: UserRunner) -> None:
     res = runtime_ready.python(
-        "from sifpy.runtime import ns; print(ns.userns_available(), ns.fuse_available())"
+        "from sifpy.runtime import probes; print(probes.userns_available(), probes.fuse_available())"
     )
     assert res.stdout.split() == ["None", "None"], res.stderr

@@ -11,7 +11,7 @@ import stat
 
 from sifpy import TYPE_CHECKING
 from sifpy.errors import RuntimeSetupError
-from sifpy.runtime import mount, ns
+from sifpy.runtime import mount, ns, rootpath
 from sifpy.runtime import plan as plan_
 from sifpy.runtime.spec import FILES, IMAGE, OVERLAY, ROOT, overlay_layers
 from sifpy.runtime.start import Identity
@@ -74,7 +74,7 @@ def assemble(spec: LaunchSpec, ident: Identity, plan: list[plan_.Mount], cwd_fd:
     # mount rather than leave a directory behind in the sandbox).
     share_cwd = not opts.contain and "cwd" not in opts.no_mount and not opts.writable
     if cwd_fd >= 0 and share_cwd and spec.cwd != "/" and not shown:
-        res = mount.resolve(image_fd, spec.cwd, reserved_stop=True)
+        res = rootpath.resolve(image_fd, spec.cwd, reserved_stop=True)
         res.close()
         if res.missing:
             plan.append(plan_.Mount(spec.cwd, "bind", cwd_fd))
@@ -94,12 +94,12 @@ def assemble(spec: LaunchSpec, ident: Identity, plan: list[plan_.Mount], cwd_fd:
         os.mkdir(root)
         ns.mount("tmpfs", root, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=0755", "root")
         nofollow = tuple(m.dest for m in plan if m.nofollow)
-        expand = mount.expansions(image_fd, [m.dest for m in plan], nofollow)
+        expand = rootpath.expansions(image_fd, [m.dest for m in plan], nofollow)
         build_underlay(IMAGE, root, expand)
     _write_files(image_fd, ident, opts, plan)
     os.close(image_fd)
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    writable = {mount.mount_id(root_fd)}
+    writable = {rootpath.mount_id(root_fd)}
     # Replacing an image's entry is for roots that vanish with the container (the tmpfs
     # underlay, --writable-tmpfs), not for the user's sandbox or --overlay directory.
     ephemeral = not opts.writable and not any(w for _, w in overlay_layers(opts))
@@ -131,12 +131,12 @@ def _stage_home(image_fd: int, spec: LaunchSpec, ident: Identity, plan: list[pla
     at = next((i for i, m in enumerate(plan) if m.dest == dest), -1)
     if at < 0 or dest == "/":
         return
-    res = mount.resolve(image_fd, dest)
+    res = rootpath.resolve(image_fd, dest)
     res.close()
     if not res.missing:
         return
     top = "/" + dest.strip("/").split("/", 1)[0]
-    res = mount.resolve(image_fd, top)
+    res = rootpath.resolve(image_fd, top)
     res.close()
     if res.missing and not (opts.home or opts.home_dest):
         # The caller's own home where the sandbox has no /home at all (a minimal root):
@@ -157,7 +157,7 @@ def _reserve_dirs(root: str) -> None:
     """In a writable root (the overlay), make the names the runtime always provides real
     directories: an image's ``/proc -> /etc`` or ``/dev -> /host/path`` symlink is replaced
     in the upper layer, never followed (runc refuses such images; this root is writable)."""
-    for name in sorted(mount.RESERVED):
+    for name in sorted(rootpath.RESERVED):
         path = f"{root}/{name}"
         try:
             st = os.lstat(path)
@@ -212,9 +212,9 @@ def _apply(
     host_dirs = set() if host_dirs is None else host_dirs
     allowed = frozenset(writable)
     if sandbox is not None and (user or m.dest in _OPTIONAL_IN_SANDBOX):
-        probe = mount.resolve(root_fd, m.dest, follow_last=not m.nofollow)
+        probe = rootpath.resolve(root_fd, m.dest, follow_last=not m.nofollow)
         try:
-            in_sandbox = bool(probe.missing) and mount.mount_id(probe.parent_fd) == sandbox
+            in_sandbox = bool(probe.missing) and rootpath.mount_id(probe.parent_fd) == sandbox
         finally:
             probe.close()
         if in_sandbox and not user:
@@ -227,7 +227,7 @@ def _apply(
             )
     if m.kind == "symlink":
         parent, name = m.dest.rsplit("/", 1)
-        res = mount.resolve(root_fd, parent or "/", "dir", frozenset(writable))
+        res = rootpath.resolve(root_fd, parent or "/", "dir", frozenset(writable))
         try:
             where = (
                 res.parent_fd
@@ -241,7 +241,7 @@ def _apply(
             res.close()
         return
     kind = "dir" if m.is_dir else "file"
-    res = mount.resolve(
+    res = rootpath.resolve(
         root_fd, m.dest, kind, allowed, follow_last=not m.nofollow, host_mounts=frozenset(host_dirs)
     )
     try:
@@ -281,7 +281,7 @@ def _apply(
                     mount.bind(mount.fd_path(m.fd), target, harden=False, what=m.dest)
             if m.kind in ("tmpfs", "devpts") or _host_dir_bind(m):
                 new = os.open(res.name, os.O_PATH | os.O_NOFOLLOW, dir_fd=res.parent_fd)
-                (writable if m.kind != "bind" else host_dirs).add(mount.mount_id(new))
+                (writable if m.kind != "bind" else host_dirs).add(rootpath.mount_id(new))
                 os.close(new)
         finally:
             os.close(tfd)
@@ -289,12 +289,14 @@ def _apply(
         res.close()
 
 
-def _replace_symlink(res: mount.Resolved, dest: str, writable: set[int], ephemeral: bool) -> None:
+def _replace_symlink(
+    res: rootpath.Resolved, dest: str, writable: set[int], ephemeral: bool
+) -> None:
     """If ``res`` names a symlink, replace it with an empty regular file."""
     st = os.stat(res.name, dir_fd=res.parent_fd, follow_symlinks=False)
     if not stat.S_ISLNK(st.st_mode):
         return
-    if not ephemeral or mount.mount_id(res.parent_fd) not in writable:
+    if not ephemeral or rootpath.mount_id(res.parent_fd) not in writable:
         raise RuntimeSetupError(
             f"can't mount: {dest}: it is a symlink in the image",
             "make it a regular file in the image: sifpy never mounts over a symlink's target",
@@ -305,7 +307,7 @@ def _replace_symlink(res: mount.Resolved, dest: str, writable: set[int], ephemer
 
 
 def _read_image_file(image_fd: int, path: str) -> str | None:
-    fd = mount.open_in_root(image_fd, path)
+    fd = rootpath.open_in_root(image_fd, path)
     if fd is None:
         return None
     with os.fdopen(fd, "rb") as f:
@@ -381,7 +383,7 @@ def build_underlay(image: str, root: str, expand: set[tuple[str, ...]]) -> None:
                 "overlay), or rebuild it with those entries in a subdirectory",
             )
         for name in sorted(names):
-            if not rel and name in mount.RESERVED:
+            if not rel and name in rootpath.RESERVED:
                 continue
             src, dst = os.path.join(src_dir, name), os.path.join(root, *rel, name)
             st = os.lstat(src)
@@ -399,5 +401,5 @@ def build_underlay(image: str, root: str, expand: set[tuple[str, ...]]) -> None:
                 ns.mount(src, dst, None, ns.MS_BIND, what=f"/{os.path.join(*rel, name)}")
 
     fill(())
-    for name in sorted(mount.RESERVED):
+    for name in sorted(rootpath.RESERVED):
         os.mkdir(os.path.join(root, name), 0o755)

@@ -12,7 +12,7 @@ import struct
 from typing import NamedTuple
 
 from sifpy.errors import RuntimeSetupError
-from sifpy.runtime import mount
+from sifpy.runtime import rootpath
 
 _PT_LOAD, _PT_DYNAMIC, _PT_INTERP = 1, 2, 3
 _DT_NEEDED, _DT_STRTAB, _DT_SONAME, _DT_RPATH, _DT_RUNPATH = 1, 5, 14, 15, 29
@@ -153,7 +153,7 @@ def pointed_strings(path: str, symbol: str, count: int) -> list[str | None] | No
 
 def kind_in_root(root_fd: int, path: str) -> tuple[int, int] | None:
     """(ELF class, machine) of ``path`` inside the root ``root_fd``, or None."""
-    fd = mount.open_in_root(root_fd, path)
+    fd = rootpath.open_in_root(root_fd, path)
     if fd is None:
         return None
     try:

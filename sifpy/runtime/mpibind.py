@@ -45,7 +45,7 @@ import re
 import sys
 
 from sifpy.errors import RuntimeSetupError
-from sifpy.runtime import elf, mount, mpiopen
+from sifpy.runtime import elf, mpiopen, rootpath
 from sifpy.runtime.elf import dynamic, elf_info
 from sifpy.runtime.gpu import LD_CACHE, LIBS_DIR, native_elf, parse_ld_cache
 from sifpy.runtime.plan import Mount
@@ -290,7 +290,7 @@ def glibc_version(path: str, root_fd: int | None = None) -> tuple[int, int] | No
     fd = (
         os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         if root_fd is None
-        else mount.open_in_root(root_fd, path)
+        else rootpath.open_in_root(root_fd, path)
     )
     if fd is None:
         return None
@@ -355,7 +355,7 @@ def pick(host: Lib, candidates: list[Lib]) -> Lib:
 def image_libs(root_fd: int, wanted: set[str]) -> dict[str, list[Lib]]:
     """The image's ld.so cache: linker name -> libraries (resolved paths), for the linker
     names in ``wanted`` and of this interpreter's ELF kind (a 32-bit copy is no match)."""
-    fd = mount.open_in_root(root_fd, LD_CACHE)
+    fd = rootpath.open_in_root(root_fd, LD_CACHE)
     if fd is None:
         raise RuntimeSetupError("can't bind MPI: the image has no ld.so cache", hint=_HINT_BUILD)
     with os.fdopen(fd, "rb") as f:
@@ -366,7 +366,7 @@ def image_libs(root_fd: int, wanted: set[str]) -> dict[str, list[Lib]]:
     for name, path in parse_ld_cache(data, f"the image's {LD_CACHE}"):
         if name in seen or split_name(name)[0] not in wanted:
             continue
-        res = mount.resolve(root_fd, path)
+        res = rootpath.resolve(root_fd, path)
         res.close()
         real = "/" + "/".join(res.parts)
         if res.missing or elf.kind_in_root(root_fd, real) != native:  # stale, or another kind
@@ -457,7 +457,7 @@ def _glibc(mpi: HostMpi, root_fd: int, libs: dict[str, list[Lib]]) -> list[Mount
     for host_lib in mpi.glibc:
         path = by_soname[host_lib.soname].path if host_lib.soname in by_soname else None
         if host_lib.soname == os.path.basename(mpi.interp):  # the path programs name
-            res = mount.resolve(root_fd, mpi.interp)
+            res = rootpath.resolve(root_fd, mpi.interp)
             res.close()
             path = None if res.missing else "/" + "/".join(res.parts)
             if path is None:

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from sifpy.errors import RuntimeSetupError
-from sifpy.runtime import elf, mount
+from sifpy.runtime import elf, rootpath
 from sifpy.runtime.plan import Mount
 from sifpy.util import log
 
@@ -150,7 +150,7 @@ def trees(mpi: HostMpi, root_fd: int) -> list[Mount]:
 def resolved(root_fd: int, path: str, is_dir: bool = True) -> str | None:
     """``path`` in the image, its links followed, when it is a directory (or ``is_dir``
     False: a regular file); else None."""
-    res = mount.resolve(root_fd, path)
+    res = rootpath.resolve(root_fd, path)
     try:
         if res.missing:
             return None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from sifpy.runtime.mount import open_in_root
+from sifpy.runtime.rootpath import open_in_root
 
 PREFETCH_MAX = 16 << 20  # bytes read ahead per file
 

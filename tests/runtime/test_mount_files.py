@@ -7,7 +7,7 @@ import os
 import threading
 from pathlib import Path
 
-from sifpy.runtime import mount, prefetch
+from sifpy.runtime import prefetch, rootpath
 
 
 def test_open_in_root_never_leaves_the_root(tmp_path: Path) -> None:
@@ -20,9 +20,9 @@ def test_open_in_root_never_leaves_the_root(tmp_path: Path) -> None:
     (root / "etc" / "hosts").write_text("image\n")
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
     try:
-        assert mount.open_in_root(fd, "/etc/passwd") is None
-        assert mount.open_in_root(fd, "/etc/group") is None
-        hosts = mount.open_in_root(fd, "/etc/hosts")
+        assert rootpath.open_in_root(fd, "/etc/passwd") is None
+        assert rootpath.open_in_root(fd, "/etc/group") is None
+        hosts = rootpath.open_in_root(fd, "/etc/hosts")
         assert hosts is not None
         assert os.read(hosts, 100) == b"image\n"
         os.close(hosts)
@@ -47,7 +47,7 @@ def test_fifos_neither_hang_nor_count(tmp_path: Path) -> None:
     def run() -> None:
         fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
         try:
-            found.append(mount.open_in_root(fd, "/etc/passwd"))
+            found.append(rootpath.open_in_root(fd, "/etc/passwd"))
         finally:
             os.close(fd)
         root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY)  # _prefetch closes it
@@ -70,18 +70,18 @@ def test_nofollow_destinations_are_the_entry_not_its_target(tmp_path: Path) -> N
     (root / "home" / "u" / ".profile").write_text("profile\n")
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
     try:
-        followed = mount.resolve(fd, "/etc/group")
+        followed = rootpath.resolve(fd, "/etc/group")
         followed.close()
         assert followed.parts == ["home", "u", ".profile"]
         for name in ("passwd", "group"):
-            res = mount.resolve(fd, f"/etc/{name}", follow_last=False)
+            res = rootpath.resolve(fd, f"/etc/{name}", follow_last=False)
             res.close()
             assert (res.name, res.parts, res.missing) == (name, ["etc", name], [])
-        assert ("etc",) not in mount.expansions(fd, ["/etc/passwd", "/etc/group"])
-        assert ("etc",) in mount.expansions(fd, ["/etc/passwd"], nofollow=("/etc/passwd",))
+        assert ("etc",) not in rootpath.expansions(fd, ["/etc/passwd", "/etc/group"])
+        assert ("etc",) in rootpath.expansions(fd, ["/etc/passwd"], nofollow=("/etc/passwd",))
         # A regular file needs no expansion.
         (root / "etc" / "group").unlink()
         (root / "etc" / "group").write_text("g\n")
-        assert mount.expansions(fd, [], nofollow=("/etc/group",)) == set()
+        assert rootpath.expansions(fd, [], nofollow=("/etc/group",)) == set()
     finally:
         os.close(fd)
