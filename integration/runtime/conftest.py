@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from integration.conftest import UserRunner, require
+from tests.probe import need_tool
 
 # Runs as the test user: launch() one container from a JSON spec; exit with its status.
 DRIVER = r"""
@@ -288,3 +290,64 @@ def user_dir(test_user: Any) -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+APPTAINER_BUILT = Path(__file__).resolve().parent / "apptainer_built"
+
+
+def _build_with_apptainer(out: Path) -> None:
+    """Build ``apptainer_built/*.def`` with Apptainer into ``out``: mmdebstrap makes a
+    Debian sid root with its ``apptainer`` package (Debian 12 has none) in a temporary
+    directory, ``build.sh`` runs ``apptainer build`` in it, the SIFs are copied out and
+    the root is deleted (``--format=null``)."""
+    from sifpy.rootfs.bootstrap.debootstrap import host_mirror
+
+    mmdebstrap = need_tool("mmdebstrap")
+    need_tool("unshare", "util-linux")
+    require(None if os.geteuid() == 0 else "mmdebstrap's root mode needs root")
+    mirror = host_mirror()
+    require(None if mirror else "no Debian mirror in the host's apt sources")
+    sifs = [f"/work/{p.stem}.sif" for p in sorted(APPTAINER_BUILT.glob("*.def"))]
+    argv = [
+        mmdebstrap, "--quiet", "--mode=root", "--variant=minbase", "--format=null",
+        "--include=apptainer,busybox-static",
+        # A mirror frozen at a date has a sid Release whose Valid-Until has passed.
+        "--aptopt=Acquire::Check-Valid-Until \"false\"",
+        '--customize-hook=mkdir "$1/work"',
+        f"--customize-hook=copy-in {' '.join(str(p) for p in sorted(APPTAINER_BUILT.glob('*.def')))} /work",
+        f"--customize-hook={APPTAINER_BUILT / 'build.sh'} \"$1\"",
+        f"--customize-hook=copy-out {' '.join(sifs)} {out}",
+        "sid", "/dev/null", str(mirror),
+    ]  # fmt: skip
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    require(None if res.returncode == 0 else f"building with Apptainer failed: {res.stderr[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def apptainer_built(workdir: Path, pytestconfig: pytest.Config) -> dict[str, str]:
+    """``{name: path}``: the SIFs Apptainer itself builds from ``apptainer_built/NAME.def``
+    (``default``, ``custom``). Built once and kept in pytest's cache dir, keyed by the
+    definition files and the build script (the build takes about a minute, mostly the
+    download of Apptainer); copied world-readable into the session's workdir."""
+    key = hashlib.sha256()
+    for p in sorted(APPTAINER_BUILT.iterdir()):
+        key.update(p.name.encode() + b"\0" + p.read_bytes())
+    cache = getattr(pytestconfig, "cache", None)
+    where = Path(cache.mkdir("sifpy-apptainer-built")) if cache is not None else workdir
+    done = where / key.hexdigest()[:16]
+    names = sorted(p.stem for p in APPTAINER_BUILT.glob("*.def"))
+    if not all((done / f"{n}.sif").is_file() for n in names):
+        for old in where.iterdir() if where != workdir else ():
+            shutil.rmtree(old, ignore_errors=True)
+        partial = where / f"{done.name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        _build_with_apptainer(partial)
+        partial.rename(done)
+    out = {}
+    for n in names:
+        dest = workdir / f"apptainer-built-{n}.sif"
+        shutil.copy(done / f"{n}.sif", dest)
+        dest.chmod(0o644)
+        out[n] = str(dest)
+    return out
