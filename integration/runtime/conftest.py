@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -295,11 +296,26 @@ def user_dir(test_user: Any) -> Iterator[Path]:
 APPTAINER_BUILT = Path(__file__).resolve().parent / "apptainer_built"
 
 
+@dataclass(frozen=True)
+class ApptainerBuilt:
+    """The SIFs Apptainer built from ``apptainer_built/NAME.def`` and what Apptainer itself
+    printed for each line of ``probes.txt`` on them."""
+
+    images: dict[str, str]  # name: a world-readable copy of the SIF
+    results: Path  # NAME.ID.out (stdout) and NAME.ID.rc (exit status); version
+    probes: dict[str, str]  # ID: the arguments, shell words with $SIF for the image
+
+    def expected(self, name: str, probe: str) -> tuple[int, str]:
+        """Apptainer's exit status and stdout for ``probe`` on image ``name``."""
+        rc = int((self.results / f"{name}.{probe}.rc").read_text())
+        return rc, (self.results / f"{name}.{probe}.out").read_text()
+
+
 def _build_with_apptainer(out: Path) -> None:
-    """Build ``apptainer_built/*.def`` with Apptainer into ``out``: mmdebstrap makes a
-    Debian sid root with its ``apptainer`` package (Debian 12 has none) in a temporary
-    directory, ``build.sh`` runs ``apptainer build`` in it, the SIFs are copied out and
-    the root is deleted (``--format=null``)."""
+    """Build and probe ``apptainer_built/*.def`` with Apptainer into ``out``: mmdebstrap
+    makes a Debian sid root with its ``apptainer`` package (Debian 12 has none) in a
+    temporary directory, ``build.sh`` runs ``apptainer build`` and the probes in it, the
+    results are copied out and the root is deleted (``--format=null``)."""
     from sifpy.rootfs.bootstrap.debootstrap import host_mirror
 
     mmdebstrap = need_tool("mmdebstrap")
@@ -307,16 +323,15 @@ def _build_with_apptainer(out: Path) -> None:
     require(None if os.geteuid() == 0 else "mmdebstrap's root mode needs root")
     mirror = host_mirror()
     require(None if mirror else "no Debian mirror in the host's apt sources")
-    sifs = [f"/work/{p.stem}.sif" for p in sorted(APPTAINER_BUILT.glob("*.def"))]
     argv = [
         mmdebstrap, "--quiet", "--mode=root", "--variant=minbase", "--format=null",
         "--include=apptainer,busybox-static",
         # A mirror frozen at a date has a sid Release whose Valid-Until has passed.
-        "--aptopt=Acquire::Check-Valid-Until \"false\"",
-        '--customize-hook=mkdir "$1/work"',
-        f"--customize-hook=copy-in {' '.join(str(p) for p in sorted(APPTAINER_BUILT.glob('*.def')))} /work",
-        f"--customize-hook={APPTAINER_BUILT / 'build.sh'} \"$1\"",
-        f"--customize-hook=copy-out {' '.join(sifs)} {out}",
+        '--aptopt=Acquire::Check-Valid-Until "false"',
+        f"--customize-hook=copy-in {APPTAINER_BUILT} /",
+        '--customize-hook=mv "$1/apptainer_built" "$1/work"',
+        f'--customize-hook={APPTAINER_BUILT / "build.sh"} "$1"',
+        f"--customize-hook=copy-out /work/out {out}",
         "sid", "/dev/null", str(mirror),
     ]  # fmt: skip
     res = subprocess.run(argv, capture_output=True, text=True, timeout=900)
@@ -324,30 +339,36 @@ def _build_with_apptainer(out: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def apptainer_built(workdir: Path, pytestconfig: pytest.Config) -> dict[str, str]:
-    """``{name: path}``: the SIFs Apptainer itself builds from ``apptainer_built/NAME.def``
-    (``default``, ``custom``). Built once and kept in pytest's cache dir, keyed by the
-    definition files and the build script (the build takes about a minute, mostly the
-    download of Apptainer); copied world-readable into the session's workdir."""
+def apptainer_built(workdir: Path, pytestconfig: pytest.Config) -> ApptainerBuilt:
+    """The SIFs Apptainer itself builds from ``apptainer_built/NAME.def`` (``default``,
+    ``custom``) and its own results of the probes on them. Built once and kept in
+    pytest's cache dir, keyed by the files of ``apptainer_built/`` (the build takes about
+    45 s, mostly the download of Apptainer); the SIFs are copied world-readable into the
+    session's workdir."""
     key = hashlib.sha256()
     for p in sorted(APPTAINER_BUILT.iterdir()):
         key.update(p.name.encode() + b"\0" + p.read_bytes())
     cache = getattr(pytestconfig, "cache", None)
     where = Path(cache.mkdir("sifpy-apptainer-built")) if cache is not None else workdir
-    done = where / key.hexdigest()[:16]
-    names = sorted(p.stem for p in APPTAINER_BUILT.glob("*.def"))
-    if not all((done / f"{n}.sif").is_file() for n in names):
-        for old in where.iterdir() if where != workdir else ():
+    done = where / f"apptainer-built-{key.hexdigest()[:16]}"
+    if not (done / "version").is_file():
+        for old in where.glob("apptainer-built-*"):
             shutil.rmtree(old, ignore_errors=True)
-        partial = where / f"{done.name}.partial"
+        partial = where / "partial-apptainer-built"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         _build_with_apptainer(partial)
-        partial.rename(done)
-    out = {}
-    for n in names:
-        dest = workdir / f"apptainer-built-{n}.sif"
-        shutil.copy(done / f"{n}.sif", dest)
+        (partial / "out").rename(done)
+        partial.rmdir()
+    images = {}
+    for sif in sorted(done.glob("*.sif")):
+        dest = workdir / f"apptainer-built-{sif.name}"
+        shutil.copy(sif, dest)
         dest.chmod(0o644)
-        out[n] = str(dest)
-    return out
+        images[sif.stem] = str(dest)
+    probes = {}
+    for line in (APPTAINER_BUILT / "probes.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            probe, _, args = line.partition(" ")
+            probes[probe] = args
+    return ApptainerBuilt(images, done, probes)

@@ -1,13 +1,13 @@
 #!/bin/sh
-# mmdebstrap's customize hook (run on the host, $1 the Debian sid root that has
-# Apptainer): build every *.def under /work of the root into /work/NAME.sif with
-# `apptainer build`.
+# mmdebstrap's customize hook, run on the host with $1 the Debian sid root that has
+# Apptainer and this directory in its /work: runs inside.sh there.
 #
 # Apptainer refuses to run in a plain chroot ("Running inside a weak chrooted
 # environment"), and as root it asks for the full capability set, which a container host
-# may have cut from its bounding set. So the build runs as root of a user namespace of our
-# own (every capability there, uid 0 mapped to uid 0) with its own mount and pid
-# namespaces (proc can be mounted), and pivot_root's into the root, made a mount point.
+# may have cut from its bounding set. So inside.sh runs as root of a user namespace of our
+# own (every capability there; uid 0 mapped to uid 0) with its own mount and pid
+# namespaces (so proc can be mounted), after pivot_root into the root made a mount point.
+# Apptainer wants an /etc/hosts and /etc/resolv.conf to bind, which minbase lacks.
 set -eu
 root=$1
 [ -e "$root/etc/hosts" ] || echo '127.0.0.1 localhost' > "$root/etc/hosts"
@@ -23,13 +23,5 @@ exec unshare --user --map-root-user --mount --pid --fork sh -euc '
     mkdir -p "$root/.oldroot"
     cd "$root"
     pivot_root . .oldroot
-    exec /usr/sbin/chroot / /bin/sh -euc "
-        umount -l /.oldroot
-        rmdir /.oldroot
-        cd /work
-        apptainer --version
-        for def in *.def; do
-            apptainer --quiet build --notest \"\${def%.def}.sif\" \"\$def\" > /dev/null
-        done
-    "
+    exec /usr/sbin/chroot / /bin/sh -eu /work/inside.sh
 ' sh "$root"
