@@ -335,7 +335,9 @@ def _build_with_apptainer(out: Path) -> None:
         "sid", "/dev/null", str(mirror),
     ]  # fmt: skip
     res = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-    require(None if res.returncode == 0 else f"building with Apptainer failed: {res.stderr[-2000:]}")
+    require(
+        None if res.returncode == 0 else f"building with Apptainer failed: {res.stderr[-2000:]}"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,24 @@
 """``sifpy inspect``: show an image's metadata (labels, runscript, env, ...), like Apptainer.
 
-Reads straight from the squashfs inside the SIF (or from a sandbox); nothing is mounted.
+A SIF's ``inspect-metadata.json`` object (written at build time by Apptainer and sifpy) is
+the answer when the image has one, as in Apptainer 1.2 and later
+(https://github.com/apptainer/apptainer/blob/main/cmd/internal/cli/inspect.go);
+otherwise the files are read straight from the squashfs inside the SIF (or from a
+sandbox); nothing is mounted. Either way the values and the text output are Apptainer's:
+a file's trailing newlines dropped, one newline after each value.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from sifpy.cli._args import ArgumentParser
 from sifpy.errors import ImageError
 from sifpy.squashfs.read import ImageFiles, open_image_files
+
+METADATA = "inspect-metadata.json"
 
 # attribute -> (option, path in /.singularity.d, path in /scif/apps/<app>/scif)
 FILES = {
@@ -40,7 +48,61 @@ def build_parser(prog: str) -> ArgumentParser:
 
 
 def _text(data: bytes | None) -> str | None:
-    return None if data is None else data.decode("utf-8", "replace")
+    """A file's text as Apptainer's inspect keeps it: its trailing newlines dropped."""
+    return None if data is None else data.decode("utf-8", "replace").rstrip("\n")
+
+
+def _env_file(name: str) -> bool:
+    """Apptainer shows the environment files a build writes (env/10-docker*.sh and
+    env/9*-environment.sh), not its own 01-base.sh, 95-apps.sh, 99-base.sh..."""
+    return name.endswith(".sh") and (
+        name.startswith("10-docker") or (name.startswith("9") and name.endswith("-environment.sh"))
+    )
+
+
+def stored_metadata(path: str) -> dict[str, object] | None:
+    """The attributes of a SIF's ``inspect-metadata.json`` object, None without one (a
+    sandbox, an image from siftool, an OCI-SIF) or when it can't be decoded (Apptainer
+    then warns and reads the image; sifpy reads the image)."""
+    if os.path.isdir(path):
+        return None
+    from sifpy.sif import SifImage
+
+    with SifImage.open(path) as img:
+        found = [d for d in img.find() if d.name == METADATA]
+        data = img.read(found[0]) if found else None
+    if data is None:
+        return None
+    try:
+        attrs = json.loads(data)["data"]["attributes"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return attrs if isinstance(attrs, dict) else None
+
+
+def from_metadata(meta: dict[str, object], deffile: bytes | None, kinds: list[str],
+                  app: str | None) -> dict[str, object]:  # fmt: skip
+    """What Apptainer shows from the stored metadata: the image's attributes or one
+    app's; the definition file from its own SIF object first."""
+    apps = meta.get("apps") or {}
+    if app:
+        if not isinstance(apps, dict) or app not in apps:
+            hint = "see 'sifpy inspect --list-apps'"
+            raise ImageError(f"no app named {app} in this image", hint=hint)
+        source = apps[app] or {}
+    else:
+        source = meta
+    out: dict[str, object] = {}
+    for kind in kinds:
+        if kind == "deffile":
+            text = _text(deffile) if deffile is not None else meta.get("deffile")
+            if text:
+                out["deffile"] = text
+        elif kind in ("labels", "environment"):
+            out[kind] = source.get(kind) or {}
+        elif source.get(kind):
+            out[kind] = source[kind]
+    return out
 
 
 def attributes(files: ImageFiles, deffile: bytes | None, kinds: list[str], app: str | None
@@ -66,7 +128,7 @@ def attributes(files: ImageFiles, deffile: bytes | None, kinds: list[str], app: 
             envs = {
                 f"{env_dir}/{n}": _text(files.read(f"{env_dir}/{n}")) or ""
                 for n in files.listdir(env_dir)
-                if n.endswith(".sh")
+                if _env_file(n)
             }
             out["environment"] = envs
         else:
@@ -77,35 +139,52 @@ def attributes(files: ImageFiles, deffile: bytes | None, kinds: list[str], app: 
     return out
 
 
+def _app(files: ImageFiles, name: str) -> dict[str, object]:
+    """One app's entry of ``--all``, its empty values left out as Apptainer's JSON does."""
+    attrs = attributes(files, None, [k for k in KINDS if k != "deffile"], name)
+    return {k: v for k, v in attrs.items() if v}
+
+
 def render_text(attrs: dict[str, object], several: bool) -> str:
     chunks = []
     for kind, value in attrs.items():
         if kind == "labels":
             body = "".join(f"{k}: {v}\n" for k, v in sorted(value.items()))  # type: ignore[attr-defined]
         elif kind == "environment":
-            body = "".join(f"=== {f} ===\n{t}\n" for f, t in value.items())  # type: ignore[attr-defined]
+            body = "".join(f"=== {f} ===\n{t}\n\n" for f, t in sorted(value.items()))  # type: ignore[attr-defined]
         else:
             body = str(value)
         if several:
             chunks.append(f"=== {kind} ===\n")
-        chunks.append(body if body.endswith("\n") or not body else body + "\n")
+        chunks.append(body if kind in ("labels", "environment") or not body else body + "\n")
     return "".join(chunks)
 
 
 def main(argv: list[str], prog: str = "sifpy inspect") -> int:
     a = build_parser(prog).parse_args(argv)
+    meta = stored_metadata(a.image)
     files, deffile = open_image_files(a.image)
+    kinds = KINDS if a.all else [k for k in KINDS if getattr(a, k)] or ["labels"]
     try:
         if a.list_apps:
-            print("\n".join(files.listdir("/scif/apps")))
+            apps = meta.get("apps") if meta is not None else files.listdir("/scif/apps")
+            sys.stdout.write("".join(f"{n}\n" for n in sorted(apps or ())))  # type: ignore[call-overload]
             return 0
-        kinds = KINDS if a.all else [k for k in KINDS if getattr(a, k)] or ["labels"]
-        attrs = attributes(files, deffile, kinds, a.app)
+        if meta is not None:
+            attrs = from_metadata(meta, deffile, kinds, a.app)
+            if a.all and meta.get("apps"):
+                attrs["apps"] = meta["apps"]
+        else:
+            attrs = attributes(files, deffile, kinds, a.app)
+            if a.all:
+                apps = {n: _app(files, n) for n in files.listdir("/scif/apps")}
+                if apps:
+                    attrs["apps"] = apps
     finally:
         files.close()
     if a.json:
         doc = {"data": {"attributes": attrs}, "type": "container"}
-        json.dump(doc, sys.stdout, indent=4)
+        json.dump(doc, sys.stdout, indent="\t")
         sys.stdout.write("\n")
     else:
         sys.stdout.write(render_text(attrs, several=len(kinds) > 1))

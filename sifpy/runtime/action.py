@@ -188,9 +188,14 @@ case "$0" in
     fi
     if [ -x "$__s" ]; then exec "$__s" "$@"; else exec /bin/sh "$__s" "$@"; fi ;;
   test)
-    if [ -n "${APPTAINER_APPNAME:-}" ]; then __s="/scif/apps/$APPTAINER_APPNAME/scif/test"
-    else __s=/.singularity.d/test; fi
-    [ -f "$__s" ] || exit 0
+    # Apptainer's words, on stdout, and its statuses: none in the image is a success,
+    # none in the app a failure.
+    if [ -n "${APPTAINER_APPNAME:-}" ]; then
+      __s="/scif/apps/$APPTAINER_APPNAME/scif/test"
+      [ -f "$__s" ] || { echo "No tests for contained app: $APPTAINER_APPNAME"; exit 1; }
+    elif [ -f /.singularity.d/test ]; then __s=/.singularity.d/test
+    else echo "No test found in container, executing /bin/sh -c true"; exec /bin/sh -c true
+    fi
     if [ -x "$__s" ]; then exec "$__s" "$@"; else exec /bin/sh "$__s" "$@"; fi ;;
   start)
     __s=/.singularity.d/startscript
