@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from integration.conftest import UserRunner, require
+from integration.conftest import REPO, UserRunner, require
 from tests.probe import need_tool
 
 # Runs as the test user: launch() one container from a JSON spec; exit with its status.
@@ -294,6 +295,8 @@ def user_dir(test_user: Any) -> Iterator[Path]:
 
 
 APPTAINER_BUILT = Path(__file__).resolve().parent / "apptainer_built"
+# What shapes a SIF sifpy builds and its metadata: a change rebuilds the cached results.
+SIFPY_WRITERS = ("sifpy/build.py", "sifpy/rootfs/metadata.py", "sifpy/sif/write.py")
 
 
 @dataclass(frozen=True)
@@ -311,11 +314,28 @@ class ApptainerBuilt:
         return rc, (self.results / f"{name}.{probe}.out").read_text()
 
 
+def _build_with_sifpy(out: Path) -> list[Path]:
+    """``apptainer_built/sifpy/NAME.def`` built by sifpy (as root) into
+    ``out/sifpy-NAME.sif``, for Apptainer to run and inspect."""
+    sifs = []
+    for definition in sorted((APPTAINER_BUILT / "sifpy").glob("*.def")):
+        sif = out / f"sifpy-{definition.stem}.sif"
+        res = subprocess.run(
+            [sys.executable, "-m", "sifpy", "build", "--notest", str(sif), str(definition)],
+            capture_output=True, text=True, timeout=300, cwd=out,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )  # fmt: skip
+        assert res.returncode == 0, f"sifpy build of {definition} failed:\n{res.stderr}"
+        sifs.append(sif)
+    return sifs
+
+
 def _build_with_apptainer(out: Path) -> None:
-    """Build and probe ``apptainer_built/*.def`` with Apptainer into ``out``: mmdebstrap
-    makes a Debian sid root with its ``apptainer`` package (Debian 12 has none) in a
-    temporary directory, ``build.sh`` runs ``apptainer build`` and the probes in it, the
-    results are copied out and the root is deleted (``--format=null``)."""
+    """Build and probe ``apptainer_built/*.def`` with Apptainer into ``out``, and probe the
+    SIFs sifpy builds from ``apptainer_built/sifpy/*.def``: mmdebstrap makes a Debian sid
+    root with its ``apptainer`` package (Debian 12 has none) in a temporary directory,
+    ``build.sh`` runs ``apptainer build`` and the probes in it, the results are copied out
+    and the root is deleted (``--format=null``)."""
     from sifpy.rootfs.bootstrap.debootstrap import host_mirror
 
     mmdebstrap = need_tool("mmdebstrap")
@@ -323,13 +343,17 @@ def _build_with_apptainer(out: Path) -> None:
     require(None if os.geteuid() == 0 else "mmdebstrap's root mode needs root")
     mirror = host_mirror()
     require(None if mirror else "no Debian mirror in the host's apt sources")
+    prebuilt = out / "sifpy-built"
+    prebuilt.mkdir()
+    sifpy_sifs = " ".join(str(p) for p in _build_with_sifpy(prebuilt))
     argv = [
         mmdebstrap, "--quiet", "--mode=root", "--variant=minbase", "--format=null",
         "--include=apptainer,busybox-static",
         # A mirror frozen at a date has a sid Release whose Valid-Until has passed.
         '--aptopt=Acquire::Check-Valid-Until "false"',
         f"--customize-hook=copy-in {APPTAINER_BUILT} /",
-        '--customize-hook=mv "$1/apptainer_built" "$1/work"',
+        '--customize-hook=mv "$1/apptainer_built" "$1/work" && mkdir "$1/work/out"',
+        f"--customize-hook=copy-in {sifpy_sifs} /work/out",
         f'--customize-hook={APPTAINER_BUILT / "build.sh"} "$1"',
         f"--customize-hook=copy-out /work/out {out}",
         "sid", "/dev/null", str(mirror),
@@ -343,13 +367,15 @@ def _build_with_apptainer(out: Path) -> None:
 @pytest.fixture(scope="session")
 def apptainer_built(workdir: Path, pytestconfig: pytest.Config) -> ApptainerBuilt:
     """The SIFs Apptainer itself builds from ``apptainer_built/NAME.def`` (``default``,
-    ``custom``) and its own results of the probes on them. Built once and kept in
+    ``custom``), the one sifpy builds from ``apptainer_built/sifpy/custom.def``
+    (``sifpy-custom``), and Apptainer's own results of the probes on them. Built once and kept in
     pytest's cache dir, keyed by the files of ``apptainer_built/`` (the build takes about
     45 s, mostly the download of Apptainer); the SIFs are copied world-readable into the
     session's workdir."""
     key = hashlib.sha256()
-    for p in sorted(APPTAINER_BUILT.iterdir()):
-        key.update(p.name.encode() + b"\0" + p.read_bytes())
+    for p in sorted([*APPTAINER_BUILT.rglob("*"), *(REPO / f for f in SIFPY_WRITERS)]):
+        if p.is_file():
+            key.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes())
     cache = getattr(pytestconfig, "cache", None)
     where = Path(cache.mkdir("sifpy-apptainer-built")) if cache is not None else workdir
     done = where / f"apptainer-built-{key.hexdigest()[:16]}"
@@ -361,7 +387,7 @@ def apptainer_built(workdir: Path, pytestconfig: pytest.Config) -> ApptainerBuil
         partial.mkdir(parents=True)
         _build_with_apptainer(partial)
         (partial / "out").rename(done)
-        partial.rmdir()
+        shutil.rmtree(partial)
     images = {}
     for sif in sorted(done.glob("*.sif")):
         dest = workdir / f"apptainer-built-{sif.name}"

@@ -24,7 +24,12 @@ PROBES = [
     for line in (APPTAINER_BUILT / "probes.txt").read_text().splitlines()
     if line and not line.startswith("#")
 ]
-NAMES = sorted(p.stem for p in APPTAINER_BUILT.glob("*.def"))
+# Apptainer's images, and sifpy's (the reverse direction: Apptainer's answers on them are
+# what sifpy must give too).
+NAMES = [
+    *sorted(p.stem for p in APPTAINER_BUILT.glob("*.def")),
+    *sorted(f"sifpy-{p.stem}" for p in (APPTAINER_BUILT / "sifpy").glob("*.def")),
+]
 
 
 def sifpy(runner: UserRunner, *args: str) -> subprocess.CompletedProcess[str]:
