@@ -94,8 +94,8 @@ def from_metadata(meta: dict[str, object], deffile: bytes | None, kinds: list[st
         source = meta
     out: dict[str, object] = {}
     for kind in kinds:
-        if kind == "deffile":
-            text = _text(deffile) if deffile is not None else meta.get("deffile")
+        if kind == "deffile":  # the stored one, as Apptainer shows when there is one
+            text = meta.get("deffile") or (_text(deffile) if deffile is not None else None)
             if text:
                 out["deffile"] = text
         elif kind in ("labels", "environment"):
@@ -145,18 +145,22 @@ def _app(files: ImageFiles, name: str) -> dict[str, object]:
     return {k: v for k, v in attrs.items() if v}
 
 
-def render_text(attrs: dict[str, object], several: bool) -> str:
+# Apptainer prints the sections asked for in this order, one after the other.
+TEXT_ORDER = ["deffile", "runscript", "startscript", "test", "helpfile", "environment", "labels"]
+
+
+def render_text(attrs: dict[str, object]) -> str:
     chunks = []
-    for kind, value in attrs.items():
+    for kind in TEXT_ORDER:
+        value = attrs.get(kind)
+        if not value:
+            continue
         if kind == "labels":
-            body = "".join(f"{k}: {v}\n" for k, v in sorted(value.items()))  # type: ignore[attr-defined]
+            chunks += [f"{k}: {v}\n" for k, v in sorted(value.items())]  # type: ignore[attr-defined]
         elif kind == "environment":
-            body = "".join(f"=== {f} ===\n{t}\n\n" for f, t in sorted(value.items()))  # type: ignore[attr-defined]
+            chunks += [f"=== {f} ===\n{t}\n\n" for f, t in sorted(value.items())]  # type: ignore[attr-defined]
         else:
-            body = str(value)
-        if several:
-            chunks.append(f"=== {kind} ===\n")
-        chunks.append(body if kind in ("labels", "environment") or not body else body + "\n")
+            chunks.append(f"{value}\n")
     return "".join(chunks)
 
 
@@ -182,10 +186,12 @@ def main(argv: list[str], prog: str = "sifpy inspect") -> int:
                     attrs["apps"] = apps
     finally:
         files.close()
-    if a.json:
+    if a.json or a.all:  # --all is JSON in Apptainer
+        if a.app and not a.all:  # one app's attributes, under its name
+            attrs = {"apps": {a.app: attrs}}
         doc = {"data": {"attributes": attrs}, "type": "container"}
         json.dump(doc, sys.stdout, indent="\t")
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(render_text(attrs, several=len(kinds) > 1))
+        sys.stdout.write(render_text(attrs))
     return 0

@@ -428,11 +428,13 @@ def insert(root: str | os.PathLike[str], stage: Stage, what: Insert) -> list[str
 
 
 def inspect_json(root: str | os.PathLike[str]) -> bytes:
-    """The ``inspect-metadata.json`` object: what ``apptainer inspect --all`` prints."""
+    """The ``inspect-metadata.json`` object: what ``apptainer inspect --all`` prints, in
+    the shape Apptainer's build stores and its inspect decodes (each file's text without
+    its trailing newlines; an app's environment a map of files, as the image's)."""
     with F.opened_root(root) as rfd:
         env: dict[str, str] = {}
         for name in ("10-docker2singularity.sh", "90-environment.sh", "91-environment.sh"):
-            text = F.read_file(rfd, f"{ENV_DIR}/{name}")
+            text = _inspect_text(rfd, f"{ENV_DIR}/{name}")
             if text is not None:
                 env[f"{ENV_DIR}/{name}"] = text
         attrs: dict[str, Any] = {
@@ -447,11 +449,17 @@ def inspect_json(root: str | os.PathLike[str]) -> bytes:
             ("deffile", f"{SD}/Singularity"),
             ("startscript", f"{SD}/startscript"),
         ):
-            text = F.read_file(rfd, path)
+            text = _inspect_text(rfd, path)
             if text is not None:
                 attrs[key] = text
     doc = {"data": {"attributes": attrs}, "type": "container"}
     return json.dumps(doc, indent="\t").encode()
+
+
+def _inspect_text(rfd: int, path: str) -> str | None:
+    """A file as Apptainer's inspect keeps it: its trailing newlines dropped."""
+    text = F.read_file(rfd, path)
+    return None if text is None else text.rstrip("\n")
 
 
 def _inspect_apps(rfd: int) -> dict[str, Any]:
@@ -471,10 +479,12 @@ def _inspect_apps(rfd: int) -> dict[str, Any]:
             ("runscript", f"{a}/runscript"),
             ("test", f"{a}/test"),
             ("helpfile", f"{a}/runscript.help"),
-            ("environment", f"{a}/env/90-environment.sh"),
         ):
-            text = F.read_file(rfd, path)
+            text = _inspect_text(rfd, path)
             if text is not None:
                 entry[key] = text
+        text = _inspect_text(rfd, f"{a}/env/90-environment.sh")
+        if text is not None:
+            entry["environment"] = {f"{a}/env/90-environment.sh": text}
         apps[name] = entry
     return apps

@@ -188,11 +188,12 @@ case "$0" in
     fi
     if [ -x "$__s" ]; then exec "$__s" "$@"; else exec /bin/sh "$__s" "$@"; fi ;;
   test)
-    # Apptainer's words, on stdout, and its statuses: none in the image is a success,
-    # none in the app a failure.
+    # Apptainer's words and statuses: no test in the image is a success (said on
+    # stdout, as the test script Apptainer writes into its images does), none in the app
+    # a failure (an error, on stderr).
     if [ -n "${APPTAINER_APPNAME:-}" ]; then
       __s="/scif/apps/$APPTAINER_APPNAME/scif/test"
-      [ -f "$__s" ] || { echo "No tests for contained app: $APPTAINER_APPNAME"; exit 1; }
+      [ -f "$__s" ] || { echo "No tests for contained app: $APPTAINER_APPNAME" >&2; exit 1; }
     elif [ -f /.singularity.d/test ]; then __s=/.singularity.d/test
     else echo "No test found in container, executing /bin/sh -c true"; exec /bin/sh -c true
     fi
