@@ -11,7 +11,9 @@ Images: busybox images built by sifpy as the test user (``default``: no environm
 ``custom``: upstream's test image PATH and CGO_ENABLED; ``debian``: Debian's library
 layout with a glibc ldconfig, for the LD_LIBRARY_PATH cases upstream runs on Debian), a
 sifpy-built sandbox for the bind cases, and the image in Apptainer's own layout made
-without sifpy's builder (``test_apptainer_image.py``).
+without sifpy's builder (``test_apptainer_image.py``). Every table that runs on
+``default`` and ``custom`` runs again on the same two images built by Apptainer itself
+(``apptainer_built/default.def`` and ``custom.def``; the ids say ``apptainer-built``).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def conf(runtime_ready: UserRunner, workdir: Path) -> Sifpy:
 
 
 @pytest.fixture(scope="module")
-def images(conf: Sifpy) -> dict[str, str]:
+def sifpy_images(conf: Sifpy) -> dict[str, str]:
     """The sifpy-built images (built by the test user) and the Apptainer-layout SIF."""
     require_ldconfig = shutil.which("ldconfig", path="/sbin")
     assert require_ldconfig, "glibc's /sbin/ldconfig is needed for the Debian-like image"
@@ -108,6 +110,16 @@ def images(conf: Sifpy) -> dict[str, str]:
     sif.chmod(0o644)
     out["apptainer"] = str(sif)
     return out
+
+
+@pytest.fixture(scope="module", params=["sifpy", "apptainer"], ids=["sifpy", "apptainer-built"])
+def images(request: pytest.FixtureRequest, sifpy_images: dict[str, str]) -> dict[str, str]:
+    """The images of the tables: ``default`` and ``custom`` built by sifpy, then the same
+    two built by Apptainer itself (``apptainer_built/``, the fixture ``apptainer_built``)."""
+    if request.param == "sifpy":
+        return sifpy_images
+    built = request.getfixturevalue("apptainer_built")
+    return {**sifpy_images, "default": built.images["default"], "custom": built.images["custom"]}
 
 
 def echo(conf: Sifpy, image: str, var: str, *opts: str, env: dict[str, str] | None = None) -> str:
@@ -167,14 +179,14 @@ LD_CASES = [
 )
 def test_apptainer_env_option_ld_library_path(
     conf: Sifpy,
-    images: dict[str, str],
+    sifpy_images: dict[str, str],
     name: str,
     opts: list[str],
     exec_opts: list[str],
     want: str,
 ) -> None:
     env_opt = ["--env", ",".join(opts)] if opts else []
-    assert echo(conf, images["debian"], "LD_LIBRARY_PATH", *env_opt, *exec_opts) == want
+    assert echo(conf, sifpy_images["debian"], "LD_LIBRARY_PATH", *env_opt, *exec_opts) == want
 
 
 @pytest.mark.parametrize(
@@ -240,10 +252,10 @@ def test_issue43(conf: Sifpy, images: dict[str, str], img: str) -> None:
     assert echo(conf, images[img], "LD_PRELOAD", env=env) == "/foo/bar/$LIB/baz.so"
 
 
-def test_path_forms_on_the_apptainer_layout(conf: Sifpy, images: dict[str, str]) -> None:
+def test_path_forms_on_the_apptainer_layout(conf: Sifpy, sifpy_images: dict[str, str]) -> None:
     """apptainerEnvOption's PATH cases on the image in Apptainer's layout: relative to its
     own PATH (its 10-docker2singularity.sh, completed by the default PATH)."""
-    img = images["apptainer"]
+    img = sifpy_images["apptainer"]
     base = echo(conf, img, "PATH")
     assert base.startswith("/opt/tool/bin:") and all(
         d in base.split(":") for d in DEFAULT_PATH.split(":")
@@ -463,15 +475,15 @@ BIND_CASES = [
 )
 def test_action_binds(
     conf: Sifpy,
-    images: dict[str, str],
+    sifpy_images: dict[str, str],
     ws: dict[str, str],
     name: str,
     args: list[str],
     code: int,
     created: str | None,
 ) -> None:
-    fields = {**ws, "sandbox": images["sandbox"]}
-    before = set(os.listdir(images["sandbox"]))
+    fields = {**ws, "sandbox": sifpy_images["sandbox"]}
+    before = set(os.listdir(sifpy_images["sandbox"]))
     r = conf("exec", *(a.format(**fields) for a in args))
     assert r.returncode == code, r.stderr
     if code == 125:
@@ -479,9 +491,9 @@ def test_action_binds(
     if created is not None:
         assert os.path.exists(created.format(**fields))
     # Nothing is left behind in the sandbox (with --writable too).
-    assert set(os.listdir(images["sandbox"])) == before
-    assert not os.path.exists(os.path.join(images["sandbox"], "canary"))
-    assert not os.path.exists(os.path.join(images["sandbox"], "home", "e2e"))
+    assert set(os.listdir(sifpy_images["sandbox"])) == before
+    assert not os.path.exists(os.path.join(sifpy_images["sandbox"], "canary"))
+    assert not os.path.exists(os.path.join(sifpy_images["sandbox"], "home", "e2e"))
 
 
 def test_nested_bind_on_a_sif(conf: Sifpy, images: dict[str, str], ws: dict[str, str]) -> None:
