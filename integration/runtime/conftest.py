@@ -368,10 +368,10 @@ def _build_with_apptainer(out: Path) -> None:
 def apptainer_built(workdir: Path, pytestconfig: pytest.Config) -> ApptainerBuilt:
     """The SIFs Apptainer itself builds from ``apptainer_built/NAME.def`` (``default``,
     ``custom``), the one sifpy builds from ``apptainer_built/sifpy/custom.def``
-    (``sifpy-custom``), and Apptainer's own results of the probes on them. Built once and kept in
-    pytest's cache dir, keyed by the files of ``apptainer_built/`` (the build takes about
-    45 s, mostly the download of Apptainer); the SIFs are copied world-readable into the
-    session's workdir."""
+    (``sifpy-custom``), and Apptainer's own results of the probes on them. Built once and
+    kept in pytest's cache dir, keyed by the files of ``apptainer_built/`` and sifpy's SIF
+    writers (45-70 s here, mostly the download of Apptainer's packages); the SIFs are
+    copied world-readable into the session's workdir."""
     key = hashlib.sha256()
     for p in sorted([*APPTAINER_BUILT.rglob("*"), *(REPO / f for f in SIFPY_WRITERS)]):
         if p.is_file():
