@@ -41,7 +41,7 @@ NAMES = [
 DIFFERENCES = {
     **{(n, "not-found"): (127, "sifpy: can't execute: no-such-command: not found") for n in NAMES},
     **{("default", p): (1, "error: no app named foo in this image")
-       for p in ("app-labels", "app-runscript", "app-json")},
+       for p in ("app-labels", "app-runscript", "app-json", "app-environment")},
 }  # fmt: skip
 
 
