@@ -84,3 +84,16 @@ def test_siftool_lists_what_sifpy_lists(
     ours = sifpy(runtime_ready, "sif", "list", image)
     assert ours.returncode == 0, ours.stderr
     assert ours.stdout == ref.stdout
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n.startswith("sifpy-")])
+def test_apptainer_reads_the_metadata_sifpy_stores(
+    apptainer_built: ApptainerBuilt, name: str
+) -> None:
+    """Apptainer's inspect decodes a sifpy-built SIF's inspect-metadata.json (an app's
+    environment is a map of files there); a shape it can't decode makes it warn "Unable to
+    read inspect-metadata.json SIF descriptor" on every inspect, and read the image."""
+    for probe, args in apptainer_built.probes.items():
+        if args.startswith("inspect"):
+            err = (apptainer_built.results / f"{name}.{probe}.err").read_text()
+            assert "inspect-metadata.json" not in err, (probe, err)
