@@ -297,6 +297,7 @@ def user_dir(test_user: Any) -> Iterator[Path]:
 APPTAINER_BUILT = Path(__file__).resolve().parent / "apptainer_built"
 # What shapes a SIF sifpy builds and its metadata: a change rebuilds the cached results.
 SIFPY_WRITERS = ("sifpy/build.py", "sifpy/rootfs/metadata.py", "sifpy/sif/write.py")
+TABLES = REPO / "tests" / "runtime" / "test_env_apptainer.py"
 
 
 @dataclass(frozen=True)
@@ -312,6 +313,46 @@ class ApptainerBuilt:
         """Apptainer's exit status and stdout for ``probe`` on image ``name``."""
         rc = int((self.results / f"{name}.{probe}.rc").read_text())
         return rc, (self.results / f"{name}.{probe}.out").read_text()
+
+
+def table_cases() -> list[tuple[str, str, str]]:
+    """The ported environment tables (``tests/runtime/test_env_apptainer.py``) as
+    ``(id, want, shell command)`` for Apptainer itself on the images it built, so that the
+    expected values are checked against the real thing, not only against sifpy. The uid
+    there is 0 (root of the build's user namespace). ``--no-env`` and ``APPTAINER_NOENV``
+    are left out: Apptainer has them from 1.5 on, Debian's is 1.4."""
+    import shlex
+
+    import tests.runtime.test_env_apptainer as T
+
+    def command(img: str, opts: list[str], environ: dict[str, str], var: str) -> str:
+        env = " ".join(shlex.quote(f"{k}={v}") for k, v in environ.items())
+        return (
+            f"env -i PATH=/usr/bin:/bin HOME=/root {env} apptainer --quiet exec "
+            f"{' '.join(shlex.quote(o) for o in opts)} /work/out/{img}.sif /bin/sh -c "
+            + shlex.quote('echo "${' + var + '}"')
+        )
+
+    cases = []
+    for name, img, environ, want in T.ENV_PATH:
+        cases.append((f"env-{name}", want, command(img, [], environ, "PATH")))
+    for name, img, opts, environ, var, want in T.ENV_OPTION:
+        args = ["--env", ",".join(opts)] if opts else []
+        cases.append((f"env-option-{name}", want, command(img, args, environ, var)))
+    for name, opts, files, var, want in T.ENV_FILE:
+        args, pre = ["--env", ",".join(opts)] if opts else [], ""
+        for i, text in enumerate(files):
+            path = f"/work/{name}.env{i}"
+            pre += f"printf %s {shlex.quote(text)} > {path}; "
+            args += ["--env-file", path]
+        cases.append((f"env-file-{name}", want, pre + command("custom", args, {}, var)))
+    for name, who, no_eval, want in T.ENV_EVAL:
+        args = ["--no-eval"] if no_eval else []
+        env = {"APPTAINERENV_WHO": who}
+        cases.append(
+            (f"env-eval-{name}", want.replace(T.UID, "0"), command("custom", args, env, "WHO"))
+        )
+    return [(c[0].replace(" ", "_").replace("/", "_"), c[1], c[2]) for c in cases]
 
 
 def _build_with_sifpy(out: Path) -> list[Path]:
@@ -346,6 +387,11 @@ def _build_with_apptainer(out: Path) -> None:
     prebuilt = out / "sifpy-built"
     prebuilt.mkdir()
     sifpy_sifs = " ".join(str(p) for p in _build_with_sifpy(prebuilt))
+    tables = out / "tables.sh"
+    tables.write_text("".join(
+        f"( {cmd} ) > table.{case}.out 2> table.{case}.err < /dev/null\n"
+        for case, _, cmd in table_cases()
+    ))  # fmt: skip
     argv = [
         mmdebstrap, "--quiet", "--mode=root", "--variant=minbase", "--format=null",
         "--include=apptainer,busybox-static",
@@ -354,6 +400,7 @@ def _build_with_apptainer(out: Path) -> None:
         f"--customize-hook=copy-in {APPTAINER_BUILT} /",
         '--customize-hook=mv "$1/apptainer_built" "$1/work" && mkdir "$1/work/out"',
         f"--customize-hook=copy-in {sifpy_sifs} /work/out",
+        f"--customize-hook=copy-in {tables} /work",
         f'--customize-hook={APPTAINER_BUILT / "build.sh"} "$1"',
         f"--customize-hook=copy-out /work/out {out}",
         "sid", "/dev/null", str(mirror),
@@ -373,7 +420,7 @@ def apptainer_built(workdir: Path, pytestconfig: pytest.Config) -> ApptainerBuil
     writers (45-70 s here, mostly the download of Apptainer's packages); the SIFs are
     copied world-readable into the session's workdir."""
     key = hashlib.sha256()
-    for p in sorted([*APPTAINER_BUILT.rglob("*"), *(REPO / f for f in SIFPY_WRITERS)]):
+    for p in sorted([*APPTAINER_BUILT.rglob("*"), *(REPO / f for f in SIFPY_WRITERS), TABLES]):
         if p.is_file():
             key.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes())
     cache = getattr(pytestconfig, "cache", None)

@@ -17,7 +17,7 @@ import subprocess
 import pytest
 
 from integration.conftest import UserRunner
-from integration.runtime.conftest import APPTAINER_BUILT, ApptainerBuilt
+from integration.runtime.conftest import APPTAINER_BUILT, ApptainerBuilt, table_cases
 
 PROBES = [
     line.partition(" ")[0]
@@ -97,3 +97,16 @@ def test_apptainer_reads_the_metadata_sifpy_stores(
         if args.startswith("inspect"):
             err = (apptainer_built.results / f"{name}.{probe}.err").read_text()
             assert "inspect-metadata.json" not in err, (probe, err)
+
+
+@pytest.mark.parametrize(
+    ("case", "want", "command"), table_cases(), ids=[c[0] for c in table_cases()]
+)
+def test_the_ported_tables_hold_on_apptainer(
+    apptainer_built: ApptainerBuilt, case: str, want: str, command: str
+) -> None:
+    """The expected values ported from Apptainer's e2e tables (which the conformance tests
+    hold sifpy to) are what Apptainer itself prints, on the images it built."""
+    out = (apptainer_built.results / f"table.{case}.out").read_text()
+    err = (apptainer_built.results / f"table.{case}.err").read_text()
+    assert out.removesuffix("\n") == want, err

@@ -23,3 +23,5 @@ for SIF in *.sif; do
         echo "$rc" > "$name.$id.rc"
     done
 done
+# The ported environment tables, run by Apptainer (tables.sh, written by the fixture).
+sh ../tables.sh
