@@ -296,7 +296,7 @@ def user_dir(test_user: Any) -> Iterator[Path]:
 
 APPTAINER_BUILT = Path(__file__).resolve().parent / "apptainer_built"
 # What shapes a SIF sifpy builds and its metadata: a change rebuilds the cached results.
-SIFPY_WRITERS = ("sifpy/build.py", "sifpy/rootfs/metadata.py", "sifpy/sif/write.py")
+SIFPY_WRITERS = ("sifpy/build", "sifpy/deffile", "sifpy/rootfs", "sifpy/sif", "sifpy/squashfs")
 TABLES = REPO / "tests" / "runtime" / "test_env_apptainer.py"
 
 
@@ -420,7 +420,9 @@ def apptainer_built(workdir: Path, pytestconfig: pytest.Config) -> ApptainerBuil
     writers (45-70 s here, mostly the download of Apptainer's packages); the SIFs are
     copied world-readable into the session's workdir."""
     key = hashlib.sha256()
-    for p in sorted([*APPTAINER_BUILT.rglob("*"), *(REPO / f for f in SIFPY_WRITERS), TABLES]):
+    writers = [p for d in SIFPY_WRITERS for p in (REPO / d).rglob("*.py")]
+    assert writers, SIFPY_WRITERS
+    for p in sorted([*APPTAINER_BUILT.rglob("*"), *writers, TABLES]):
         if p.is_file():
             key.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes())
     cache = getattr(pytestconfig, "cache", None)
