@@ -368,7 +368,13 @@ def _build_with_sifpy(out: Path) -> list[Path]:
         )  # fmt: skip
         assert res.returncode == 0, f"sifpy build of {definition} failed:\n{res.stderr}"
         sifs.append(sif)
-    return sifs
+    # An OCI-SIF sifpy writes (as `pull --oci` does), for a siftool that knows the OCI data
+    # types (sid's; Debian 12's 2.8 lists them as "Unknown") to list.
+    from sifpy.export import write_ocisif
+
+    oci = out / "sifpy-custom.ocisif"
+    write_ocisif(sifs[0], oci)
+    return [*sifs, oci]
 
 
 def _build_with_apptainer(out: Path) -> None:
@@ -394,7 +400,7 @@ def _build_with_apptainer(out: Path) -> None:
     ))  # fmt: skip
     argv = [
         mmdebstrap, "--quiet", "--mode=root", "--variant=minbase", "--format=null",
-        "--include=apptainer,busybox-static",
+        "--include=apptainer,busybox-static,siftool",
         # A mirror frozen at a date has a sid Release whose Valid-Until has passed.
         '--aptopt=Acquire::Check-Valid-Until "false"',
         f"--customize-hook=copy-in {APPTAINER_BUILT} /",

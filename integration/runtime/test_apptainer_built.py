@@ -99,6 +99,24 @@ def test_apptainer_reads_the_metadata_sifpy_stores(
             assert "inspect-metadata.json" not in err, (probe, err)
 
 
+def test_a_current_siftool_lists_sifpys_oci_sif_as_such(
+    runtime_ready: UserRunner, apptainer_built: ApptainerBuilt
+) -> None:
+    """An OCI-SIF sifpy writes (``pull --oci``, ``export.write_ocisif``) lists as one with
+    Debian sid's siftool, which knows the OCI data types: the root index and the blobs by
+    name, and sifpy lists the same objects."""
+    listing = (apptainer_built.results / "sifpy-custom.ocisif.siftool-list").read_text()
+    kinds = [line.rsplit("|", 1)[-1].strip() for line in listing.splitlines() if "|" in line]
+    assert kinds[1:] == ["OCI.Blob"] * 3 + ["OCI.RootIndex"], listing  # kinds[0]: header
+    # sifpy's own listing names the same objects in the same order.
+    image = apptainer_built.results / "sifpy-custom.ocisif"
+    ours = sifpy(runtime_ready, "sif", "list", str(image))
+    assert ours.returncode == 0, ours.stderr
+    assert [
+        line.rsplit("|", 1)[-1].strip() for line in ours.stdout.splitlines() if "|" in line
+    ] == kinds
+
+
 @pytest.mark.parametrize(
     ("case", "want", "command"), table_cases(), ids=[c[0] for c in table_cases()]
 )

@@ -25,3 +25,7 @@ for SIF in *.sif; do
 done
 # The ported environment tables, run by Apptainer (tables.sh, written by the fixture).
 sh ../tables.sh
+# sid's siftool lists the OCI-SIF sifpy wrote (it knows OCI.RootIndex and OCI.Blob).
+for f in *.ocisif; do
+    siftool list "$f" > "$f.siftool-list"
+done
