@@ -287,6 +287,75 @@ def test_mpiexec_ranks_share_by_default(node: Node, launcher: str) -> None:
     assert len({line[2] for line in lines}) == 1
 
 
+def run_step(node: Node, body: str, timeout: float = 60) -> Any:
+    """Run ``body`` as one shell, the "launcher" whose children are the job step's ranks
+    (``$rank``: sifpy exec of the node's image)."""
+    rank = " ".join(shlex.quote(x) for x in [*node.prog, "exec", node.image])
+    return node.runner(
+        ["sh", "-c", f"rank={shlex.quote(rank)}\n{body}"],
+        env=node.env(),
+        cwd=str(node.cwd),
+        timeout=timeout,
+    )
+
+
+NS_LINE = 'echo "$PMI_RANK $(readlink /proc/self/ns/user) $(readlink /proc/self/ns/mnt)"'
+
+
+def test_late_rank_joins_the_container(node: Node) -> None:
+    """A rank the node starts late (a loaded node: rank 0 done, its holder idle, long before
+    rank 1 starts) still joins the step's container when the launcher said how many ranks
+    the node runs: one container per step, never one per burst of ranks."""
+    body = f"""
+        MPI_LOCALNRANKS=2 PMI_RANK=0 $rank sh -c '{NS_LINE}' &
+        wait $!
+        sleep 1
+        MPI_LOCALNRANKS=2 PMI_RANK=1 $rank sh -c '{NS_LINE}' &
+        wait $!
+    """
+    r = run_step(node, body)
+    assert r.returncode == 0, r.stderr
+    lines = [line.split() for line in r.stdout.splitlines()]
+    assert [line[0] for line in lines] == ["0", "1"], r.stdout
+    assert lines[0][1:] == lines[1][1:], r.stdout
+
+
+def test_many_first_ranks_one_container(node: Node) -> None:
+    """Twelve ranks starting at once, none finding a container yet: one creates it, all
+    join it (one holder, one FUSE server), whatever the order they get there in."""
+    n = 12
+    body = f"""
+        i=0
+        while [ $i -lt {n} ]; do
+            MPI_LOCALNRANKS={n} PMI_RANK=$i $rank sh -c '{NS_LINE}; {WAIT_GO}' > out$i &
+            i=$((i + 1))
+        done
+        while [ "$(cat out* | wc -l)" -lt {n} ]; do sleep 0.05; done
+        live() {{ ps -o stat=,comm= -u "$(id -u)" | awk -v n="$1" '$1 !~ /^Z/ && $2 == n' | wc -l; }}
+        echo "holders $(live {HOLDER})"
+        echo "servers $(live squashfuse_ll)"
+        touch go
+        wait
+        cat out*
+    """
+    r = run_step(node, body, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    assert out[:2] == ["holders 1", "servers 1"], r.stdout
+    lines = sorted((line.split() for line in out[2:]), key=lambda line: int(line[0]))
+    assert [line[0] for line in lines] == [str(i) for i in range(n)], r.stdout
+    assert len({tuple(line[1:]) for line in lines}) == 1, r.stdout
+
+
+def test_holder_ends_with_launcher_of_missing_ranks(node: Node) -> None:
+    """Ranks said to come that never do (they failed before sifpy started): the holder
+    waits for them only while their launcher lives, then goes (no mount left behind)."""
+    r = run_step(node, f"MPI_LOCALNRANKS=3 PMI_RANK=0 $rank sh -c '{NS_LINE}'")
+    assert r.returncode == 0, r.stderr
+    # The launcher (the shell) is gone: the holder follows at once, well before its 60 s.
+    assert wait_for(lambda: not node.holders(), timeout=5), node.holders()
+
+
 def test_instance_start_list_exec_stop(node: Node) -> None:
     """An instance runs the image's %startscript (with its arguments), is listed, can be
     joined with instance://NAME, and stopping it ends every process in it."""

@@ -60,10 +60,14 @@ _JOIN, _STOP, _FAST = b"j", b"s", b"f"
 _FDS = struct.Struct("2i")  # the namespace fds a joiner gets
 _PIDFD = struct.Struct("i")  # the pidfd it gives
 _TIMEOUT = 10.0  # seconds a holder may take to start, or to answer
-# How long a holder outlives its last rank: the ranks of a job start together, but the
-# first may be done before the last has joined (a short job, or a rank the node started
-# late), which would otherwise set up a second container.
+# How long a holder outlives its last rank when it can't tell whether more are coming (no
+# launcher said how many ranks this node runs): the ranks of a job start together, but the
+# first may be done before the last has joined.
 _LINGER_MS = 200
+# How long a holder that knows its node's rank count waits for ranks that have not joined
+# yet, its launcher still alive, once its members are gone (a rank that fails before it
+# starts sifpy; an MPMD job whose other programs never join).
+_WAIT_ALL_S = 60.0
 
 
 def job_step(environ: dict[str, str] | os._Environ[str]) -> str | None:
@@ -88,6 +92,34 @@ def job_step(environ: dict[str, str] | os._Environ[str]) -> str | None:
         return _on_node(f"ompi:{get('OMPI_MCA_ess_base_jobid')}")
     if any(get(v) for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")):
         return parent_step()
+    return None
+
+
+def local_ranks(environ: Mapping[str, str]) -> int | None:
+    """How many ranks of this process's job step run on this node, as its launcher says:
+    Hydra's ``MPI_LOCALNRANKS``, Open MPI's ``OMPI_COMM_WORLD_LOCAL_SIZE``, Slurm's
+    ``SLURM_STEP_TASKS_PER_NODE`` at ``SLURM_NODEID`` (``2(x3),1``: 2 on each of the first
+    three nodes, 1 on the fourth); None when none says (then a holder only lingers).
+
+    The MPI launchers' first: inside a Slurm allocation, an ``mpiexec`` is the step's
+    innermost launcher, and Slurm's counts are then the allocation's."""
+    get = environ.get
+    for var in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        value = get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    node, per_node = get("SLURM_NODEID", ""), get("SLURM_STEP_TASKS_PER_NODE", "")
+    if not (get("SLURM_STEP_ID") and node.isdigit() and per_node):
+        return None
+    index = int(node)
+    for group in per_node.split(","):
+        count, _, times = group.partition("(x")
+        repeat = times[:-1] if times.endswith(")") else ("1" if not times else "")
+        if not (count.isdigit() and repeat.isdigit()):
+            return None
+        if index < int(repeat):
+            return int(count) or None
+        index -= int(repeat)
     return None
 
 
@@ -478,7 +510,19 @@ def start_holder(
     """Start the holder of ``base`` (the caller holds ``base.lock``) and wait until its
     container is ready; return its pid. ``persistent`` (an instance): it stays without
     members until stopped. ``info``: text written to ``base.json`` once it is ready.
-    Raises the holder's own set-up error."""
+    Raises the holder's own set-up error.
+
+    A rank's holder (not ``persistent``) learns from the rank's environment how many ranks
+    its node runs (:func:`local_ranks`) and watches the rank's parent, the launcher: it
+    stays until that many have joined, or the launcher is gone, however quickly they come
+    and go; without a count it only lingers (``_LINGER_MS``)."""
+    expect = None if persistent else local_ranks(os.environ)
+    launcher = -1
+    if expect is not None:
+        try:
+            launcher = os.pidfd_open(os.getppid())
+        except OSError:  # gone already: no rank of it is still to come
+            expect = None
     ready_r, ready_w = os.pipe()
     pidr, pidw = os.pipe()
     first = os.fork()
@@ -494,9 +538,12 @@ def start_holder(
                 code = 0
             else:
                 os.close(pidw)
-                _holder(base, spec, ident, ready_w, persistent, prepare, alias)
+                wait = (expect, launcher) if expect is not None else None
+                _holder(base, spec, ident, ready_w, persistent, prepare, alias, wait)
         finally:
             os._exit(code)
+    if launcher >= 0:
+        os.close(launcher)
     os.close(ready_w)
     os.close(pidw)
     os.waitpid(first, 0)
@@ -527,8 +574,10 @@ def _holder(
     persistent: bool,
     prepare: Prepare | None = None,
     alias: str | None = None,
+    wait: tuple[int, int] | None = None,
 ) -> NoReturn:
-    """The holder process (see the module docstring); never returns."""
+    """The holder process (see the module docstring); never returns. ``wait``: the number
+    of ranks to wait for, and a pidfd of their launcher (see :func:`start_holder`)."""
     from sifpy.runtime import drivers, mount, process, supervise
     from sifpy.runtime.start import SifPartition
 
@@ -540,7 +589,7 @@ def _holder(
         os.close(devnull)
         # Nothing of the rank's (its PMI socket, its lock) stays open here but the image,
         # which the image's path names (/proc/self/fd/N).
-        keep = {ready}
+        keep = {ready} if wait is None else {ready, wait[1]}
         image = spec.image
         if image.path.startswith("/proc/self/fd/"):
             keep.add(int(image.path.rsplit("/", 1)[1]))
@@ -605,7 +654,7 @@ def _holder(
         fast = None
         if prepare is not None:
             fast = _Fast(prepare, name, image_st, spec.image, seccomp_program())
-        _serve(listener, lock, keeper_fd, (userns, mntns), persistent, fast)
+        _serve(listener, lock, keeper_fd, (userns, mntns), persistent, fast, wait)
     finally:
         if alias is not None:
             try:
@@ -650,9 +699,12 @@ def _serve(
     ns_fds: tuple[int, int],
     persistent: bool,
     fast: _Fast | None = None,
+    wait: tuple[int, int] | None = None,
 ) -> None:
-    """Answer joins and watch the members until the last one is gone (or, ``persistent``,
-    until told to stop); returns with the lock held (no rank can be joining)."""
+    """Answer joins and watch the members until the last one is gone and no more are to
+    come (``wait``: this many joined, or their launcher gone; else after ``_LINGER_MS``),
+    or, ``persistent``, until told to stop; returns with the lock held (no rank can be
+    joining)."""
     import gc
     import select
     import signal
@@ -663,6 +715,10 @@ def _serve(
     poller = select.poll()
     poller.register(listener.fileno(), select.POLLIN)
     poller.register(keeper_fd, select.POLLIN)
+    expect, launcher = wait if wait is not None else (0, -1)
+    if launcher >= 0:
+        poller.register(launcher, select.POLLIN)  # readable once it has exited
+    joined = [0]
     listener.setblocking(False)
     stopping = False
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # `instance stop` asks through the socket
@@ -673,7 +729,11 @@ def _serve(
             if fd == keeper_fd:
                 stopping = True
             elif fd == listener.fileno():
-                stopping |= _accept(listener, ns_fds, members, poller, fast)
+                stopping |= _accept(listener, ns_fds, members, poller, fast, joined)
+            elif fd == launcher:
+                poller.unregister(launcher)
+                os.close(launcher)
+                launcher = -1
             elif fd in members:
                 poller.unregister(fd)
                 os.close(fd)
@@ -681,13 +741,18 @@ def _serve(
         if members or persistent:
             idle_since = time.monotonic()
         elif not stopping and time.monotonic() - idle_since >= _LINGER_MS / 1000:
+            # Not while ranks of the step are still to come: a rank the node started late
+            # (a loaded node: seconds) joins this container, not a second one.
+            waiting = launcher >= 0 and joined[0] < expect
+            if waiting and time.monotonic() - idle_since < _WAIT_ALL_S:
+                continue
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # a rank is joining: its connection is next
             # Locked: no rank is between connecting and registering; one that connected
             # before (and gave up) is answered, else we are done.
-            if not _accept(listener, ns_fds, members, poller, fast) and not members:
+            if not _accept(listener, ns_fds, members, poller, fast, joined) and not members:
                 return
             fcntl.flock(lock, fcntl.LOCK_UN)
     for pidfd in members:  # stopped: the members go with the container
@@ -704,8 +769,10 @@ def _accept(
     members: dict[int, int],
     poller: object,
     fast: _Fast | None = None,
+    joined: list[int] | None = None,
 ) -> bool:
-    """Answer every pending connection: register joiners; True when asked to stop."""
+    """Answer every pending connection: register joiners (counted in ``joined[0]``); True
+    when asked to stop."""
     import select
 
     stop_asked = False
@@ -753,6 +820,8 @@ def _accept(
                 os.close(pidfd)
                 continue
             members[pidfd] = 0
+            if joined is not None:
+                joined[0] += 1
             poller.register(pidfd, select.POLLIN)  # type: ignore[attr-defined]
 
 

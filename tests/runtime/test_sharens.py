@@ -30,6 +30,39 @@ def test_job_step_from_each_launcher() -> None:
     assert sharens.job_step({"SLURM_JOB_ID": "12", "PMI_RANK": ""}) is None
 
 
+@pytest.mark.parametrize(
+    ("env", "want"),
+    [
+        ({"PMI_RANK": "1", "MPI_LOCALNRANKS": "4"}, 4),  # Hydra
+        ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, 3),  # Open MPI
+        # Slurm: 2 tasks on each of nodes 0-2, 1 on node 3, 5 on node 4
+        ({"SLURM_STEP_ID": "0", "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1,5"}, 2),
+        ({"SLURM_STEP_ID": "0", "SLURM_NODEID": "2", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1,5"}, 2),
+        ({"SLURM_STEP_ID": "0", "SLURM_NODEID": "3", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1,5"}, 1),
+        ({"SLURM_STEP_ID": "0", "SLURM_NODEID": "4", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1,5"}, 5),
+        (
+            {"SLURM_STEP_ID": "0", "SLURM_NODEID": "5", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1,5"},
+            None,
+        ),
+        ({"SLURM_STEP_ID": "0", "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": "x"}, None),
+        # An mpiexec inside a Slurm step: the innermost launcher counts
+        (
+            {
+                "SLURM_STEP_ID": "0",
+                "SLURM_NODEID": "0",
+                "SLURM_STEP_TASKS_PER_NODE": "1",
+                "MPI_LOCALNRANKS": "8",
+            },
+            8,
+        ),
+        ({"PMI_RANK": "0", "PMI_SIZE": "4"}, None),  # nobody says: the holder only lingers
+        ({"MPI_LOCALNRANKS": "0"}, None),
+    ],
+)
+def test_local_ranks(env: dict[str, str], want: int | None) -> None:
+    assert sharens.local_ranks(env) == want
+
+
 def test_key_follows_image_user_step_and_mounts(tmp_path: os.PathLike[str]) -> None:
     img = os.path.join(tmp_path, "a.sif")
     with open(img, "wb") as f:
