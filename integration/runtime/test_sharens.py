@@ -243,6 +243,36 @@ def test_sigkilled_ranks_leave_nothing(node: Node) -> None:
     assert wait_for(lambda: ns_holders(mnt) == [])
 
 
+def test_openmpi_ranks_join_through_the_starter(starter_node: Node) -> None:
+    """Under Open MPI's mpirun (a PMIx job directory in the host's /tmp, bound into the
+    container), the ranks after the first join through the starter too: the holder plans
+    them with the job directory the first rank found, though its own /tmp hides it."""
+    node = starter_node
+    mpirun = shutil.which("mpirun.openmpi")
+    strace = shutil.which("strace")
+    require(
+        None if mpirun and strace else "mpirun.openmpi (openmpi-bin) or strace is not installed"
+    )
+    assert mpirun is not None and strace is not None
+    trace = node.cwd / "trace"
+    script = 'echo "$OMPI_COMM_WORLD_RANK $(readlink /proc/self/ns/mnt)"'
+    rank = [*node.prog, "exec", node.image, "sh", "-c", script]
+    tracer = [strace, "-ff", "-qq", "-o", str(trace), "-e", "trace=execve"]
+    r = subprocess.run(
+        [*tracer, *node.runner.argv([mpirun, "--oversubscribe", "-n", "4", *rank])],
+        env=node.runner.env(node.env()),
+        cwd=str(node.cwd),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = sorted(line.split() for line in r.stdout.splitlines())
+    assert [line[0] for line in lines] == ["0", "1", "2", "3"], r.stdout
+    assert len({line[1] for line in lines}) == 1
+    assert python_starts(trace) == 1
+
+
 def python_starts(trace: Path) -> int:
     """How many processes exec'd the interpreter, from ``strace -ff -o TRACE`` (a file per
     process: no call of one is split by another's)."""
@@ -283,7 +313,7 @@ def test_mpiexec_ranks_share_by_default(node: Node, launcher: str) -> None:
     assert r.returncode == 0, r.stderr
     lines = sorted(line.split() for line in r.stdout.splitlines())
     assert [line[0] for line in lines] == ["0", "1", "2", "3"], r.stdout
-    assert len({line[1] for line in lines}) == 1
+    assert len({line[1] for line in lines}) == 1, r.stdout + r.stderr
     assert len({line[2] for line in lines}) == 1
 
 

@@ -32,7 +32,7 @@ from sifpy.runtime.start import Sandbox, SifPartition
 from sifpy.util import log
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Collection, Mapping
     from types import SimpleNamespace
     from typing import Any
 
@@ -205,7 +205,18 @@ def _joiner(ident: start.Identity) -> Any:
     """For the holder: what a rank the starter sent it would run (``prepare`` of
     :func:`sifpy.runtime.sharens.run_joined`): its argv (sifpy's), environment and cwd
     parsed and planned as this module does; anything the starter must not skip (devices,
-    env files, another kind of start) raises, and the rank then starts Python."""
+    env files, another kind of start) raises, and the rank then starts Python.
+
+    The launcher's job directories (``PMIX_SERVER_TMPDIR``, ...) are looked up here, in the
+    rank that creates the container: the holder's session covers the host's ``/tmp``, where
+    they are, so it would plan every other rank without them, a container of another key
+    (and each rank would start Python to find the right one)."""
+    known: list[str] | None = None
+    if any(name.startswith("PMIX_") for name in os.environ):
+        from sifpy.runtime.mpi import PMIX_DIRS
+
+        named = [os.environ.get(name, "") for name in PMIX_DIRS]
+        known = [os.path.normpath(d) for d in named if d.startswith("/") and os.path.isdir(d)]
 
     def prepare(
         args: list[str], environ: dict[str, str], cwd: str, step: str
@@ -224,7 +235,9 @@ def _joiner(ident: start.Identity) -> Any:
         a.image = os.path.join(cwd, a.image)
         command = action_argv(action, ([a.command] if action == "exec" else []) + a.args)
         image = Sandbox(a.image)  # the holder puts its own (checked) image in
-        spec = _spec(action, a, ident, image, command, (), a.mount_driver, None, (), environ, cwd)
+        spec = _spec(
+            action, a, ident, image, command, (), a.mount_driver, None, (), environ, cwd, known
+        )
         home = spec.options.home_dest or spec.options.home or ident.home
         return [spec.cwd, home, "/"], spec.argv, spec.env, spec
 
@@ -303,9 +316,11 @@ def _spec(
     passed: tuple[int, ...] = (),
     environ: Mapping[str, str] | None = None,
     workdir: str | None = None,
+    known_dirs: Collection[str] | None = None,
 ) -> LaunchSpec:
     """The container to start: its mounts, environment and command; ``environ`` and
-    ``workdir``: the caller's (default: this process's)."""
+    ``workdir``: the caller's (default: this process's); ``known_dirs``: the launcher's
+    directories that exist, when this process can't see them (see :func:`_joiner`)."""
     from sifpy.runtime import env as renv
     from sifpy.runtime.spec import LaunchOptions, LaunchSpec
 
@@ -372,7 +387,7 @@ def _spec(
     if any(name.startswith("PMIX_") for name in environ):  # the module only where it matters
         from sifpy.runtime.mpi import launcher_binds
 
-        launcher = launcher_binds(environ)
+        launcher = launcher_binds(environ, known_dirs)
     spec = LaunchSpec(
         image=image,
         argv=command,

@@ -19,18 +19,23 @@ import os
 from sifpy import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Collection, Mapping
 
 PMIX_DIRS = ("PMIX_SERVER_TMPDIR", "PMIX_DSTORE_21_BASE_PATH", "PMIX_DSTORE_ESH_BASE_PATH")
 
 
-def launcher_binds(environ: Mapping[str, str]) -> list[tuple[str, str, bool]]:
+def launcher_binds(
+    environ: Mapping[str, str], known: Collection[str] | None = None
+) -> list[tuple[str, str, bool]]:
     """Binds (source, destination, read-only) of the job directories the launcher named in
-    ``environ`` that exist; one inside another is covered by it."""
+    ``environ`` that exist (``known``: those that do, as another process found them; a
+    shared container's holder plans for its ranks where its own session covers ``/tmp``);
+    one inside another is covered by it."""
     dirs: list[str] = []
     for name in PMIX_DIRS:
         value = environ.get(name, "")
-        if value.startswith("/") and os.path.isdir(value):
+        there = os.path.normpath(value) in known if known is not None else os.path.isdir(value)
+        if value.startswith("/") and there:
             dirs.append(os.path.normpath(value))
     dirs.sort()
     out: list[str] = []
