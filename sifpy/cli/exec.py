@@ -250,7 +250,7 @@ def _run_in_instance(
     """``exec|run|shell instance://NAME ...``: join the instance's container."""
     import json
 
-    from sifpy.runtime import sharens
+    from sifpy.runtime import instances, sharens
     from sifpy.runtime.action import action_argv
 
     if served is not None:
@@ -260,7 +260,7 @@ def _run_in_instance(
             "--mpi can't be used with instance://", hint="start the instance with --mpi"
         )
     name = a.image[len("instance://") :]
-    base = sharens.instance_base(name)
+    base = instances.instance_base(name)
     try:
         with open(f"{base}.json", encoding="utf-8") as f:
             info = json.load(f)

@@ -17,7 +17,7 @@ from sifpy.cli import exec as exec_
 from sifpy.cli import exec_image, exec_options
 from sifpy.cli._args import ArgumentParser
 from sifpy.errors import UsageError
-from sifpy.runtime import sharens, start
+from sifpy.runtime import instances, sharens, start
 from sifpy.runtime.action import action_argv
 from sifpy.util import log
 
@@ -55,7 +55,7 @@ def _start(a: argparse.Namespace) -> int:
     bad = [f"--{o.replace('_', '-')}" for o in exec_._UNSHARED if getattr(a, o)]
     if bad:
         raise UsageError(f"an instance can't use {', '.join(bad)}")
-    base = sharens.instance_base(a.name)
+    base = instances.instance_base(a.name)
     ident = start.host_identity()
     image, fd = exec_image.open_image(a.image, a.verify or bool(a.verify_key), a.verify_key)
     try:
@@ -65,7 +65,7 @@ def _start(a: argparse.Namespace) -> int:
         info = {"instance": a.name, "img": os.path.abspath(a.image), "ip": "", "time": time.time()}
         if inject is not None:  # what a joining exec needs too: the devices' variables, PATH
             info["inject"] = {"env": inject.env, "path": inject.path}
-        pid = sharens.start_instance(base, spec, ident, info)
+        pid = instances.start_instance(base, spec, ident, info)
     finally:
         if fd >= 0:
             os.close(fd)
@@ -74,7 +74,7 @@ def _start(a: argparse.Namespace) -> int:
 
 
 def _list(as_json: bool) -> int:
-    found = sharens.list_instances()
+    found = instances.list_instances()
     if as_json:
         rows = [
             {k: i.get(k) for k in ("instance", "pid", "img", "ip", "logErrPath", "logOutPath")}
@@ -92,9 +92,9 @@ def _list(as_json: bool) -> int:
 def _stop(a: argparse.Namespace) -> int:
     if a.all == bool(a.name):
         raise UsageError("give an instance name or --all")
-    names = [str(i["instance"]) for i in sharens.list_instances()] if a.all else [a.name]
+    names = [str(i["instance"]) for i in instances.list_instances()] if a.all else [a.name]
     for name in names:
-        if not sharens.stop(sharens.instance_base(name)):
+        if not sharens.stop(instances.instance_base(name)):
             raise UsageError(
                 f"can't stop instance: {name}: not running", hint="see `sifpy instance list`"
             )

@@ -8,8 +8,8 @@ import os
 import pytest
 
 from sifpy.errors import RuntimeSetupError
-from sifpy.runtime import sharens
-from sifpy.runtime.spec import LaunchOptions, LaunchSpec
+from sifpy.runtime import instances, sharens
+from sifpy.runtime.process import LaunchOptions, LaunchSpec
 from sifpy.runtime.start import SifPartition
 
 
@@ -89,4 +89,4 @@ def test_key_follows_image_user_step_and_mounts(tmp_path: os.PathLike[str]) -> N
 @pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "x" * 65, "a b"])
 def test_instance_names_are_plain(name: str) -> None:
     with pytest.raises(RuntimeSetupError, match="instance name"):
-        sharens.instance_base(name)
+        instances.instance_base(name)
