@@ -350,6 +350,23 @@ def test_late_rank_joins_the_container(node: Node) -> None:
     assert lines[0][1:] == lines[1][1:], r.stdout
 
 
+def test_only_rank_on_node_starts_plainly(node: Node) -> None:
+    """The launcher says this node runs one rank of the step: nothing to share, so no
+    holder (its cost is the first rank's start-up); --sharens still asks for one."""
+    script = f"echo up; {WAIT_GO}"
+    for opts, holders in (((), 0), (("--sharens",), 1)):
+        env = {"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALNRANKS": "1"}
+        p = node.popen("exec", *opts, node.image, "sh", "-c", script, env=env)
+        try:
+            assert p.stdout.readline() == "up\n"
+            assert len(node.holders()) == holders, opts
+        finally:
+            (node.cwd / "go").touch()
+            stdout, stderr = p.communicate(timeout=60)
+            (node.cwd / "go").unlink()
+        assert p.returncode == 0, stderr
+
+
 def test_many_first_ranks_one_container(node: Node) -> None:
     """Twelve ranks starting at once, none finding a container yet: one creates it, all
     join it (one holder, one FUSE server), whatever the order they get there in."""

@@ -172,6 +172,10 @@ def _sharens_step(a: Any, served: bool) -> str | None:
         raise UsageError("--sharens is for unprivileged users", hint="run it as your own user")
     if bad or os.getuid() == 0:
         return None  # by default only; real root keeps its identity-mapped container
+    if not a.sharens and sharens.local_ranks(os.environ) == 1:
+        # The node's only rank of the step: nobody to share with; a plain start costs
+        # less than a holder (the starter serves it: starter.c's sharens_wanted).
+        return None
     if served:  # the starter entered namespaces of its own already (it did not see a rank)
         log.verbose("note: the starter served the image: not sharing the container")
         return None

@@ -515,6 +515,8 @@ static int sharens_wanted(int argc, char **argv, int explicit)
     }
     if (!rank && !explicit)
         return 0;
+    if (!explicit && local_ranks() == 1)
+        return 0; /* the node's only rank: nothing to share (sifpy.cli.exec._sharens_step) */
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--") == 0)
             break;

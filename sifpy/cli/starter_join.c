@@ -73,6 +73,53 @@ static int job_step(char *out, size_t n, int explicit)
     return on > 0 && (size_t)on < n - (size_t)w;
 }
 
+/* How many ranks of this job step run on this node, as the launcher says, or -1 (as
+ * sifpy.runtime.sharens.local_ranks says: the same variables, the same order). */
+static long local_ranks(void)
+{
+    static const char *const vars[] = {"MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"};
+    char *end;
+    for (size_t i = 0; i < sizeof vars / sizeof *vars; i++) {
+        const char *v = getenv(vars[i]);
+        if (v != NULL && *v >= '0' && *v <= '9') {
+            long n = strtol(v, &end, 10);
+            if (*end == '\0' && n > 0)
+                return n;
+        }
+    }
+    const char *step = getenv("SLURM_STEP_ID"), *node = getenv("SLURM_NODEID");
+    const char *per = getenv("SLURM_STEP_TASKS_PER_NODE");
+    if (step == NULL || *step == '\0' || node == NULL || *node < '0' || *node > '9' ||
+        per == NULL || *per == '\0')
+        return -1;
+    long index = strtol(node, &end, 10);
+    if (*end != '\0')
+        return -1;
+    /* "2(x3),1": 2 on each of the first three nodes, then 1 */
+    for (const char *p = per; *p != '\0';) {
+        if (*p < '0' || *p > '9')
+            return -1;
+        long count = strtol(p, &end, 10), repeat = 1;
+        p = end;
+        if (p[0] == '(' && p[1] == 'x') {
+            if (p[2] < '0' || p[2] > '9')
+                return -1;
+            repeat = strtol(p + 2, &end, 10);
+            if (*end != ')')
+                return -1;
+            p = end + 1;
+        }
+        if (*p != ',' && *p != '\0')
+            return -1;
+        if (index < repeat)
+            return count > 0 ? count : -1;
+        index -= repeat;
+        if (*p == ',')
+            p++;
+    }
+    return -1;
+}
+
 /* 64-bit FNV-1a, continued over `len` bytes. */
 static uint64_t fnv1a(uint64_t h, const void *data, size_t len)
 {
