@@ -362,7 +362,7 @@ def test_only_rank_on_node_starts_plainly(node: Node) -> None:
             assert len(node.holders()) == holders, opts
         finally:
             (node.cwd / "go").touch()
-            stdout, stderr = p.communicate(timeout=60)
+            _, stderr = p.communicate(timeout=60)
             (node.cwd / "go").unlink()
         assert p.returncode == 0, stderr
 
