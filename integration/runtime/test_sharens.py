@@ -350,12 +350,24 @@ def test_late_rank_joins_the_container(node: Node) -> None:
     assert lines[0][1:] == lines[1][1:], r.stdout
 
 
-def test_only_rank_on_node_starts_plainly(node: Node) -> None:
+SLURM_RANK = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3"}
+
+
+@pytest.mark.parametrize(
+    "local",
+    [
+        {"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALNRANKS": "1"},  # Hydra
+        {**SLURM_RANK, "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "2,1"},
+        {**SLURM_RANK, "SLURM_NODEID": "2", "SLURM_STEP_TASKS_PER_NODE": "3(x2),1"},
+    ],
+    ids=["hydra", "slurm", "slurm-repeated"],
+)
+def test_only_rank_on_node_starts_plainly(node: Node, local: dict[str, str]) -> None:
     """The launcher says this node runs one rank of the step: nothing to share, so no
     holder (its cost is the first rank's start-up); --sharens still asks for one."""
     script = f"echo up; {WAIT_GO}"
     for opts, holders in (((), 0), (("--sharens",), 1)):
-        env = {"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALNRANKS": "1"}
+        env = local
         p = node.popen("exec", *opts, node.image, "sh", "-c", script, env=env)
         try:
             assert p.stdout.readline() == "up\n"
