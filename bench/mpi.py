@@ -5,7 +5,8 @@ node (oversubscribed past the core count), in one run:
 - Charliecloud's shared container: ``mpiexec -n N ch-run --join-ct=N IMG.sqfs -- /bin/true``
   (its built-in SquashFUSE, one container per node that the peers join);
 - ``sifpy exec IMG.sif /bin/true``: a rank of a job, so the ranks share one container per
-  node by default (sifpy.runtime.sharens);
+  node by default (sifpy.runtime.sharens); at N = 1, Hydra says the node runs one rank
+  (``MPI_LOCALNRANKS``), and sifpy starts it plainly, without a holder;
 - ``sifpy exec --no-sharens``: a container per rank, for reference.
 
 sifpy's image is the same squashfs as ch-run's, inside a SIF. MPICH's Hydra (Debian's
