@@ -9,7 +9,7 @@ import pytest
 
 from sifpy.errors import RuntimeSetupError
 from sifpy.runtime import instances, sharens
-from sifpy.runtime.process import LaunchOptions, LaunchSpec
+from sifpy.runtime.spec import LaunchOptions, LaunchSpec
 from sifpy.runtime.start import SifPartition
 
 
