@@ -24,20 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 from sifpy.errors import RuntimeSetupError
 from sifpy.runtime.gpu import Injection
+from sifpy.runtime.hooks import STAGES as HOOK_STAGES
 from sifpy.runtime.spec import LaunchOptions, LaunchSpec
 from sifpy.runtime.start import Sandbox
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-HOOK_STAGES = (
-    "prestart",
-    "createRuntime",
-    "createContainer",
-    "startContainer",
-    "poststart",
-    "poststop",
-)
 # A hook without a timeout must still end: runc waits forever, but a runtime driven by a
 # batch system (Slurm's RunTimeRun) should not hang a job step on a stuck hook.
 DEFAULT_HOOK_TIMEOUT = 600

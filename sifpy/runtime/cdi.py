@@ -24,17 +24,10 @@ import re
 
 from sifpy.errors import RuntimeSetupError, UsageError
 from sifpy.runtime.gpu import Injection
+from sifpy.runtime.hooks import STAGES as HOOK_STAGES
 
 SPEC_DIRS = ("/etc/cdi", "/var/run/cdi")
 VERSIONS = ("0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0", "0.8.0", "1.0.0")
-HOOK_STAGES = (
-    "prestart",
-    "createRuntime",
-    "createContainer",
-    "startContainer",
-    "poststart",
-    "poststop",
-)
 # The stages sifpy runs (see runtime.process): before pivot_root in the container's mount
 # namespace, and in the container before the command.
 SUPPORTED_STAGES = (

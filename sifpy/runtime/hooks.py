@@ -30,6 +30,15 @@ from sifpy.util.proc import PIPE, Popen, TimeoutExpired, popen
 
 # In the runtime spec's order (runtime.md, "Lifecycle"): prestart, createRuntime, then
 # createContainer; within a stage, in the order the hooks were given.
+# The runtime spec's hook stages, in the order a container meets them; sifpy runs them all.
+STAGES = (
+    "prestart",
+    "createRuntime",
+    "createContainer",
+    "startContainer",
+    "poststart",
+    "poststop",
+)
 BEFORE_PIVOT = ("prestart", "createRuntime", "createContainer")
 AFTER_START = ("poststart",)
 AFTER_STOP = ("poststop",)

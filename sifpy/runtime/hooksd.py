@@ -34,6 +34,7 @@ import os
 
 from sifpy import TYPE_CHECKING
 from sifpy.errors import RuntimeSetupError
+from sifpy.runtime.hooks import STAGES
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -41,15 +42,6 @@ if TYPE_CHECKING:
 
 DEFAULT_DIR = "/etc/sifpy/hooks.d"
 VERSION = "1.0.0"
-# The runtime spec's stages, all of which sifpy runs (runtime.hooks says where).
-STAGES = (
-    "prestart",
-    "createRuntime",
-    "createContainer",
-    "startContainer",
-    "poststart",
-    "poststop",
-)
 _WHEN = ("always", "annotations", "commands", "hasBindMounts")
 _HINT = "a hook file is JSON 1.0.0: version, hook {path, args, env, timeout}, when, stages"
 

@@ -239,6 +239,19 @@ def _monitor(
         report_error(report, ExitStatus.LAUNCH_FAILED, f"can't start container: {exc!r}")
         stop_servers(servers)
         os._exit(ExitStatus.LAUNCH_FAILED)
+    status, late = _wait_and_stop(spec, pid, servers, own_fd)
+    if late is not None:
+        report_error(report, ExitStatus.LAUNCH_FAILED, late.message, late.hint)
+        os._exit(ExitStatus.LAUNCH_FAILED)
+    os._exit(exit_code(status))
+
+
+def _wait_and_stop(
+    spec: LaunchSpec, pid: int, servers: list[int], own_fd: int
+) -> tuple[int, RuntimeSetupError | None]:
+    """The monitor's end, forked or inline: wait for the container (relaying signals), run
+    the poststop hooks, stop the servers, give a writable sandbox back to root; return the
+    wait status and, if --runscript-timeout killed the action script, its error."""
     start = start_of(spec)
     status = supervise(pid, pid, reap_all=True, start=start)
     if has_hooks(spec.options):
@@ -248,11 +261,7 @@ def _monitor(
     stop_servers(servers)
     if own_fd >= 0:
         own_by_root(own_fd)
-    if start is not None and start.killed is not None:
-        late = start.error()
-        report_error(report, ExitStatus.LAUNCH_FAILED, late.message, late.hint)
-        os._exit(ExitStatus.LAUNCH_FAILED)
-    os._exit(exit_code(status))
+    return status, (start.error() if start is not None and start.killed is not None else None)
 
 
 def _monitor_inline(
@@ -281,17 +290,9 @@ def _monitor_inline(
         from sifpy.runtime import posthooks
 
         posthooks.post_start(spec, started, pid)
-    start = start_of(spec)
-    status = supervise(pid, pid, reap_all=True, start=start)
-    if has_hooks(spec.options):
-        from sifpy.runtime import posthooks
-
-        posthooks.post_stop(spec, pid)
-    stop_servers(servers)
-    if own_fd >= 0:
-        own_by_root(own_fd)
-    if start is not None and start.killed is not None:
-        raise start.error()
+    status, late = _wait_and_stop(spec, pid, servers, own_fd)
+    if late is not None:
+        raise late
     return status
 
 
