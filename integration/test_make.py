@@ -18,10 +18,19 @@ import pytest
 
 from integration.conftest import REPO, UserRunner, require
 
-_SKIP = shutil.ignore_patterns(
+_SKIP_ANYWHERE = shutil.ignore_patterns(
     ".git", ".venv", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache", "*.sif",
-    "build", "*.egg-info",
+    "*.egg-info",
 )  # fmt: skip
+
+
+def _skip(directory: str, names: list[str]) -> set[str]:
+    """What a fresh clone lacks: caches, venvs and images anywhere, and setuptools' build/
+    at the top only (sifpy/build/ and integration/build/ are sources, as .gitignore says)."""
+    skipped = set(_SKIP_ANYWHERE(directory, names))
+    if os.path.samefile(directory, REPO):
+        skipped |= {"build"} & set(names)
+    return skipped
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +40,7 @@ def repo_copy(runtime_ready: UserRunner, workdir: Path) -> Iterator[Path]:
     missing = subprocess.run(["make", "-s", "-C", str(REPO), "apt"], capture_output=True, text=True)
     require(missing.stderr.strip() if missing.returncode else None)
     dest = workdir / "clone"
-    shutil.copytree(REPO, dest, ignore=_SKIP, symlinks=True)
+    shutil.copytree(REPO, dest, ignore=_skip, symlinks=True)
     if os.getuid() == 0:
         u = runtime_ready.user
         for dirpath, dirnames, filenames in os.walk(dest):
