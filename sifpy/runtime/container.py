@@ -75,8 +75,8 @@ def first_process(
                 host_pid = os.getpid()
             if bundle is None:
                 hooks_.write_bundle(BUNDLE, root, spec.argv, spec.env, annotations)
-            stages = hooks_.BEFORE_PIVOT
-            hooks_.run(hooks, stages, bundle or BUNDLE, "creating", annotations, host_pid, cid)
+            state = hooks_.state(bundle or BUNDLE, "creating", annotations, host_pid, cid)
+            hooks_.run(hooks, hooks_.BEFORE_PIVOT, state)
         # A mount namespace of our own (a copy, binds included) before pivot_root, which
         # re-roots *every* process of the namespace that shares the old root: the monitor
         # and its FUSE servers must keep the host's root (fuse-overlayfs reaches its layers
@@ -96,9 +96,8 @@ def first_process(
             ocipaths.mask(spec.options.masked_paths)
         cwd = enter_cwd(spec, ident)
         if hooks:
-            hooks_.run(
-                hooks, ("startContainer",), bundle or "/", "created", annotations, host_pid, cid
-            )
+            state = hooks_.state(bundle or "/", "created", annotations, host_pid, cid)
+            hooks_.run(hooks, ("startContainer",), state)
         if keeper >= 0:
             os.write(keeper, b"k")
             os.close(keeper)

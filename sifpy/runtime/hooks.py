@@ -65,15 +65,7 @@ def write_bundle(
         json.dump(config, f)
 
 
-def run_logged(
-    hooks: list[dict[str, object]],
-    stages: tuple[str, ...],
-    bundle: str,
-    status: str,
-    annotations: dict[str, str] | None = None,
-    pid: int | None = None,
-    cid: str | None = None,
-) -> None:
+def run_logged(hooks: list[dict[str, object]], stages: tuple[str, ...], state_: str) -> None:
     """:func:`run` for ``poststart`` and ``poststop``, whose failures the runtime spec
     makes warnings: the container has started (or ended) whatever they say."""
     from sifpy.util import log
@@ -81,7 +73,7 @@ def run_logged(
     for hook in hooks:
         if hook["stage"] in stages:
             try:
-                run([hook], stages, bundle, status, annotations, pid, cid)
+                run([hook], stages, state_)
             except RuntimeSetupError as exc:
                 log.warn(exc.message)
 
@@ -107,22 +99,13 @@ def state(
     )
 
 
-def run(
-    hooks: list[dict[str, object]],
-    stages: tuple[str, ...],
-    bundle: str,
-    status: str,
-    annotations: dict[str, str] | None = None,
-    pid: int | None = None,
-    cid: str | None = None,
-) -> None:
-    """Run the hooks of ``stages``, in order, each with the state on stdin; the first that
-    fails raises :class:`RuntimeSetupError` with its status and stderr."""
-    text = state(bundle, status, annotations, pid, cid)
+def run(hooks: list[dict[str, object]], stages: tuple[str, ...], state_: str) -> None:
+    """Run the hooks of ``stages``, in order, each with ``state_`` (:func:`state`) on stdin;
+    the first that fails raises :class:`RuntimeSetupError` with its status and stderr."""
     for stage in stages:
         for hook in hooks:
             if hook["stage"] == stage:
-                _run_one(hook, text)
+                _run_one(hook, state_)
 
 
 def _run_one(hook: dict[str, object], text: str) -> None:

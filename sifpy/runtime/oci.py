@@ -285,7 +285,8 @@ def _post_stop(b: bundle_.Bundle, cid: str, poststop: list[dict[str, object]]) -
         from sifpy.runtime import hooks
 
         # The pid the container had is gone; the state's pid is then 0 (runc's, too).
-        hooks.run_logged(poststop, hooks.AFTER_STOP, b.path, "stopped", b.annotations, 0, cid)
+        state = hooks.state(b.path, "stopped", b.annotations, 0, cid)
+        hooks.run_logged(poststop, hooks.AFTER_STOP, state)
 
 
 def _await_created(fd: int) -> tuple[int, int]:

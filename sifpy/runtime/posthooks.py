@@ -66,12 +66,11 @@ def _after(spec: LaunchSpec, stage: str, pid: int) -> None:
 def run_after(spec: LaunchSpec, stage: str, pid: int) -> None:
     from sifpy.runtime import hooks as hooks_
 
-    hooks_.run_logged(
-        stage_hooks(spec, stage),
-        (stage,),
+    state = hooks_.state(
         spec.options.oci_bundle or BUNDLE,
         "running" if stage == "poststart" else "stopped",
         dict(spec.options.annotations),
         pid,
         spec.options.oci_id,
     )
+    hooks_.run_logged(stage_hooks(spec, stage), (stage,), state)

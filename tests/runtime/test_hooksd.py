@@ -170,7 +170,7 @@ def test_runner_state_env_and_order(tmp_path: Path) -> None:
     script = f'cat > {out}-$1.json; env > {out}-$1.env; echo "$1" >> {out}.order\n'
     a = _hook(tmp_path, script, "createContainer", args=["h", "a"], env=["K=v"])
     b = _hook(tmp_path, script, "prestart", args=["h", "b"])
-    hooks.run([a, b], hooks.BEFORE_PIVOT, "/bundle", "creating", {"x": "1"}, pid=4242)
+    hooks.run([a, b], hooks.BEFORE_PIVOT, hooks.state("/bundle", "creating", {"x": "1"}, pid=4242))
     assert (tmp_path / "out.order").read_text().split() == ["b", "a"]  # prestart first
     state = json.loads((tmp_path / "out-a.json").read_text())
     assert state == {
@@ -190,14 +190,14 @@ def test_runner_failure_has_status_and_stderr(tmp_path: Path) -> None:
         tmp_path, "echo first >&2; echo 'quota exceeded' >&2; exit 4\n", source="/d/x.json"
     )
     with pytest.raises(RuntimeSetupError) as e:
-        hooks.run([hook], ("prestart",), "/b", "creating")
+        hooks.run([hook], ("prestart",), hooks.state("/b", "creating"))
     assert e.value.message == (
         f"can't run prestart hook: {hook['path']}: exit status 4: first\nquota exceeded"
     )
     assert e.value.hint == "the hook is defined in /d/x.json"
     missing = {**hook, "path": str(tmp_path / "nope")}
     with pytest.raises(RuntimeSetupError, match=r"prestart hook: .*/nope: not found"):
-        hooks.run([missing], ("prestart",), "/b", "creating")
+        hooks.run([missing], ("prestart",), hooks.state("/b", "creating"))
 
 
 def test_runner_timeout_kills_the_whole_hook(tmp_path: Path) -> None:
@@ -205,7 +205,7 @@ def test_runner_timeout_kills_the_whole_hook(tmp_path: Path) -> None:
     hook = _hook(tmp_path, f"sleep 300 & echo $! > {pidfile}; sleep 300\n", timeout=1)
     t0 = time.monotonic()
     with pytest.raises(RuntimeSetupError, match=r"prestart hook: .*: timed out after 1 s"):
-        hooks.run([hook], ("prestart",), "/b", "creating")
+        hooks.run([hook], ("prestart",), hooks.state("/b", "creating"))
     assert time.monotonic() - t0 < 5
     child = int(pidfile.read_text())
     with pytest.raises(ProcessLookupError):  # killed, and reaped: not even a zombie
