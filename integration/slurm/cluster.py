@@ -36,6 +36,19 @@ def missing() -> str | None:
     return None
 
 
+# What a Slurm on one machine needs whatever its layout (plugins that need no cgroups or
+# accounting daemon, PMI-2 by default); the virtual cluster (vcluster.py) uses them too.
+SETTINGS = """ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=pmi2
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+ReturnToService=2
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -97,15 +110,7 @@ SlurmctldPidFile={b}/ctld/slurmctld.pid
 SlurmdPidFile={b}/spool/slurmd.pid
 SlurmctldLogFile={b}/log/slurmctld.log
 SlurmdLogFile={b}/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=pmi2
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-ReturnToService=2
-NodeName={self.node} CPUs={os.cpu_count() or 1} State=UNKNOWN
+{SETTINGS}NodeName={self.node} CPUs={os.cpu_count() or 1} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """
         )
