@@ -34,15 +34,24 @@ TEXT, PATH, PATHS, FLAG, SIZE, LIST = "text", "path", "paths", "flag", "size", "
 
 class Var:
     """An environment variable: ``also`` are the Apptainer names read as the same setting;
-    ``starter`` says why the C starter reads it too (empty: only Python does)."""
+    ``starter`` says why the C starter reads it too (empty: only Python does); ``start``:
+    it may change a container's start (exec, run, test of an image without options), so
+    that the starter leaves any start to Python where it is set (sifpy/cli/starter_fast.c)."""
 
-    __slots__ = ("also", "default", "kind", "meaning", "name", "starter")
+    __slots__ = ("also", "default", "kind", "meaning", "name", "start", "starter")
 
     def __init__(
-        self, name: str, kind: str, default: str, meaning: str, also: tuple[str, ...], starter: str
+        self,
+        name: str,
+        kind: str,
+        default: str,
+        meaning: str,
+        also: tuple[str, ...],
+        starter: str,
+        start: bool,
     ) -> None:
         self.name, self.kind, self.default, self.meaning = name, kind, default, meaning
-        self.also, self.starter = also, starter
+        self.also, self.starter, self.start = also, starter, start
 
 
 class Conf:
@@ -70,9 +79,15 @@ CONF: dict[str, Conf] = {}
 
 
 def _var(
-    name: str, kind: str, default: str, meaning: str, also: tuple[str, ...] = (), starter: str = ""
+    name: str,
+    kind: str,
+    default: str,
+    meaning: str,
+    also: tuple[str, ...] = (),
+    starter: str = "",
+    start: bool = False,
 ) -> None:
-    VARS[name] = Var(name, kind, default, meaning, also, starter)
+    VARS[name] = Var(name, kind, default, meaning, also, starter, start)
 
 
 def _conf(
@@ -90,7 +105,7 @@ def _conf(
 # --- environment variables ----------------------------------------------------------------
 # fmt: off
 _var("SIFPY_CONFIG", PATH, "", "a user's settings file, read after /etc/sifpy/sifpy.conf; it can only add requirements (missing or unreadable: an error)",
-     starter="its fast path reads no settings file: with one to read it leaves the start to Python")
+     starter="its fast path reads no settings file: with one to read it leaves the start to Python", start=True)
 _var("SIFPY_CACHEDIR", PATH, "$XDG_CACHE_HOME/sifpy", "the blob and SIF cache", also=("APPTAINER_CACHEDIR",))
 _var("SIFPY_TMPDIR", PATH, "$TMPDIR", "where `pull`, `build` and `export` work (the squashfs, or the root file system when it can't stream)")
 _var("APPTAINER_TMPDIR", PATH, "$TMPDIR", "where `build` works when `$SIFPY_TMPDIR` is not set")
@@ -109,18 +124,20 @@ _var("SIFPY_PASSPHRASE", TEXT, "", "the passphrase of a private key (else asked 
 _var("SIFPY_SIGN_KEY", PATH, "", "the PEM private key of `sign` when no `--key` is given")
 _var("SIFPY_VERIFY_KEY", PATH, "", "the PEM public key of `verify` when no `--key` is given")
 _var("SIFPY_BIND", LIST, "", "binds for every container, as `--bind` (Apptainer's name first, then sifpy's)", also=("APPTAINER_BIND",),
-     starter="part of the key that finds a node's shared container for a rank (`--sharens`)")
+     starter="part of the key that finds a node's shared container for a rank (`--sharens`)", start=True)
 _var("SIFPY_MOUNT", LIST, "", "mounts for every container, as `--mount`, one per line", also=("APPTAINER_MOUNT",),
-     starter="part of the key that finds a node's shared container for a rank (`--sharens`)")
-_var("SIFPY_NOENV", LIST, "", "host variables not passed to the container, as `--no-env`", also=("APPTAINER_NOENV", "SINGULARITY_NOENV"))
-_var("SIFPY_RUNSCRIPT_TIMEOUT", TEXT, "1m", "how long the action script may take before it execs the command (`--runscript-timeout`, a Go duration such as `30s`)", also=("APPTAINER_RUNSCRIPT_TIMEOUT",))
+     starter="part of the key that finds a node's shared container for a rank (`--sharens`)", start=True)
+_var("SIFPY_NOENV", LIST, "", "host variables not passed to the container, as `--no-env`", also=("APPTAINER_NOENV", "SINGULARITY_NOENV"), start=True)
+_var("SIFPY_RUNSCRIPT_TIMEOUT", TEXT, "1m", "how long the action script may take before it execs the command (`--runscript-timeout`, a Go duration such as `30s`)", also=("APPTAINER_RUNSCRIPT_TIMEOUT",), start=True)
 _var("SIFPY_CDI_SPEC_DIRS", PATHS, "/etc/cdi:/var/run/cdi", "where `--device` looks for CDI specs (before `cdi spec dirs` in sifpy.conf)")
 _var("SIFPY_FUSE_SERVER", TEXT, "squashfuse_ll", "`sifpy`: serve images with sifpy's own FUSE server (`sifpy/runtime/serve/`, built by `make venv` where libsquashfuse-dev is installed: several threads, the page cache kept across opens); opt-in while its gain is not shown by bench/read and bench/exec",
      starter="it starts the FUSE server before Python runs")
+_var("SIFPY_PYTHON_START", TEXT, "", "set (to anything): every container start goes through Python, none through the starter's own C path (sifpy/cli/starter_fast.c); for comparisons and debugging",
+     starter="its fast path leaves the start to Python where it is set", start=True)
 _var("SIFPY_SERVED", TEXT, "", "internal: the starter tells Python the image it already serves (removed before the command runs)",
      starter="it sets it, and removes one it did not set")
 _var("SIFPY_FAST_LOCK", TEXT, "", "internal: the starter tells Python which lock it holds for a node's shared container (`FD:PATH`)",
-     starter="it sets it")
+     starter="it sets it", start=True)
 
 # --- sifpy.conf -----------------------------------------------------------------------------
 _conf("verify", "optional", "`required`: every image must verify before it runs", "either file can require", choices=("required", "optional"))

@@ -171,10 +171,13 @@ def parse_duration(value: str) -> float:
     return -seconds if value.startswith("-") else seconds
 
 
+RUNSCRIPT_TIMEOUT = 60.0  # Apptainer's default (the starter's fast path has it too)
+
+
 def runscript_timeout(a: Any, environ: Mapping[str, str]) -> float:
     """Apptainer's deadline for the action script: ``--runscript-timeout``, else
     $APPTAINER_RUNSCRIPT_TIMEOUT ($SIFPY_ first), else one minute."""
     value = a.runscript_timeout
     if value is None:
         value = config.get("SIFPY_RUNSCRIPT_TIMEOUT", environ)
-    return 60.0 if value is None else parse_duration(value)
+    return RUNSCRIPT_TIMEOUT if value is None else parse_duration(value)

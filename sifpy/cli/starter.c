@@ -79,6 +79,10 @@ struct start {
     int fakeroot;
     int image_at; /* the image's index in argv */
     int sharens;  /* --sharens */
+    int action_at;      /* exec, run, shell or test: its index in argv */
+    int options;        /* how many of the action's options were given */
+    int global_options; /* how many of sifpy's own (-q, -v, --debug) */
+    int fast;           /* the starter may start the container itself (starter_fast.c) */
 };
 
 /* Exec Python with the CLI; never returns. */
@@ -118,19 +122,21 @@ static const struct option_kind *find_option(const char *name, size_t len)
 static int parse(int argc, char **argv, struct start *s)
 {
     int i = 1;
-    for (; i < argc && argv[i][0] == '-'; i++) /* sifpy's global options */
+    memset(s, 0, sizeof *s);
+    for (; i < argc && argv[i][0] == '-'; i++, s->global_options++) /* sifpy's own options */
         if (strcmp(argv[i], "-q") && strcmp(argv[i], "--quiet") && strcmp(argv[i], "-v") &&
             strcmp(argv[i], "--verbose") && strcmp(argv[i], "--debug"))
             return 0;
     if (i >= argc)
         return 0;
+    s->action_at = i;
     const char *action = argv[i++];
     int exec = strcmp(action, "exec") == 0;
     if (!exec && strcmp(action, "run") && strcmp(action, "shell") && strcmp(action, "test"))
         return 0;
-    memset(s, 0, sizeof *s);
     while (i < argc && argv[i][0] == '-' && argv[i][1] != '\0') {
         const char *tok = argv[i], *value = NULL;
+        s->options++;
         if (strcmp(tok, "--") == 0) {
             i++;
             break;
@@ -372,6 +378,8 @@ static void read_ahead(int root, const char *name, dev_t *seen_dev, ino_t *seen_
     } while (d != NULL && (d = strtok_r(NULL, ":", &save)) != NULL);
 }
 
+#include "starter_fast.c"
+
 /* Serve the image early (the only place that does); 0 if this start is not served early. */
 static int serve(const struct start *s)
 {
@@ -485,6 +493,8 @@ static int serve(const struct start *s)
             read_ahead(3, s->command, &dev, &ino);
         _exit(0);
     }
+    if (s->fast)
+        fast_start(root, server); /* returns only where Python is to start the container */
     /* Hand the image, the mount and the server to Python (sifpy.runtime.start.adopt). Every
      * other fd of ours is close-on-exec or closed; these two are made close-on-exec again
      * by adopt(), before Python takes the fds still inheritable as the caller's, which the
@@ -539,8 +549,10 @@ int main(int argc, char **argv)
     if (parse(argc, argv, &s)) {
         if (sharens_wanted(argc, argv, s.sharens))
             join_fast(argc, argv, s.image_at, s.sharens);
-        else
+        else {
+            s.fast = fast_wanted(&s, argc, argv);
             serve(&s);
+        }
     }
     boot(argc, argv);
     return EXIT_LAUNCH_FAILED;
