@@ -1,5 +1,9 @@
 """bench/exec_breakdown: where the milliseconds of ``sifpy exec IMG.sif /bin/true`` go.
 
+Two starts are split: the starter's own (sifpy/cli/starter_fast.c: no Python at all, what
+such a start gets by default) and the start through Python (``SIFPY_PYTHON_START=1``: what
+every start with options, settings or hooks gets).
+
 Runs the start under ``strace --seccomp-bpf -f`` tracing only the syscalls that mark a phase
 (execve, unshare, fsmount, move_mount, pivot_root, exit_group): with the seccomp filter,
 no other syscall stops the process, so the phases keep their length (the total grows by a
@@ -30,6 +34,16 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 # (name, the event that ends it): events are matched in order in one trace.
+PHASES_C = [
+    ("starter: argv, settings, identity, the SIF header", r"unshare\(CLONE_NEWNS\|"),
+    ("user + mount namespaces, detached FUSE mount", r"fsmount\("),
+    ("fork server + read-ahead; plan, pin, probe the image (served)", r"move_mount\("),
+    ("assemble the root: tmpfs, underlay, binds, /dev, /proc, files", r"pivot_root\("),
+    ("pivot_root, identity, seccomp, exec the action shell", r"execve\(\"/bin/sh\""),
+    ("the action shell (/.singularity.d environment, exec)", r"execve\(\"/bin/true\""),
+    ("the command (/bin/true)", r"exit_group"),
+    ("sifpy's end: reap, stop the server, exit", None),
+]  # fmt: skip
 PHASES = [
     ("starter: load, parse argv, open the image, read the SIF header", r"unshare\(CLONE_NEWNS\|"),
     ("user + mount namespaces, detached FUSE mount", r"fsmount\("),
@@ -43,13 +57,14 @@ PHASES = [
 ]  # fmt: skip
 
 
-def phases(trace: str) -> list[float]:
-    """The length of each phase in ms, from one strace -ttt -f log."""
+def phases(trace: str, table: list[tuple[str, str | None]]) -> list[float]:
+    """The length of each phase of ``table`` in ms, from one strace -ttt -f log."""
     lines = [ln.split(None, 2) for ln in trace.splitlines() if ln.strip()]
     events = [(float(t), rest) for _pid, t, rest in lines if not rest.startswith(("+++", "---"))]
     t0, out, i = events[0][0], [], 0
     last = t0
-    for _name, pattern in PHASES[:-1]:
+    for _name, pattern in table[:-1]:
+        assert pattern is not None
         while i < len(events) and not re.match(pattern, events[i][1]):
             i += 1
         if i == len(events):
@@ -71,7 +86,8 @@ def main() -> int:
 
     user, as_user, env = bench_user(a.user)
     sifpy = str(REPO / ".venv" / "bin" / "sifpy")
-    runs: list[list[float]] = []
+    runs: dict[str, list[list[float]]] = {"c": [], "python": []}
+    tables = {"c": PHASES_C, "python": PHASES}
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         t.chmod(0o755)
@@ -86,13 +102,17 @@ def main() -> int:
         log = logs / "trace"
         traced = "execve,unshare,fsmount,move_mount,pivot_root,exit_group"
         for i in range(a.runs + 2):
-            argv = ["strace", "--seccomp-bpf", "-f", "-ttt", "-qq", "-o", str(log),
-                    "-e", f"trace={traced}", sifpy, "exec", str(sif), "/bin/true"]  # fmt: skip
-            done = subprocess.run([*as_user, *argv], env=env, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"bench/exec_breakdown: {done.stderr}")
-            if i >= 2:  # warm-up: page cache, bytecode
-                runs.append(phases(log.read_text()))
+            for kind in runs:
+                argv = ["strace", "--seccomp-bpf", "-f", "-ttt", "-qq", "-o", str(log),
+                        "-e", f"trace={traced}", sifpy, "exec", str(sif), "/bin/true"]  # fmt: skip
+                extra = {"SIFPY_PYTHON_START": "1"} if kind == "python" else {}
+                done = subprocess.run(
+                    [*as_user, *argv], env={**env, **extra}, capture_output=True, text=True
+                )
+                if done.returncode != 0:
+                    sys.exit(f"bench/exec_breakdown: {done.stderr}")
+                if i >= 2:  # warm-up: page cache, bytecode
+                    runs[kind].append(phases(log.read_text(), tables[kind]))
         # Imports of the exec path, as the starter runs Python (-I -S and its sys.path).
         boot = f"import sys; sys.path += [{str(REPO)!r}]; import sifpy.cli.exec"
         imports = []
@@ -103,15 +123,21 @@ def main() -> int:
             )  # fmt: skip
             top = [ln for ln in done.stderr.splitlines() if ln.rstrip().endswith("sifpy.cli.exec")]
             imports.append(int(top[-1].split("|")[1]) / 1000)
-    med = [statistics.median(r[i] for r in runs) for i in range(len(PHASES))]
     lines = [
         f"bench/exec_breakdown: `sifpy exec IMG.sif /bin/true` (busybox squashfs, the starter "
         f"serving the image), median of {a.runs} runs under strace --seccomp-bpf, as "
         f"{user.pw_name} (uid {user.pw_uid})",
         f"measured on: {provenance()}",
     ]
-    lines += [f"  {ms:6.2f} ms  {name}" for (name, _), ms in zip(PHASES, med, strict=True)]
-    lines.append(f"  {sum(med):6.2f} ms  total (sum of the medians)")
+    titles = {
+        "c": "the starter's own start (the default for this command: no Python)",
+        "python": "the same start through Python (SIFPY_PYTHON_START=1; any start with options)",
+    }
+    for kind, table in tables.items():
+        med = [statistics.median(r[i] for r in runs[kind]) for i in range(len(table))]
+        lines.append(f"{titles[kind]}:")
+        lines += [f"  {ms:6.2f} ms  {name}" for (name, _), ms in zip(table, med, strict=True)]
+        lines.append(f"  {sum(med):6.2f} ms  total (sum of the medians)")
     lines.append(f"  of the Python phase: importing sifpy.cli.exec and what it imports: "
                  f"{statistics.median(imports):.2f} ms (-X importtime, median of 5)")  # fmt: skip
     lines.append("  ch-run does all of this in C: bench/results/exec.txt has its total.")

@@ -299,11 +299,17 @@ def markdown() -> str:
         lines.append(f"| `{v.name}` | {also} | {default} | {cell(v.meaning)} |")
     lines += [
         "",
-        "The C starter (`sifpy/cli/starter.c`, `starter_join.c`), which runs before Python, "
-        "reads only these, each for one reason; everything else it leaves to Python:",
+        "The C starter (`sifpy/cli/starter*.c`), which runs before Python, reads only these, "
+        "each for one reason; everything else it leaves to Python. Its own start of a "
+        "container (`starter_fast.c`) is also left to Python where any of them, or of their "
+        "Apptainer names, is set, or a variable that starts with `SIFPYENV_`, "
+        "`APPTAINERENV_`, `SINGULARITYENV_` or `PMIX_`:",
         "",
     ]
-    lines += [f"- `{v.name}`: {v.starter}" for v in VARS.values() if v.starter]
+    fast = "its own start leaves the container to Python where it is set"
+    lines += [
+        f"- `{v.name}`: {v.starter or fast}" for v in VARS.values() if v.starter or v.start
+    ]
     lines += [
         "",
         f"Settings of `{SYSTEM_CONFIG}` and of `$SIFPY_CONFIG` (`key = value`, `#` comments):",

@@ -137,13 +137,19 @@ def test_readme_table_is_the_one_config_prints() -> None:
 
 
 def test_the_starter_reads_only_what_config_says_it_does() -> None:
-    c_files = [ROOT / "cli" / "starter.c", ROOT / "cli" / "starter_join.c"]
+    c_files = sorted((ROOT / "cli").glob("starter*.c"))
     c_files += sorted((ROOT / "runtime" / "serve").glob("*.[ch]"))
     in_c = set()
     for path in c_files:
         in_c |= set(re.findall(r'"((?:SIFPY|APPTAINER|SINGULARITY)_[A-Z0-9_]+)"', path.read_text()))
     declared = {n for v in config.VARS.values() if v.starter for n in config.names(v.name)}
     assert in_c == declared
+    # The settings that send a start to Python reach the starter as one generated list.
+    from sifpy.cli.launcher import fast_start_config
+
+    listed = set(re.findall(r'"([A-Z0-9_]+)"', fast_start_config()["SIFPY_FAST_ENV_NAMES"]))
+    assert listed == {n for v in config.VARS.values() if v.start for n in config.names(v.name)}
+    assert {"SIFPY_BIND", "APPTAINER_BIND", "SIFPY_NOENV", "SIFPY_PYTHON_START"} <= listed
 
 
 def test_names_get_and_get_all() -> None:

@@ -222,18 +222,23 @@ def own_server(sifpy_copy: str) -> str:
     return str(dest)
 
 
-def build_starter(sifpy_copy: str, workdir: Path) -> str:
+def build_starter(
+    sifpy_copy: str,
+    workdir: Path,
+    name: str = "sifpy-starter",
+    overrides: dict[str, str] | None = None,
+) -> str:
     """The ``starter`` fixture's (integration/conftest.py) program: the starter (the compiled ``sifpy`` program, sifpy/cli/starter.c), built for Debian's
     python3 and the world-readable sifpy copy, with the warnings as errors."""
     from sifpy.cli import launcher
 
     require(None if shutil.which("cc") else "no C compiler (cc) to build the starter")
-    dest = workdir / "sifpy-starter"
+    dest = workdir / name
     old = list(launcher.CFLAGS)
     launcher.CFLAGS.append("-Werror")
     try:
         paths = [sifpy_copy, *launcher.site_paths("/usr/bin/python3")]
-        kind = launcher.write(str(dest), "/usr/bin/python3", paths=paths)
+        kind = launcher.write(str(dest), "/usr/bin/python3", paths=paths, overrides=overrides)
     finally:
         launcher.CFLAGS[:] = old
     assert kind == "starter"

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from integration.conftest import User, UserRunner
-from integration.runtime.conftest import busybox_rootfs, make_sif, user_processes
+from integration.runtime.conftest import build_starter, busybox_rootfs, make_sif, user_processes
 
 pytestmark = pytest.mark.unpriv
 
@@ -313,3 +313,33 @@ def test_settings_leave_the_start_to_python(both: Both, env: dict[str, str]) -> 
 def test_options_leave_the_start_to_python(both: Both) -> None:
     both.compare("exec", "--contain", both.image, "sh", "-c", PROBE, fast=False)
     both.compare("exec", "--", both.image, "sh", "-c", PROBE, fast=False)
+
+
+def test_runscript_deadline(
+    runtime_ready: UserRunner, sifpy_copy: str, workdir: Path, no_leftovers: None
+) -> None:
+    """An image whose environment script hangs: at the deadline (a starter built with 2 s
+    instead of Apptainer's minute), the action script and what it runs are killed, and the
+    start fails as Python's does with --runscript-timeout 2s."""
+    short = build_starter(
+        sifpy_copy,
+        workdir,
+        "sifpy-short-deadline",
+        {"SIFPY_RUNSCRIPT_TIMEOUT": "2", "SIFPY_RUNSCRIPT_TIMEOUT_TEXT": '"2s"'},
+    )
+
+    def slow_env(root: Path) -> None:
+        env = root / ".singularity.d" / "env"
+        env.mkdir(parents=True)
+        (env / "50-slow.sh").write_text("sleep 30\n")
+
+    image = make_sif(
+        busybox_rootfs(workdir / "fast-slow-env-rootfs", slow_env), workdir / "fast-slow.sif"
+    )
+    st = runtime_ready([short, "exec", image["sif"], "true"], cwd="/")
+    py = runtime_ready(
+        [*PYTHON, "exec", "--runscript-timeout", "2s", image["sif"], "true"], cwd="/"
+    )
+    assert st.returncode == py.returncode == 125
+    assert st.stderr == py.stderr
+    assert 'command "sleep 30" was killed after 2s timeout' in st.stderr
