@@ -1,8 +1,10 @@
 """bench/exec_breakdown: where the milliseconds of ``sifpy exec IMG.sif /bin/true`` go.
 
 Two starts are split: the starter's own (sifpy/cli/starter_fast.c: no Python at all, what
-such a start gets by default) and the start through Python (``SIFPY_PYTHON_START=1``: what
-every start with options, settings or hooks gets).
+such a start gets by default), from the marks a starter built with ``SIFPY_PHASES 1``
+writes (no tracer: each mark costs a clock read and a write to a pipe), and the start
+through Python (``SIFPY_PYTHON_START=1``: what every start with options, settings or hooks
+gets), from a trace as below.
 
 Runs the start under ``strace --seccomp-bpf -f`` tracing only the syscalls that mark a phase
 (execve, unshare, fsmount, move_mount, pivot_root, exit_group): with the seccomp filter,
@@ -25,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from _harness import bench_user, busybox_root, squashfs
@@ -33,17 +36,23 @@ from _report import provenance, report
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
-# (name, the event that ends it): events are matched in order in one trace.
-PHASES_C = [
-    ("starter: argv, settings, identity, the SIF header", r"unshare\(CLONE_NEWNS\|"),
-    ("user + mount namespaces, detached FUSE mount", r"fsmount\("),
-    ("fork server + read-ahead; plan, pin, probe the image (served)", r"move_mount\("),
-    ("assemble the root: tmpfs, underlay, binds, /dev, /proc, files", r"pivot_root\("),
-    ("pivot_root, identity, seccomp, exec the action shell", r"execve\(\"/bin/sh\""),
-    ("the action shell (/.singularity.d environment, exec)", r"execve\(\"/bin/true\""),
-    ("the command (/bin/true)", r"exit_group"),
-    ("sifpy's end: reap, stop the server, exit", None),
-]  # fmt: skip
+# The starter's own start, from its phase marks (a starter built with SIFPY_PHASES 1 writes
+# "sifpy-phase NAME NS" at the end of each): (the mark that ends it, what it is).
+MARKS = [
+    ("main", "setpriv, the kernel's exec of the starter, its dynamic loading"),
+    ("checked", "argv, settings, identity, the SIF header"),
+    ("namespaces", "user + mount namespaces, the detached FUSE mount"),
+    ("forked", "fork the FUSE server (squashfuse_ll) and the read-ahead"),
+    ("planned", "plan: the host paths pinned"),
+    ("probed", "probe the image's mount points (the FUSE server's first answers)"),
+    ("underlay", "session; fork the container: tmpfs root, one bind per image entry"),
+    ("binds", "/etc/passwd and /etc/group, /dev, /proc, /sys, home, /tmp binds; root read-only"),
+    ("exec", "pivot_root, cwd, no_new_privs, environment, seccomp"),
+    ("exited", "the action shell (/.singularity.d environment) and the command (/bin/true)"),
+    ("end", "stop the FUSE server"),
+    ("reaped", "exit, reaped by the caller"),
+]
+# The start through Python, from a trace: (name, the event that ends it), matched in order.
 PHASES = [
     ("starter: load, parse argv, open the image, read the SIF header", r"unshare\(CLONE_NEWNS\|"),
     ("user + mount namespaces, detached FUSE mount", r"fsmount\("),
@@ -75,19 +84,38 @@ def phases(trace: str, table: list[tuple[str, str | None]]) -> list[float]:
     return out
 
 
+def phase_marks(stderr: str, start: int, end: int) -> list[float]:
+    """The length of each of :data:`MARKS` in ms, from a marked starter's stderr; ``start``
+    and ``end``: when the caller spawned it and when it was reaped (CLOCK_MONOTONIC)."""
+    at = {}
+    for line in stderr.splitlines():
+        word, name, ns = [*line.split(), "", "", ""][:3]
+        if word == "sifpy-phase":
+            at[name] = int(ns)
+    at["reaped"] = end
+    if set(at) != {name for name, _ in MARKS}:
+        raise SystemExit(f"bench/exec_breakdown: phase marks missing: {stderr}")
+    out, last = [], start
+    for name, _ in MARKS:
+        out.append((at[name] - last) / 1e6)
+        last = at[name]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--user", help="run as this user when started as root")
     a = ap.parse_args()
     sys.path.insert(0, str(REPO))
+    from sifpy.cli import launcher
     from sifpy.sif import ObjectInput, create
     from sifpy.sif import format as F
 
     user, as_user, env = bench_user(a.user)
     sifpy = str(REPO / ".venv" / "bin" / "sifpy")
-    runs: dict[str, list[list[float]]] = {"c": [], "python": []}
-    tables = {"c": PHASES_C, "python": PHASES}
+    runs: list[list[float]] = []
+    marks: list[list[float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         t.chmod(0o755)
@@ -101,18 +129,31 @@ def main() -> int:
         os.chown(logs, user.pw_uid, user.pw_gid)
         log = logs / "trace"
         traced = "execve,unshare,fsmount,move_mount,pivot_root,exit_group"
+        marked = str(t / "sifpy-phases")
+        launcher.write(
+            marked, str(REPO / ".venv" / "bin" / "python"), overrides={"SIFPY_PHASES": "1"}
+        )
+        os.chmod(t, 0o755)
         for i in range(a.runs + 2):
-            for kind in runs:
-                argv = ["strace", "--seccomp-bpf", "-f", "-ttt", "-qq", "-o", str(log),
-                        "-e", f"trace={traced}", sifpy, "exec", str(sif), "/bin/true"]  # fmt: skip
-                extra = {"SIFPY_PYTHON_START": "1"} if kind == "python" else {}
-                done = subprocess.run(
-                    [*as_user, *argv], env={**env, **extra}, capture_output=True, text=True
-                )
-                if done.returncode != 0:
-                    sys.exit(f"bench/exec_breakdown: {done.stderr}")
-                if i >= 2:  # warm-up: page cache, bytecode
-                    runs[kind].append(phases(log.read_text(), tables[kind]))
+            argv = ["strace", "--seccomp-bpf", "-f", "-ttt", "-qq", "-o", str(log),
+                    "-e", f"trace={traced}", sifpy, "exec", str(sif), "/bin/true"]  # fmt: skip
+            done = subprocess.run(
+                [*as_user, *argv], env={**env, "SIFPY_PYTHON_START": "1"}, capture_output=True,
+                text=True,
+            )  # fmt: skip
+            if done.returncode != 0:
+                sys.exit(f"bench/exec_breakdown: {done.stderr}")
+            start = time.monotonic_ns()
+            done = subprocess.run(
+                [*as_user, marked, "exec", str(sif), "/bin/true"], env=env, capture_output=True,
+                text=True,
+            )  # fmt: skip
+            end = time.monotonic_ns()
+            if done.returncode != 0:
+                sys.exit(f"bench/exec_breakdown: {done.stderr}")
+            if i >= 2:  # warm-up: page cache, bytecode
+                runs.append(phases(log.read_text(), PHASES))
+                marks.append(phase_marks(done.stderr, start, end))
         # Imports of the exec path, as the starter runs Python (-I -S and its sys.path).
         boot = f"import sys; sys.path += [{str(REPO)!r}]; import sifpy.cli.exec"
         imports = []
@@ -124,20 +165,24 @@ def main() -> int:
             top = [ln for ln in done.stderr.splitlines() if ln.rstrip().endswith("sifpy.cli.exec")]
             imports.append(int(top[-1].split("|")[1]) / 1000)
     lines = [
-        f"bench/exec_breakdown: `sifpy exec IMG.sif /bin/true` (busybox squashfs, the starter "
-        f"serving the image), median of {a.runs} runs under strace --seccomp-bpf, as "
-        f"{user.pw_name} (uid {user.pw_uid})",
+        f"bench/exec_breakdown: `sifpy exec IMG.sif /bin/true` (busybox squashfs), median "
+        f"of {a.runs} runs of each start, as {user.pw_name} (uid {user.pw_uid})",
         f"measured on: {provenance()}",
     ]
-    titles = {
-        "c": "the starter's own start (the default for this command: no Python)",
-        "python": "the same start through Python (SIFPY_PYTHON_START=1; any start with options)",
-    }
-    for kind, table in tables.items():
-        med = [statistics.median(r[i] for r in runs[kind]) for i in range(len(table))]
-        lines.append(f"{titles[kind]}:")
-        lines += [f"  {ms:6.2f} ms  {name}" for (name, _), ms in zip(table, med, strict=True)]
-        lines.append(f"  {sum(med):6.2f} ms  total (sum of the medians)")
+    med = [statistics.median(r[i] for r in marks) for i in range(len(MARKS))]
+    lines.append(
+        "the starter's own start (the default for this command, no Python), from its phase "
+        "marks (a build with SIFPY_PHASES 1; no tracer):"
+    )
+    lines += [f"  {ms:6.2f} ms  {name}" for (_, name), ms in zip(MARKS, med, strict=True)]
+    lines.append(f"  {sum(med):6.2f} ms  total (sum of the medians)")
+    med = [statistics.median(r[i] for r in runs) for i in range(len(PHASES))]
+    lines.append(
+        "the same start through Python (SIFPY_PYTHON_START=1, what any start with options "
+        "gets), under strace --seccomp-bpf:"
+    )
+    lines += [f"  {ms:6.2f} ms  {name}" for (name, _), ms in zip(PHASES, med, strict=True)]
+    lines.append(f"  {sum(med):6.2f} ms  total (sum of the medians)")
     lines.append(f"  of the Python phase: importing sifpy.cli.exec and what it imports: "
                  f"{statistics.median(imports):.2f} ms (-X importtime, median of 5)")  # fmt: skip
     lines.append("  ch-run does all of this in C: bench/results/exec.txt has its total.")

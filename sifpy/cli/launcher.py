@@ -176,6 +176,7 @@ def fast_start_config() -> dict[str, str]:
         "SIFPY_RUNSCRIPT_TIMEOUT": str(int(RUNSCRIPT_TIMEOUT)),
         "SIFPY_RUNSCRIPT_TIMEOUT_TEXT": c_string(supervise._go_duration(RUNSCRIPT_TIMEOUT)),
         "SIFPY_RUNSCRIPT_TIMEOUT_HINT": c_string(timeout.hint or ""),
+        "SIFPY_PHASES": "0",  # bench/exec_breakdown's build: 1
     }
 
 

@@ -73,6 +73,21 @@ struct option_kind {
 
 #define EXIT_LAUNCH_FAILED 125
 
+/* bench/exec_breakdown builds a starter with SIFPY_PHASES 1: each phase's end is then
+ * written to stderr as "sifpy-phase NAME NANOSECONDS" (CLOCK_MONOTONIC). */
+#if SIFPY_PHASES
+#include <time.h>
+static void phase(const char *name)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    fprintf(stderr, "sifpy-phase %s %lld\n", name, (long long)t.tv_sec * 1000000000LL + t.tv_nsec);
+}
+#define PHASE(name) phase(name)
+#else
+#define PHASE(name) ((void)0)
+#endif
+
 struct start {
     const char *image;
     const char *command; /* exec's command, read ahead after the action shell */
@@ -413,6 +428,7 @@ static int serve(const struct start *s)
         return 0;
     }
     /* In the new namespaces: as sifpy.runtime.start.enter. */
+    PHASE("checked");
     write_file("/proc/self/setgroups", "deny");
     snprintf(text, sizeof text, "%u %u 1\n", s->fakeroot ? 0U : (unsigned)uid, (unsigned)uid);
     write_file("/proc/self/uid_map", text);
@@ -460,6 +476,7 @@ static int serve(const struct start *s)
     if (root < 0)
         fail("squashfuse mount");
     close(fs);
+    PHASE("namespaces");
     pid_t me = getpid();
     pid_t server = fork();
     if (server < 0)
@@ -493,6 +510,7 @@ static int serve(const struct start *s)
             read_ahead(3, s->command, &dev, &ino);
         _exit(0);
     }
+    PHASE("forked");
     if (s->fast)
         fast_start(root, server); /* returns only where Python is to start the container */
     /* Hand the image, the mount and the server to Python (sifpy.runtime.start.adopt). Every
@@ -544,6 +562,7 @@ int main(int argc, char **argv)
     for (int fd = 0; fd < 3; fd++)
         if (fcntl(fd, F_GETFD) < 0 && open("/dev/null", O_RDWR) < 0)
             break;
+    PHASE("main");
     if (getenv("SIFPY_SERVED") != NULL)
         unsetenv("SIFPY_SERVED"); /* only ever from this process */
     if (parse(argc, argv, &s)) {

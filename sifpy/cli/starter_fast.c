@@ -438,7 +438,9 @@ static int probe_all(int image)
  * the image's detached mount (the image's root), `server` its FUSE server. */
 static int fast_start(int image, pid_t server)
 {
-    if (!make_plan() || !probe_all(image)) {
+    int planned = make_plan();
+    PHASE("planned");
+    if (!planned || !probe_all(image)) {
         for (int i = 0; i < F.n; i++)
             if (F.m[i].fd >= 0)
                 close(F.m[i].fd);
@@ -462,6 +464,7 @@ static int fast_start(int image, pid_t server)
         if (!plain || n < 0)
             return 0; /* the plan's fds are closed by Python's exec (close-on-exec) */
     }
+    PHASE("probed");
     /* The session (session.set_up): from here on, no way back to Python. */
     do_mount("tmpfs", SIFPY_SESSION, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700", "session");
     do_mount(NULL, SIFPY_SESSION, NULL, MS_UNBINDABLE, NULL, "session (make unbindable)");

@@ -155,9 +155,11 @@ static _Noreturn void monitor(pid_t child, pid_t server, char *const *argv)
         if (done)
             break;
     }
+    PHASE("exited");
     kill(server, SIGKILL); /* mount.stop_server */
     while (waitpid(server, NULL, 0) < 0 && errno == EINTR)
         ;
+    PHASE("end");
     if (expired) {
         report_expired(killed);
         _exit(EXIT_LAUNCH_FAILED);

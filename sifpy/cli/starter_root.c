@@ -351,6 +351,7 @@ static _Noreturn void first_process(pid_t parent)
         if (mkdir(path, 0755) != 0)
             fail(path);
     }
+    PHASE("underlay");
     write_files();
     int root_fd = open(root, O_PATH | O_DIRECTORY | O_CLOEXEC);
     if (root_fd < 0)
@@ -359,6 +360,7 @@ static _Noreturn void first_process(pid_t parent)
         apply(root_fd, &F.m[i]);
     close(root_fd);
     remount(root, 1, "container root");
+    PHASE("binds");
     if (unshare(CLONE_NEWNS) != 0)
         fail("mount namespace");
     if (chdir(root) != 0 || syscall(SYS_pivot_root, ".", ".") != 0 || umount2(".", MNT_DETACH) != 0 ||
@@ -402,6 +404,7 @@ static _Noreturn void first_process(pid_t parent)
     argv[3] = (char *)F.action;
     for (int i = 0; i < F.nargs; i++)
         argv[4 + i] = F.args[i];
+    PHASE("exec");
     execve(argv[0], argv, env);
     int code = errno == ENOENT || errno == ENOTDIR ? 127 : 126;
     fprintf(stderr, "error: can't execute: %s: %s\n", argv[0], strerror(errno));
