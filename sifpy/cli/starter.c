@@ -395,8 +395,18 @@ static void read_ahead(int root, const char *name, dev_t *seen_dev, ino_t *seen_
 
 #include "starter_fast.c"
 
-/* Serve the image early (the only place that does); 0 if this start is not served early. */
-static int serve(const struct start *s)
+/* What serve_image leaves: the image's fd, its detached mount, its FUSE server. */
+struct served {
+    int image, root;
+    pid_t server;
+    int64_t offset;
+    uid_t uid; /* the caller's, outside the namespace */
+    gid_t gid;
+};
+
+/* Enter the user and mount namespaces and serve the image from a detached FUSE mount, with
+ * its programs read ahead; 0 (nothing done) where this start is not served early. */
+static int serve_image(const struct start *s, struct served *out)
 {
     char program[PATH_MAX], text[256];
     struct stat st;
@@ -511,16 +521,34 @@ static int serve(const struct start *s)
         _exit(0);
     }
     PHASE("forked");
+    out->image = image;
+    out->root = root;
+    out->server = server;
+    out->offset = offset;
+    out->uid = uid;
+    out->gid = gid;
+    return 1;
+}
+
+/* Serve the image early (the only place that does) and start the container (the starter's
+ * own start) or hand it to Python; 0 if this start is not served early. */
+static int serve(const struct start *s)
+{
+    struct served v;
+    char text[256];
+    if (!serve_image(s, &v))
+        return 0;
+    int image = v.image, root = v.root;
     if (s->fast)
-        fast_start(root, server); /* returns only where Python is to start the container */
+        fast_start(root, v.server); /* returns only where Python is to start the container */
     /* Hand the image, the mount and the server to Python (sifpy.runtime.start.adopt). Every
      * other fd of ours is close-on-exec or closed; these two are made close-on-exec again
      * by adopt(), before Python takes the fds still inheritable as the caller's, which the
      * command inherits (sifpy.runtime.start.passed_fds: an MPI launcher's PMI_FD). */
     if (fcntl(image, F_SETFD, 0) != 0 || fcntl(root, F_SETFD, 0) != 0)
         fail("fcntl");
-    snprintf(text, sizeof text, "%d,%d,%d,%lld,%d,%u,%u", root, (int)server, image,
-             (long long)offset, s->fakeroot, (unsigned)uid, (unsigned)gid);
+    snprintf(text, sizeof text, "%d,%d,%d,%lld,%d,%u,%u", root, (int)v.server, image,
+             (long long)v.offset, s->fakeroot, (unsigned)v.uid, (unsigned)v.gid);
     if (setenv("SIFPY_SERVED", text, 1) != 0)
         fail("setenv");
     return 1;

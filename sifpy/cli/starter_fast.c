@@ -56,7 +56,8 @@ struct fast_mount {
 
 struct fast {
     const char *action;
-    char **args; /* the action's arguments */
+    const char *image_arg; /* the image as given */
+    char **args;           /* the action's arguments */
     int nargs;
     char image[PATH_MAX]; /* os.path.abspath of the image, as given */
     char cwd[PATH_MAX];
@@ -77,12 +78,11 @@ static struct fast F;
 /* Names in the environment that change a start (settings declared in sifpy.config and
  * their Apptainer aliases, injected variables, a PMIx launcher's directories): with any
  * of them set, Python starts the container. */
-static int fast_env_ok(void)
+static int fast_env_ok(char **envp)
 {
-    extern char **environ;
     static const char *const prefixes[] = SIFPY_FAST_ENV_PREFIXES;
     static const char *const names[] = SIFPY_FAST_ENV_NAMES;
-    for (char **e = environ; *e != NULL; e++) {
+    for (char **e = envp; *e != NULL; e++) {
         const char *eq = strchr(*e, '=');
         size_t len = eq ? (size_t)(eq - *e) : strlen(*e);
         for (size_t i = 0; i < sizeof prefixes / sizeof *prefixes; i++)
@@ -127,12 +127,14 @@ static int fast_wanted(const struct start *s, int argc, char **argv)
 {
     if (s->options || s->fakeroot || s->global_options || getenv("SIFPY_PYTHON_START") != NULL)
         return 0;
-    if (strcmp(argv[s->action_at], "shell") == 0 || !fast_env_ok())
+    extern char **environ;
+    if (strcmp(argv[s->action_at], "shell") == 0 || !fast_env_ok(environ))
         return 0;
     if (access(SIFPY_HOOKS_DIR, F_OK) == 0 || errno != ENOENT)
         return 0;
     memset(&F, 0, sizeof F);
     F.action = argv[s->action_at];
+    F.image_arg = argv[s->image_at];
     F.args = argv + s->image_at + 1;
     F.nargs = argc - s->image_at - 1;
     F.cwd_fd = -1;
@@ -431,12 +433,27 @@ static int probe_all(int image)
     return 1;
 }
 
+/* The action script's argv for `action` and its arguments. */
+static char **action_argv(const char *action, char **args, int nargs)
+{
+    char **argv = calloc((size_t)nargs + 5, sizeof *argv);
+    if (argv == NULL)
+        fail("memory");
+    argv[0] = (char *)SIFPY_ACTION_SHELL;
+    argv[1] = (char *)"-c";
+    argv[2] = (char *)SIFPY_ACTION_SCRIPT;
+    argv[3] = (char *)action;
+    for (int i = 0; i < nargs; i++)
+        argv[4 + i] = args[i];
+    return argv;
+}
+
 #include "starter_root.c"
 #include "starter_monitor.c"
 
-/* After serve(): start the container here, or return (0) to let Python do it. `image` is
- * the image's detached mount (the image's root), `server` its FUSE server. */
-static int fast_start(int image, pid_t server)
+/* The plan made and the image probed (make_plan, probe_all), /etc/passwd and /etc/group
+ * checked: plain files of ASCII lines (Python decodes them); 0: Python starts it. */
+static int plan_and_probe(int image)
 {
     int planned = make_plan();
     PHASE("planned");
@@ -448,7 +465,6 @@ static int fast_start(int image, pid_t server)
             close(F.cwd_fd);
         return 0;
     }
-    /* /etc/passwd and /etc/group: plain files of ASCII lines (Python decodes them). */
     static const char *const dbs[] = {"etc/passwd", "etc/group"};
     for (int i = 0; i < 2; i++) {
         int fd = openat(image, dbs[i], O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
@@ -465,7 +481,12 @@ static int fast_start(int image, pid_t server)
             return 0; /* the plan's fds are closed by Python's exec (close-on-exec) */
     }
     PHASE("probed");
-    /* The session (session.set_up): from here on, no way back to Python. */
+    return 1;
+}
+
+/* The session (session.set_up): a tmpfs over /tmp, the image attached in it. */
+static void make_session(int image)
+{
     do_mount("tmpfs", SIFPY_SESSION, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700", "session");
     do_mount(NULL, SIFPY_SESSION, NULL, MS_UNBINDABLE, NULL, "session (make unbindable)");
     if (mkdir(SIFPY_IMAGE, 0777) != 0 || mkdir(SIFPY_FILES, 0777) != 0)
@@ -474,6 +495,16 @@ static int fast_start(int image, pid_t server)
     if (syscall(SYS_move_mount, image, "", AT_FDCWD, SIFPY_IMAGE, MOVE_MOUNT_F_EMPTY_PATH) != 0)
         fail("squashfuse mount");
     close(image);
+}
+
+/* After serve_image(): start the container here, or return (0) to let Python do it.
+ * `image` is the image's detached mount (the image's root), `server` its FUSE server. */
+static int fast_start(int image, pid_t server)
+{
+    if (!plan_and_probe(image))
+        return 0;
+    /* From here on, no way back to Python. */
+    make_session(image);
     sigset_t waited;
     waited_signals(&waited);
     sigprocmask(SIG_BLOCK, &waited, NULL);
@@ -482,18 +513,9 @@ static int fast_start(int image, pid_t server)
     if (child < 0)
         fail("fork");
     if (child == 0)
-        first_process(me);
+        first_process(me, -1);
     /* Only the container holds the caller's fds now (a PMI socket: its peer must see it
      * closed when the rank ends), and the plan's. */
     closefrom(3);
-    char **argv = calloc((size_t)F.nargs + 5, sizeof *argv);
-    if (argv == NULL)
-        fail("memory");
-    argv[0] = (char *)SIFPY_ACTION_SHELL;
-    argv[1] = (char *)"-c";
-    argv[2] = (char *)SIFPY_ACTION_SCRIPT;
-    argv[3] = (char *)F.action;
-    for (int i = 0; i < F.nargs; i++)
-        argv[4 + i] = F.args[i];
-    monitor(child, server, argv);
+    monitor(child, server, action_argv(F.action, F.args, F.nargs));
 }

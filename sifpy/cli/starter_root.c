@@ -277,13 +277,12 @@ static void clean_state(void)
 
 /* env.process_env for the default options: HOME, PATH, the runtime's variables, each host
  * variable env.host_env forwards as __SIFPY_H_<name>, then the action script's lists. */
-static char **container_env(void)
+static char **container_env(char **envp, const char *action)
 {
-    extern char **environ;
     static const char *const never[] = SIFPY_NEVER_FORWARDED;
     static const char *const drop[] = SIFPY_NOT_FORWARDED_PREFIXES;
     size_t n = 0, names_len = 1;
-    for (char **e = environ; *e; e++)
+    for (char **e = envp; *e; e++)
         n++, names_len += strlen(*e) + 1;
     char **env = calloc(n + 32, sizeof *env);
     char *names = calloc(1, names_len + 32);
@@ -299,11 +298,11 @@ static char **container_env(void)
     for (int i = 0; i < 2; i++) {
         PUT("%sCONTAINER=%s", prefixes[i], F.image);
         PUT("%sNAME=%s", prefixes[i], base ? base + 1 : F.image);
-        PUT("%sCOMMAND=%s", prefixes[i], F.action);
+        PUT("%sCOMMAND=%s", prefixes[i], action);
         PUT("%sENVIRONMENT=%s", prefixes[i], SIFPY_ENVIRONMENT_SCRIPT);
         PUT("%sBIND=", prefixes[i]);
     }
-    for (char **e = environ; *e; e++) {
+    for (char **e = envp; *e; e++) {
         const char *eq = strchr(*e, '=');
         if (eq == NULL || eq == *e)
             continue;
@@ -317,7 +316,7 @@ static char **container_env(void)
         for (size_t i = 0; ok && i < sizeof drop / sizeof *drop; i++)
             ok = strncmp(*e, drop[i], strlen(drop[i])) != 0;
         /* os.environ keeps a name's first value */
-        for (char **prev = environ; ok && prev < e; prev++)
+        for (char **prev = envp; ok && prev < e; prev++)
             ok = !(strncmp(*prev, *e, len + 1) == 0);
         if (!ok)
             continue;
@@ -335,7 +334,10 @@ static char **container_env(void)
     return env;
 }
 
-static _Noreturn void first_process(pid_t parent)
+/* `keeper` (a pipe's write end, else -1): instead of exec'ing, write "k" to it once the
+ * root is entered, then only keep the container's mount namespace until the parent (the
+ * holder, starter_holder.c) dies, as container.first_process's keeper does. */
+static _Noreturn void first_process(pid_t parent, int keeper)
 {
     if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent)
         _exit(EXIT_LAUNCH_FAILED);
@@ -384,6 +386,13 @@ static _Noreturn void first_process(pid_t parent)
         fprintf(stderr, "error: can't chdir: %s: not reachable in the container\n", F.cwd);
         _exit(EXIT_LAUNCH_FAILED);
     }
+    if (keeper >= 0) {
+        if (write(keeper, "k", 1) != 1)
+            _exit(EXIT_LAUNCH_FAILED);
+        closefrom(3);
+        for (;;) /* PDEATHSIG (SIGKILL) ends it with the holder */
+            pause();
+    }
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 || prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) != 1)
         fail("no_new_privs");
     static const unsigned char filter[] = SIFPY_PAYLOAD_FILTER;
@@ -391,19 +400,12 @@ static _Noreturn void first_process(pid_t parent)
         unsigned short len;
         const void *filter;
     } prog = {sizeof filter / 8, filter};
-    char **env = container_env();
+    extern char **environ;
+    char **env = container_env(environ, F.action);
     clean_state();
     if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER_, &prog, 0, 0) != 0)
         fail("seccomp filter");
-    char **argv = calloc((size_t)F.nargs + 5, sizeof *argv);
-    if (argv == NULL)
-        fail("memory");
-    argv[0] = (char *)SIFPY_ACTION_SHELL;
-    argv[1] = (char *)"-c";
-    argv[2] = (char *)SIFPY_ACTION_SCRIPT;
-    argv[3] = (char *)F.action;
-    for (int i = 0; i < F.nargs; i++)
-        argv[4 + i] = F.args[i];
+    char **argv = action_argv(F.action, F.args, F.nargs);
     PHASE("exec");
     execve(argv[0], argv, env);
     int code = errno == ENOENT || errno == ENOTDIR ? 127 : 126;
