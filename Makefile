@@ -52,7 +52,7 @@ $(BIN)/python:
 # would follow (and an ordinary user can't touch).
 venv: $(VENV)/.installed
 # sifpy/cli/exec_options.py: its OPTIONS are the starter's option table (launcher.starter_config).
-$(VENV)/.installed: pyproject.toml sifpy/cli/starter.c sifpy/cli/starter_join.c sifpy/cli/starter_fast.c sifpy/cli/starter_root.c sifpy/cli/starter_monitor.c sifpy/cli/launcher.py sifpy/runtime/action.py sifpy/runtime/env.py sifpy/runtime/seccomp.py sifpy/config.py sifpy/cli/exec_options.py bin/run-singularity | $(BIN)/python
+$(VENV)/.installed: pyproject.toml sifpy/cli/starter.c sifpy/cli/starter_join.c sifpy/cli/starter_fast.c sifpy/cli/starter_root.c sifpy/cli/starter_monitor.c sifpy/cli/starter_holder.c sifpy/runtime/sharens.py sifpy/runtime/sharens_holder.py sifpy/cli/launcher.py sifpy/runtime/action.py sifpy/runtime/env.py sifpy/runtime/seccomp.py sifpy/config.py sifpy/cli/exec_options.py bin/run-singularity | $(BIN)/python
 	@# compat mode: a plain path entry in a .pth file. The default editable finder imports
 	@# pathlib, re and more at every interpreter start (~10 ms on each `sifpy exec`).
 	$(PIP) install -q -e '.[test]' --config-settings editable_mode=compat

@@ -307,9 +307,7 @@ def markdown() -> str:
         "",
     ]
     fast = "its own start leaves the container to Python where it is set"
-    lines += [
-        f"- `{v.name}`: {v.starter or fast}" for v in VARS.values() if v.starter or v.start
-    ]
+    lines += [f"- `{v.name}`: {v.starter or fast}" for v in VARS.values() if v.starter or v.start]
     lines += [
         "",
         f"Settings of `{SYSTEM_CONFIG}` and of `$SIFPY_CONFIG` (`key = value`, `#` comments):",

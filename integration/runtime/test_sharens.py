@@ -270,7 +270,7 @@ def test_openmpi_ranks_join_through_the_starter(starter_node: Node) -> None:
     lines = sorted(line.split() for line in r.stdout.splitlines())
     assert [line[0] for line in lines] == ["0", "1", "2", "3"], r.stdout
     assert len({line[1] for line in lines}) == 1
-    assert python_starts(trace) == 1
+    assert python_starts(trace) == 1  # PMIx: the holder is Python's
 
 
 def python_starts(trace: Path) -> int:
@@ -470,15 +470,23 @@ def test_instance_stop_all_without_startscript(node: Node, images: dict[str, Any
     assert json.loads(node("instance", "list", "--json").stdout)["instances"] == []
 
 
-def test_starter_joins_without_python(starter_node: Node) -> None:
-    """With the holder up, the starter joins it itself: of four ranks, only the first
-    starts Python (the one that creates the container); each keeps its exit status."""
+# A plain start: the starter makes its holder too (starter_holder.c), no Python at all; with
+# an option it leaves to Python (--env), the rank that creates the container starts Python.
+PYTHON_STARTS = [((), 0), (("--env", "SHARED=1"), 1)]
+
+
+@pytest.mark.parametrize(("opts", "pythons"), PYTHON_STARTS)
+def test_starter_joins_without_python(
+    starter_node: Node, opts: tuple[str, ...], pythons: int
+) -> None:
+    """With the holder up, the starter joins it itself: of four ranks, only the first may
+    start Python (the one that creates the container); each keeps its exit status."""
     strace = shutil.which("strace")
     require(None if strace else "strace is not installed")
     assert strace is not None
     node = starter_node
     trace = node.cwd / "trace"
-    rank = " ".join(shlex.quote(x) for x in [*node.prog, "exec", node.image])
+    rank = " ".join(shlex.quote(x) for x in [*node.prog, "exec", *opts, node.image])
     script = f"""
         PMI_RANK=0 PMI_SIZE=4 {rank} sh -c 'echo up; {WAIT_GO}' > first &
         first=$!
@@ -501,12 +509,16 @@ def test_starter_joins_without_python(starter_node: Node) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[:4] == ["rc 11", "rc 12", "rc 13", "rc 0"], r.stdout
-    assert python_starts(trace) == 1
+    assert python_starts(trace) == pythons
 
 
-def test_ranks_starting_together_start_python_once(starter_node: Node) -> None:
-    """Ranks that start together (mpiexec -n 4, no holder yet): one starts Python and
-    creates the container, the others wait for it and join through the starter."""
+@pytest.mark.parametrize(("opts", "pythons"), PYTHON_STARTS)
+def test_ranks_starting_together_start_python_once(
+    starter_node: Node, opts: tuple[str, ...], pythons: int
+) -> None:
+    """Ranks that start together (mpiexec -n 4, no holder yet): one creates the container
+    (through Python only where the start needs it), the others wait for it and join through
+    the starter."""
     node = starter_node
     mpiexec = shutil.which("mpiexec.mpich")
     strace = shutil.which("strace")
@@ -514,7 +526,7 @@ def test_ranks_starting_together_start_python_once(starter_node: Node) -> None:
     assert mpiexec is not None and strace is not None
     trace = node.cwd / "trace"
     script = 'echo "$PMI_RANK $(readlink /proc/self/ns/mnt)"; exit $((PMI_RANK + 1))'
-    rank = [*node.prog, "exec", node.image, "sh", "-c", script]
+    rank = [*node.prog, "exec", *opts, node.image, "sh", "-c", script]
     tracer = [strace, "-ff", "-qq", "-o", str(trace), "-e", "trace=execve"]
     r = subprocess.run(
         [*tracer, *node.runner.argv([mpiexec, "-n", "4", *rank])],
@@ -529,4 +541,4 @@ def test_ranks_starting_together_start_python_once(starter_node: Node) -> None:
     lines = sorted(line.split() for line in r.stdout.splitlines())
     assert [line[0] for line in lines] == ["0", "1", "2", "3"], r.stdout
     assert len({line[1] for line in lines}) == 1
-    assert python_starts(trace) == 1
+    assert python_starts(trace) == pythons

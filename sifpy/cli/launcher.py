@@ -148,7 +148,18 @@ def fast_start_config() -> dict[str, str]:
     the Python runtime, so that both paths start the same container."""
     from sifpy import config
     from sifpy.cli.exec_args import RUNSCRIPT_TIMEOUT
-    from sifpy.runtime import action, assemble, env, hooksd, rootpath, seccomp, spec, supervise
+    from sifpy.runtime import (
+        action,
+        assemble,
+        env,
+        hooksd,
+        rootpath,
+        seccomp,
+        sharens,
+        sharens_holder,
+        spec,
+        supervise,
+    )
 
     start_vars = [n for v in config.VARS.values() if v.start for n in (v.name, *v.also)]
     timeout = supervise.Start(RUNSCRIPT_TIMEOUT, []).error()
@@ -177,6 +188,11 @@ def fast_start_config() -> dict[str, str]:
         "SIFPY_RUNSCRIPT_TIMEOUT_TEXT": c_string(supervise._go_duration(RUNSCRIPT_TIMEOUT)),
         "SIFPY_RUNSCRIPT_TIMEOUT_HINT": c_string(timeout.hint or ""),
         "SIFPY_PHASES": "0",  # bench/exec_breakdown's build: 1
+        # starter_holder.c: as sifpy.runtime.sharens_holder's
+        "SIFPY_HOLDER_NAME": c_string(sharens.HOLDER_NAME),
+        "SIFPY_HOLDER_LINGER_MS": str(sharens_holder._LINGER_MS),
+        "SIFPY_HOLDER_WAIT_ALL_S": str(int(sharens_holder._WAIT_ALL_S)),
+        "SIFPY_JOIN_TIMEOUT": str(int(sharens.TIMEOUT)),
     }
 
 

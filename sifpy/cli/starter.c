@@ -555,6 +555,7 @@ static int serve(const struct start *s)
 }
 
 #include "starter_join.c"
+#include "starter_holder.c"
 
 /* Whether this start's container is shared (sifpy.runtime.sharens): --sharens, or a rank
  * of an MPI or Slurm job, unless --no-sharens says otherwise. Then the starter never
@@ -594,12 +595,11 @@ int main(int argc, char **argv)
     if (getenv("SIFPY_SERVED") != NULL)
         unsetenv("SIFPY_SERVED"); /* only ever from this process */
     if (parse(argc, argv, &s)) {
+        s.fast = fast_wanted(&s, argc, argv);
         if (sharens_wanted(argc, argv, s.sharens))
-            join_fast(argc, argv, s.image_at, s.sharens);
-        else {
-            s.fast = fast_wanted(&s, argc, argv);
+            join_fast(&s, argc, argv, s.image_at, s.sharens);
+        else
             serve(&s);
-        }
     }
     boot(argc, argv);
     return EXIT_LAUNCH_FAILED;

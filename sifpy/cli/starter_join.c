@@ -221,6 +221,8 @@ static _Noreturn void join_fail(const char *what, const char *obj)
 
 static void try_join(int argc, char **argv, const char *path, const char *step,
                      char num[4][32], const char *cwd_in);
+static int hold_fast(const struct start *s, const char *sock_path, const char *lock_path,
+                     const char *step, char num[4][32]);
 
 /* Join the node's shared container for this start and exec the command in it; returns
  * (nothing done) when Python must start instead. `image_at`: the image's index in argv.
@@ -228,7 +230,7 @@ static void try_join(int argc, char **argv, const char *path, const char *step,
  * The ranks of a job start together, before any holder is up: one of them (the first to
  * lock NAME.lock) starts Python, which creates the holder, and keeps the lock until it is
  * ready (SIFPY_FAST_LOCK tells Python which fd); the others wait for the lock and join. */
-static void join_fast(int argc, char **argv, int image_at, int explicit)
+static void join_fast(const struct start *s, int argc, char **argv, int image_at, int explicit)
 {
     char step[512], cwd[PATH_MAX], dir[PATH_MAX], num[4][32];
     struct stat st, dst;
@@ -301,6 +303,13 @@ static void join_fast(int argc, char **argv, int image_at, int explicit)
             return;
         }
         try_join(argc, argv, addr.sun_path, step, num, cwd);
+        /* A start the starter makes itself: its holder too (starter_holder.c), which the
+         * rank then joins as the others do, once the lock is theirs to take. */
+        if (s->fast && hold_fast(s, addr.sun_path, lock_path, step, num)) {
+            close(lock);
+            try_join(argc, argv, addr.sun_path, step, num, cwd);
+            return; /* not answered after all: Python starts, and finds its way */
+        }
         char value[sizeof lock_path + 32];
         snprintf(value, sizeof value, "%d:%s", lock, lock_path);
         if (fcntl(lock, F_SETFD, 0) != 0 || setenv("SIFPY_FAST_LOCK", value, 1) != 0)
