@@ -595,11 +595,12 @@ int main(int argc, char **argv)
     if (getenv("SIFPY_SERVED") != NULL)
         unsetenv("SIFPY_SERVED"); /* only ever from this process */
     if (parse(argc, argv, &s)) {
-        s.fast = fast_wanted(&s, argc, argv);
-        if (sharens_wanted(argc, argv, s.sharens))
+        if (sharens_wanted(argc, argv, s.sharens)) {
             join_fast(&s, argc, argv, s.image_at, s.sharens);
-        else
+        } else {
+            s.fast = fast_wanted(&s, argc, argv);
             serve(&s);
+        }
     }
     boot(argc, argv);
     return EXIT_LAUNCH_FAILED;

@@ -305,7 +305,7 @@ static void join_fast(const struct start *s, int argc, char **argv, int image_at
         try_join(argc, argv, addr.sun_path, step, num, cwd);
         /* A start the starter makes itself: its holder too (starter_holder.c), which the
          * rank then joins as the others do, once the lock is theirs to take. */
-        if (s->fast && hold_fast(s, addr.sun_path, lock_path, step, num)) {
+        if (fast_wanted(s, argc, argv) && hold_fast(s, addr.sun_path, lock_path, step, num)) {
             close(lock);
             try_join(argc, argv, addr.sun_path, step, num, cwd);
             return; /* not answered after all: Python starts, and finds its way */
