@@ -169,20 +169,24 @@ def main() -> int:
         f"of {a.runs} runs of each start, as {user.pw_name} (uid {user.pw_uid})",
         f"measured on: {provenance()}",
     ]
-    med = [statistics.median(r[i] for r in marks) for i in range(len(MARKS))]
-    lines.append(
-        "the starter's own start (the default for this command, no Python), from its phase "
-        "marks (a build with SIFPY_PHASES 1; no tracer):"
-    )
-    lines += [f"  {ms:6.2f} ms  {name}" for (_, name), ms in zip(MARKS, med, strict=True)]
-    lines.append(f"  {sum(med):6.2f} ms  total (sum of the medians)")
-    med = [statistics.median(r[i] for r in runs) for i in range(len(PHASES))]
-    lines.append(
-        "the same start through Python (SIFPY_PYTHON_START=1, what any start with options "
-        "gets), under strace --seccomp-bpf:"
-    )
-    lines += [f"  {ms:6.2f} ms  {name}" for (name, _), ms in zip(PHASES, med, strict=True)]
-    lines.append(f"  {sum(med):6.2f} ms  total (sum of the medians)")
+    for title, table, samples in (
+        (
+            "the starter's own start (the default for this command, no Python), from its "
+            "phase marks (a build with SIFPY_PHASES 1; no tracer):",
+            [name for _, name in MARKS],
+            marks,
+        ),
+        (
+            "the same start through Python (SIFPY_PYTHON_START=1, what any start with options "
+            "gets), under strace --seccomp-bpf:",
+            [name for name, _ in PHASES],
+            runs,
+        ),
+    ):
+        med = [statistics.median(r[i] for r in samples) for i in range(len(table))]
+        lines.append(title)
+        lines += [f"  {ms:6.2f} ms  {name}" for name, ms in zip(table, med, strict=True)]
+        lines.append(f"  {sum(med):6.2f} ms  total (sum of the medians)")
     lines.append(f"  of the Python phase: importing sifpy.cli.exec and what it imports: "
                  f"{statistics.median(imports):.2f} ms (-X importtime, median of 5)")  # fmt: skip
     lines.append("  ch-run does all of this in C: bench/results/exec.txt has its total.")

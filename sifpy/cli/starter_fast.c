@@ -300,6 +300,25 @@ static int openat2_(int dir, const char *path, int flags)
     return (int)syscall(SYS_openat2, dir, path, &how, sizeof how);
 }
 
+/* The next component of the path at `*p` into `comp`, `*p` then past it and its slashes;
+ * 0 for one that can't be taken as it is (empty, longer than NAME_MAX, "." or ".."). */
+static int next_component(const char **p, char comp[NAME_MAX + 1], int *last)
+{
+    while (**p == '/')
+        (*p)++;
+    size_t len = strcspn(*p, "/");
+    if (len == 0 || len > NAME_MAX || (len == 1 && **p == '.') ||
+        (len == 2 && strncmp(*p, "..", 2) == 0))
+        return 0;
+    memcpy(comp, *p, len);
+    comp[len] = '\0';
+    *p += len;
+    while (**p == '/')
+        (*p)++;
+    *last = **p == '\0';
+    return 1;
+}
+
 /* Where `dest` lands in the image (`image`: its root): 1 if the start stays simple, with
  * m->missing set where the underlay must create it (and its ancestors expanded, as
  * rootpath.expansions), 0 for anything that needs Python's resolver (a symlink on the way,
@@ -322,22 +341,20 @@ static int probe(int image, struct fast_mount *m)
             return 1;         /* a runtime directory of the underlay, always there */
         if (strncmp(p, "tmp", first) != 0)
             return 0;         /* below /dev, /proc or /sys */
+        char comp[NAME_MAX + 1];
+        for (int last = 0; !last;)
+            if (!next_component(&p, comp, &last))
+                return 0;     /* "..", ".": Python resolves those */
         m->missing = 1;       /* below /tmp: made in the underlay's own /tmp */
         return 1;
     }
     while (*p != '\0') {
-        size_t len = strcspn(p, "/");
         char comp[NAME_MAX + 1];
-        if (len > NAME_MAX || (len == 1 && p[0] == '.') || (len == 2 && !strncmp(p, "..", 2))) {
+        int last;
+        if (!next_component(&p, comp, &last)) {
             close(dir);
             return 0;
         }
-        memcpy(comp, p, len);
-        comp[len] = '\0';
-        p += len;
-        while (*p == '/')
-            p++;
-        int last = *p == '\0';
         struct stat st;
         if (fstatat(dir, comp, &st, AT_SYMLINK_NOFOLLOW) != 0) {
             close(dir);
@@ -355,7 +372,7 @@ static int probe(int image, struct fast_mount *m)
             return rel[0] == '\0' || expand_add(rel);
         }
         size_t used = strlen(rel);
-        if (used + len + 2 >= sizeof rel) {
+        if (used + strlen(comp) + 2 >= sizeof rel) {
             close(dir);
             return 0;
         }

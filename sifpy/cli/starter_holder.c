@@ -121,37 +121,17 @@ static void holder_accept(void)
         setsockopt(conn, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
         setsockopt(conn, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
         char head[5];
-        union {
-            struct cmsghdr h;
-            char space[CMSG_SPACE(4 * sizeof(int))];
-        } ctl;
-        memset(&ctl, 0, sizeof ctl);
-        struct iovec iov = {head, sizeof head};
-        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
-        msg.msg_control = ctl.space;
-        msg.msg_controllen = sizeof ctl.space;
-        ssize_t got = recvmsg(conn, &msg, MSG_CMSG_CLOEXEC | MSG_WAITALL);
-        int pidfd = -1;
-        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
-            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-                continue;
-            int fds[4];
-            size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-            memcpy(fds, CMSG_DATA(c), n * sizeof(int));
-            for (size_t i = 0; i < n; i++) {
-                if (pidfd < 0)
-                    pidfd = fds[i];
-                else
-                    close(fds[i]);
-            }
-        }
+        int pidfd;
+        ssize_t got = recv_fds(conn, head, sizeof head, &pidfd, 1);
         uint32_t len = 0, alen = 0;
         char *body = NULL, *answer = NULL;
         if (got == (ssize_t)sizeof head && head[0] == 'f' && pidfd >= 0) {
             memcpy(&len, head + 1, 4);
             body = len <= JOIN_MAX ? malloc(len + 1) : NULL;
-            if (body != NULL && read_full(conn, body, len))
+            if (body != NULL && read_full(conn, body, len)) {
+                body[len] = '\0'; /* ends the last string, whatever was sent */
                 answer = holder_answer(body, len, &alen);
+            }
         }
         free(body);
         int sent = 0;
@@ -161,22 +141,12 @@ static void holder_accept(void)
                 out[0] = 'k';
                 memcpy(out + 1, &alen, 4);
                 memcpy(out + 5, answer, alen);
-                memset(&ctl, 0, sizeof ctl);
-                struct iovec aiov = {out, alen + 5};
-                struct msghdr amsg = {.msg_iov = &aiov, .msg_iovlen = 1};
-                amsg.msg_control = ctl.space;
-                amsg.msg_controllen = CMSG_SPACE(2 * sizeof(int));
-                struct cmsghdr *c = CMSG_FIRSTHDR(&amsg);
-                c->cmsg_level = SOL_SOCKET;
-                c->cmsg_type = SCM_RIGHTS;
-                c->cmsg_len = CMSG_LEN(2 * sizeof(int));
-                memcpy(CMSG_DATA(c), H.ns, 2 * sizeof(int));
-                sent = sendmsg(conn, &amsg, MSG_NOSIGNAL) == (ssize_t)(alen + 5);
+                sent = send_fds(conn, out, alen + 5, H.ns, 2);
                 free(out);
             }
             free(answer);
-        } else if (send(conn, "e", 1, MSG_NOSIGNAL) < 0) {
-            sent = 0;
+        } else {
+            send(conn, "e", 1, MSG_NOSIGNAL); /* the rank starts Python */
         }
         close(conn);
         if (!sent || H.nmembers >= (int)(sizeof H.members / sizeof *H.members)) {

@@ -213,6 +213,59 @@ static int read_full(int fd, char *to, size_t len)
     return 1;
 }
 
+/* Send `len` bytes with `n` fds attached (SCM_RIGHTS); whether all went. */
+static int send_fds(int sock, const void *data, size_t len, const int *fds, int n)
+{
+    union {
+        struct cmsghdr h;
+        char space[CMSG_SPACE(4 * sizeof(int))];
+    } ctl;
+    memset(&ctl, 0, sizeof ctl);
+    struct iovec iov = {(void *)data, len};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    msg.msg_control = ctl.space;
+    msg.msg_controllen = CMSG_SPACE((size_t)n * sizeof(int));
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN((size_t)n * sizeof(int));
+    memcpy(CMSG_DATA(c), fds, (size_t)n * sizeof(int));
+    return n > 0 && n <= 4 && sendmsg(sock, &msg, MSG_NOSIGNAL) == (ssize_t)len;
+}
+
+/* Receive exactly `len` bytes and the fds attached (up to `max`, close-on-exec; the others
+ * closed, the missing ones -1); how many bytes came. */
+static ssize_t recv_fds(int sock, void *data, size_t len, int *fds, int max)
+{
+    union {
+        struct cmsghdr h;
+        char space[CMSG_SPACE(4 * sizeof(int))];
+    } ctl;
+    memset(&ctl, 0, sizeof ctl);
+    struct iovec iov = {data, len};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    msg.msg_control = ctl.space;
+    msg.msg_controllen = sizeof ctl.space;
+    ssize_t got = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | MSG_WAITALL);
+    int have = 0;
+    for (int i = 0; i < max; i++)
+        fds[i] = -1;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); got >= 0 && c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        int got_fds[4];
+        memcpy(got_fds, CMSG_DATA(c), (n > 4 ? 4 : n) * sizeof(int));
+        for (size_t i = 0; i < n && i < 4; i++) {
+            if (have < max)
+                fds[have++] = got_fds[i];
+            else
+                close(got_fds[i]);
+        }
+    }
+    return got;
+}
+
 static _Noreturn void join_fail(const char *what, const char *obj)
 {
     fprintf(stderr, "error: can't %s: %s: %s\n", what, obj, strerror(errno));
@@ -360,21 +413,7 @@ static void try_join(int argc, char **argv, const char *path, const char *step,
     setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     int pidfd = (int)syscall(SYS_pidfd_open, getpid(), 0); /* close-on-exec by itself */
-    union {
-        struct cmsghdr h;
-        char space[CMSG_SPACE(2 * sizeof(int))];
-    } ctl;
-    memset(&ctl, 0, sizeof ctl);
-    struct iovec iov = {req.data, req.len};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
-    msg.msg_control = ctl.space;
-    msg.msg_controllen = CMSG_SPACE(sizeof(int));
-    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &pidfd, sizeof(int));
-    ok = pidfd >= 0 && sendmsg(sock, &msg, MSG_NOSIGNAL) == (ssize_t)req.len;
+    ok = pidfd >= 0 && send_fds(sock, req.data, req.len, &pidfd, 1);
     if (pidfd >= 0)
         close(pidfd);
     free(req.data);
@@ -385,16 +424,7 @@ static void try_join(int argc, char **argv, const char *path, const char *step,
     char *ans = NULL;
     uint32_t len = 0;
     if (ok) {
-        memset(&ctl, 0, sizeof ctl);
-        struct iovec aiov = {head, sizeof head};
-        struct msghdr amsg = {.msg_iov = &aiov, .msg_iovlen = 1};
-        amsg.msg_control = ctl.space;
-        amsg.msg_controllen = sizeof ctl.space;
-        ssize_t got = recvmsg(sock, &amsg, MSG_CMSG_CLOEXEC | MSG_WAITALL);
-        for (c = CMSG_FIRSTHDR(&amsg); c != NULL; c = CMSG_NXTHDR(&amsg, c))
-            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS &&
-                c->cmsg_len == CMSG_LEN(2 * sizeof(int)))
-                memcpy(fds, CMSG_DATA(c), sizeof fds);
+        ssize_t got = recv_fds(sock, head, sizeof head, fds, 2);
         ok = got == (ssize_t)sizeof head && head[0] == 'k' && fds[0] >= 0 && fds[1] >= 0;
         if (ok) {
             memcpy(&len, head + 1, 4);

@@ -195,16 +195,12 @@ static int mount_point(int root, const struct fast_mount *m)
     int dir = dup(root);
     const char *p = m->dest;
     while (dir >= 0 && *p != '\0') {
-        while (*p == '/')
-            p++;
-        size_t len = strcspn(p, "/");
         char comp[NAME_MAX + 1];
-        memcpy(comp, p, len);
-        comp[len] = '\0';
-        p += len;
-        while (*p == '/')
-            p++;
-        int last = *p == '\0';
+        int last;
+        if (!next_component(&p, comp, &last)) { /* probe() refused those: not reached */
+            close(dir);
+            return -1;
+        }
         struct stat st;
         if (fstatat(dir, comp, &st, AT_SYMLINK_NOFOLLOW) != 0) {
             int rc;
