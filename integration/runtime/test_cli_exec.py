@@ -458,7 +458,17 @@ def _bad_descriptor_images(plain: dict[str, Any], workdir: Path) -> dict[str, tu
     a phrase the error must contain)."""
     from sifpy.sif import ObjectInput, create
     from sifpy.sif import format as F
-    from tests.sif.mutate import D_ID, D_OFFSET, D_PARTTYPE, D_SIZE, descr_off, set_q, set_u32
+    from tests.sif.mutate import (
+        D_ID,
+        D_OFFSET,
+        D_PARTTYPE,
+        D_SIZE,
+        H_DATASIZE,
+        H_FREE,
+        descr_off,
+        set_q,
+        set_u32,
+    )
 
     with open(plain["sif"], "rb") as f:
         f.seek(plain["offset"])
@@ -484,8 +494,16 @@ def _bad_descriptor_images(plain: dict[str, Any], workdir: Path) -> dict[str, tu
             set_u32(data, ext3 + D_PARTTYPE, F.PartType.PRIMSYS),
             "2 primary partitions",
         ),
-        # The partition the starter serves is sound; Python then refuses the table.
+        # The partition the starter serves is sound, the table is not: the starter refuses
+        # what sifpy.sif.image refuses, and leaves it to Python, which says why.
         "duplicate-id": (set_u32(data, ext3 + D_ID, 2), "duplicate object id 2"),
+        "objects-overlap": (
+            set_q(data, ext3 + D_OFFSET, int.from_bytes(data[squash + D_OFFSET :][:8], "little")),
+            "overlap",
+        ),
+        "bad-version": (data[:42] + b"02\0" + data[45:], "unsupported SIF version"),
+        "data-outside": (set_q(data, H_DATASIZE, len(data)), "outside the file"),
+        "free-count": (set_q(data, H_FREE, -1), "free descriptor count"),
     }
     out = {}
     for name, (mutated, phrase) in cases.items():
@@ -503,6 +521,10 @@ BAD_DESCRIPTORS = [
     "offset-overflows",
     "second-primary-ext3",
     "duplicate-id",
+    "objects-overlap",
+    "bad-version",
+    "data-outside",
+    "free-count",
 ]
 
 
@@ -514,7 +536,8 @@ def test_bad_descriptor_is_125_with_one_error_line(
     offset + size overflows 64 bits, that has a second (ext3) primary partition, or whose
     table is otherwise invalid: through Python and through the starter, one ``error:`` line
     (and its hint), status 125, no traceback, no server left (``no_leftovers``); the starter
-    does not serve a partition it can't check (nothing mounted before Python refuses it)."""
+    neither serves nor runs a file sifpy.sif.image refuses (Python refuses it, before
+    anything is mounted)."""
     path, phrase = _bad_descriptor_images(images["plain"], workdir)[case]
     r = sifpy("-v", "exec", str(path), "true", timeout=30)
     assert r.returncode == 125, r.stderr
@@ -523,8 +546,10 @@ def test_bad_descriptor_is_125_with_one_error_line(
     assert errors[1:] in ([], [errors[-1]]) and all(
         line.startswith("hint: ") for line in errors[1:]
     ), r.stderr
-    if case != "duplicate-id":
-        assert "starter entered" not in r.stderr, r.stderr
+    assert "starter entered" not in r.stderr, r.stderr
+    # Without -v, a start the starter would make itself: the same refusal, word for word.
+    quiet = sifpy("exec", str(path), "true", timeout=30)
+    assert (quiet.returncode, quiet.stderr) == (125, "\n".join(errors) + "\n")
 
 
 def test_fifo_as_image_returns_at_once(sifpy: Sifpy, workdir: Path) -> None:

@@ -86,6 +86,7 @@ def starter_config(python: str, boot: str, overrides: dict[str, str] | None = No
     from sifpy.runtime import mount, start
     from sifpy.runtime.action import action_argv
     from sifpy.sif import format as F
+    from sifpy.sif.image import MAX_DESCRIPTORS
 
     # Options whose start the starter leaves to Python: it never verifies, unsquashes or
     # runs a sandbox.
@@ -130,6 +131,14 @@ def starter_config(python: str, boot: str, overrides: dict[str, str] | None = No
         "SIF_PARTITION": str(int(F.DataType.PARTITION)),
         "SIF_SQUASH": str(int(F.FSType.SQUASH)),
         "SIF_PRIMSYS": str(int(F.PartType.PRIMSYS)),
+        "SIF_VERSION": c_string(F.HDR_VERSION.rstrip(b"\0").decode()),
+        "SIF_VERSION_AT": str(header["version"]),
+        "SIF_DESCRIPTORS_FREE_AT": str(header["descriptors_free"]),
+        "SIF_DESCRIPTORS_SIZE_AT": str(header["descriptors_size"]),
+        "SIF_DATA_OFFSET_AT": str(header["data_offset"]),
+        "SIF_DATA_SIZE_AT": str(header["data_size"]),
+        "SIF_ID_AT": str(descriptor["id"]),
+        "SIF_MAX_DESCRIPTORS": str(MAX_DESCRIPTORS),
     }
     defines |= fast_start_config()
     defines |= overrides or {}

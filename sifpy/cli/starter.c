@@ -222,51 +222,82 @@ static int64_t le64(const unsigned char *p)
     return (int64_t)((uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32);
 }
 
+struct span {
+    int64_t start, end;
+};
+
+static int by_start(const void *a, const void *b)
+{
+    const struct span *x = a, *y = b;
+    return x->start < y->start ? -1 : x->start > y->start;
+}
+
 /* The primary system squashfs partition of a SIF file (the layout comes from
- * sifpy.sif.format, through starter_config.h); the Python side validates the whole file
- * again before anything runs. Anything this does not serve goes to Python, which reports it:
- * so it refuses what sifpy.sif.image refuses of the partition it would mount (the image's
- * bytes are the attacker's): more than one primary partition of any type, one that isn't
- * squashfs, data outside the file (offset + size can overflow: checked, never computed
- * unchecked) or over the header and descriptor table. */
+ * sifpy.sif.format, through starter_config.h), in a file sifpy.sif.image would read: the
+ * same checks of the header and of every used descriptor (version, counts, the table and
+ * the data inside the file, ids, objects that overlap the header, the table or each other;
+ * offset + size can overflow: checked, never computed unchecked), then exactly one primary
+ * partition, of squashfs. Anything this refuses goes to Python, which reports it (the
+ * image's bytes are the attacker's); the starter's own start runs only what passes here. */
 static int primary_partition(int fd, off_t file_size, int64_t *offset, int64_t *size)
 {
     unsigned char hdr[SIF_HEADER_SIZE];
     if (pread(fd, hdr, sizeof hdr, 0) != (ssize_t)sizeof hdr)
         return 0;
-    if (memcmp(hdr + SIF_MAGIC_AT, SIF_MAGIC, sizeof SIF_MAGIC - 1) != 0)
+    if (memcmp(hdr + SIF_MAGIC_AT, SIF_MAGIC, sizeof SIF_MAGIC - 1) != 0 ||
+        memcmp(hdr + SIF_VERSION_AT, SIF_VERSION, sizeof SIF_VERSION) != 0)
         return 0;
-    int64_t total = le64(hdr + SIF_DESCRIPTORS_TOTAL_AT);
+    int64_t total = le64(hdr + SIF_DESCRIPTORS_TOTAL_AT), free_ = le64(hdr + SIF_DESCRIPTORS_FREE_AT);
     int64_t desc_off = le64(hdr + SIF_DESCRIPTORS_OFFSET_AT);
-    if (total <= 0 || total > 4096 || desc_off < SIF_HEADER_SIZE || desc_off > file_size)
+    int64_t desc_size = le64(hdr + SIF_DESCRIPTORS_SIZE_AT);
+    int64_t data_off = le64(hdr + SIF_DATA_OFFSET_AT), data_size = le64(hdr + SIF_DATA_SIZE_AT);
+    int64_t data_end;
+    if (total <= 0 || total > SIF_MAX_DESCRIPTORS || free_ < 0 || free_ > total ||
+        desc_size != total * SIF_DESCRIPTOR_SIZE || desc_off < SIF_HEADER_SIZE ||
+        desc_off > file_size || desc_size > file_size - desc_off || data_off < 0 ||
+        data_size < 0 || __builtin_add_overflow(data_off, data_size, &data_end) ||
+        data_end > file_size)
         return 0;
-    size_t len = (size_t)total * SIF_DESCRIPTOR_SIZE;
-    int64_t desc_end = desc_off + (int64_t)len; /* both bounded above: no overflow */
+    size_t len = (size_t)desc_size;
+    int64_t desc_end = desc_off + desc_size; /* both bounded above: no overflow */
     unsigned char *desc = malloc(len);
-    if (desc == NULL || pread(fd, desc, len, desc_off) != (ssize_t)len) {
-        free(desc);
-        return 0;
-    }
-    int found = 0, squashfs = 0;
-    for (int64_t i = 0; i < total; i++) {
+    struct span *spans = calloc((size_t)total, sizeof *spans);
+    uint32_t *ids = calloc((size_t)total, sizeof *ids);
+    int ok = desc != NULL && spans != NULL && ids != NULL &&
+             pread(fd, desc, len, desc_off) == (ssize_t)len;
+    int found = 0, squashfs = 0, nspans = 0, nids = 0;
+    for (int64_t i = 0; ok && i < total; i++) {
         const unsigned char *d = desc + i * SIF_DESCRIPTOR_SIZE;
         const unsigned char *extra = d + SIF_EXTRA_AT;
-        if (d[SIF_USED_AT] == 0 || le32(d) != SIF_PARTITION)
+        if (d[SIF_USED_AT] == 0)
             continue;
-        if (le32(extra + SIF_PARTTYPE_AT) != SIF_PRIMSYS)
+        uint32_t id = le32(d + SIF_ID_AT);
+        int64_t off = le64(d + SIF_OFFSET_AT), sz = le64(d + SIF_SIZE_AT), end = 0;
+        ok = d[SIF_USED_AT] == 1 && id != 0 && off >= 0 && sz >= 0 &&
+             !__builtin_add_overflow(off, sz, &end) && end <= file_size;
+        for (int j = 0; ok && j < nids; j++)
+            ok = ids[j] != id;
+        ids[nids++] = id;
+        if (ok && sz > 0) { /* data may not cover the header or the table */
+            ok = off >= SIF_HEADER_SIZE && !(off < desc_end && desc_off < end);
+            spans[nspans++] = (struct span){off, end};
+        }
+        if (!ok || le32(d) != SIF_PARTITION || le32(extra + SIF_PARTTYPE_AT) != SIF_PRIMSYS)
             continue;
         found++;
         squashfs = le32(extra + SIF_FSTYPE_AT) == SIF_SQUASH;
-        *offset = le64(d + SIF_OFFSET_AT);
-        *size = le64(d + SIF_SIZE_AT);
+        *offset = off;
+        *size = sz;
+    }
+    if (ok) {
+        qsort(spans, (size_t)nspans, sizeof *spans, by_start);
+        for (int i = 1; ok && i < nspans; i++)
+            ok = spans[i].start >= spans[i - 1].end;
     }
     free(desc);
-    int64_t end;
-    if (found != 1 || !squashfs || *offset < 0 || *size < 0 ||
-        __builtin_add_overflow(*offset, *size, &end) || end > file_size)
-        return 0;
-    /* An empty object may sit anywhere; data may not cover the header or the table. */
-    return *size == 0 || (*offset >= SIF_HEADER_SIZE && !(*offset < desc_end && desc_off < end));
+    free(spans);
+    free(ids);
+    return ok && found == 1 && squashfs;
 }
 
 /* In the FUSE server's child, before it execs squashfuse: no capability at all, and none
