@@ -78,8 +78,12 @@ __sifpy_quote() {
 # bound libraries don't hide the image's.
 __sifpy_default_ld() {
   [ "${LD_LIBRARY_PATH:-}" = /.singularity.d/libs ] || return 0
+  # The libs dir's first entry, if any (a glob, not a $(...) subshell: a fork is ~1 ms).
   __l='*'
-  [ ! -d "$__r/.singularity.d/libs" ] || __l=$(cd "$__r/.singularity.d/libs" && echo *)
+  if [ -d "$__r/.singularity.d/libs" ]; then
+    for __l in "$__r/.singularity.d/libs/"*; do break; done
+    [ "$__l" != "$__r/.singularity.d/libs/*" ] || __l='*'
+  fi
   if [ "$__l" = '*' ] && [ -z "${PREPEND_LD_LIBRARY_PATH:-}" ] &&
     [ -z "${APPEND_LD_LIBRARY_PATH:-}" ]; then
     return 0
