@@ -10,8 +10,8 @@ mmdebstrap tree). Each side is read cold (page cache dropped) and warm (a second
 which starts a new FUSE connection), and sifpy also "warm in a kept mount": the same read
 twice in one exec, the second timed as (two reads) - (one read). Every figure is the
 median of ``--runs`` rounds that alternate between the commands. The FUSE server is the
-one ``sifpy exec`` picks (squashfuse_ll by default); run with ``SIFPY_FUSE_SERVER=sifpy``
-for sifpy's own (opt-in). Prints the ratios and
+one ``sifpy exec --no-home`` picks, a start with an option (squashfuse_ll by default); run
+with ``SIFPY_FUSE_SERVER=sifpy`` for sifpy's own. Prints the ratios and
 writes them, with the commit and CPU, to bench/results/read.txt.
 
     sudo .venv/bin/python bench/read.py [--rootfs DIR] [--user NAME]

@@ -130,7 +130,7 @@ _var("SIFPY_MOUNT", LIST, "", "mounts for every container, as `--mount`, one per
 _var("SIFPY_NOENV", LIST, "", "host variables not passed to the container, as `--no-env`", also=("APPTAINER_NOENV", "SINGULARITY_NOENV"), start=True)
 _var("SIFPY_RUNSCRIPT_TIMEOUT", TEXT, "1m", "how long the action script may take before it execs the command (`--runscript-timeout`, a Go duration such as `30s`)", also=("APPTAINER_RUNSCRIPT_TIMEOUT",), start=True)
 _var("SIFPY_CDI_SPEC_DIRS", PATHS, "/etc/cdi:/var/run/cdi", "where `--device` looks for CDI specs (before `cdi spec dirs` in sifpy.conf)")
-_var("SIFPY_FUSE_SERVER", TEXT, "squashfuse_ll", "`sifpy`: serve images with sifpy's own FUSE server (`sifpy/runtime/serve/`, built by `make venv` where libsquashfuse-dev is installed: several threads, the page cache kept across opens); opt-in while its gain is not shown by bench/read and bench/exec",
+_var("SIFPY_FUSE_SERVER", TEXT, "", "`sifpy`: every image served by sifpy's own FUSE server (`sifpy/runtime/serve/`, built by `make venv` where libsquashfuse-dev is installed: several threads, the page cache kept across opens); `squashfuse_ll`: every image by squashfuse_ll; unset: the starter's own starts by sifpy's server, linked into the starter (no exec), the others by squashfuse_ll",
      starter="it starts the FUSE server before Python runs")
 _var("SIFPY_PYTHON_START", TEXT, "", "set (to anything): every container start goes through Python, none through the starter's own C path (sifpy/cli/starter_fast.c); for comparisons and debugging",
      starter="its fast path leaves the start to Python where it is set", start=True)

@@ -229,10 +229,13 @@ def build_starter(
     overrides: dict[str, str] | None = None,
 ) -> str:
     """The ``starter`` fixture's (integration/conftest.py) program: the starter (the compiled ``sifpy`` program, sifpy/cli/starter.c), built for Debian's
-    python3 and the world-readable sifpy copy, with the warnings as errors."""
+    python3 and the world-readable sifpy copy, with the warnings as errors and sifpy's FUSE
+    server linked in, as `make venv` builds it."""
     from sifpy.cli import launcher
 
     require(None if shutil.which("cc") else "no C compiler (cc) to build the starter")
+    # The starter's own starts serve with sifpy's server linked in (no squashfuse_ll exec).
+    require(None if launcher.server_flags() else "libsquashfuse-dev or libfuse3-dev is missing")
     dest = workdir / name
     old = list(launcher.CFLAGS)
     launcher.CFLAGS.append("-Werror")

@@ -90,7 +90,10 @@ class Node:
         ]
 
     def squashfuse(self) -> list[int]:
-        return live_processes(self.uid, "squashfuse_ll")
+        # squashfuse_ll, or sifpy's own server (the starter's own starts serve with it)
+        return live_processes(self.uid, "squashfuse_ll") + live_processes(
+            self.uid, "sifpy-sqfs-serv"
+        )
 
     def holders(self) -> list[int]:
         return live_processes(self.uid, HOLDER)
@@ -392,7 +395,7 @@ def test_many_first_ranks_one_container(node: Node) -> None:
         while [ "$(cat out* | wc -l)" -lt {n} ]; do sleep 0.05; done
         live() {{ ps -o stat=,comm= -u "$(id -u)" | awk -v n="$1" '$1 !~ /^Z/ && $2 == n' | wc -l; }}
         echo "holders $(live {HOLDER})"
-        echo "servers $(live squashfuse_ll)"
+        echo "servers $(( $(live squashfuse_ll) + $(live sifpy-sqfs-serv) ))"
         touch go
         wait
         cat out*

@@ -254,15 +254,16 @@ def write(
     python: str = sys.executable,
     script: bool = False,
     paths: list[str] | None = None,
-    serve_inline: bool = False,
+    serve_inline: bool = True,
     overrides: dict[str, str] | None = None,
 ) -> str:
     """Write the program to ``dest`` (atomically, mode 0755); return ``"starter"`` or
     ``"script"``: what was written. ``paths``: the package directories (default: those
     ``site`` adds for ``python``). ``serve_inline``: link sifpy's FUSE server into the
-    starter where the libraries are there, for ``SIFPY_FUSE_SERVER=sifpy`` (off by default:
-    loading libfuse3 and libsquashfuse costs every start ~0.5 ms of CPU, and the server is
-    opt-in; without it such starts go through Python)."""
+    starter where the libraries are there: the starter's own starts serve with it (forked,
+    no exec: ~1.5 ms less than exec'ing squashfuse_ll, bench/exec), and so does
+    ``SIFPY_FUSE_SERVER=sifpy``; loading libfuse3 and libsquashfuse costs every start of
+    the program ~0.5 ms of CPU. Without the libraries, squashfuse_ll serves."""
     if len(python) > 240:  # the kernel reads the first 256 bytes of a #! line
         raise SystemExit(f"can't write a launcher: interpreter path too long: {python}")
     boot = BOOT.format(paths=site_paths(python) if paths is None else paths)

@@ -358,18 +358,23 @@ static void become_helper(pid_t parent, const int *fds, int n)
     sigprocmask(SIG_SETMASK, &none, NULL);
 }
 
-/* The FUSE server: squashfuse_ll's path; with SIFPY_FUSE_SERVER=sifpy (opt-in, as in
- * Python: sifpy.runtime.start.server_program), "" for sifpy's own where it is linked in, or
- * 0 (Python starts it) where it is not; 0 if there is none. */
-static int server_program(char *program)
+/* The FUSE server: "" for sifpy's own where it is linked in (SIFPY_SERVE_INLINE), else
+ * squashfuse_ll's path; 0 if there is none (Python starts it, or says why). Sifpy's own
+ * serves with SIFPY_FUSE_SERVER=sifpy (as in Python: sifpy.runtime.start.server_program;
+ * not linked in: 0) and, unless SIFPY_FUSE_SERVER names squashfuse_ll, every start the
+ * starter means to make itself (`own`): as ch-run serves its images, from a forked child
+ * with no exec and no second dynamic loading (bench/exec, bench/mpi). */
+static int server_program(char *program, int own)
 {
     const char *want = getenv("SIFPY_FUSE_SERVER");
-    if (want != NULL && strcmp(want, "sifpy") == 0) {
+    int sifpy = want != NULL && strcmp(want, "sifpy") == 0;
+    if (sifpy || (own && (want == NULL || *want == '\0'))) {
 #ifdef SIFPY_SERVE_INLINE
         program[0] = '\0';
         return 1;
 #else
-        return 0;
+        if (sifpy)
+            return 0;
 #endif
     }
     return find_program(SIFPY_SQUASHFUSE, program);
@@ -450,7 +455,7 @@ static int serve_image(const struct start *s, struct served *out)
     if (uid == 0 || getenv("SIFPY_CONFIG") != NULL || access(SIFPY_SYSTEM_CONFIG, F_OK) == 0 ||
         errno != ENOENT)
         return 0;
-    if (access("/dev/fuse", R_OK | W_OK) != 0 || !server_program(program))
+    if (access("/dev/fuse", R_OK | W_OK) != 0 || !server_program(program, s->fast))
         return 0;
     int probe = (int)syscall(SYS_fsopen, "fuse", FSOPEN_CLOEXEC_);
     if (probe >= 0)

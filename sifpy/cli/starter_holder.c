@@ -252,7 +252,9 @@ static _Noreturn void holder(const struct start *s, const char *sock_path, const
         _exit(EXIT_LAUNCH_FAILED);
     struct served v;
     struct stat st;
-    int ok = serve_image(s, &v) && fstat(v.image, &st) == 0;
+    struct start own = *s;
+    own.fast = 1; /* a start the starter makes itself: its own server serves it */
+    int ok = serve_image(&own, &v) && fstat(v.image, &st) == 0;
     if (ok) { /* the image served is the one the ranks name */
         char num[4][32];
         snprintf(num[0], sizeof num[0], "%llu", (unsigned long long)st.st_dev);

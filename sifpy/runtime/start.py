@@ -40,9 +40,9 @@ SQUASHFUSE = "squashfuse_ll"
 FUSE_SINGLE_THREAD = True
 # sifpy's own server (sifpy/runtime/serve/sqfs_serve.c, built by `make venv` next to its
 # source): libsquashfuse's code with reads decompressed in parallel, no open/release round
-# trips and the page cache kept across opens. Opt-in for now (SIFPY_FUSE_SERVER=sifpy):
-# on a loaded 2-CPU machine its gain over squashfuse_ll could not yet be shown by
-# bench/read or bench/exec; the tests run every exec through both.
+# trips and the page cache kept across opens. Here (a start with options, or without the
+# starter) opt-in: SIFPY_FUSE_SERVER=sifpy; the starter links it in and serves its own
+# starts with it, forked with no exec (bench/exec). The tests run every exec through both.
 SERVER = os.path.join(os.path.dirname(__file__), "serve", "sifpy-sqfs-serve")
 SERVER_THREADS = 4  # libfuse's loop starts them as requests wait; 2-CPU nodes need no more
 
