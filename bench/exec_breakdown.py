@@ -42,7 +42,7 @@ MARKS = [
     ("main", "setpriv, the kernel's exec of the starter, its dynamic loading"),
     ("checked", "argv, settings, identity, the SIF header"),
     ("namespaces", "user + mount namespaces, the detached FUSE mount"),
-    ("forked", "fork the FUSE server (squashfuse_ll) and the read-ahead"),
+    ("forked", "fork the FUSE server (sifpy's own, linked in: no exec) and the read-ahead"),
     ("planned", "plan: the host paths pinned"),
     ("probed", "probe the image's mount points (the FUSE server's first answers)"),
     ("underlay", "session; fork the container: tmpfs root, one bind per image entry"),

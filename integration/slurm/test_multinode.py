@@ -34,7 +34,10 @@ pytestmark = pytest.mark.unpriv
 
 NODES, RANKS = 2, 4
 SRUN = ["srun", "-N", str(NODES), "-n", str(RANKS), f"--ntasks-per-node={RANKS // NODES}"]
-FUSE_SERVERS = ("squashfuse_ll", "sifpy-sqfs-serv")  # the fallback, and sifpy's own (Name: 15 chars)
+FUSE_SERVERS = (
+    "squashfuse_ll",
+    "sifpy-sqfs-serv",
+)  # the fallback, and sifpy's own (Name: 15 chars)
 HOLDER = "sifpy-holder"  # sifpy.runtime.sharens.HOLDER_NAME
 BYTES_ACROSS = 8 * 1024 * 1024  # the allreduce's vector: each node needs the other's sum
 
