@@ -71,9 +71,12 @@ static void fill(const char *image, const char *root, const char *rel)
         const char *name = names[i];
         if (rel[0] == '\0' && reserved(name, strlen(name)))
             continue;
-        snprintf(src, sizeof src, "%s%s/%s", image, rel, name);
-        snprintf(dst, sizeof dst, "%s%s/%s", root, rel, name);
-        snprintf(path, sizeof path, "%s/%s", rel, name);
+        if (snprintf(src, sizeof src, "%s%s/%s", image, rel, name) >= (int)sizeof src ||
+            snprintf(dst, sizeof dst, "%s%s/%s", root, rel, name) >= (int)sizeof dst ||
+            snprintf(path, sizeof path, "%s/%s", rel, name) >= (int)sizeof path) {
+            errno = ENAMETOOLONG;
+            fail(rel);
+        }
         struct stat st;
         if (lstat(src, &st) != 0)
             fail(src);
