@@ -226,6 +226,12 @@ struct span {
     int64_t start, end;
 };
 
+static int by_id(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
 static int by_start(const void *a, const void *b)
 {
     const struct span *x = a, *y = b;
@@ -275,9 +281,7 @@ static int primary_partition(int fd, off_t file_size, int64_t *offset, int64_t *
         int64_t off = le64(d + SIF_OFFSET_AT), sz = le64(d + SIF_SIZE_AT), end = 0;
         ok = d[SIF_USED_AT] == 1 && id != 0 && off >= 0 && sz >= 0 &&
              !__builtin_add_overflow(off, sz, &end) && end <= file_size;
-        for (int j = 0; ok && j < nids; j++)
-            ok = ids[j] != id;
-        ids[nids++] = id;
+        ids[nids++] = id; /* unique: checked sorted, below (65,536 of them at most) */
         if (ok && sz > 0) { /* data may not cover the header or the table */
             ok = off >= SIF_HEADER_SIZE && !(off < desc_end && desc_off < end);
             spans[nspans++] = (struct span){off, end};
@@ -290,6 +294,9 @@ static int primary_partition(int fd, off_t file_size, int64_t *offset, int64_t *
         *size = sz;
     }
     if (ok) {
+        qsort(ids, (size_t)nids, sizeof *ids, by_id);
+        for (int i = 1; ok && i < nids; i++)
+            ok = ids[i] != ids[i - 1];
         qsort(spans, (size_t)nspans, sizeof *spans, by_start);
         for (int i = 1; ok && i < nspans; i++)
             ok = spans[i].start >= spans[i - 1].end;
