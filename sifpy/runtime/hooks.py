@@ -28,9 +28,8 @@ import signal
 from sifpy.errors import RuntimeSetupError, ToolError
 from sifpy.util.proc import PIPE, Popen, TimeoutExpired, popen
 
-# In the runtime spec's order (runtime.md, "Lifecycle"): prestart, createRuntime, then
-# createContainer; within a stage, in the order the hooks were given.
-# The runtime spec's hook stages, in the order a container meets them; sifpy runs them all.
+# The runtime spec's hook stages, in the order a container meets them (runtime.md,
+# "Lifecycle"); sifpy runs them all, within a stage in the order the hooks were given.
 STAGES = (
     "prestart",
     "createRuntime",
