@@ -25,21 +25,27 @@ class ImageFiles(Protocol):
     def close(self) -> None: ...
 
 
+def open_squashfs(path: str, offset: int) -> Any:
+    """PySquashfsImage's image of the squashfs at ``offset`` of ``path``; ImageError when
+    the module is missing or the bytes are no squashfs it can read."""
+    try:
+        from PySquashfsImage import SquashFsImage  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise ImageError(
+            "can't read squashfs images: the PySquashfsImage module is missing",
+            hint="install sifpy with its dependencies (pip install sifpy)",
+        ) from exc
+    try:
+        return SquashFsImage.from_file(path, offset=offset)
+    except Exception as exc:  # the library raises bare ValueErrors/IOErrors on bad input
+        raise ImageError(f"can't read the squashfs in {path}: {exc}") from exc
+
+
 class SquashfsFiles:
     """Files of the squashfs at ``offset`` in ``path`` (a SIF's primary partition)."""
 
     def __init__(self, path: str, offset: int) -> None:
-        try:
-            from PySquashfsImage import SquashFsImage  # type: ignore[import-untyped]
-        except ImportError as exc:
-            raise ImageError(
-                "can't read squashfs images: the PySquashfsImage module is missing",
-                hint="install sifpy with its dependencies (pip install sifpy)",
-            ) from exc
-        try:
-            self._img = SquashFsImage.from_file(path, offset=offset)
-        except Exception as exc:  # the library raises bare ValueErrors/IOErrors on bad input
-            raise ImageError(f"can't read the squashfs in {path}: {exc}") from exc
+        self._img = open_squashfs(path, offset)
 
     def _node(self, path: str) -> Any:
         try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sifpy.errors import ImageError
+from sifpy.squashfs.read import open_squashfs
 
 # The kinds an entry can be (the S_IFMT bits, as tarfile and os.stat name them).
 DIR, REG, SYMLINK, CHR, BLK, FIFO, SOCK = (
@@ -49,18 +50,8 @@ class SquashfsTree:
     """The squashfs at ``offset`` of ``path``; iterate with :meth:`walk`."""
 
     def __init__(self, path: str, offset: int) -> None:
-        try:
-            from PySquashfsImage import SquashFsImage  # type: ignore[import-untyped]
-        except ImportError as exc:
-            raise ImageError(
-                "can't read squashfs images: the PySquashfsImage module is missing",
-                hint="install sifpy with its dependencies (pip install sifpy)",
-            ) from exc
         self.path = path
-        try:
-            self._img = SquashFsImage.from_file(path, offset=offset)
-        except Exception as exc:  # the library raises bare ValueErrors/IOErrors on bad input
-            raise ImageError(f"can't read the squashfs in {path}: {exc}") from exc
+        self._img = open_squashfs(path, offset)
 
     def close(self) -> None:
         self._img.close()
