@@ -114,30 +114,24 @@ def starter_config(python: str, boot: str, overrides: dict[str, str] | None = No
         "SIFPY_DEFAULT_PATH": c_string(start.DEFAULT_PATH),
         "SIFPY_ACTION_SHELL": c_string(action_argv("exec", ["true"])[0]),
     }
-    header, descriptor, extra = (_offsets(x) for x in (F.Header, F.RawDescriptor, F.PartitionExtra))
+    # The fields the starter reads, as SIF_<FIELD>_AT: their byte offsets in each record.
+    read = {
+        F.Header: ("magic", "version", "descriptors_free", "descriptors_total",
+                   "descriptors_offset", "descriptors_size", "data_offset", "data_size"),
+        F.RawDescriptor: ("used", "id", "offset", "size", "extra"),
+        F.PartitionExtra: ("fstype", "parttype"),
+    }  # fmt: skip
+    for layout, fields in read.items():
+        offsets = _offsets(layout)
+        defines |= {f"SIF_{name.upper()}_AT": str(offsets[name]) for name in fields}
     defines |= {
         "SIF_HEADER_SIZE": str(F.Header.SIZE),
-        "SIF_MAGIC": c_string(F.HDR_MAGIC.decode()),
-        "SIF_MAGIC_AT": str(header["magic"]),
-        "SIF_DESCRIPTORS_TOTAL_AT": str(header["descriptors_total"]),
-        "SIF_DESCRIPTORS_OFFSET_AT": str(header["descriptors_offset"]),
         "SIF_DESCRIPTOR_SIZE": str(F.RawDescriptor.SIZE),
-        "SIF_USED_AT": str(descriptor["used"]),
-        "SIF_OFFSET_AT": str(descriptor["offset"]),
-        "SIF_SIZE_AT": str(descriptor["size"]),
-        "SIF_EXTRA_AT": str(descriptor["extra"]),
-        "SIF_FSTYPE_AT": str(extra["fstype"]),
-        "SIF_PARTTYPE_AT": str(extra["parttype"]),
+        "SIF_MAGIC": c_string(F.HDR_MAGIC.decode()),
+        "SIF_VERSION": c_string(F.HDR_VERSION.rstrip(b"\0").decode()),
         "SIF_PARTITION": str(int(F.DataType.PARTITION)),
         "SIF_SQUASH": str(int(F.FSType.SQUASH)),
         "SIF_PRIMSYS": str(int(F.PartType.PRIMSYS)),
-        "SIF_VERSION": c_string(F.HDR_VERSION.rstrip(b"\0").decode()),
-        "SIF_VERSION_AT": str(header["version"]),
-        "SIF_DESCRIPTORS_FREE_AT": str(header["descriptors_free"]),
-        "SIF_DESCRIPTORS_SIZE_AT": str(header["descriptors_size"]),
-        "SIF_DATA_OFFSET_AT": str(header["data_offset"]),
-        "SIF_DATA_SIZE_AT": str(header["data_size"]),
-        "SIF_ID_AT": str(descriptor["id"]),
         "SIF_MAX_DESCRIPTORS": str(MAX_DESCRIPTORS),
     }
     defines |= fast_start_config()
