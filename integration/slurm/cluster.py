@@ -15,7 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 TOOLS = ("munged", "slurmctld", "slurmd", "srun", "sinfo")
@@ -53,6 +53,25 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_until(
+    ready: Callable[[], bool],
+    what: str,
+    procs: Callable[[], Sequence[subprocess.Popen[bytes]]],
+    log: Callable[[], str],
+    timeout: float = 30,
+) -> None:
+    """Poll ``ready`` until it holds; fail with the daemons' ``log`` as soon as one of
+    ``procs`` has exited, or after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        for proc in procs():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args!r} exited {proc.returncode}\n{log()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}\n{log()}")
+        time.sleep(0.05)
 
 
 class Cluster:
@@ -150,14 +169,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
             self.procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT))
 
     def _wait(self, ready: Callable[[], bool], what: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            for proc in self.procs:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{proc.args!r} exited {proc.returncode}\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"timed out waiting for {what}\n{self.log()}")
-            time.sleep(0.05)
+        wait_until(ready, what, lambda: self.procs, self.log, timeout)
 
     def stop(self) -> None:
         """Stop the daemons by pid, last started first, and wait for them."""

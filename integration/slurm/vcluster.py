@@ -36,7 +36,6 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -318,14 +317,10 @@ SlurmdLogFile=/run/log/slurmd.log
             )
 
     def _wait(self, ready: Callable[[], bool], what: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            for proc in [*self.daemons, *(m.holder for m in self.machines if m.holder)]:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{proc.args!r} exited {proc.returncode}\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"timed out waiting for {what}\n{self.log()}")
-            time.sleep(0.05)
+        def procs() -> list[subprocess.Popen[bytes]]:
+            return [*self.daemons, *(m.holder for m in self.machines if m.holder)]
+
+        cluster.wait_until(ready, what, procs, self.log, timeout)
 
     # -- teardown --------------------------------------------------------------------
 
