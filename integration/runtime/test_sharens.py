@@ -257,33 +257,36 @@ def test_openmpi_ranks_join_through_the_starter(starter_node: Node) -> None:
         None if mpirun and strace else "mpirun.openmpi (openmpi-bin) or strace is not installed"
     )
     assert mpirun is not None and strace is not None
-    trace = node.cwd / "trace"
     script = 'echo "$OMPI_COMM_WORLD_RANK $(readlink /proc/self/ns/mnt)"'
     rank = [*node.prog, "exec", node.image, "sh", "-c", script]
-    tracer = [strace, "-ff", "-qq", "-o", str(trace), "-e", "trace=execve"]
+    r, starts = traced(node, [mpirun, "--oversubscribe", "-n", "4", *rank])
+    assert r.returncode == 0, r.stderr
+    lines = sorted(line.split() for line in r.stdout.splitlines())
+    assert [line[0] for line in lines] == ["0", "1", "2", "3"], r.stdout
+    assert len({line[1] for line in lines}) == 1
+    assert starts == 1  # PMIx: the holder is Python's
+
+
+def traced(node: Node, argv: list[str]) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run ``argv`` as the test user in the node's cwd under ``strace -ff`` (execve only);
+    its result, and how many processes exec'd the interpreter (a trace file per process:
+    no call of one is split by another's)."""
+    strace = shutil.which("strace")
+    assert strace is not None  # each caller requires it
+    trace = node.cwd / "trace"
     r = subprocess.run(
-        [*tracer, *node.runner.argv([mpirun, "--oversubscribe", "-n", "4", *rank])],
+        [strace, "-ff", "-qq", "-o", str(trace), "-e", "trace=execve", *node.runner.argv(argv)],
         env=node.runner.env(node.env()),
         cwd=str(node.cwd),
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert r.returncode == 0, r.stderr
-    lines = sorted(line.split() for line in r.stdout.splitlines())
-    assert [line[0] for line in lines] == ["0", "1", "2", "3"], r.stdout
-    assert len({line[1] for line in lines}) == 1
-    assert python_starts(trace) == 1  # PMIx: the holder is Python's
-
-
-def python_starts(trace: Path) -> int:
-    """How many processes exec'd the interpreter, from ``strace -ff -o TRACE`` (a file per
-    process: no call of one is split by another's)."""
     n = 0
     for f in trace.parent.glob(f"{trace.name}.*"):
         lines = f.read_text().splitlines()
         n += any(ln.startswith('execve("/usr/bin/python3"') and ln.endswith("= 0") for ln in lines)
-    return n
+    return r, n
 
 
 def with_kill(p: Any) -> None:
@@ -488,7 +491,6 @@ def test_starter_joins_without_python(
     require(None if strace else "strace is not installed")
     assert strace is not None
     node = starter_node
-    trace = node.cwd / "trace"
     rank = " ".join(shlex.quote(x) for x in [*node.prog, "exec", *opts, node.image])
     script = f"""
         PMI_RANK=0 PMI_SIZE=4 {rank} sh -c 'echo up; {WAIT_GO}' > first &
@@ -501,18 +503,10 @@ def test_starter_joins_without_python(
         touch go
         wait $first; echo "rc $?"
     """
-    argv = [strace, "-ff", "-qq", "-o", str(trace), "-e", "trace=execve"]
-    r = subprocess.run(
-        [*argv, *node.runner.argv(["sh", "-c", script])],
-        env=node.runner.env(node.env()),
-        cwd=str(node.cwd),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r, starts = traced(node, ["sh", "-c", script])
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[:4] == ["rc 11", "rc 12", "rc 13", "rc 0"], r.stdout
-    assert python_starts(trace) == pythons
+    assert starts == pythons
 
 
 @pytest.mark.parametrize(("opts", "pythons"), PYTHON_STARTS)
@@ -527,21 +521,12 @@ def test_ranks_starting_together_start_python_once(
     strace = shutil.which("strace")
     require(None if mpiexec and strace else "mpiexec.mpich (mpich) or strace is not installed")
     assert mpiexec is not None and strace is not None
-    trace = node.cwd / "trace"
     script = 'echo "$PMI_RANK $(readlink /proc/self/ns/mnt)"; exit $((PMI_RANK + 1))'
     rank = [*node.prog, "exec", *opts, node.image, "sh", "-c", script]
-    tracer = [strace, "-ff", "-qq", "-o", str(trace), "-e", "trace=execve"]
-    r = subprocess.run(
-        [*tracer, *node.runner.argv([mpiexec, "-n", "4", *rank])],
-        env=node.runner.env(node.env()),
-        cwd=str(node.cwd),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r, starts = traced(node, [mpiexec, "-n", "4", *rank])
     # Hydra exits with its ranks' statuses OR'ed together: 1 | 2 | 3 | 4 (each its own).
     assert r.returncode == 7, r.stderr
     lines = sorted(line.split() for line in r.stdout.splitlines())
     assert [line[0] for line in lines] == ["0", "1", "2", "3"], r.stdout
     assert len({line[1] for line in lines}) == 1
-    assert python_starts(trace) == pythons
+    assert starts == pythons
